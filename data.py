@@ -1,0 +1,173 @@
+"""Image datasets for DeepCluster: an indexed image folder, the transforms, the demo data.
+
+Datasets return the dataset index with each sample, so that features are written by index
+(never by batch position) and pseudo-labels follow the image, whatever the sampling order.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class DataError(ValueError):
+    """The data directory cannot be used (missing, empty, unreadable...)."""
+
+
+class BadImageError(RuntimeError):
+    """An image file could not be decoded. The message names the file."""
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[int] | None, list[str]]:
+    """List the images under ``root``.
+
+    Two layouts: class folders (``root/<class>/**/<img>``, as torchvision's ImageFolder; the
+    class index is returned as a target) or a flat folder of images (targets ``None``).
+    Symlinked folders are followed once (a symlink loop is not followed twice).
+    Returns ``(paths, targets, classes)`` sorted for a stable image order.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data directory {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data path {str(root)!r} is not a directory")
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except PermissionError as e:
+        raise DataError(f"data directory {str(root)!r} is not readable: {e}") from e
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    flat = [e.path for e in entries if e.is_file() and is_image_file(e.name)]
+    paths: list[str] = []
+    targets: list[int] = []
+    if classes:
+        for ci, cname in enumerate(classes):
+            found = _walk_images(root / cname)
+            paths += found
+            targets += [ci] * len(found)
+        keep = [c for c in range(len(classes)) if c in set(targets)]
+        if len(keep) != len(classes):  # drop class folders without images, re-index
+            remap = {c: i for i, c in enumerate(keep)}
+            classes = [classes[c] for c in keep]
+            targets = [remap[t] for t in targets]
+        if flat:
+            # images beside class folders: keep them all, labels are then not meaningful
+            paths, targets, classes = sorted(paths + flat), None, []
+    else:
+        paths = flat
+    if not paths:
+        raise DataError(f"data directory {str(root)!r} contains no images "
+                        f"(looked for {', '.join(IMG_EXTENSIONS)})")
+    return paths, (targets if classes else None), classes
+
+
+def _walk_images(folder: Path) -> list[str]:
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # symlink loop
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        out += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f)]
+    return out
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB, or raise :class:`BadImageError` naming the file."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+        return img.convert("RGB")
+    except Exception as e:  # PIL raises many kinds; all mean the same thing here
+        raise BadImageError(f"cannot read image file {path!r}: {type(e).__name__}: {e}") from None
+
+
+class IndexedImageFolder(Dataset):
+    """Images of a folder; item ``i`` is ``(transform(image_i), i)``.
+
+    ``targets`` holds the class-folder labels when the folder has class folders, else None.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
+        self.root = str(root)
+        self.paths, self.targets, self.classes = scan_image_folder(root)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, idx: int) -> Image.Image:
+        return load_rgb(self.paths[idx])
+
+    def __getitem__(self, idx: int):
+        img = self.load(idx)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, idx
+
+
+def eval_transform(size: int = 224) -> transforms.Compose:
+    """Resize(256) -> CenterCrop(224) (scaled for other sizes) -> ToTensor -> Normalize."""
+    return transforms.Compose([
+        transforms.Resize(int(round(size * 256 / 224))),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def train_transform(size: int = 224) -> transforms.Compose:
+    """RandomResizedCrop(224) -> RandomHorizontalFlip -> ToTensor -> Normalize."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+# ---------------------------------------------------------------------------------------
+# demo data: scikit-learn's handwritten digits as an image folder
+# ---------------------------------------------------------------------------------------
+def export_digits(root: str | os.PathLike, size: int = 32) -> str:
+    """Write scikit-learn's 1,797 handwritten digits (8x8, 10 classes) as PNGs.
+
+    Layout ``root/<digit>/<index>.png``, upscaled to ``size`` px with bilinear filtering.
+    Idempotent: an existing complete export is reused. Returns the folder path.
+    """
+    from sklearn.datasets import load_digits
+
+    root = Path(root)
+    digits = load_digits()
+    stamp = root / ".complete"
+    if stamp.exists():
+        return str(root)
+    for i, (img, y) in enumerate(zip(digits.images, digits.target)):
+        d = root / str(int(y))
+        d.mkdir(parents=True, exist_ok=True)
+        arr = (img / 16.0 * 255.0).clip(0, 255).astype(np.uint8)  # values are 0..16
+        Image.fromarray(arr, mode="L").resize((size, size), Image.BILINEAR).save(d / f"{i:04d}.png")
+    stamp.write_text(f"{len(digits.images)} images\n")
+    return str(root)
+
+
+def default_collate_indexed(batch):
+    """Collate ``(tensor, index)`` pairs into ``(B, C, H, W)`` and ``(B,)`` int64."""
+    imgs, idx = zip(*batch)
+    return torch.stack(imgs), torch.as_tensor(idx, dtype=torch.long)

@@ -1,0 +1,425 @@
+"""DeepCluster: unsupervised training of a convnet by alternating k-means and classification.
+
+Usage:
+    python main.py DIR [--arch alexnet] [--sobel] [--k 10000] [--exp exp] [...]
+    python main.py                      # demo: scikit-learn's digits, on CPU, in minutes
+    python main.py DIR --exp exp --resume exp/checkpoint.pth.tar
+
+Each epoch (Caron et al., ECCV 2018): compute the fc7 features of every image, PCA-whiten
+and cluster them, train the convnet for one pass to predict the cluster ids (with a fresh
+top layer), save a checkpoint. See README.md for the flags and the outputs under --exp.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import clustering
+import data
+import models
+import util
+
+log = logging.getLogger("deepcluster")
+
+# Settings of the no-argument demo (scikit-learn's 1,797 digits, on a 2-core CPU).
+DEMO_DEFAULTS = dict(size=64, nmb_cluster=100, epochs=12, batch=64, workers=2, exp="exp_demo",
+                     sobel=True, lr=0.05)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="PyTorch Implementation of DeepCluster (unsupervised training)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data", metavar="DIR", nargs="?", default=None,
+                   help="path to dataset: an image folder, with or without class folders "
+                        "(class folders are only used to report NMI with the labels). "
+                        "Omit it to run the demo on scikit-learn's handwritten digits.")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", "-a", type=str, choices=models.ARCHS, default="alexnet", help="CNN architecture")
+    g.add_argument("--sobel", action="store_true", help="Sobel filtering")
+    g.add_argument("--size", type=int, default=224,
+                   help="input resolution (224 reproduces the paper; smaller for small images)")
+
+    g = p.add_argument_group("clustering")
+    g.add_argument("--clustering", type=str, choices=["Kmeans", "PIC"], default="Kmeans",
+                   help="clustering algorithm")
+    g.add_argument("--nmb_cluster", "--k", type=int, default=10000, help="number of cluster for k-means")
+    g.add_argument("--cluster_backend", choices=["auto", "faiss", "torch"], default="auto",
+                   help="k-means implementation (auto: torch on CUDA, faiss on CPU when installed)")
+    g.add_argument("--pca", type=int, default=256, help="PCA dimension before clustering")
+    g.add_argument("--kmeans_iters", type=int, default=20, help="k-means iterations")
+    g.add_argument("--reassign", type=float, default=1.0,
+                   help="how many epochs of training between two consecutive reassignments of clusters")
+    g.add_argument("--sampler", choices=["uniform", "original"], default="uniform",
+                   help="uniform: every cluster drawn equally often (the paper's intent); original: "
+                        "reproduce the original code, whose sampler indices pointed at other images")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    g.add_argument("--wd", type=float, default=-5, help="weight decay pow")
+    g.add_argument("--momentum", type=float, default=0.9, help="momentum")
+    g.add_argument("--batch", type=int, default=256, help="mini-batch size")
+    g.add_argument("--epochs", type=int, default=200, help="number of total epochs to run")
+    g.add_argument("--start_epoch", type=int, default=0, help="manual epoch number (useful on restarts)")
+    g.add_argument("--amp", action="store_true",
+                   help="bf16 autocast for feature extraction and training (changes numerics slightly)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
+    g.add_argument("--exp", type=str, default="exp", help="path to exp folder")
+    g.add_argument("--resume", default="", type=str, metavar="PATH", help="path to checkpoint")
+    g.add_argument("--checkpoints", type=int, default=25000, help="how many iterations between two checkpoints")
+    g.add_argument("--seed", type=int, default=31, help="random seed")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
+    g.add_argument("--report", action="store_true", help="draw the training report (PNG) at the end")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g.add_argument("--verbose", action="store_true", help="chatty")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags; with no DIR, the demo's defaults replace the paper's where not given."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.data is None:
+        parser.set_defaults(**DEMO_DEFAULTS)
+        args = parser.parse_args(argv)
+        args.demo = True
+    else:
+        args.demo = False
+    check_args(args, parser)
+    return args
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse values that make no sense, naming the flag."""
+    rules = [
+        ("--nmb_cluster/--k", args.nmb_cluster >= 1, args.nmb_cluster, "must be >= 1"),
+        ("--lr", args.lr > 0 and math.isfinite(args.lr), args.lr, "must be a positive number"),
+        ("--wd", math.isfinite(args.wd), args.wd, "must be a finite exponent (weight decay = 10**wd)"),
+        ("--momentum", 0 <= args.momentum < 1, args.momentum, "must be in [0, 1)"),
+        ("--batch", args.batch >= 1, args.batch, "must be >= 1"),
+        ("--epochs", args.epochs >= 0, args.epochs, "must be >= 0"),
+        ("--start_epoch", args.start_epoch >= 0, args.start_epoch, "must be >= 0"),
+        ("--reassign", args.reassign > 0 and math.isfinite(args.reassign), args.reassign, "must be > 0"),
+        ("--workers", args.workers >= 0, args.workers, "must be >= 0"),
+        ("--checkpoints", args.checkpoints >= 1, args.checkpoints, "must be >= 1 (iterations)"),
+        ("--pca", args.pca >= 1, args.pca, "must be >= 1"),
+        ("--kmeans_iters", args.kmeans_iters >= 1, args.kmeans_iters, "must be >= 1"),
+        ("--size", args.size >= (64 if args.arch == "alexnet" else 32), args.size,
+         "is too small for the architecture (alexnet needs >= 64, vgg16 >= 32)"),
+    ]
+    for flag, ok, value, why in rules:
+        if not ok:
+            parser.error(f"argument {flag}: invalid value {value!r}: {why}")
+
+
+# ---------------------------------------------------------------------------------------
+# set-up
+# ---------------------------------------------------------------------------------------
+def setup_logging(exp: Path, verbose: bool) -> None:
+    exp.mkdir(parents=True, exist_ok=True)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(exp / "train.log")):
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.propagate = False
+
+
+def select_device(name: str) -> torch.device:
+    """The one place that decides where the run happens."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise util.CheckpointError("--device cuda requested but CUDA is not available")  # noqa: clear exit
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    np.random.seed(seed)
+    import random
+    random.seed(seed)
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> models.DeepClusterNet:
+    model = models.build_model(args.arch, sobel=args.sobel, bn=True, out=args.nmb_cluster, input_size=args.size)
+    return model.to(device)
+
+
+def build_optimizer(model: models.DeepClusterNet, args: argparse.Namespace) -> torch.optim.SGD:
+    """SGD over the body, built once: its momentum carries across epochs."""
+    return torch.optim.SGD(model.body_parameters(), lr=args.lr, momentum=args.momentum,
+                           weight_decay=10 ** args.wd)
+
+
+def make_loader(dataset, args: argparse.Namespace, device: torch.device, sampler=None) -> DataLoader:
+    return DataLoader(dataset, batch_size=args.batch, shuffle=False, sampler=sampler,
+                      num_workers=args.workers, pin_memory=device.type == "cuda",
+                      persistent_workers=False)
+
+
+# ---------------------------------------------------------------------------------------
+# the stages of one epoch
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, device: torch.device,
+                     args: argparse.Namespace) -> np.ndarray:
+    """(N, 4096) float32 pre-ReLU fc7 features, row i = image i (written by index)."""
+    model.eval()
+    features = np.zeros((N, models.common.FC_DIM), dtype=np.float32)
+    for imgs, idx in tqdm(loader, desc="features", leave=False, disable=True if args.no_progress else None):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            out = model.forward_features(imgs.to(device, non_blocking=True))
+        features[idx.numpy()] = out.float().cpu().numpy()
+    return features
+
+
+def make_clusterer(args: argparse.Namespace, device: torch.device):
+    if args.clustering == "PIC":
+        return clustering.PIC(pca=args.pca, device=device)
+    return clustering.Kmeans(args.nmb_cluster, backend=args.cluster_backend, niter=args.kmeans_iters,
+                             pca=args.pca, device=device)
+
+
+def cluster(features: np.ndarray, clusterer, args: argparse.Namespace) -> tuple[float, list[list[int]]]:
+    """PCA-whiten, L2-normalise and cluster; returns (clustering loss, images_lists)."""
+    loss = clusterer.cluster(features, verbose=args.verbose)
+    return float(loss), clusterer.images_lists
+
+
+def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[int]],
+                      args: argparse.Namespace, device: torch.device) -> DataLoader:
+    """Pseudo-labelled loader drawing int(reassign * N) images uniformly over clusters."""
+    order = "index" if args.sampler == "uniform" else "cluster"
+    train_set = clustering.cluster_assign(images_lists, dataset, data.train_transform(args.size), order=order)
+    sampler = util.UnifLabelSampler(int(args.reassign * len(dataset)), images_lists)
+    return make_loader(train_set, args, device, sampler=sampler)
+
+
+def reset_top_layer(model: models.DeepClusterNet, k: int, args: argparse.Namespace) -> torch.optim.SGD:
+    """New Linear(4096, k) head (cluster ids have no meaning across epochs) and its own SGD."""
+    top = model.reset_top_layer(k)
+    return torch.optim.SGD(top.parameters(), lr=args.lr, weight_decay=10 ** args.wd)
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or inf."""
+
+
+def train_one_epoch(loader: DataLoader, model: models.DeepClusterNet, crit: nn.Module,
+                    opt: torch.optim.Optimizer, top_opt: torch.optim.Optimizer, device: torch.device,
+                    epoch: int, args: argparse.Namespace, on_iteration=None) -> float:
+    """One pass over the pseudo-labelled loader; returns the average loss."""
+    model.train()
+    losses = util.AverageMeter()
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=True if args.no_progress else None)
+    for i, (imgs, target, _) in enumerate(bar):
+        if on_iteration is not None:
+            on_iteration(len(loader) * epoch + i)
+        imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss = crit(model(imgs), target)
+        if not torch.isfinite(loss):
+            raise DivergedError(f"training loss is {loss.item()} at epoch {epoch}, iteration {i}: "
+                                f"the run diverged (try a lower --lr); the last checkpoint is kept")
+        opt.zero_grad(set_to_none=True)
+        top_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        top_opt.step()
+        losses.update(loss.item(), imgs.shape[0])
+        bar.set_postfix(loss=f"{losses.avg:.3f}")
+    return losses.avg
+
+
+def checkpoint_state(model: models.DeepClusterNet, opt: torch.optim.Optimizer, epoch: int,
+                     args: argparse.Namespace, labels: np.ndarray | None) -> dict:
+    """Everything a restart needs, as plain types and tensors (weights_only-loadable)."""
+    return {
+        "epoch": epoch,                      # the next epoch to run
+        "arch": args.arch,
+        "state_dict": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "model_config": model.config(),
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "rng": util.get_rng_state(),
+        "last_assignment": None if labels is None else torch.from_numpy(labels.astype(np.int64)),
+        "format_version": 1,
+    }
+
+
+def save_checkpoint(state: dict, exp: Path) -> None:
+    """Write exp/checkpoint.pth.tar atomically (temporary file + rename)."""
+    util.atomic_torch_save(state, exp / "checkpoint.pth.tar")
+
+
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mutual information, I(A;B) / sqrt(H(A) H(B))."""
+    return float(normalized_mutual_info_score(a, b, average_method="geometric"))
+
+
+def resume(path: str, model: models.DeepClusterNet, opt: torch.optim.Optimizer,
+           args: argparse.Namespace) -> tuple[int, np.ndarray | None]:
+    """Restore model, optimizer, RNG; returns (start epoch, last cluster assignment)."""
+    ckpt = util.torch_load(path)
+    if "state_dict" not in ckpt:
+        raise util.CheckpointError(f"checkpoint {path!r} has no 'state_dict'")
+    ck_arch = ckpt.get("arch")
+    if ck_arch is not None and ck_arch != args.arch:
+        raise util.CheckpointError(f"checkpoint {path!r} holds a {ck_arch} model but --arch is {args.arch}")
+    sd = {k: v for k, v in util.clean_state_dict(ckpt["state_dict"]).items() if not k.startswith("top_layer")}
+    if ("sobel.0.weight" in sd) != bool(args.sobel):
+        raise util.CheckpointError(f"checkpoint {path!r} was trained with sobel={'sobel.0.weight' in sd}, "
+                                   f"but --sobel is {'on' if args.sobel else 'off'}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("top_layer") and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise util.CheckpointError(f"checkpoint {path!r} does not fit --arch {args.arch} --size {args.size}: "
+                                   f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if "optimizer" in ckpt:
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            log.warning("optimizer state in %s not restored (%s): momentum restarts from zero", path, e)
+    if "rng" in ckpt:
+        util.set_rng_state(ckpt["rng"])
+    last = ckpt.get("last_assignment")
+    log.info("=> loaded checkpoint %r (epoch %d)", path, ckpt.get("epoch", 0))
+    return int(ckpt.get("epoch", 0)), (None if last is None else last.numpy())
+
+
+# ---------------------------------------------------------------------------------------
+# orchestration
+# ---------------------------------------------------------------------------------------
+def main(args: argparse.Namespace) -> dict:
+    exp = Path(args.exp)
+    setup_logging(exp, args.verbose)
+    (exp / "checkpoints").mkdir(parents=True, exist_ok=True)
+    device = select_device(args.device)
+    seed_everything(args.seed)
+    if args.demo:
+        args.data = data.export_digits(Path("data") / "digits")
+        log.info("demo: no DIR given, training on scikit-learn's digits exported to %s", args.data)
+
+    dataset = data.IndexedImageFolder(args.data, transform=data.eval_transform(args.size))
+    N = len(dataset)
+    if args.clustering == "Kmeans" and args.nmb_cluster > N:
+        raise clustering.ClusteringError(
+            f"--nmb_cluster/--k {args.nmb_cluster} is larger than the number of images ({N}) in {args.data}")
+    util.atomic_write_text(exp / "args.json", json.dumps(vars(args), indent=1, default=str))
+    log.info("%d images%s, %s%s at %d px on %s", N,
+             f" in {len(dataset.classes)} class folders" if dataset.targets else "",
+             args.arch, " + Sobel" if args.sobel else "", args.size, device)
+
+    model = build_model(args, device)
+    opt = build_optimizer(model, args)
+    crit = nn.CrossEntropyLoss()
+    clog = util.ClusterLog(exp / "clusters")
+    history = util.Logger(exp / "log.jsonl")
+    prev_labels = None
+    start_epoch = args.start_epoch
+    if args.resume:
+        start_epoch, prev_labels = resume(args.resume, model, opt, args)
+        history.truncate(sum(1 for r in history.data if r.get("epoch", 0) < start_epoch))
+        clog.truncate(start_epoch)
+    elif history.data:
+        log.warning("%s already holds a log: a fresh run (no --resume) starts it anew", exp)
+        history.truncate(0)
+        clog.truncate(0)
+
+    feature_loader = make_loader(dataset, args, device)
+    clusterer = make_clusterer(args, device)
+    targets = np.asarray(dataset.targets) if dataset.targets else None
+    n_iter_per_epoch = math.ceil(int(args.reassign * N) / args.batch)
+
+    def periodic_checkpoint(epoch: int, labels: np.ndarray):
+        def hook(n: int) -> None:
+            if n % args.checkpoints == 0:
+                state = checkpoint_state(model, opt, epoch + 1, args, labels)
+                util.atomic_torch_save(state, exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar")
+        return hook
+
+    record = {}
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        features = compute_features(feature_loader, model, N, device, args)
+        t1 = time.time()
+        clus_loss, images_lists = cluster(features, clusterer, args)
+        labels = clustering.arrange_clustering(images_lists)
+        t2 = time.time()
+        train_loader = make_train_loader(dataset, images_lists, args, device)
+        top_opt = reset_top_layer(model, len(images_lists), args)
+        loss = train_one_epoch(train_loader, model, crit, opt, top_opt, device, epoch, args,
+                               on_iteration=periodic_checkpoint(epoch, labels))
+        t3 = time.time()
+        save_checkpoint(checkpoint_state(model, opt, epoch + 1, args, labels), exp)
+        clog.save(epoch, labels, len(images_lists))
+        record = {
+            "epoch": epoch, "clustering_loss": clus_loss, "train_loss": loss,
+            "nmi_prev": None if prev_labels is None else nmi(prev_labels, labels),
+            "nmi_labels": None if targets is None else nmi(targets, labels),
+            "n_clusters": len(images_lists),
+            "n_empty": int(sum(1 for lst in images_lists if len(lst) == 0)),
+            "time_features": t1 - t0, "time_clustering": t2 - t1, "time_train": t3 - t2,
+            "time_epoch": time.time() - t0, "iterations": len(train_loader),
+        }
+        history.log(record)
+        log.info("epoch %3d | clustering loss %.3f | train loss %.3f | NMI prev %s | NMI labels %s | "
+                 "empty %d | time: features %.1fs cluster %.1fs train %.1fs",
+                 epoch, clus_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
+                 record["n_empty"], t1 - t0, t2 - t1, t3 - t2)
+        prev_labels = labels
+    del n_iter_per_epoch
+    if args.report:
+        try:
+            from visu import report
+            report.main(report.get_args_parser().parse_args([str(exp)]))
+        except ImportError:
+            log.warning("training report unavailable (visu/report.py missing)")
+    return record
+
+
+def _fmt(x: float | None) -> str:
+    return "  -  " if x is None else f"{x:.3f}"
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point: parse, run, turn known failures into one clear line and exit code 2."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except data.BadImageError as e:
+        return _fail(str(e).strip().splitlines()[-1].split("BadImageError: ")[-1])
+    except (data.DataError, util.CheckpointError, clustering.ClusteringError, DivergedError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted; resume with --resume " + str(Path(args.exp) / "checkpoint.pth.tar"), 130)
+    return 0
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    log.error(msg)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run())

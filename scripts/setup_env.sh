@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment at .venv in the repo root.
+# Idempotent: a second run only checks that requirements.txt is satisfied.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating virtual environment at $VENV"
+    "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.requirements.sha"
+WANT="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
+    echo "[setup] installing requirements (about 2 minutes on a fresh machine)"
+    "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
+    echo "$WANT" > "$STAMP"
+fi

@@ -1,0 +1,383 @@
+"""Utilities kept from the original API (``UnifLabelSampler``, ``AverageMeter``, ``Logger``,
+``learning_rate_decay``, ``load_model``) plus checkpoint, RNG and cluster-log helpers.
+
+Checkpoints are dicts of plain types and tensors, loadable with
+``torch.load(path, weights_only=True)``, written to a temporary file and renamed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+import models
+
+log = logging.getLogger("deepcluster")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not fit the requested model."""
+
+
+# ---------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------
+class UnifLabelSampler(Sampler):
+    """Draw ``N`` dataset indices so that every non-empty cluster is drawn equally often.
+
+    Each non-empty cluster contributes ``size = int(N / m) + 1`` draws (m = number of
+    non-empty clusters), with replacement only when it holds ``<= size`` images; the draws
+    are shuffled and truncated to N. The indices are *dataset* indices: use it with a
+    dataset indexed by image (``clustering.cluster_assign(..., order='index')``).
+
+    ``rank``/``world_size`` shard the epoch: rank r serves draws r, r + W, r + 2W, ...
+    ``start`` skips the first draws of this shard (mid-epoch resume).
+    """
+
+    def __init__(self, N: int, images_lists: Sequence[Sequence[int]], rng: np.random.RandomState | None = None,
+                 rank: int = 0, world_size: int = 1, start: int = 0):
+        self.N = int(N)
+        self.images_lists = images_lists
+        self.rng = rng if rng is not None else np.random.mtrand._rand  # the seeded global RNG
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self.indexes = self.generate_indexes_epoch()
+
+    def generate_indexes_epoch(self) -> np.ndarray:
+        nonempty = [lst for lst in self.images_lists if len(lst) > 0]
+        if not nonempty:
+            raise ValueError("UnifLabelSampler: every cluster is empty")
+        size = int(self.N / len(nonempty)) + 1
+        draws = np.empty(size * len(nonempty), dtype=np.int64)
+        for i, lst in enumerate(nonempty):
+            draws[i * size:(i + 1) * size] = self.rng.choice(
+                np.asarray(lst, dtype=np.int64), size, replace=(len(lst) <= size))
+        self.rng.shuffle(draws)
+        return draws[:self.N]
+
+    def shard(self) -> np.ndarray:
+        return self.indexes[self.rank::self.world_size][self.start:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.shard().tolist())
+
+    def __len__(self) -> int:
+        return len(self.shard())
+
+
+# ---------------------------------------------------------------------------------------
+# meters and logs
+# ---------------------------------------------------------------------------------------
+class AverageMeter:
+    """Computes and stores the average and current value."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.val = 0.0
+        self.avg = 0.0
+        self.sum = 0.0
+        self.count = 0
+
+    def update(self, val: float, n: int = 1) -> None:
+        self.val = float(val)
+        self.sum += float(val) * n
+        self.count += n
+        self.avg = self.sum / self.count
+
+
+class Logger:
+    """Append-only JSON-lines log: ``log(record)`` adds one line (never rewrites history)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self.data: list[Any] = read_jsonl(self.path) if os.path.exists(self.path) else []
+
+    def log(self, record: Any) -> None:
+        self.data.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate(self, keep: int) -> None:
+        """Keep the first ``keep`` records (used on resume to drop epochs to be redone)."""
+        self.data = self.data[:keep]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.data))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """Read a JSON-lines file; a torn last line (crash while appending) is ignored."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("ignoring an unreadable line in %s", path)
+    return out
+
+
+def learning_rate_decay(optimizer: torch.optim.Optimizer, t: int, lr_0: float) -> None:
+    """lr_t = lr_0 / sqrt(1 + lr_0 * weight_decay * t), per parameter group (the original's)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_0 / np.sqrt(1 + lr_0 * group["weight_decay"] * t)
+
+
+# ---------------------------------------------------------------------------------------
+# atomic files
+# ---------------------------------------------------------------------------------------
+def _atomic_replace(path: str, write_fn) -> None:
+    path = str(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename durable
+        dfd = os.open(d, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    _atomic_replace(str(path), lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    _atomic_replace(str(path), lambda f: f.write(text.encode()))
+
+
+def atomic_np_save(path: str | os.PathLike, arr: np.ndarray) -> None:
+    _atomic_replace(str(path), lambda f: np.save(f, arr))
+
+
+# ---------------------------------------------------------------------------------------
+# RNG state (plain types, so that checkpoints load with weights_only=True)
+# ---------------------------------------------------------------------------------------
+def get_rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints and models
+# ---------------------------------------------------------------------------------------
+def torch_load(path: str | os.PathLike) -> dict:
+    """Load a checkpoint safely (``weights_only``), with clear errors.
+
+    Falls back to latin1 decoding for checkpoints pickled by Python 2 (the released ones).
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a directory, expected a file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
+    errors = []
+    for kwargs in ({}, {"encoding": "latin1"}):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+            break
+        except Exception as e:  # corrupt zip, truncated pickle, foreign file...
+            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    else:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a PyTorch checkpoint ({errors[0]})")
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, expected a dict")
+    return ckpt
+
+
+_MODULE_RE = re.compile(r"(^|\.)module\.")
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Normalise the key layouts of the released checkpoints to ours.
+
+    ``features.module.0.weight`` (DataParallel around features) and ``module.*`` become
+    ``features.0.weight``; everything else is kept.
+    """
+    return {_MODULE_RE.sub(r"\1", k): v for k, v in sd.items()}
+
+
+def infer_config(sd: dict, arch: str | None = None) -> dict:
+    """Architecture, Sobel, BN, input size and k from a (clean) state dict."""
+    if "features.0.weight" not in sd:
+        raise CheckpointError("state dict has no 'features.0.weight': not a DeepCluster AlexNet/VGG-16")
+    w0 = sd["features.0.weight"]
+    if arch is None:
+        arch = "alexnet" if w0.shape[0] == 96 else "vgg16" if w0.shape[0] == 64 else None
+        if arch is None:
+            raise CheckpointError(f"cannot infer the architecture from features.0.weight {tuple(w0.shape)}")
+    sobel = "sobel.0.weight" in sd
+    in_channels = w0.shape[1]
+    if in_channels != (2 if sobel else 3):
+        raise CheckpointError(f"features.0.weight has {in_channels} input channels, which does not "
+                              f"match sobel={sobel}")
+    bn = "features.1.running_mean" in sd
+    fc6 = sd.get("classifier.1.weight" if arch == "alexnet" else "classifier.0.weight")
+    if fc6 is None:
+        raise CheckpointError(f"state dict lacks the fc6 weight expected for {arch}")
+    input_size = _input_size_for(arch, sobel, bn, fc6.shape[1])
+    k = int(sd["top_layer.bias"].shape[0]) if "top_layer.bias" in sd else 0
+    return {"arch": arch, "sobel": sobel, "bn": bn, "input_size": input_size, "k": k}
+
+
+def _input_size_for(arch: str, sobel: bool, bn: bool, fc6_in: int) -> int:
+    for s in (224, 227, 128, 96, 64, 32, 256, 160, 112, 48, 192, 288, 320):
+        m = models.build_model(arch, sobel=sobel, bn=bn, out=0, input_size=s)
+        if m.classifier[1 if arch == "alexnet" else 0].in_features == fc6_in:
+            return s
+    raise CheckpointError(f"fc6 takes {fc6_in} inputs, which matches no supported input size for {arch}")
+
+
+def model_from_state_dict(sd: dict, arch: str | None = None, config: dict | None = None) -> models.DeepClusterNet:
+    """Build the model a state dict describes and load it (strict, up to BN counters)."""
+    sd = clean_state_dict(sd)
+    cfg = dict(config) if config else infer_config(sd, arch)
+    inferred = infer_config(sd, cfg.get("arch"))
+    if cfg.get("arch") and arch and cfg["arch"] != arch:
+        raise CheckpointError(f"checkpoint holds a {cfg['arch']} model, not a {arch}")
+    for key in ("arch", "sobel", "bn", "k"):
+        cfg.setdefault(key, inferred[key])
+    cfg.setdefault("input_size", inferred["input_size"])
+    model = models.build_model(cfg["arch"], sobel=cfg["sobel"], bn=cfg["bn"], out=cfg["k"],
+                               input_size=cfg["input_size"])
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise CheckpointError(f"state dict does not fit {cfg['arch']} (sobel={cfg['sobel']}): "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def load_model(path: str | os.PathLike, arch: str | None = None) -> models.DeepClusterNet:
+    """Load a model from our checkpoints or the released original ones (SPEC 2).
+
+    Accepts ``features.N.*`` and ``features.module.N.*`` keys, missing BN counters,
+    Python-2 pickles; Sobel is inferred from ``sobel.0.weight`` and k from ``top_layer.bias``.
+    ``arch``, when given, must match the checkpoint's.
+    """
+    ckpt = torch_load(path)
+    sd = ckpt.get("state_dict", ckpt if "features.0.weight" in clean_state_dict(ckpt) else None)
+    if sd is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no 'state_dict'")
+    ck_arch = ckpt.get("arch")
+    if arch is not None and ck_arch is not None and ck_arch != arch:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {ck_arch} model, not a {arch}")
+    try:
+        return model_from_state_dict(sd, arch or ck_arch, ckpt.get("model_config"))
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# cluster assignments log: exp/clusters/epoch_00000.npy, one compact array per epoch
+# ---------------------------------------------------------------------------------------
+class ClusterLog:
+    """Per-epoch cluster assignments, one ``.npy`` file per epoch (never rewritten).
+
+    ``labels[i]`` is the cluster of image i (original cluster ids; uint16 when k allows).
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, epoch: int) -> Path:
+        return self.folder / f"epoch_{epoch:05d}.npy"
+
+    def save(self, epoch: int, labels: np.ndarray, k: int) -> None:
+        dtype = np.uint16 if k <= np.iinfo(np.uint16).max else np.int32
+        atomic_np_save(self.path(epoch), np.asarray(labels).astype(dtype))
+
+    def epochs(self) -> list[int]:
+        return sorted(int(p.stem.split("_")[1]) for p in self.folder.glob("epoch_*.npy"))
+
+    def load(self, epoch: int) -> np.ndarray:
+        return np.load(self.path(epoch)).astype(np.int64)
+
+    def history(self, upto: int | None = None) -> list[np.ndarray]:
+        """Assignments of every stored epoch (< upto when given), in epoch order."""
+        return [self.load(e) for e in self.epochs() if upto is None or e < upto]
+
+    def truncate(self, upto: int) -> None:
+        """Remove epochs >= upto (they will be recomputed after a resume)."""
+        for e in self.epochs():
+            if e >= upto:
+                self.path(e).unlink()
+
+
+def labels_to_images_lists(labels: np.ndarray, k: int | None = None) -> list[list[int]]:
+    k = int(labels.max()) + 1 if k is None else k
+    lists: list[list[int]] = [[] for _ in range(k)]
+    for i, c in enumerate(np.asarray(labels).tolist()):
+        lists[c].append(i)
+    return lists
+
+
+def export_clusters_pickle(exp: str | os.PathLike, out: str | os.PathLike, epoch: int | None = None,
+                           image_paths: Sequence[str] | None = None) -> str:
+    """Convert the stored assignments to the original pickle formats.
+
+    With ``image_paths``: the released format for one epoch (default: the last), a list of
+    ``(image_path, cluster_index)``. Without: the original ``exp/clusters`` log, a list
+    (one entry per epoch) of ``images_lists``.
+    """
+    clog = ClusterLog(Path(exp) / "clusters")
+    epochs = clog.epochs()
+    if not epochs:
+        raise FileNotFoundError(f"no cluster assignments under {Path(exp) / 'clusters'}")
+    if image_paths is not None:
+        labels = clog.load(epochs[-1] if epoch is None else epoch)
+        obj: Any = [(p, int(c)) for p, c in zip(image_paths, labels)]
+    else:
+        obj = [labels_to_images_lists(clog.load(e)) for e in epochs]
+    _atomic_replace(str(out), lambda f: pickle.dump(obj, f, protocol=2))
+    return str(out)
