@@ -1,0 +1,44 @@
+"""Shared fixtures: the repo on sys.path, small image folders in the real formats."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> str:
+    """scikit-learn's 1,797 digits exported as an ImageFolder (class folders 0..9), 32 px."""
+    import data
+
+    return data.export_digits(tmp_path_factory.mktemp("digits") / "digits", size=32)
+
+
+def make_image_folder(root: Path, n_classes: int = 3, per_class: int = 8, size: int = 40,
+                      ext: str = "jpg", seed: int = 0) -> Path:
+    """Generate a small ImageFolder of random-colour images, one colour family per class."""
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    for c in range(n_classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        base = rng.randint(0, 255, size=3)
+        for i in range(per_class):
+            arr = np.clip(base + rng.randint(-30, 30, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"img{i:03d}.{ext}")
+    return root
+
+
+@pytest.fixture
+def tiny_image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "images")
