@@ -40,6 +40,7 @@ __all__ = ["preprocess_features", "pca_fit", "pca_apply", "Kmeans", "PIC", "run_
            "ClusteringError"]
 
 SPLIT_EPS = 1.0 / 1024.0  # faiss's relative perturbation when splitting a centroid
+NULL_EIG_REL = 1e-6  # PCA axes with eigenvalue <= this * the largest are numerical noise
 
 
 class ClusteringError(ValueError):
@@ -125,9 +126,16 @@ def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5) -> tuple[torch
     signs = torch.sign(evecs[idx, torch.arange(evecs.shape[1], device=x.device)])
     evecs = evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
     if eigen_power != 0:
-        # Eigenvalues of a rank-deficient covariance can be ~0 or slightly negative.
-        evals = evals.clamp_min(torch.finfo(torch.float32).tiny)
-        evecs = evecs * evals.pow(eigen_power)
+        # Eigenvalues of a rank-deficient covariance (N <= dim, dead units) are ~0 or slightly
+        # negative. Scaling those noise directions by ~1e19 made them dominate every row after
+        # L2 normalisation (all points collapsed onto one axis): zero them instead.
+        scale = evals.clamp_min(torch.finfo(torch.float32).tiny).pow(eigen_power)
+        if eigen_power < 0:
+            floor = evals[:1].clamp_min(0) * NULL_EIG_REL
+            scale = torch.where(evals > floor, scale, torch.zeros_like(scale))
+        evecs = evecs * scale
+    if evecs.shape[1] < dim:  # N < dim: the missing axes carry no variance, output zeros
+        evecs = torch.cat([evecs, evecs.new_zeros(d, dim - evecs.shape[1])], 1)
     return mean32, evecs.float()
 
 
@@ -169,7 +177,8 @@ def preprocess_features(npdata, pca: int = 256, backend: str = "auto", device=No
         backend = "torch"
     else:
         backend = resolve_backend(backend, device)
-    if backend == "faiss" and not is_tensor:
+    if backend == "faiss" and not is_tensor and n > dim:
+        # (faiss's PCAMatrix cannot output more dims than N - 1 axes carry: torch path then)
         x = np.ascontiguousarray(npdata, dtype=np.float32)
         mat = faiss.PCAMatrix(d, dim, -0.5)
         mat.train(x)
@@ -220,6 +229,7 @@ def split_empty_clusters(centroids: torch.Tensor, counts: torch.Tensor, n: int,
         return 0
     sign = torch.ones(d, device=centroids.device)
     sign[1::2] = -1                                          # +, -, +, - ...
+    nsplit = 0
     for ci in empty:
         weights = np.maximum(counts_np - 1.0, 0.0)
         if weights.sum() <= 0:  # every cluster holds <= 1 point: nothing can be split
@@ -227,9 +237,10 @@ def split_empty_clusters(centroids: torch.Tensor, counts: torch.Tensor, n: int,
         cj = int(rng.choice(k, p=weights / weights.sum()))
         centroids[ci] = centroids[cj] * (1 + SPLIT_EPS * sign)
         centroids[cj] = centroids[cj] * (1 - SPLIT_EPS * sign)
-        counts_np[ci] = counts_np[cj] // 2
+        counts_np[ci] = counts_np[cj] / 2  # faiss keeps fractional counts (float hassign)
         counts_np[cj] -= counts_np[ci]
-    return len(empty)
+        nsplit += 1
+    return nsplit
 
 
 def kmeans_torch(x: torch.Tensor, k: int, niter: int = 20, seed: int = 1234,

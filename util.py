@@ -36,8 +36,9 @@ class UnifLabelSampler(Sampler):
     """Draw ``N`` dataset indices so that every non-empty cluster is drawn equally often.
 
     Each non-empty cluster contributes ``size = int(N / m) + 1`` draws (m = number of
-    non-empty clusters), with replacement only when it holds ``<= size`` images; the draws
-    are shuffled and truncated to N. The indices are *dataset* indices: use it with a
+    non-empty clusters), with replacement only when it holds ``<= size`` images; the
+    ``m * size - N`` surplus draws are taken off distinct clusters (one each), so that the
+    N shuffled draws serve every cluster ``size`` or ``size - 1`` times. The indices are *dataset* indices: use it with a
     dataset indexed by image (``clustering.cluster_assign(..., order='index')``).
 
     ``rank``/``world_size`` shard the epoch: rank r serves draws r, r + W, r + 2W, ...
@@ -56,13 +57,23 @@ class UnifLabelSampler(Sampler):
         nonempty = [lst for lst in self.images_lists if len(lst) > 0]
         if not nonempty:
             raise ValueError("UnifLabelSampler: every cluster is empty")
-        size = int(self.N / len(nonempty)) + 1
-        draws = np.empty(size * len(nonempty), dtype=np.int64)
-        for i, lst in enumerate(nonempty):
-            draws[i * size:(i + 1) * size] = self.rng.choice(
-                np.asarray(lst, dtype=np.int64), size, replace=(len(lst) <= size))
+        m = len(nonempty)
+        size = int(self.N / m) + 1
+        # m * size exceeds N by 1..m draws. Truncating the shuffled draws (the original)
+        # takes the excess at random, so per-cluster counts drift by several draws when
+        # there are many clusters; taking one draw off `excess` distinct clusters instead
+        # keeps every cluster's count within one of the others.
+        excess = m * size - self.N
+        counts = np.full(m, size, dtype=np.int64)
+        counts[self.rng.choice(m, excess, replace=False)] -= 1
+        draws = np.empty(self.N, dtype=np.int64)
+        pos = 0
+        for lst, cnt in zip(nonempty, counts):
+            draws[pos:pos + cnt] = self.rng.choice(
+                np.asarray(lst, dtype=np.int64), cnt, replace=(len(lst) <= size))
+            pos += cnt
         self.rng.shuffle(draws)
-        return draws[:self.N]
+        return draws
 
     def shard(self) -> np.ndarray:
         return self.indexes[self.rank::self.world_size][self.start:]
@@ -270,10 +281,23 @@ def infer_config(sd: dict, arch: str | None = None) -> dict:
 
 
 def _input_size_for(arch: str, sobel: bool, bn: bool, fc6_in: int) -> int:
+    # Only the conv body's output size matters: building whole models here (a VGG-16 at 224
+    # allocates and initialises 138M parameters) made loading take tens of seconds.
+    from models.alexnet import make_features as alexnet_features
+    from models.common import flat_dim
+    from models.vgg16 import make_features as vgg16_features
+
+    make = {"alexnet": alexnet_features, "vgg16": vgg16_features}.get(arch)
+    if make is None:
+        raise CheckpointError(f"unknown architecture {arch!r}: expected alexnet or vgg16")
+    in_channels = 2 if sobel else 3
+    features = make(in_channels, bn)
     for s in (224, 227, 128, 96, 64, 32, 256, 160, 112, 48, 192, 288, 320):
-        m = models.build_model(arch, sobel=sobel, bn=bn, out=0, input_size=s)
-        if m.classifier[1 if arch == "alexnet" else 0].in_features == fc6_in:
-            return s
+        try:
+            if flat_dim(features, in_channels, s) == fc6_in:
+                return s
+        except (ValueError, RuntimeError):  # input too small for this network
+            continue
     raise CheckpointError(f"fc6 takes {fc6_in} inputs, which matches no supported input size for {arch}")
 
 

@@ -124,11 +124,32 @@ class DeepClusterNet(nn.Module):
                 "input_size": self.input_size, "k": k}
 
 
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 def flat_dim(features: nn.Sequential, in_channels: int, input_size: int) -> int:
-    """Number of values the conv body outputs for one (in_channels, S, S) image."""
-    with torch.no_grad():
-        out = features(torch.zeros(1, in_channels, input_size, input_size))
-    return int(out.numel())
+    """Number of values the conv body outputs for one (in_channels, S, S) image.
+
+    Computed from the layer hyper-parameters (a forward pass at 224 costs seconds for
+    VGG-16 on CPU); falls back to a forward pass for layers it does not know.
+    """
+    c, h, w = in_channels, input_size, input_size
+    for m in features:
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and not getattr(m, "ceil_mode", False):
+            (kh, kw), (sh, sw) = _pair(m.kernel_size), _pair(m.stride)
+            (ph, pw), (dh, dw) = _pair(m.padding), _pair(m.dilation)
+            h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            if isinstance(m, nn.Conv2d):
+                c = m.out_channels
+        elif not isinstance(m, (nn.BatchNorm2d, nn.ReLU, nn.Dropout)):
+            with torch.no_grad():
+                out = features(torch.zeros(1, in_channels, input_size, input_size))
+            return int(out.numel())
+        if h < 1 or w < 1:
+            raise ValueError(f"input size {input_size} is too small for this network")
+    return int(c * h * w)
 
 
 def build_model(arch: str, sobel: bool = False, bn: bool = True, out: int = 1000,
