@@ -92,16 +92,24 @@ def _row_chunk(n_cols: int, budget: int = 1 << 26) -> int:
 def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit a PCA like faiss ``PCAMatrix(d, dim, eigen_power)``.
 
-    x: (N, D) float32. Returns ``mean`` (D,) and ``proj`` (D, dim) such that
+    x: (N, D) float32 (float16/bfloat16 storage accepted: upcast block by block).
+    Returns ``mean`` (D,) and ``proj`` (D, dim) such that
     ``(x - mean) @ proj`` is the projection on the top ``dim`` principal axes, each scaled
     by ``eigenvalue ** eigen_power`` where eigenvalues are those of the covariance (scatter / N),
     so the output has identity covariance. faiss uses the scatter matrix itself, so its
     whitened output is ours divided by sqrt(N): the same after L2 normalisation.
     """
     n, d = x.shape
-    mean = x.sum(0, dtype=torch.float64) / n
-    mean32 = mean.float()
     step = _row_chunk(max(d, n if n < d else 0))
+    if x.dtype in LOW_PRECISION:
+        # float16/bfloat16 storage: fp64 sum of float32 row blocks (no full-size copy)
+        mean = torch.zeros(d, dtype=torch.float64, device=x.device)
+        for s in range(0, n, step):
+            mean += x[s:s + step].float().sum(0, dtype=torch.float64)
+        mean /= n
+    else:
+        mean = x.sum(0, dtype=torch.float64) / n
+    mean32 = mean.float()
     if n < d:
         # Fewer points than dims: eigen-decompose the (N, N) Gram matrix instead of the
         # (D, D) covariance (what faiss does too); G u = l u  =>  S (Xc^T u) = l (Xc^T u).
@@ -156,15 +164,34 @@ def _check_features(x, what: str = "features") -> None:
         raise ClusteringError(f"{what} must be a 2-d (N, D) array, got shape {tuple(x.shape)}")
     if x.shape[0] < 2:
         raise ClusteringError(f"{what}: need at least 2 rows to cluster, got {x.shape[0]}")
-    finite = torch.isfinite(x).all() if isinstance(x, torch.Tensor) else np.isfinite(x).all()
-    if not bool(finite):
-        raise ClusteringError(f"{what} contain NaN or inf values: the network has diverged")
+    # Checked by row blocks: a whole-matrix isfinite() would allocate an (N, D) bool array
+    # (5 GB for ImageNet's 1.28M x 4096 features) just to answer yes or no.
+    step = _row_chunk(x.shape[1])
+    is_t = isinstance(x, torch.Tensor)
+    for s in range(0, x.shape[0], step):
+        blk = x[s:s + step]
+        finite = torch.isfinite(blk).all() if is_t else np.isfinite(blk).all()
+        if not bool(finite):
+            raise ClusteringError(f"{what} contain NaN or inf values: the network has diverged")
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _as_feature_tensor(x, device: torch.device) -> torch.Tensor:
+    """Features as a tensor on ``device``; float16/bfloat16 storage is kept as is (halving
+    the memory of the (N, D) matrix): the PCA upcasts each row block to float32 itself."""
+    t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
+    if t.dtype in LOW_PRECISION:
+        return t.to(device=device)
+    return t.to(device=device, dtype=torch.float32)
 
 
 def preprocess_features(npdata, pca: int = 256, backend: str = "auto", device=None):
     """PCA-reduce to ``pca`` dims with whitening (eigen power -0.5), then L2-normalise rows.
 
-    npdata: (N, D) float32 numpy array or torch tensor; the result has the same kind
+    npdata: (N, D) float32 numpy array or torch tensor (a float16/bfloat16 tensor is read
+    block by block, never copied whole to float32); the result has the same kind
     ((N, min(pca, D)) float32). With a tensor the work stays on the tensor's device.
     """
     is_tensor = isinstance(npdata, torch.Tensor)
@@ -189,7 +216,7 @@ def preprocess_features(npdata, pca: int = 256, backend: str = "auto", device=No
         x = x / np.maximum(norms, 1e-10)[:, None]
         return x.astype(np.float32, copy=False)
     dev = npdata.device if is_tensor else _default_device(device)
-    xt = _as_tensor(npdata, dev)
+    xt = _as_feature_tensor(npdata, dev)
     mean, proj = pca_fit(xt, dim)
     out = pca_apply(xt, mean, proj)
     return out if is_tensor else out.cpu().numpy()
