@@ -1,0 +1,348 @@
+"""Linear classification on the frozen activations of one conv layer (Caron et al. 2018, 5).
+
+Usage:
+    python eval_linear.py --data /path/to/imagenet --model exp/checkpoint.pth.tar --conv 3 --exp exp_linear
+    python eval_linear.py --data DATA --model MODEL --conv 5 --tencrops --exp exp_linear
+    python eval_linear.py --data DATA --model MODEL --conv 3 --exp exp_linear --resume exp_linear/checkpoint.pth.tar
+    python eval_linear.py --data tiny --model m.pth.tar --conv 2 --size 64 --epochs 2 --workers 0   # small images
+
+The model is frozen and in eval mode. The activation after the conv-th ReLU (before pooling)
+is average-pooled to about 9,000 values (AlexNet at 224: conv1 AvgPool(6,6,3) -> 9600,
+conv2 (4,4,0) -> 9216, conv3/conv4 (3,3,1) -> 9600, conv5 (2,2,0) -> 9216) and fed to one
+Linear layer, trained by SGD with lr_t = lr0 / sqrt(1 + lr0 * wd * t) per iteration.
+Top-1/top-5 on val are reported each epoch; the paper quotes the best top-1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from tqdm import tqdm
+
+import data
+import models
+import util
+from eval_common import (EvalError, LabeledImages, conv_prefix, load_model, log, progress, require_dir,
+                         run_cli, seed_everything, select_device, setup_logging)
+
+# AvgPool2d(kernel, stride, padding) per AlexNet conv layer, as in the paper (about 9k dims at 224)
+ALEXNET_POOL = {1: (6, 6, 3), 2: (4, 4, 0), 3: (3, 3, 1), 4: (3, 3, 1), 5: (2, 2, 0)}
+TARGET_DIM = 9216  # VGG-16 layers: adaptive pooling to the side closest to sqrt(9216 / C)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a linear classifier on top of frozen convolutional layers of an AlexNet "
+                    "(or VGG-16). Expects --data DIR holding DIR/train/<class>/*.jpg and "
+                    "DIR/val/<class>/*.jpg (ImageFolder layout, same class folders in both; "
+                    "e.g. ImageNet or Places).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=str, required=True, help="path to dataset (with train/ and val/)")
+    g.add_argument("--tencrops", action="store_true", help="validation accuracy averaged over 10 crops")
+    g.add_argument("--size", type=int, default=224,
+                   help="crop size (224 = the paper; the 256 resize is scaled by size/224)")
+    g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=str, required=True, help="path to model (our or the released checkpoints)")
+    g.add_argument("--conv", type=int, default=None,
+                   help="on top of which convolutional layer train logistic regression "
+                        "(AlexNet 1..5, VGG-16 1..13)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=90, help="number of total epochs to run")
+    g.add_argument("--batch_size", type=int, default=256, help="mini-batch size")
+    g.add_argument("--lr", type=float, default=0.01, help="learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="momentum")
+    g.add_argument("--weight_decay", "--wd", type=float, default=-4, help="weight decay pow")
+    g.add_argument("--seed", type=int, default=31, help="random seed")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--exp", type=str, default="exp_linear", help="exp folder")
+    g.add_argument("--resume", type=str, default="", metavar="PATH", help="checkpoint to resume from")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g.add_argument("--verbose", action="store_true", help="chatty")
+    return p
+
+
+# ---------------------------------------------------------------------------------------
+# model: frozen prefix + pooling + linear
+# ---------------------------------------------------------------------------------------
+class FrozenConv(nn.Module):
+    """(B, 3, H, W) -> (B, C, h, w): Sobel (if any) + features up to the conv-th ReLU, frozen."""
+
+    def __init__(self, model: models.DeepClusterNet, conv: int):
+        super().__init__()
+        self.sobel = model.sobel
+        self.body = conv_prefix(model, conv)
+        for p in self.parameters():
+            p.requires_grad = False
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenConv":
+        return super().train(False)  # always eval: BN uses its running statistics
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sobel is not None:
+            x = self.sobel(x)
+        return self.body(x)
+
+
+def make_pool(arch: str, conv: int, channels: int, hw: tuple[int, int]) -> nn.Module:
+    """The per-layer pooling: the paper's AvgPool table for AlexNet, adaptive for VGG-16.
+
+    For input sizes other than 224 the AlexNet kernel is shrunk to fit the feature map.
+    """
+    h, w = hw
+    if arch == "alexnet":
+        k, s, pad = ALEXNET_POOL[conv]
+        k = max(1, min(k, h, w))
+        s = max(1, min(s, k))
+        pad = min(pad, k // 2)
+        return nn.AvgPool2d(k, stride=s, padding=pad)
+    side = max(1, round(math.sqrt(TARGET_DIM / channels)))
+    return nn.AdaptiveAvgPool2d(min(side, h, w))
+
+
+class RegLog(nn.Module):
+    """(B, C, h, w) -> (B, classes): pooling, flatten, Linear."""
+
+    def __init__(self, pool: nn.Module, dim: int, num_classes: int):
+        super().__init__()
+        self.pool = pool
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(x)                      # (B, C, h', w')
+        return self.linear(torch.flatten(x, 1))  # (B, classes)
+
+
+def build_reglog(body: FrozenConv, arch: str, conv: int, num_classes: int, size: int) -> RegLog:
+    """Pooling and Linear sized by a dummy forward at ``size`` x ``size``."""
+    with torch.no_grad():
+        fmap = body(torch.zeros(1, 3, size, size))  # (1, C, h, w)
+        pool = make_pool(arch, conv, fmap.shape[1], tuple(fmap.shape[2:]))
+        dim = int(pool(fmap).numel())
+    return RegLog(pool, dim, num_classes)
+
+
+def pooled_dims(arch: str = "alexnet", size: int = 224) -> dict[int, int]:
+    """Classifier input size per conv layer (AlexNet at 224: 9600, 9216, 9600, 9600, 9216)."""
+    model = models.build_model(arch, out=0, input_size=size)
+    out = {}
+    for conv in range(1, len(model.conv_layers()) + 1):
+        out[conv] = build_reglog(FrozenConv(model, conv), arch, conv, 1, size).linear.in_features
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------
+def train_transform(size: int) -> transforms.Compose:
+    big = int(round(size * 256 / 224))
+    return transforms.Compose([
+        transforms.Resize(big), transforms.CenterCrop(big), transforms.RandomCrop(size),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+
+def val_transform(size: int, tencrops: bool) -> transforms.Compose:
+    big = int(round(size * 256 / 224))
+    norm = transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)
+    if tencrops:
+        return transforms.Compose([
+            transforms.Resize(big), transforms.TenCrop(size),
+            transforms.Lambda(lambda crops: torch.stack([norm(transforms.functional.to_tensor(c))
+                                                         for c in crops]))])  # (10, 3, S, S)
+    return transforms.Compose([transforms.Resize(big), transforms.CenterCrop(size), transforms.ToTensor(), norm])
+
+
+def load_splits(root: str, args: argparse.Namespace) -> tuple[LabeledImages, LabeledImages, list[str]]:
+    root_p = require_dir(root, "--data")
+    for split in ("train", "val"):
+        if not (root_p / split).is_dir():
+            raise EvalError(f"--data {root!r} has no {split}/ folder (expected {split}/<class>/<image>)")
+    tr_paths, tr_t, tr_classes = data.scan_image_folder(root_p / "train")
+    va_paths, va_t, va_classes = data.scan_image_folder(root_p / "val")
+    if tr_t is None or va_t is None:
+        raise EvalError(f"{root}/train and {root}/val must hold one folder per class")
+    if tr_classes != va_classes:
+        extra = sorted(set(va_classes) ^ set(tr_classes))
+        raise EvalError(f"train/ and val/ of {root!r} have different class folders (e.g. {extra[:3]})")
+    train = LabeledImages(tr_paths, tr_t, train_transform(args.size))
+    val = LabeledImages(va_paths, va_t, val_transform(args.size, args.tencrops))
+    return train, val, tr_classes
+
+
+# ---------------------------------------------------------------------------------------
+# train / validate
+# ---------------------------------------------------------------------------------------
+def accuracy(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...]) -> list[float]:
+    """Percentage of rows whose target is among the top-k scores, for each k."""
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices            # (B, maxk)
+    hit = pred.eq(target[:, None])                       # (B, maxk)
+    return [hit[:, :min(k, maxk)].any(1).float().mean().item() * 100 for k in topk]
+
+
+def train_epoch(loader: DataLoader, body: FrozenConv, reglog: RegLog, crit: nn.Module,
+                opt: torch.optim.Optimizer, epoch: int, device: torch.device, args: argparse.Namespace) -> dict:
+    reglog.train()
+    losses, top1 = util.AverageMeter(), util.AverageMeter()
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=progress(args.no_progress))
+    for i, (imgs, target) in enumerate(bar):
+        util.learning_rate_decay(opt, len(loader) * epoch + i, args.lr)  # per-iteration decay
+        for g in opt.param_groups:  # np.float64 -> float: keeps checkpoints weights_only-loadable
+            g["lr"] = float(g["lr"])
+        imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        logits = reglog(body(imgs))                  # (B, classes)
+        loss = crit(logits, target)
+        if not torch.isfinite(loss):
+            raise EvalError(f"training loss is {loss.item()} at epoch {epoch}: diverged (try a lower --lr)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.update(loss.item(), imgs.shape[0])
+        top1.update(accuracy(logits.detach(), target, (1,))[0], imgs.shape[0])
+        bar.set_postfix(loss=f"{losses.avg:.3f}")
+    return {"train_loss": losses.avg, "train_top1": top1.avg, "lr": opt.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def validate(loader: DataLoader, body: FrozenConv, reglog: RegLog, crit: nn.Module, device: torch.device,
+             args: argparse.Namespace) -> dict:
+    """Top-1/top-5 (percent) and loss; with ten crops the softmax is averaged over crops."""
+    reglog.eval()
+    losses, top1, top5 = util.AverageMeter(), util.AverageMeter(), util.AverageMeter()
+    for imgs, target in tqdm(loader, desc="val", leave=False, disable=progress(args.no_progress)):
+        imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if imgs.dim() == 5:                          # (B, 10, 3, S, S)
+            b, n = imgs.shape[:2]
+            probs = torch.softmax(reglog(body(imgs.flatten(0, 1))), 1).view(b, n, -1).mean(1)  # (B, classes)
+            loss = nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), target)
+        else:
+            logits = reglog(body(imgs))
+            probs, loss = torch.softmax(logits, 1), crit(logits, target)
+        a1, a5 = accuracy(probs, target, (1, 5))
+        losses.update(loss.item(), imgs.shape[0])
+        top1.update(a1, imgs.shape[0])
+        top5.update(a5, imgs.shape[0])
+    return {"val_loss": losses.avg, "top1": top1.avg, "top5": top5.avg}
+
+
+def checkpoint_state(model: models.DeepClusterNet, reglog: RegLog, opt: torch.optim.Optimizer, epoch: int,
+                     best: float, history: list, args: argparse.Namespace, classes: list[str]) -> dict:
+    """Body + linear classifier + optimizer: enough to evaluate or resume (weights_only-loadable)."""
+    return {
+        "epoch": epoch,  # next epoch to run
+        "arch": model.arch,
+        "state_dict": {k: v for k, v in model.state_dict().items() if not k.startswith("top_layer")},
+        "model_config": {**model.config(), "k": 0},
+        "conv": args.conv,
+        "reglog": reglog.state_dict(),
+        "reglog_pool": repr(reglog.pool),
+        "optimizer": opt.state_dict(),
+        "best_prec1": best,
+        "history": json.dumps(history),
+        "classes": classes,
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "rng": util.get_rng_state(),
+    }
+
+
+def resume(path: str, reglog: RegLog, opt: torch.optim.Optimizer, args: argparse.Namespace) -> tuple[int, float, list]:
+    ckpt = util.torch_load(path)
+    if "reglog" not in ckpt:
+        raise EvalError(f"--resume {path!r} is not an eval_linear checkpoint (no 'reglog')")
+    if ckpt.get("conv") != args.conv:
+        raise EvalError(f"--resume {path!r} was trained on conv{ckpt.get('conv')}, not conv{args.conv}")
+    try:
+        reglog.load_state_dict(ckpt["reglog"])
+    except RuntimeError as e:
+        raise EvalError(f"--resume {path!r} does not fit this model/data: {str(e).splitlines()[0]}") from None
+    opt.load_state_dict(ckpt["optimizer"])
+    if "rng" in ckpt:
+        util.set_rng_state(ckpt["rng"])
+    log.info("=> resumed from %s (epoch %d, best top-1 %.2f)", path, ckpt["epoch"], ckpt["best_prec1"])
+    return int(ckpt["epoch"]), float(ckpt["best_prec1"]), json.loads(ckpt.get("history", "[]"))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag, ok in (("--epochs", args.epochs >= 0), ("--batch_size", args.batch_size >= 1),
+                     ("--lr", args.lr > 0), ("--workers", args.workers >= 0), ("--size", args.size >= 32),
+                     ("--momentum", 0 <= args.momentum < 1)):
+        if not ok:
+            raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train the linear classifier; returns the last epoch's record plus ``best_top1``."""
+    check_args(args)
+    exp = Path(args.exp)
+    setup_logging(exp, args.verbose, "eval_linear.log")
+    seed_everything(args.seed)
+    device = select_device()
+    model = load_model(args.model, purpose="eval_linear")
+    if args.conv is None:
+        raise EvalError(f"--conv is required ({model.arch}: 1..{len(model.conv_layers())})")
+    body = FrozenConv(model, args.conv).to(device)
+    train_set, val_set, classes = load_splits(args.data, args)
+    reglog = build_reglog(body.cpu(), model.arch, args.conv, len(classes), args.size).to(device)
+    body.to(device)
+    log.info("%s%s conv%d -> %s -> %d dims -> %d classes | %d train, %d val images | %s",
+             model.arch, " + Sobel" if model.sobel is not None else "", args.conv, reglog.pool,
+             reglog.linear.in_features, len(classes), len(train_set), len(val_set), device)
+
+    opt = torch.optim.SGD(reglog.parameters(), lr=args.lr, momentum=args.momentum,
+                          weight_decay=10 ** args.weight_decay)
+    crit = nn.CrossEntropyLoss()
+    start, best, history = 0, -1.0, []
+    if args.resume:
+        start, best, history = resume(args.resume, reglog, opt, args)
+    pin = device.type == "cuda"
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                              pin_memory=pin)
+    val_bs = max(1, args.batch_size // 10) if args.tencrops else args.batch_size
+    val_loader = DataLoader(val_set, batch_size=val_bs, shuffle=False, num_workers=args.workers, pin_memory=pin)
+
+    record: dict = {}
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        record = {"epoch": epoch, **train_epoch(train_loader, body, reglog, crit, opt, epoch, device, args)}
+        record.update(validate(val_loader, body, reglog, crit, device, args))
+        record["time"] = time.time() - t0
+        is_best = record["top1"] > best
+        best = max(best, record["top1"])
+        history.append(record)
+        state = checkpoint_state(model, reglog, opt, epoch + 1, best, history, args, classes)
+        util.atomic_torch_save(state, exp / "checkpoint.pth.tar")
+        if is_best:
+            util.atomic_torch_save(state, exp / "model_best.pth.tar")
+        log.info("epoch %3d | train loss %.3f | val loss %.3f | top-1 %.2f | top-5 %.2f | best top-1 %.2f | %.1fs",
+                 epoch, record["train_loss"], record["val_loss"], record["top1"], record["top5"], best,
+                 record["time"])
+    if not history:
+        log.info("nothing to train (start epoch %d >= --epochs %d)", start, args.epochs)
+    result = {**record, "best_top1": best, "history": history, "dim": reglog.linear.in_features}
+    util.atomic_write_text(exp / "results.json", json.dumps({k: v for k, v in result.items()}, indent=1))
+    log.info("best top-1: %.2f", best)
+    return result
+
+
+def run(argv: list[str] | None = None) -> int:
+    return run_cli(main, get_args_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run())
