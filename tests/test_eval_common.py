@@ -61,7 +61,7 @@ def make_voc(root: Path, n_per_split: int = 12, size: int = 72, seed: int = 0,
             Image.fromarray(arr).save(voc / "JPEGImages" / f"{iid}.jpg")
             lab = -np.ones(20, dtype=int)
             lab[cls] = 1
-            if rng.rand() < 0.3:
+            if n % 3 == 0:
                 lab[rng.randint(4, 20)] = 0  # a difficult object
             (voc / "Annotations" / f"{iid}.xml").write_text(f"<annotation><filename>{iid}.jpg</filename></annotation>")
             ids_of.setdefault(split, []).append((iid, lab))

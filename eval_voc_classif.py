@@ -1,0 +1,322 @@
+"""PASCAL VOC 2007 multi-label classification transfer (Caron et al. 2018, Table 3).
+
+Usage:
+    python eval_voc_classif.py --vocdir /data/VOCdevkit/VOC2007 --model MODEL --split trainval --fc6_8 1
+    python eval_voc_classif.py --vocdir VOC2007 --model MODEL --split trainval --fc6_8 0      # all layers
+    python eval_voc_classif.py --vocdir VOC2007 --model MODEL --split train --nit 200 --size 64 --workers 0
+
+``--split train`` trains on train and tests on val; ``trainval`` trains on trainval and tests
+on test (the paper's numbers). The top layer becomes Linear(4096, 20) and fc6/fc7 are
+re-initialised; with ``--fc6_8 1`` the conv layers are frozen (``--train_batchnorm 1`` still
+trains the BN scales, which the paper's erratum says its 72.0 mAP did; frozen: 70.4).
+Training: masked BCE-with-logits (difficult labels ignored), SGD, lr halved every
+``--stepsize`` iterations, batch 16. Test: 10 random crops (or TenCrop) with summed logits;
+per-class AP ignoring difficult images, and their mean.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from tqdm import tqdm
+
+import data
+import models
+import util
+from eval_common import (EvalError, LabeledImages, average_precision, average_precision_voc07, load_model, log,
+                         progress, require_dir, run_cli, seed_everything, select_device, setup_logging)
+
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor"]
+TEST_SPLIT = {"train": "val", "trainval": "test"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="PASCAL VOC 2007 classification (20 classes, multi-label) on top of a DeepCluster "
+                    "model. Expects --vocdir pointing at the devkit's VOC2007 folder: "
+                    "VOC2007/JPEGImages/<id>.jpg and VOC2007/ImageSets/Main/<class>_<split>.txt "
+                    "(lines '<id> <label>', label 1 positive, -1 negative, 0 difficult); "
+                    "the VOCdevkit folder above it is accepted too.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--vocdir", type=str, required=True, help="VOC2007 folder (or the VOCdevkit above it)")
+    g.add_argument("--split", type=str, choices=["train", "trainval"], default="train",
+                   help="training split: train is tested on val, trainval on test")
+    g.add_argument("--size", type=int, default=224, help="crop size (224 = the paper)")
+    g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=str, required=True, help="path to model")
+    g.add_argument("--fc6_8", type=int, choices=[0, 1], default=1,
+                   help="1: freeze the conv layers, train fc6-8; 0: fine-tune all layers")
+    g.add_argument("--train_batchnorm", type=int, choices=[0, 1], default=0,
+                   help="with --fc6_8 1, still train the BN scale/shift of the conv layers")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--nit", type=int, default=80000, help="number of training iterations")
+    g.add_argument("--batch_size", type=int, default=16, help="mini-batch size")
+    g.add_argument("--lr", type=float, default=0.003, help="learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="momentum")
+    g.add_argument("--wd", type=float, default=1e-6, help="weight decay (absolute value)")
+    g.add_argument("--stepsize", type=int, default=5000, help="lr is halved every stepsize iterations")
+    g.add_argument("--min_scale", type=float, default=0.1, help="RandomResizedCrop minimum scale")
+    g.add_argument("--max_scale", type=float, default=0.5, help="RandomResizedCrop maximum scale")
+    g.add_argument("--seed", type=int, default=31, help="random seed")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_random_crops", type=int, choices=[0, 1], default=1,
+                   help="1: 10 random crops per test image; 0: TenCrop (4 corners + centre, flipped)")
+    g.add_argument("--ap", choices=["standard", "voc07"], default="standard",
+                   help="AP definition: area under the PR curve, or the devkit's 11-point interpolation")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--exp", type=str, default="exp_voc", help="exp folder (log, results.json)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g.add_argument("--verbose", action="store_true", help="chatty")
+    return p
+
+
+# ---------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------
+def find_voc2007(vocdir: str) -> Path:
+    root = require_dir(vocdir, "--vocdir")
+    for cand in (root, root / "VOC2007", root / "VOCdevkit" / "VOC2007"):
+        if (cand / "ImageSets" / "Main").is_dir() and (cand / "JPEGImages").is_dir():
+            return cand
+    raise EvalError(f"--vocdir {vocdir!r} is not a VOC2007 folder: expected JPEGImages/ and ImageSets/Main/")
+
+
+def read_split(voc: Path, split: str) -> tuple[list[str], np.ndarray]:
+    """Image ids and their (N, 20) labels in {1, 0 (difficult), -1} from ImageSets/Main."""
+    main = voc / "ImageSets" / "Main"
+    ids: list[str] | None = None
+    cols = []
+    for cls in VOC_CLASSES:
+        f = main / f"{cls}_{split}.txt"
+        if not f.is_file():
+            raise EvalError(f"missing split file {str(f)!r} (the {split} split of class {cls})")
+        rows = [ln.split() for ln in f.read_text().splitlines() if ln.strip()]
+        try:
+            these, lab = [r[0] for r in rows], [int(r[1]) for r in rows]
+        except (IndexError, ValueError):
+            raise EvalError(f"{str(f)!r} is malformed: expected lines '<image id> <1|0|-1>'") from None
+        if any(v not in (-1, 0, 1) for v in lab):
+            raise EvalError(f"{str(f)!r} holds labels other than -1, 0, 1")
+        if ids is None:
+            ids = these
+        elif these != ids:
+            raise EvalError(f"{str(f)!r} lists other images than {VOC_CLASSES[0]}_{split}.txt")
+        cols.append(lab)
+    assert ids is not None
+    if not ids:
+        raise EvalError(f"the {split} split of {str(voc)!r} is empty")
+    labels = np.asarray(cols, dtype=np.int64).T  # (N, 20)
+    missing = [i for i in ids if not (voc / "JPEGImages" / f"{i}.jpg").is_file()]
+    if missing:
+        raise EvalError(f"{len(missing)} image(s) of the {split} split are missing from JPEGImages/ "
+                        f"(e.g. {missing[0]}.jpg)")
+    return ids, labels
+
+
+def voc_dataset(voc: Path, split: str, transform) -> LabeledImages:
+    ids, labels = read_split(voc, split)
+    paths = [str(voc / "JPEGImages" / f"{i}.jpg") for i in ids]
+    return LabeledImages(paths, [torch.from_numpy(r) for r in labels], transform)
+
+
+def train_transform(args: argparse.Namespace) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomResizedCrop(args.size, scale=(args.min_scale, args.max_scale), ratio=(1, 1)),
+        transforms.ToTensor(),
+        transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+
+def test_transform(args: argparse.Namespace) -> transforms.Compose:
+    """Ten views per image, stacked (10, 3, S, S): random crops as in training, or TenCrop."""
+    norm = transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)
+    if args.eval_random_crops:
+        one = train_transform(args)
+        return transforms.Lambda(lambda img: torch.stack([one(img) for _ in range(10)]))
+    return transforms.Compose([
+        transforms.Resize(int(round(args.size * 256 / 224))), transforms.TenCrop(args.size),
+        transforms.Lambda(lambda crops: torch.stack([norm(transforms.functional.to_tensor(c)) for c in crops]))])
+
+
+# ---------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------
+def prepare_model(model: models.DeepClusterNet, args: argparse.Namespace) -> list[nn.Parameter]:
+    """New Linear(4096, 20) top, fc6/fc7 re-initialised, conv layers frozen with --fc6_8 1.
+
+    Returns the trainable parameters.
+    """
+    for m in model.classifier.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+    model.reset_top_layer(len(VOC_CLASSES))
+    if args.fc6_8:
+        for p in model.features.parameters():
+            p.requires_grad = False
+        if args.train_batchnorm:
+            for m in model.features.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    for p in m.parameters():
+                        p.requires_grad = True
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def set_train_mode(model: models.DeepClusterNet, args: argparse.Namespace) -> None:
+    """Train mode, except frozen conv layers keep their BN running statistics (eval mode)."""
+    model.train()
+    if args.fc6_8 and not args.train_batchnorm:
+        model.features.eval()
+
+
+def check_input_size(model: models.DeepClusterNet, size: int, path: str) -> None:
+    """fc6 fixes the input size: the conv output at ``size`` must match its width."""
+    fc6 = next(m for m in model.classifier if isinstance(m, nn.Linear))
+    try:
+        with torch.no_grad():
+            dim = model.forward_conv(torch.zeros(1, 3, size, size)).numel()  # C * h * w
+    except RuntimeError:  # the conv body cannot even run at this size
+        dim = -1
+    if dim != fc6.in_features:
+        raise EvalError(f"{path!r} takes {model.input_size} px inputs (fc6 has {fc6.in_features} inputs), "
+                        f"but --size is {size}")
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits over non-difficult labels, summed and divided by the batch size.
+
+    logits (B, 20); labels (B, 20) in {1, 0 (ignored), -1}.
+    """
+    mask = (labels != 0).float()
+    target = (labels > 0).float()
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (loss * mask).sum() / logits.shape[0]
+
+
+def train(model: models.DeepClusterNet, params: list[nn.Parameter], loader: DataLoader, device: torch.device,
+          args: argparse.Namespace) -> list[float]:
+    """``--nit`` SGD iterations cycling over the loader; returns the loss per iteration."""
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.stepsize, gamma=0.5)  # per iteration
+    set_train_mode(model, args)
+    losses: list[float] = []
+    bar = tqdm(total=args.nit, desc="train", disable=progress(args.no_progress))
+    it = 0
+    while it < args.nit:
+        for imgs, labels in loader:
+            if it >= args.nit:
+                break
+            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            loss = masked_bce(model(imgs), labels)      # model(imgs): (B, 20)
+            if not torch.isfinite(loss):
+                raise EvalError(f"training loss is {loss.item()} at iteration {it}: diverged (try a lower --lr)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 10.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            it += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            if args.verbose and it % 100 == 0:
+                log.debug("iteration %d loss %.4f lr %.2e", it, np.mean(losses[-100:]), opt.param_groups[0]["lr"])
+    bar.close()
+    return losses
+
+
+@torch.no_grad()
+def predict(model: models.DeepClusterNet, loader: DataLoader, device: torch.device,
+            args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N, 20) = logits summed over the 10 views, and labels (N, 20)."""
+    model.eval()
+    scores, labels = [], []
+    for imgs, lab in tqdm(loader, desc="test", leave=False, disable=progress(args.no_progress)):
+        b, n = imgs.shape[:2]                                            # (B, 10, 3, S, S)
+        logits = model(imgs.flatten(0, 1).to(device, non_blocking=True))  # (B * 10, 20)
+        scores.append(logits.view(b, n, -1).sum(1).float().cpu().numpy())
+        labels.append(lab.numpy())
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def per_class_ap(scores: np.ndarray, labels: np.ndarray, metric: str = "standard") -> np.ndarray:
+    fn = average_precision_voc07 if metric == "voc07" else average_precision
+    return np.array([fn(scores[:, c], labels[:, c]) for c in range(labels.shape[1])])
+
+
+def format_table(aps: np.ndarray) -> str:
+    lines = [f"{'class':<12s} {'AP':>6s}"]
+    lines += [f"{c:<12s} {100 * a:6.2f}" for c, a in zip(VOC_CLASSES, aps)]
+    lines.append(f"{'mAP':<12s} {100 * np.nanmean(aps):6.2f}")
+    return "\n".join(lines)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag, ok in (("--nit", args.nit >= 0), ("--batch_size", args.batch_size >= 1), ("--lr", args.lr > 0),
+                     ("--stepsize", args.stepsize >= 1), ("--wd", args.wd >= 0), ("--workers", args.workers >= 0),
+                     ("--min_scale", 0 < args.min_scale <= args.max_scale <= 1), ("--size", args.size >= 32)):
+        if not ok:
+            raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train on ``--split``, test on the matching split; returns per-class AP and mAP (percent)."""
+    check_args(args)
+    exp = Path(args.exp)
+    setup_logging(exp, args.verbose, "eval_voc_classif.log")
+    seed_everything(args.seed)
+    device = select_device()
+    voc = find_voc2007(args.vocdir)
+    test_split = TEST_SPLIT[args.split]
+    train_set = voc_dataset(voc, args.split, train_transform(args))
+    test_set = voc_dataset(voc, test_split, test_transform(args))
+    model = load_model(args.model, purpose="eval_voc_classif")
+    check_input_size(model, args.size, args.model)
+    params = prepare_model(model, args)
+    model.to(device)
+    log.info("%s%s | %s: %d images, %s: %d images | %s | trainable tensors %d | %s",
+             model.arch, " + Sobel" if model.sobel is not None else "", args.split, len(train_set),
+             test_split, len(test_set), "fc6-8 only" + (" + BN" if args.train_batchnorm else "")
+             if args.fc6_8 else "all layers", len(params), device)
+    pin = device.type == "cuda"
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                              pin_memory=pin, drop_last=len(train_set) >= args.batch_size)
+    test_loader = DataLoader(test_set, batch_size=max(1, args.batch_size // 4), shuffle=False,
+                             num_workers=args.workers, pin_memory=pin)
+    t0 = time.time()
+    losses = train(model, params, train_loader, device, args)
+    t1 = time.time()
+    scores, labels = predict(model, test_loader, device, args)
+    aps = per_class_ap(scores, labels, args.ap)
+    mAP = float(np.nanmean(aps)) * 100
+    log.info("%s AP on %s after %d iterations (%.0fs train, %.0fs test):\n%s", args.ap, test_split, args.nit,
+             t1 - t0, time.time() - t1, format_table(aps))
+    result = {"mAP": mAP, "ap": {c: float(a) * 100 for c, a in zip(VOC_CLASSES, aps)},
+              "final_loss": float(np.mean(losses[-50:])) if losses else None, "split": args.split,
+              "test_split": test_split, "fc6_8": args.fc6_8, "train_batchnorm": args.train_batchnorm}
+    util.atomic_write_text(exp / "results.json", json.dumps(result, indent=1))
+    return result
+
+
+def run(argv: list[str] | None = None) -> int:
+    return run_cli(main, get_args_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

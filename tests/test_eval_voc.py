@@ -1,0 +1,173 @@
+"""eval_voc_classif.py: devkit parsing, masked loss, frozen layers, end-to-end, bad inputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eval_voc_classif as voc_eval
+import models
+from test_eval_common import VOC_CLASSES, make_voc, save_original_format, save_our_format
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory) -> Path:
+    return make_voc(tmp_path_factory.mktemp("voc"), n_per_split=8)
+
+
+@pytest.fixture(scope="module")
+def alexnet_files(tmp_path_factory) -> dict[str, Path]:
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("models")
+    return {"original": save_original_format(models.alexnet(sobel=True, out=10, input_size=64), d / "orig.pth.tar"),
+            "ours": save_our_format(models.alexnet(sobel=False, out=0, input_size=64), d / "ours.pth.tar")}
+
+
+def voc_args(vocdir: Path, model: Path, exp: Path, *extra: str):
+    return voc_eval.get_args_parser().parse_args(
+        ["--vocdir", str(vocdir), "--model", str(model), "--exp", str(exp), "--size", "64", "--workers", "0",
+         "--nit", "4", "--batch_size", "4", "--no_progress", *extra])
+
+
+def test_defaults_are_the_originals():
+    a = voc_eval.get_args_parser().parse_args(["--vocdir", "v", "--model", "m"])
+    assert (a.split, a.nit, a.fc6_8, a.train_batchnorm, a.eval_random_crops, a.stepsize, a.lr, a.wd,
+            a.min_scale, a.max_scale, a.seed, a.batch_size) == \
+        ("train", 80000, 1, 0, 1, 5000, 0.003, 1e-6, 0.1, 0.5, 31, 16)
+    assert voc_eval.VOC_CLASSES == VOC_CLASSES
+
+
+def test_read_split_labels_and_difficult(voc):
+    ids, labels = voc_eval.read_split(voc, "train")
+    assert labels.shape == (len(ids), 20)
+    text = (voc / "ImageSets" / "Main" / "dog_train.txt").read_text().split()
+    assert ids == text[0::2] and labels[:, VOC_CLASSES.index("dog")].tolist() == [int(v) for v in text[1::2]]
+    assert set(np.unique(labels)) <= {-1, 0, 1} and (labels == 0).any()
+
+
+def test_find_voc2007_accepts_devkit_root(voc):
+    assert voc_eval.find_voc2007(str(voc.parent)) == voc
+    assert voc_eval.find_voc2007(str(voc)) == voc
+
+
+def test_masked_bce_ignores_difficult():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    labels = torch.tensor([[1, -1, 0], [-1, 0, 1]])
+    bce = lambda x, y: float(torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(x), torch.tensor(y)))
+    # sum over the non-difficult entries, divided by the batch size (2)
+    expected = (bce(2.0, 1.0) + bce(-1.0, 0.0) + bce(0.0, 0.0) + bce(-2.0, 1.0)) / 2
+    assert float(voc_eval.masked_bce(logits, labels)) == pytest.approx(expected, rel=1e-6)
+    # changing a difficult entry's logit changes nothing
+    logits2 = logits.clone()
+    logits2[0, 2] = 100.0
+    assert float(voc_eval.masked_bce(logits2, labels)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_per_class_ap_and_table():
+    rng = np.random.RandomState(0)
+    labels = rng.choice([-1, 0, 1], size=(30, 20), p=[0.6, 0.1, 0.3])
+    labels[0] = 1
+    scores = rng.randn(30, 20)
+    scores_perfect = np.where(labels > 0, 10.0, 0.0) + 0.01 * rng.randn(30, 20)
+    assert np.allclose(voc_eval.per_class_ap(scores_perfect, labels), 1.0)
+    aps = voc_eval.per_class_ap(scores, labels)
+    assert aps.shape == (20,) and np.all((aps >= 0) & (aps <= 1))
+    table = voc_eval.format_table(aps)
+    assert "aeroplane" in table and "tvmonitor" in table and f"{100 * aps.mean():6.2f}" in table.splitlines()[-1]
+
+
+def _capture_model(monkeypatch) -> dict:
+    seen: dict = {}
+    orig = voc_eval.prepare_model
+
+    def spy(model, args):
+        seen["before"] = {k: v.clone() for k, v in model.state_dict().items()}
+        seen["model"] = model
+        return orig(model, args)
+    monkeypatch.setattr(voc_eval, "prepare_model", spy)
+    return seen
+
+
+def test_end_to_end_fc6_8_original_checkpoint(voc, alexnet_files, tmp_path, monkeypatch, capsys):
+    seen = _capture_model(monkeypatch)
+    res = voc_eval.main(voc_args(voc, alexnet_files["original"], tmp_path / "exp", "--split", "trainval"))
+    assert res["test_split"] == "test" and len(res["ap"]) == 20
+    _, test_labels = voc_eval.read_split(voc, "test")
+    for c, cls in enumerate(VOC_CLASSES):  # AP is defined exactly for the classes with positives
+        assert (0 <= res["ap"][cls] <= 100) if (test_labels[:, c] == 1).any() else np.isnan(res["ap"][cls])
+    assert np.isclose(res["mAP"], np.nanmean(list(res["ap"].values())))
+    m, before = seen["model"], seen["before"]
+    assert m.top_layer.out_features == 20
+    # conv layers (and BN, train_batchnorm 0) frozen; fc layers trained
+    for k, v in m.features.state_dict().items():
+        assert torch.equal(v.cpu(), before["features." + k]), k
+    assert not torch.equal(m.classifier[1].weight.cpu(), before["classifier.1.weight"])
+    out = capsys.readouterr().out
+    assert "mAP" in out and "tvmonitor" in out
+    saved = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert saved["mAP"] == pytest.approx(res["mAP"])
+
+
+def test_end_to_end_all_layers_tencrop(voc, alexnet_files, tmp_path, monkeypatch):
+    seen = _capture_model(monkeypatch)
+    res = voc_eval.main(voc_args(voc, alexnet_files["ours"], tmp_path / "exp", "--fc6_8", "0",
+                                 "--eval_random_crops", "0", "--stepsize", "2"))
+    assert res["test_split"] == "val" and np.isfinite(res["mAP"])
+    m, before = seen["model"], seen["before"]
+    assert not torch.equal(m.features[0].weight.cpu(), before["features.0.weight"])  # fine-tuned
+
+
+def test_train_batchnorm_trains_only_bn_in_features(alexnet_files):
+    import util
+    m = util.load_model(alexnet_files["ours"])
+    args = voc_args(Path("."), alexnet_files["ours"], Path("."), "--train_batchnorm", "1")
+    params = voc_eval.prepare_model(m, args)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.startswith("features.")} == \
+        {f"features.{i}.{w}" for i, mod in enumerate(m.features) if isinstance(mod, torch.nn.BatchNorm2d)
+         for w in ("weight", "bias")}
+    assert len(params) == len(trainable)
+
+
+def test_lr_halves_every_stepsize_and_grad_clipped(monkeypatch):
+    lrs, norms = [], []
+    orig_step = torch.optim.SGD.step
+
+    def step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        norms.append(float(torch.cat([p.grad.flatten() for p in self.param_groups[0]["params"]]).norm()))
+        return orig_step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 20))
+    with torch.no_grad():
+        net[1].weight.mul_(1000)  # huge logits -> huge gradients before clipping
+    loader = [(1000 * torch.randn(4, 3, 2, 2), torch.ones(4, 20, dtype=torch.long)) for _ in range(2)]
+    args = voc_args(Path("."), Path("m"), Path("."), "--stepsize", "2", "--nit", "5", "--lr", "0.004", "--fc6_8", "0")
+    losses = voc_eval.train(net, list(net.parameters()), loader, torch.device("cpu"), args)
+    assert len(losses) == 5  # cycles over the 2-batch loader
+    assert lrs == pytest.approx([0.004, 0.004, 0.002, 0.002, 0.001])
+    assert max(norms) <= 10.0 + 1e-3
+
+
+@pytest.mark.parametrize("case", ["missing_split", "no_vocdir", "missing_image", "wrong_size"])
+def test_bad_inputs_exit_cleanly(case, voc, alexnet_files, tmp_path, capsys):
+    vocdir, extra = voc, []
+    if case == "missing_split":
+        vocdir = make_voc(tmp_path / "v", n_per_split=2, splits=("train", "trainval", "test"))  # no val split
+    elif case == "no_vocdir":
+        vocdir = tmp_path / "nowhere"
+    elif case == "missing_image":
+        vocdir = make_voc(tmp_path / "v", n_per_split=2)
+        next((vocdir / "JPEGImages").glob("*.jpg")).unlink()
+    else:
+        extra = ["--size", "96"]
+    rc = voc_eval.run(["--vocdir", str(vocdir), "--model", str(alexnet_files["ours"]), "--exp", str(tmp_path / "e"),
+                       "--size", "64", "--workers", "0", "--nit", "1", "--no_progress", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err
+    expected = {"missing_split": "aeroplane_val.txt", "no_vocdir": "does not exist",
+                "missing_image": "missing from JPEGImages", "wrong_size": "--size is 96"}
+    assert expected[case] in err
