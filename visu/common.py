@@ -1,0 +1,181 @@
+"""Pieces shared by the visualisation scripts: model loading, cutting a model at a conv
+layer, device choice, turning tensors into pictures, contact sheets, the CLI wrapper."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import models  # noqa: E402
+import util  # noqa: E402
+
+
+class VisuError(RuntimeError):
+    """A visualisation cannot run (missing file, bad flag value...); the message says why."""
+
+
+# ---------------------------------------------------------------------------------------
+# devices and models
+# ---------------------------------------------------------------------------------------
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VisuError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
+def load_model(path: str | Path | None, arch: str | None = None) -> models.DeepClusterNet:
+    """Load a checkpoint (ours or a released one) in eval mode with frozen weights.
+
+    Raises :class:`VisuError` with a one-line message naming the file when it cannot be used.
+    """
+    if not path:
+        raise VisuError("no model given: pass --model PATH (a checkpoint.pth.tar)")
+    try:
+        model = util.load_model(str(path), arch=arch)
+    except util.CheckpointError as e:
+        raise VisuError(str(e)) from None
+    return freeze(model)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode (BN running statistics, no dropout) and no parameter gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class ConvTrunk(nn.Module):
+    """The part of a DeepCluster net from the input to the ReLU of conv layer ``conv``.
+
+    Input: (B, 3, H, W) ImageNet-normalised RGB (the Sobel block, when present, runs first).
+    Output: (B, C, h, w) post-ReLU activations of that layer; any H, W large enough work.
+    """
+
+    def __init__(self, model: models.DeepClusterNet, conv: int):
+        super().__init__()
+        ends = model.conv_layers()
+        if not 1 <= conv <= len(ends):
+            raise VisuError(f"--conv {conv} is out of range: this {model.arch} has conv layers "
+                            f"1..{len(ends)}")
+        self.conv = conv
+        self.sobel = model.sobel
+        self.body = model.features[:ends[conv - 1] + 1]
+        convs = [m for m in self.body if isinstance(m, nn.Conv2d)]
+        self.n_filters = int(convs[-1].out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sobel is not None:
+            x = self.sobel(x)
+        return self.body(x)
+
+
+def parse_filters(spec: str | None, n_filters: int) -> list[int]:
+    """``None``/"" -> all filters; "0,5,9" and ranges "0-15" (inclusive) also accepted."""
+    if not spec:
+        return list(range(n_filters))
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise VisuError(f"--filters {spec!r}: expected indices like '0,3,7' or '0-15'") from None
+    bad = [f for f in out if not 0 <= f < n_filters]
+    if bad:
+        raise VisuError(f"--filters: {bad[:5]} out of range, the layer has filters 0..{n_filters - 1}")
+    if not out:
+        raise VisuError(f"--filters {spec!r} selects no filter")
+    return sorted(set(out))
+
+
+# ---------------------------------------------------------------------------------------
+# pictures
+# ---------------------------------------------------------------------------------------
+_MEAN = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+
+
+def deprocess(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) ImageNet-normalised tensor -> RGB picture (normalisation undone, clipped)."""
+    x = x.detach().float().cpu() * _STD + _MEAN
+    arr = (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(arr, mode="RGB")
+
+
+def contact_sheet(images: Sequence[Image.Image], ncols: int | None = None, tile: int | None = None,
+                  pad: int = 2, labels: Sequence[str] | None = None,
+                  background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Lay ``images`` out on a grid (row-major), each resized to ``tile`` x ``tile`` px.
+
+    ``ncols`` defaults to a near-square grid; ``labels`` are written in each tile's corner.
+    """
+    if not images:
+        raise ValueError("contact_sheet: no images")
+    n = len(images)
+    ncols = ncols or int(math.ceil(math.sqrt(n)))
+    nrows = int(math.ceil(n / ncols))
+    tile = tile or max(im.size[0] for im in images)
+    sheet = Image.new("RGB", (ncols * (tile + pad) + pad, nrows * (tile + pad) + pad), background)
+    draw = ImageDraw.Draw(sheet)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncols)
+        x0, y0 = pad + c * (tile + pad), pad + r * (tile + pad)
+        if im.size != (tile, tile):
+            im = im.resize((tile, tile), Image.BILINEAR)
+        sheet.paste(im.convert("RGB"), (x0, y0))
+        if labels is not None and labels[i]:
+            tw = 6 * len(labels[i]) + 2
+            draw.rectangle([x0, y0, x0 + tw, y0 + 11], fill=(0, 0, 0))
+            draw.text((x0 + 1, y0), labels[i], fill=(255, 255, 0))
+    return sheet
+
+
+def tile_picture(path: str, size: int) -> Image.Image:
+    """An image file as the network sees it (resize + centre crop), as a ``size`` px square."""
+    img = data.load_rgb(path)
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------
+def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
+            argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run ``main``; expected failures print one line and return 1."""
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except (VisuError, util.CheckpointError, data.DataError, data.BadImageError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
