@@ -132,10 +132,14 @@ def eval_transform(size: int = 224) -> transforms.Compose:
     ])
 
 
-def train_transform(size: int = 224) -> transforms.Compose:
-    """RandomResizedCrop(224) -> RandomHorizontalFlip -> ToTensor -> Normalize."""
+def train_transform(size: int = 224, min_scale: float = 0.08) -> transforms.Compose:
+    """RandomResizedCrop(224) -> RandomHorizontalFlip -> ToTensor -> Normalize.
+
+    ``min_scale`` is RandomResizedCrop's smallest crop area (0.08, torchvision's and the
+    paper's default; the digits demo uses a milder value).
+    """
     return transforms.Compose([
-        transforms.RandomResizedCrop(size),
+        transforms.RandomResizedCrop(size, scale=(min_scale, 1.0)),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

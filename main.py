@@ -53,6 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--sobel", action="store_true", help="Sobel filtering")
     g.add_argument("--size", type=int, default=224,
                    help="input resolution (224 reproduces the paper; smaller for small images)")
+    g.add_argument("--crop_min_scale", type=float, default=0.08,
+                   help="smallest area fraction of the training RandomResizedCrop (0.08: the paper's)")
 
     g = p.add_argument_group("clustering")
     g.add_argument("--clustering", type=str, choices=["Kmeans", "PIC"], default="Kmeans",
@@ -118,6 +120,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--reassign", args.reassign > 0 and math.isfinite(args.reassign), args.reassign, "must be > 0"),
         ("--workers", args.workers >= 0, args.workers, "must be >= 0"),
         ("--checkpoints", args.checkpoints >= 1, args.checkpoints, "must be >= 1 (iterations)"),
+        ("--crop_min_scale", 0 < args.crop_min_scale <= 1, args.crop_min_scale, "must be in (0, 1]"),
         ("--pca", args.pca >= 1, args.pca, "must be >= 1"),
         ("--kmeans_iters", args.kmeans_iters >= 1, args.kmeans_iters, "must be >= 1"),
         ("--size", args.size >= (64 if args.arch == "alexnet" else 32), args.size,
@@ -209,7 +212,7 @@ def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[
                       args: argparse.Namespace, device: torch.device) -> DataLoader:
     """Pseudo-labelled loader drawing int(reassign * N) images uniformly over clusters."""
     order = "index" if args.sampler == "uniform" else "cluster"
-    train_set = clustering.cluster_assign(images_lists, dataset, data.train_transform(args.size), order=order)
+    train_set = clustering.cluster_assign(images_lists, dataset, data.train_transform(args.size, args.crop_min_scale), order=order)
     sampler = util.UnifLabelSampler(int(args.reassign * len(dataset)), images_lists)
     return make_loader(train_set, args, device, sampler=sampler)
 

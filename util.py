@@ -13,6 +13,7 @@ import pickle
 import random
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -113,6 +114,10 @@ class Logger:
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         self.data: list[Any] = read_jsonl(self.path) if os.path.exists(self.path) else []
+        if _ends_torn(self.path):
+            # A crash mid-append left a line without its newline: the next record would be
+            # glued to it and lost. Rewrite the readable records first.
+            self.truncate(len(self.data))
 
     def log(self, record: Any) -> None:
         self.data.append(record)
@@ -125,6 +130,19 @@ class Logger:
         """Keep the first ``keep`` records (used on resume to drop epochs to be redone)."""
         self.data = self.data[:keep]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.data))
+
+
+def _ends_torn(path: str) -> bool:
+    """True when ``path`` exists, is not empty and does not end with a newline."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Any]:
@@ -234,7 +252,9 @@ def torch_load(path: str | os.PathLike) -> dict:
     errors = []
     for kwargs in ({}, {"encoding": "latin1"}):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "pickle_load_args only works if..."
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
             break
         except Exception as e:  # corrupt zip, truncated pickle, foreign file...
             errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

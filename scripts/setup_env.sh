@@ -13,6 +13,6 @@ STAMP="$VENV/.requirements.sha"
 WANT="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
     echo "[setup] installing requirements (about 2 minutes on a fresh machine)"
-    "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
+    "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     echo "$WANT" > "$STAMP"
 fi

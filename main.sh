@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# DeepCluster launcher. Settings come from environment variables, defaulting to the paper's:
+#   DIR=/path/to/imagenet/train ARCH=alexnet EXP=exp ./main.sh [extra main.py flags]
+# With DIR unset, main.py runs the CPU demo on scikit-learn's digits (its own defaults).
+# Multi-GPU / multi-node: NGPUS=8 [NNODES=2 NODE_RANK=0 MASTER_ADDR=host MASTER_PORT=29500] ./main.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+
+DIR="${DIR:-}"
+ARCH="${ARCH:-alexnet}"
+LR="${LR:-0.05}"
+WD="${WD:--5}"
+K="${K:-10000}"
+WORKERS="${WORKERS:-12}"
+EXP="${EXP:-exp}"
+SOBEL="${SOBEL:-1}"
+EPOCHS="${EPOCHS:-}"
+NGPUS="${NGPUS:-1}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+
+ARGS=()
+if [ -n "$DIR" ]; then
+    ARGS+=("$DIR" --exp "$EXP" --arch "$ARCH" --lr "$LR" --wd "$WD" --k "$K" --workers "$WORKERS" --verbose)
+    [ "$SOBEL" = "1" ] && ARGS+=(--sobel)
+    [ -n "$EPOCHS" ] && ARGS+=(--epochs "$EPOCHS")
+fi
+mkdir -p "${EXP}"
+
+if [ "$NGPUS" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
+    exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
+        --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+        main.py "${ARGS[@]}" "$@"
+fi
+exec "$PYTHON" main.py "${ARGS[@]}" "$@"
