@@ -366,6 +366,7 @@ class Kmeans:
         self.device, self.seed = device, seed
         self.images_lists: list[list[int]] = []
         self.labels: np.ndarray | None = None
+        self.centroids: torch.Tensor | None = None
         self.obj: list[float] = []
         self.nsplit = 0
         self.timings: dict[str, float] = {}
@@ -381,6 +382,7 @@ class Kmeans:
         res = _kmeans(xb, self.k, verbose=verbose, backend=self.backend, seed=self.seed,
                       niter=self.niter, device=self.device)
         self.labels = res["labels"].cpu().numpy()
+        self.centroids = res["centroids"]  # (k, pca) final centroids (labels = nearest of them)
         self.obj, self.nsplit = [float(o) for o in res["obj"]], res["nsplit"]
         self.images_lists = labels_to_lists(self.labels, self.k)
         self.timings = {"pca": t1 - t0, "kmeans": time.time() - t1}

@@ -1,0 +1,310 @@
+"""Benchmark of the clustering step: (N, D) features in -> cluster labels out.
+
+Step = PCA to 256 dims with whitening + L2 normalisation + k-means (20 iterations).
+Methods, all on the same input, same seed, timed in the same run:
+
+  original   the original release's path: faiss PCAMatrix(D, 256, -0.5) on CPU, numpy L2,
+             faiss.Clustering(niter=20, max_points_per_centroid=10M) with IndexFlatL2
+  sklearn    scikit-learn PCA(whiten) + normalize + KMeans(n_init=1, max_iter=20, lloyd,
+             init='random' as faiss, tol=0); skipped above --sklearn_max_nk (N*k)
+  torch      ours: clustering.Kmeans(backend='torch') (runs on the GPU when there is one)
+  auto       ours: clustering.Kmeans(backend='auto') (torch PCA + faiss k-means on CPU)
+
+Quality: every method's final k-means objective is recomputed here the same way: sum of
+squared distances of the points (its own preprocessed data) to their assigned final centroid,
+in float64. ``obj_ref`` is the within-cluster sum of squares of its partition measured on one
+reference preprocessed matrix (torch PCA), so partitions compare on identical data.
+
+    python benchmarks/bench_clustering.py                       # quick: N=20000 D=1024 k=1000
+    python benchmarks/bench_clustering.py --N 100000 --D 4096 --k 10000 --methods torch,auto
+    python benchmarks/bench_clustering.py --real                # AlexNet features of digits
+    python benchmarks/bench_clustering.py --real --model exp/checkpoint.pth.tar
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PeakRSS, environment, pick_device, print_table, write_json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import clustering  # noqa: E402
+
+METHODS = ("original", "sklearn", "torch", "auto")
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--N", type=int, default=20000, help="number of synthetic feature rows")
+    p.add_argument("--D", type=int, default=1024, help="synthetic feature dimension (fc7 is 4096)")
+    p.add_argument("--k", type=int, default=None, help="clusters (default 1000 synthetic, 100 --real)")
+    p.add_argument("--true_k", type=int, default=None, help="clusters in the synthetic data (default k)")
+    p.add_argument("--pca", type=int, default=256)
+    p.add_argument("--niter", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
+    p.add_argument("--sklearn_max_nk", type=float, default=1e9,
+                   help="skip scikit-learn when N*k exceeds this (it is the slow one)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per method (the best is kept)")
+    p.add_argument("--no_warmup", action="store_true", help="skip the small untimed warm-up run")
+    p.add_argument("--real", action="store_true",
+                   help="cluster AlexNet-Sobel fc7 features of scikit-learn's digits (1,797 x 4096)")
+    p.add_argument("--model", default=None, help="checkpoint for --real (default: random init)")
+    p.add_argument("--size", type=int, default=64, help="input resolution for --real")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "deepcluster_bench"))
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out", default=None, help="write the table as JSON here")
+    args = p.parse_args(argv)
+    if args.k is None:
+        args.k = 100 if args.real else 1000
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown method(s) {bad}: choose from {METHODS}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------
+def synthetic_features(n: int, d: int, true_k: int, seed: int) -> np.ndarray:
+    """(n, d) float32 with cluster structure: Gaussian blobs in a 64-d latent space mapped
+    to d dims by a random linear map with a decaying spectrum, plus isotropic noise."""
+    g = torch.Generator().manual_seed(seed)
+    latent = min(64, d)
+    centres = torch.randn(true_k, latent, generator=g) * 2.0
+    z = torch.randint(0, true_k, (n,), generator=g)
+    mix = torch.randn(latent, d, generator=g) * torch.linspace(1.0, 0.1, latent)[:, None]
+    x = (centres[z] + 0.5 * torch.randn(n, latent, generator=g)) @ mix
+    x += 0.3 * torch.randn(n, d, generator=g)
+    return x.numpy()
+
+
+def real_features(args) -> np.ndarray:
+    """fc7 (pre-ReLU) features of the 1,797 digits, AlexNet-Sobel random init or --model."""
+    import data
+    import models
+    torch.manual_seed(args.seed)
+    if args.model:
+        import util
+        model = util.load_model(args.model)
+        size = model.input_size
+    else:
+        model, size = models.alexnet(sobel=True, bn=True, out=0, input_size=args.size), args.size
+    root = data.export_digits(Path(args.cache) / "digits")
+    ds = data.IndexedImageFolder(root, transform=data.eval_transform(size))
+    loader = torch.utils.data.DataLoader(ds, batch_size=128, num_workers=0)
+    model.eval()
+    out = np.zeros((len(ds), 4096), np.float32)
+    with torch.no_grad():
+        for imgs, idx in loader:
+            out[idx.numpy()] = model.forward_features(imgs).numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# methods: each returns (preprocessed data, labels, centroids, {pca_s, kmeans_s})
+# ---------------------------------------------------------------------------------------
+def run_original(x: np.ndarray, k: int, pca: int, niter: int, seed: int, device):
+    import faiss
+    t0 = time.perf_counter()
+    n, d = x.shape
+    mat = faiss.PCAMatrix(d, min(pca, d), -0.5)
+    mat.train(x)
+    xb = mat.apply_py(x)
+    xb = xb / np.linalg.norm(xb, axis=1)[:, None]  # the original's L2 step
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    t1 = time.perf_counter()
+    clus = faiss.Clustering(xb.shape[1], k)
+    clus.seed, clus.niter, clus.max_points_per_centroid = seed, niter, 10_000_000
+    index = faiss.IndexFlatL2(xb.shape[1])
+    clus.train(xb, index)
+    _, labels = index.search(xb, 1)
+    t2 = time.perf_counter()
+    cent = faiss.vector_float_to_array(clus.centroids).reshape(k, -1)
+    return xb, labels[:, 0].astype(np.int64), cent, {"pca_s": t1 - t0, "kmeans_s": t2 - t1}
+
+
+def run_sklearn(x: np.ndarray, k: int, pca: int, niter: int, seed: int, device):
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import normalize
+    t0 = time.perf_counter()
+    n, d = x.shape
+    solver = "covariance_eigh" if n >= d else "full"
+    xb = PCA(n_components=min(pca, d), whiten=True, svd_solver=solver, random_state=seed).fit_transform(x)
+    xb = normalize(xb).astype(np.float32)
+    t1 = time.perf_counter()
+    km = KMeans(n_clusters=k, init="random", n_init=1, max_iter=niter, tol=0.0, algorithm="lloyd",
+                random_state=seed).fit(xb)
+    t2 = time.perf_counter()
+    return xb, km.labels_.astype(np.int64), km.cluster_centers_, {"pca_s": t1 - t0, "kmeans_s": t2 - t1}
+
+
+def _run_ours(backend: str):
+    def run(x, k, pca, niter, seed, device):
+        inp = torch.from_numpy(x).to(device) if device.type == "cuda" else x  # features kept on the GPU
+        km = clustering.Kmeans(k, backend=backend, niter=niter, pca=pca, device=device, seed=seed)
+        t0 = time.perf_counter()
+        km.cluster(inp)
+        t1 = time.perf_counter()
+        # recompute the preprocessed data and centroids for the objective (untimed)
+        xb = clustering.preprocess_features(inp, pca, backend="torch", device=device)
+        xb = xb.cpu().numpy() if isinstance(xb, torch.Tensor) else xb
+        labels = km.labels.astype(np.int64)
+        cent = km.centroids.cpu().numpy()
+        tm = dict(km.timings)
+        return xb, labels, cent, {"pca_s": tm.get("pca"), "kmeans_s": tm.get("kmeans"), "total_s": t1 - t0}
+    return run
+
+
+def _centroids_of(xb: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Means of the assigned points (for the partition's within-cluster sum of squares)."""
+    x = torch.from_numpy(xb).double()
+    lab = torch.from_numpy(labels)
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, lab, x)
+    cnt = torch.bincount(lab, minlength=k).clamp_min(1).double()
+    return (sums / cnt[:, None]).numpy()
+
+
+RUNNERS = {"original": run_original, "sklearn": run_sklearn, "torch": _run_ours("torch"), "auto": _run_ours("auto")}
+
+
+def objective(xb: np.ndarray, labels: np.ndarray, centroids: np.ndarray) -> float:
+    """sum_i ||x_i - c_{label_i}||^2 in float64 (the same computation for every method)."""
+    x = torch.from_numpy(np.asarray(xb)).double()
+    c = torch.from_numpy(np.asarray(centroids)).double()
+    lab = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    total = 0.0
+    for s in range(0, x.shape[0], 65536):
+        total += float(((x[s:s + 65536] - c[lab[s:s + 65536]]) ** 2).sum())
+    return total
+
+
+def partition_sse(xb_ref: np.ndarray, labels: np.ndarray, k: int) -> float:
+    return objective(xb_ref, labels, _centroids_of(xb_ref, labels, k))
+
+
+# ---------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = get_args(argv)
+    device = pick_device(args.device)
+    env = environment(device)
+    if args.real:
+        t = time.perf_counter()
+        x = real_features(args)
+        source = f"AlexNet-Sobel fc7 of sklearn digits ({'--model ' + args.model if args.model else 'random init'}, {args.size}px)"
+        print(f"features: {source}, {x.shape}, extracted in {time.perf_counter() - t:.1f}s")
+    else:
+        x = synthetic_features(args.N, args.D, args.true_k or args.k, args.seed)
+        source = f"synthetic: {args.true_k or args.k} Gaussian blobs in a 64-d latent space"
+    n, d = x.shape
+    if args.k > n:
+        raise SystemExit(f"error: --k {args.k} exceeds the number of rows {n}")
+    print(f"clustering step: N={n} D={d} -> PCA {min(args.pca, d)} -> k={args.k}, {args.niter} iterations, "
+          f"device {device}, {env['cpu']} ({env['cpu_cores']} cores), load {env['loadavg_1min_at_start']}")
+
+    methods = list(args.methods)
+    skipped = {}
+    if "sklearn" in methods and n * args.k > args.sklearn_max_nk:
+        methods.remove("sklearn")
+        skipped["sklearn"] = f"N*k = {n * args.k:.3g} > --sklearn_max_nk {args.sklearn_max_nk:.3g}"
+    if "auto" in methods and "torch" in methods and clustering.resolve_backend("auto", device) == "torch":
+        methods.remove("auto")
+        skipped["auto"] = "'auto' resolves to the torch backend on this device (same as 'torch')"
+
+    if not args.no_warmup:  # library initialisation (BLAS/LAPACK, faiss, CUDA) out of the timings
+        xw = synthetic_features(min(n, 2000), d, 10, args.seed + 1)
+        for m in methods:
+            RUNNERS[m](xw, min(args.k, 20), args.pca, 2, args.seed, device)
+
+    xb_ref = clustering.preprocess_features(x, args.pca, backend="torch", device="cpu")
+    rows = []
+    for m in methods:
+        best = None
+        for _ in range(max(1, args.repeats)):
+            with PeakRSS(device) as mem:
+                xb, labels, cent, tm = RUNNERS[m](x, args.k, args.pca, args.niter, args.seed, device)
+            total = tm.get("total_s") or mem.seconds
+            if best is None or total < best["time_s"]:
+                best = {"method": m, "time_s": total, "pca_s": tm["pca_s"], "kmeans_s": tm["kmeans_s"],
+                        "rss_peak_mb": mem.peak_mb, "rss_added_mb": mem.peak_mb - mem.start_mb,
+                        "gpu_peak_mb": mem.gpu_peak_mb,
+                        "objective": objective(xb, labels, cent),
+                        "obj_ref": partition_sse(xb_ref, labels, args.k),
+                        "nonempty": int(len(np.unique(labels)))}
+        best["throughput_rows_s"] = n / best["time_s"]
+        rows.append(best)
+        print(f"  {m:9s} {best['time_s']:8.2f} s   objective {best['objective']:.2f}", flush=True)
+
+    ref = {r["method"]: r for r in rows}
+    for r in rows:
+        for base in ("original", "sklearn"):
+            b = ref.get(base)
+            r[f"speedup_vs_{base}"] = b["time_s"] / r["time_s"] if b else None
+            r[f"kmeans_speedup_vs_{base}"] = (b["kmeans_s"] / r["kmeans_s"]) if b and r["kmeans_s"] else None
+            r[f"obj_vs_{base}_pct"] = 100 * (r["objective"] / b["objective"] - 1) if b else None
+
+    text = print_table(rows, [("method", "method"), ("time_s", "time s"), ("pca_s", "pca s"),
+                              ("kmeans_s", "kmeans s"), ("throughput_rows_s", "rows/s"),
+                              ("rss_peak_mb", "RSS MB"), ("rss_added_mb", "+RSS MB"), ("gpu_peak_mb", "GPU MB"),
+                              ("objective", "objective"), ("obj_ref", "obj(ref)"), ("nonempty", "clusters"),
+                              ("speedup_vs_original", "x orig"), ("speedup_vs_sklearn", "x sklearn"),
+                              ("obj_vs_original_pct", "obj% orig"), ("obj_vs_sklearn_pct", "obj% skl")],
+                       title=f"\nclustering step, N={n} D={d} k={args.k} ({source})")
+    for m, why in skipped.items():
+        print(f"skipped {m}: {why}")
+    verdicts = targets(ref, device)
+    for v in verdicts:
+        print(v)
+    payload = {"benchmark": "clustering", "config": {k: v for k, v in vars(args).items()},
+               "shape": [n, d], "source": source, "env": env, "rows": rows, "skipped": skipped,
+               "targets": verdicts, "table": text}
+    write_json(args.out, payload)
+    return payload
+
+
+def targets(ref: dict, device: torch.device) -> list[str]:
+    """The issue's targets for this device, and by how much each is met or missed."""
+    out = []
+    ours = [ref[m] for m in ("auto", "torch") if m in ref]
+    if not ours:
+        return out
+    best = min(ours, key=lambda r: r["time_s"])
+    o, s = ref.get("original"), ref.get("sklearn")
+    tag = f"ours ({best['method']})"
+    if device.type == "cpu":
+        if o:
+            sp = o["time_s"] / best["time_s"]
+            ok = sp >= 1.0
+            out.append(f"CPU target 'no slower than the original path': {'MET' if ok else 'MISSED'} - {tag} "
+                       f"{best['time_s']:.2f}s vs original {o['time_s']:.2f}s = {sp:.2f}x"
+                       + ("" if ok else f" ({1 / sp:.2f}x slower)")
+                       + f"; objective {best['obj_vs_original_pct']:+.2f}% vs original")
+        if s:
+            sp = s["time_s"] / best["time_s"]
+            eq = abs(best["obj_vs_sklearn_pct"]) <= 1.0
+            ok = sp >= 10 and eq
+            out.append(f"CPU target '>= 10x scikit-learn at equal objective': {'MET' if ok else 'MISSED'} - "
+                       f"{sp:.2f}x (needs 10x{'' if sp >= 10 else f', short by {10 / sp:.2f}x'}); "
+                       f"objective {best['obj_vs_sklearn_pct']:+.2f}% vs sklearn "
+                       f"({'within' if eq else 'NOT within'} 1%)")
+    else:
+        if o:
+            sp = o["time_s"] / best["time_s"]
+            eq = abs(best["obj_vs_original_pct"]) <= 1.0
+            out.append(f"GPU target '>= 10x the original path, objective within 1%': "
+                       f"{'MET' if sp >= 10 and eq else 'MISSED'} - {sp:.2f}x, objective "
+                       f"{best['obj_vs_original_pct']:+.2f}%")
+        out.append(f"GPU target '<= 15 s at N=1,281,167 D=4096 k=10,000': this run took {best['time_s']:.2f}s "
+                   f"(meaningful only at that size)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
