@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> dict:
         pics = []
         for i in indices[f].tolist():
             if i not in cache:
-                cache[i] = common.tile_picture(dataset.paths[i], args.tile)
+                cache[i] = common.tile_picture(dataset.paths[i], args.tile, crop=224 / 256)
             pics.append(cache[i])
         block = common.contact_sheet(pics, ncols=ncols, tile=args.tile, pad=1)
         block.save(fdir / f"filter_{f:04d}.png")

@@ -64,10 +64,11 @@ class ConvTrunk(nn.Module):
     """The part of a DeepCluster net from the input to the ReLU of conv layer ``conv``.
 
     Input: (B, 3, H, W) ImageNet-normalised RGB (the Sobel block, when present, runs first).
-    Output: (B, C, h, w) post-ReLU activations of that layer; any H, W large enough work.
+    Output: (B, C, h, w) post-ReLU activations of that layer (``relu=False``: the responses
+    just before that ReLU); any H, W large enough work.
     """
 
-    def __init__(self, model: models.DeepClusterNet, conv: int):
+    def __init__(self, model: models.DeepClusterNet, conv: int, relu: bool = True):
         super().__init__()
         ends = model.conv_layers()
         if not 1 <= conv <= len(ends):
@@ -75,7 +76,7 @@ class ConvTrunk(nn.Module):
                             f"1..{len(ends)}")
         self.conv = conv
         self.sobel = model.sobel
-        self.body = model.features[:ends[conv - 1] + 1]
+        self.body = model.features[:ends[conv - 1] + (1 if relu else 0)]
         convs = [m for m in self.body if isinstance(m, nn.Conv2d)]
         self.n_filters = int(convs[-1].out_channels)
 
@@ -152,11 +153,12 @@ def contact_sheet(images: Sequence[Image.Image], ncols: int | None = None, tile:
     return sheet
 
 
-def tile_picture(path: str, size: int) -> Image.Image:
-    """An image file as the network sees it (resize + centre crop), as a ``size`` px square."""
+def tile_picture(path: str, size: int, crop: float = 1.0) -> Image.Image:
+    """An image file as a ``size`` px square: shorter side resized to ``size / crop``, then
+    centre-cropped (``crop=224/256`` shows what the evaluation transform feeds the network)."""
     img = data.load_rgb(path)
     w, h = img.size
-    s = size / min(w, h)
+    s = size / crop / min(w, h)
     img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2

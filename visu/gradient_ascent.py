@@ -46,6 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--conv", type=int, default=1, help="convolutional layer (1-based)")
     g.add_argument("--filters", type=str, default="",
                    help="filters to draw, e.g. '0,5,9' or '0-15' (default: all of the layer)")
+    g.add_argument("--pre_relu", action="store_true",
+                   help="climb the responses before the layer's ReLU (a filter silent everywhere on "
+                        "the starting noise gets no gradient after the ReLU)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=3.0, help="learning rate (step length per iteration)")
@@ -140,7 +143,7 @@ def main(args: argparse.Namespace) -> dict:
             raise common.VisuError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
     device = common.select_device(args.device)
     model = common.load_model(args.model, args.arch)
-    trunk = common.ConvTrunk(model, args.conv).to(device)
+    trunk = common.ConvTrunk(model, args.conv, relu=not args.pre_relu).to(device)
     filters = common.parse_filters(args.filters, trunk.n_filters)
     try:
         with torch.no_grad():
@@ -155,7 +158,7 @@ def main(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     summary: dict = {"model": str(args.model), "arch": model.arch, "sobel": model.use_sobel,
                      "conv": args.conv, "lr": args.lr, "wd": args.wd, "sig": args.sig, "step": args.step,
-                     "niter": args.niter, "idim": args.idim, "filters": {}}
+                     "niter": args.niter, "idim": args.idim, "pre_relu": args.pre_relu, "filters": {}}
     pictures = []
     batches = [filters[i:i + args.batch] for i in range(0, len(filters), args.batch)]
     bar = tqdm(total=len(batches) * args.niter, desc=f"conv{args.conv}: {len(filters)} filters",
@@ -180,6 +183,10 @@ def main(args: argparse.Namespace) -> dict:
     sheet.save(out / f"conv{args.conv}_filters.png")
     (out / f"conv{args.conv}_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     n_top = sum(v["is_top"] for v in summary["filters"].values())
+    dead = [f for f, v in summary["filters"].items() if v["final_activation"] <= 0]
+    if dead and not args.pre_relu:
+        print(f"warning: {len(dead)} filter(s) stayed silent (e.g. {', '.join(dead[:8])}): no gradient "
+              f"reaches a filter that is zero everywhere after its ReLU; try --pre_relu", file=sys.stderr)
     print(f"conv{args.conv}: {len(filters)} filters drawn into {fdir}/, contact sheet "
           f"{out / f'conv{args.conv}_filters.png'}; {n_top}/{len(filters)} end as the layer's top channel")
     return summary
