@@ -86,6 +86,11 @@ def _row_chunk(n_cols: int, budget: int = 1 << 26) -> int:
     return max(256, budget // max(1, n_cols))
 
 
+# Row blocks of the (N, D) feature matrix in the PCA and the input checks: 2**25 values
+# (128 MB in float32), so the temporaries stay small beside the matrix itself.
+PCA_BLOCK = 1 << 25
+
+
 # ---------------------------------------------------------------------------------------
 # PCA whitening + L2 normalisation
 # ---------------------------------------------------------------------------------------
@@ -100,15 +105,14 @@ def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5) -> tuple[torch
     whitened output is ours divided by sqrt(N): the same after L2 normalisation.
     """
     n, d = x.shape
-    step = _row_chunk(max(d, n if n < d else 0))
-    if x.dtype in LOW_PRECISION:
-        # float16/bfloat16 storage: fp64 sum of float32 row blocks (no full-size copy)
-        mean = torch.zeros(d, dtype=torch.float64, device=x.device)
-        for s in range(0, n, step):
-            mean += x[s:s + step].float().sum(0, dtype=torch.float64)
-        mean /= n
-    else:
-        mean = x.sum(0, dtype=torch.float64) / n
+    step = _row_chunk(max(d, n if n < d else 0), PCA_BLOCK)
+    # float64 mean accumulated over row blocks: ``x.sum(0, dtype=torch.float64)`` on the
+    # whole matrix materialises a float64 copy of it (2x the features: 42 GB for ImageNet).
+    # float16/bfloat16 storage is upcast one block at a time.
+    mean = torch.zeros(d, dtype=torch.float64, device=x.device)
+    for s in range(0, n, step):
+        mean += x[s:s + step].double().sum(0)
+    mean /= n
     mean32 = mean.float()
     if n < d:
         # Fewer points than dims: eigen-decompose the (N, N) Gram matrix instead of the
@@ -150,7 +154,7 @@ def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5) -> tuple[torch
 def pca_apply(x: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor, l2: bool = True) -> torch.Tensor:
     """(N, D) -> (N, dim): project with a fitted PCA, then L2-normalise rows."""
     out = torch.empty(x.shape[0], proj.shape[1], dtype=torch.float32, device=x.device)
-    step = _row_chunk(x.shape[1])
+    step = _row_chunk(x.shape[1], PCA_BLOCK)
     for s in range(0, x.shape[0], step):
         y = (x[s:s + step] - mean) @ proj
         if l2:
@@ -166,7 +170,7 @@ def _check_features(x, what: str = "features") -> None:
         raise ClusteringError(f"{what}: need at least 2 rows to cluster, got {x.shape[0]}")
     # Checked by row blocks: a whole-matrix isfinite() would allocate an (N, D) bool array
     # (5 GB for ImageNet's 1.28M x 4096 features) just to answer yes or no.
-    step = _row_chunk(x.shape[1])
+    step = _row_chunk(x.shape[1], PCA_BLOCK)
     is_t = isinstance(x, torch.Tensor)
     for s in range(0, x.shape[0], step):
         blk = x[s:s + step]

@@ -1,0 +1,100 @@
+"""Each benchmark runs with its smallest sizes and writes a JSON with sane values.
+
+Speed is never asserted: only that the numbers exist, are positive and finite, and that the
+quality columns (objectives) of the methods agree.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def test_bench_clustering_smallest(tmp_path):
+    out = tmp_path / "clustering.json"
+    load("bench_clustering").main(["--N", "600", "--D", "48", "--k", "8", "--pca", "16", "--no_warmup",
+                                   "--device", "cpu", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "clustering" and res["shape"] == [600, 48]
+    for key in ("env", "rows", "targets", "table", "config"):
+        assert key in res
+    methods = {r["method"]: r for r in res["rows"]}
+    assert set(methods) == {"original", "sklearn", "torch", "auto"}
+    for r in res["rows"]:
+        for key in ("time_s", "throughput_rows_s", "rss_peak_mb", "objective", "obj_ref"):
+            assert positive(r[key]), (r["method"], key, r[key])
+        assert r["gpu_peak_mb"] is None  # CPU run
+        assert 1 <= r["nonempty"] <= 8
+        assert positive(r["speedup_vs_original"]) and positive(r["speedup_vs_sklearn"])
+    assert methods["original"]["speedup_vs_original"] == pytest.approx(1.0)
+    # quality: every method's objective within 5% of the original's on easy blobs
+    for r in res["rows"]:
+        assert abs(r["obj_vs_original_pct"]) < 5.0, r
+    assert any("no slower than the original" in t for t in res["targets"])
+
+
+def test_bench_throughput_smallest(tmp_path):
+    out = tmp_path / "throughput.json"
+    load("bench_throughput").main(["--size", "64", "--batch", "2", "--batches", "1", "--warmup", "0",
+                                   "--workers", "0", "--k", "10", "--bf16", "--channels_last",
+                                   "--cache", str(tmp_path / "cache"), "--jpeg_size", "80x60",
+                                   "--device", "cpu", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "throughput"
+    for key in ("env", "rows", "bounds", "targets", "table", "model"):
+        assert key in res
+    rows = res["rows"]
+    modes = {(r["mode"], r["stage"], r["variant"]) for r in rows}
+    for mode in ("memory", "jpeg"):
+        for stage in ("extract", "train"):
+            assert (mode, stage, "original") in modes
+            assert any(m == mode and s == stage and v.startswith("ours(") for m, s, v in modes)
+    assert ("jpeg", "extract:loader", "original") in modes and ("jpeg", "train:loader", "gpu_decode") in modes
+    for r in rows:
+        assert r.get("error") is None, r
+        assert r["images"] == 2 and positive(r["img_s"]) and positive(r["ratio_vs_original"])
+        assert positive(r["rss_peak_mb"])
+    assert any("bounded by" in b for b in res["bounds"])
+    assert len(list((tmp_path / "cache").glob("jpeg_80x60_2/*.jpg"))) == 2
+
+
+def test_bench_memory_smallest(tmp_path):
+    out = tmp_path / "memory.json"
+    load("bench_memory").main(["--N", "600", "--D", "48", "--k", "5", "--pca", "16",
+                               "--configs", "original,cpu_fp32,cpu_fp16,gpu_fp32", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "memory" and res["original_matrix_bytes"] == 600 * 4096 * 4
+    rows = {r["config"]: r for r in res["rows"]}
+    assert {"original", "cpu_fp32", "cpu_fp16"} <= set(rows)
+    for r in rows.values():
+        for key in ("peak_rss_mb", "rss_import_mb", "time_cluster_s", "loss", "features_mb"):
+            assert positive(r[key]), (r["config"], key, r[key])
+        assert r["peak_rss_mb"] >= r["rss_import_mb"] * 0.99
+    assert rows["cpu_fp16"]["features_mb"] == pytest.approx(rows["cpu_fp32"]["features_mb"] / 2)
+    assert rows["original"]["peak_rss_vs_original"] == pytest.approx(1.0)
+    # same data, same k: the losses agree (faiss's and ours, fp16 storage too)
+    lo = rows["original"]["loss"]
+    for r in rows.values():
+        assert abs(r["loss"] / lo - 1) < 0.05, r
+    import torch
+    if not torch.cuda.is_available():
+        assert "gpu_fp32" in res["skipped"]

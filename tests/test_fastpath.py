@@ -1,0 +1,253 @@
+"""fastpath helpers, and equivalence of every numerics-changing speed-up with the float32 path.
+
+Stated tolerances (checked below):
+* channels-last: fc7 features within 1e-4 relative (L2) of contiguous NCHW; same training loss
+  within 1e-4 relative.
+* bf16 autocast: fc7 features within 5% relative (L2); training loss within 2% relative;
+  preprocessed bf16 features assigned to the float32 run's final centroids: >= 90% same
+  labels, k-means objective within 2%.
+* fp16 feature storage: pairwise distances of the preprocessed (PCA-whitened, L2) rows
+  within 2e-2 (max abs);
+  k-means on it: NMI >= 0.9 with the float32 run and loss within 1%.
+* device JPEG loader (on CPU here): eval images within 0.1 (max abs, normalised units; mean
+  < 2e-3) of the PIL pipeline (data.eval_transform).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score as nmi_score
+
+import clustering
+import data
+import fastpath
+import models
+
+
+def nmi(a, b) -> float:
+    return float(nmi_score(a, b, average_method="geometric"))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(scope="module")
+def class_images():
+    """120 images of 64 px from 6 base patterns (structure a random-init net still separates)."""
+    g = torch.Generator().manual_seed(0)
+    bases = torch.randn(6, 3, 8, 8, generator=g) * 1.5
+    bases = torch.nn.functional.interpolate(bases, size=64, mode="bilinear", align_corners=False)
+    y = torch.arange(120) % 6
+    x = bases[y] + 0.3 * torch.randn(120, 3, 64, 64, generator=g)
+    return x, y
+
+
+def net(seed: int = 0):
+    torch.manual_seed(seed)
+    return models.alexnet(sobel=True, bn=True, out=6, input_size=64)
+
+
+def train_loss(model, x, y, steps: int = 2) -> list[float]:
+    opt = torch.optim.SGD(model.body_parameters(), lr=0.01, momentum=0.9)
+    crit = torch.nn.CrossEntropyLoss()
+    model.train()
+    torch.manual_seed(1)  # dropout masks
+    out = []
+    for _ in range(steps):
+        loss = crit(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(float(loss.detach()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+def test_channels_last_equivalent(class_images):
+    x, y = class_images
+    m0, m1 = net().eval(), fastpath.to_channels_last(net()).eval()
+    xc = fastpath.to_channels_last(x[:16])
+    assert xc.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert rel(m1.forward_features(xc), m0.forward_features(x[:16])) < 1e-4
+    l0 = train_loss(net(), x[:16], y[:16])
+    l1 = train_loss(fastpath.to_channels_last(net()), fastpath.to_channels_last(x[:16]), y[:16])
+    assert l1 == pytest.approx(l0, rel=1e-4)
+    # non-4d tensors pass through unchanged
+    v = torch.zeros(3)
+    assert fastpath.to_channels_last(v) is v
+
+
+def test_bf16_autocast_equivalent(class_images):
+    x, y = class_images
+    m = net().eval()
+    with torch.no_grad():
+        f32 = m.forward_features(x)
+        with fastpath.autocast("cpu", True):
+            f16 = m.forward_features(x)
+    assert f16.dtype == torch.bfloat16
+    assert rel(f16, f32) < 0.05
+    # clustering: the bf16 features, preprocessed, fall on the float32 run's centroids
+    # (k-means itself may land in another local optimum from a perturbed start, so the
+    # comparison is made at fixed centroids)
+    xb32 = clustering.preprocess_features(f32, 16, backend="torch")
+    xb16 = clustering.preprocess_features(f16.float(), 16, backend="torch")
+    res = clustering.kmeans_torch(xb32, 6, niter=20, seed=3)
+    lab16, d16 = clustering.nearest_centroid(xb16, res["centroids"])
+    _, d32 = clustering.nearest_centroid(xb32, res["centroids"])
+    assert float((lab16 == res["labels"]).float().mean()) >= 0.9
+    assert float(d16.sum()) == pytest.approx(float(d32.sum()), rel=0.02)
+    l32 = train_loss(net(), x[:32], y[:32])
+    mb = net()
+    opt = torch.optim.SGD(mb.body_parameters(), lr=0.01, momentum=0.9)
+    mb.train()
+    torch.manual_seed(1)
+    lb = []
+    for _ in range(2):
+        with fastpath.autocast("cpu", True):
+            loss = torch.nn.functional.cross_entropy(mb(x[:32]), y[:32])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        lb.append(float(loss.detach()))
+    assert lb == pytest.approx(l32, rel=0.02)
+    assert isinstance(fastpath.autocast("cpu", False), type(fastpath.autocast("cuda", False)))
+
+
+def _blobs(n=3000, d=256, k=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(k, 32, generator=g) * 2
+    z = torch.randint(0, k, (n,), generator=g)
+    x = (c[z] + 0.5 * torch.randn(n, 32, generator=g)) @ torch.randn(32, d, generator=g)
+    return x + 0.3 * torch.randn(n, d, generator=g)
+
+
+def test_fp16_feature_storage_equivalent():
+    x = _blobs()
+    store = fastpath.FeatureStore(x.shape[0], x.shape[1], dtype="float16")
+    perm = torch.randperm(x.shape[0])
+    for s in range(0, x.shape[0], 512):  # written by index, out of order
+        store.write(perm[s:s + 512], x[perm[s:s + 512]])
+    assert store.tensor.dtype == torch.float16 and store.nbytes == x.numel() * 2
+    assert store.filled == x.shape[0]
+    xb32 = clustering.preprocess_features(x, 64, backend="torch")
+    xb16 = clustering.preprocess_features(store.tensor, 64, backend="torch")
+    assert xb16.dtype == torch.float32
+    # Compared through pairwise distances: beyond the signal the whitened spectrum is flat,
+    # where the eigenvectors are any rotation of each other (distances are invariant).
+    d32, d16 = torch.cdist(xb32[:400], xb32[:400]), torch.cdist(xb16[:400], xb16[:400])
+    assert float((d16 - d32).abs().max()) < 2e-2
+    k32 = clustering.Kmeans(20, backend="torch", pca=64, seed=5)
+    k16 = clustering.Kmeans(20, backend="torch", pca=64, seed=5)
+    l32, l16 = k32.cluster(x), k16.cluster(store.tensor)
+    assert nmi(k32.labels, k16.labels) >= 0.9
+    assert l16 == pytest.approx(l32, rel=0.01)
+    # bfloat16 storage is accepted too
+    kb = clustering.Kmeans(20, backend="torch", pca=64, seed=5)
+    assert kb.cluster(x.bfloat16()) == pytest.approx(l32, rel=0.03)
+
+
+def test_float32_preprocessing_unchanged():
+    """The float32 path is the plain PCA fit/apply (no block upcast, no dtype change)."""
+    x = _blobs(800, 64, 5)
+    mean, proj = clustering.pca_fit(x, 16)
+    ref = clustering.pca_apply(x, mean, proj)
+    out = clustering.preprocess_features(x, 16, backend="torch")
+    assert torch.equal(out, ref)
+    out_np = clustering.preprocess_features(x.numpy(), 16, backend="torch", device="cpu")
+    assert np.array_equal(out_np, ref.numpy())
+
+
+def test_finite_check_by_blocks(monkeypatch):
+    monkeypatch.setattr(clustering, "_row_chunk", lambda n_cols, budget=1 << 26: 256)
+    x = np.random.RandomState(0).randn(1000, 32).astype(np.float32)
+    x[900, 3] = np.nan  # in the 4th block
+    with pytest.raises(clustering.ClusteringError, match="NaN"):
+        clustering.preprocess_features(x, 8)
+    with pytest.raises(clustering.ClusteringError, match="NaN"):
+        clustering.preprocess_features(torch.from_numpy(x).half(), 8, backend="torch")
+
+
+def test_feature_store_numpy_and_dtypes():
+    s = fastpath.FeatureStore(4, 3, dtype=torch.float32)
+    s.write([3, 0], torch.tensor([[1.0, 2, 3], [4, 5, 6]]))
+    a = s.numpy()
+    assert a.dtype == np.float32 and a[3].tolist() == [1, 2, 3] and a[0].tolist() == [4, 5, 6]
+    with pytest.raises(ValueError, match="unknown feature dtype"):
+        fastpath.FeatureStore(2, 2, dtype="int8")
+
+
+def test_maybe_compile_off_is_identity_and_snapshot():
+    m = torch.nn.Linear(2, 2)
+    assert fastpath.maybe_compile(m, False) is m
+    snap = fastpath.memory_snapshot("cpu")
+    assert snap["rss_mb"] > 0 and snap["peak_rss_mb"] >= snap["rss_mb"] * 0.5
+    assert snap["gpu_peak_mb"] is None or snap["gpu_peak_mb"] >= 0
+
+
+# ---------------------------------------------------------------------------------------
+def _jpeg_folder(root, n=6):
+    from PIL import Image
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    paths = []
+    for i in range(n):
+        small = (rng.rand(15, 20, 3) * 255).astype(np.uint8)
+        img = Image.fromarray(small).resize((100 + 10 * i, 75), Image.BICUBIC)
+        p = root / f"{i}.jpg"
+        img.save(p, quality=92)
+        paths.append(str(p))
+    Image.fromarray((rng.rand(70, 90, 3) * 255).astype(np.uint8)).save(root / "x.png")
+    return paths + [str(root / "x.png")]
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_decode_loader_matches_pil(tmp_path, on_device):
+    paths = _jpeg_folder(tmp_path / "img")
+    ld = fastpath.gpu_decode_loader(paths, 3, "cpu", size=64, workers=0, decode_on_device=on_device,
+                                    labels=list(range(10, 10 + len(paths))))
+    tf = data.eval_transform(64)
+    seen = []
+    assert len(ld) == 3
+    for imgs, labels, idx in ld:
+        ref = torch.stack([tf(data.load_rgb(paths[i])) for i in idx])
+        assert imgs.shape == ref.shape and imgs.dtype == torch.float32
+        d = (imgs - ref).abs()
+        assert float(d.max()) < 0.1 and float(d.mean()) < 2e-3
+        assert labels.tolist() == [10 + int(i) for i in idx]
+        seen += idx.tolist()
+    assert seen == list(range(len(paths)))
+
+
+def test_decode_loader_train_mode(tmp_path):
+    paths = _jpeg_folder(tmp_path / "img")
+    torch.manual_seed(0)
+    ld = fastpath.gpu_decode_loader(paths, 4, "cpu", train=True, size=64, workers=1, sampler=[6, 5, 4, 3, 2, 1, 0],
+                                    channels_last=True)
+    batches = list(ld)
+    assert [b[2].tolist() for b in batches] == [[6, 5, 4, 3], [2, 1, 0]]
+    for imgs, labels, _ in batches:
+        assert imgs.shape[1:] == (3, 64, 64) and imgs.is_contiguous(memory_format=torch.channels_last)
+        assert torch.isfinite(imgs).all() and labels.eq(0).all()
+        assert -2.2 < float(imgs.min()) and float(imgs.max()) < 2.7  # ImageNet-normalised range
+
+
+def test_cluster_pca_row_blocks_equivalent(monkeypatch):
+    """Block-wise float64 mean/covariance (memory fix) gives the one-shot result."""
+    x = _blobs(3000, 64, 8, seed=2)
+    mean, proj = clustering.pca_fit(x, 16)
+    assert torch.allclose(mean.double(), x.double().mean(0).float().double(), atol=1e-6)
+    ref = clustering.preprocess_features(x, 16, backend="torch")
+    monkeypatch.setattr(clustering, "PCA_BLOCK", 300 * 64)  # 10 blocks instead of one
+    m2, p2 = clustering.pca_fit(x, 16)
+    assert float((m2 - mean).abs().max()) < 1e-6 and float((p2 - proj).abs().max()) < 1e-4 * float(proj.abs().max())
+    out = clustering.preprocess_features(x, 16, backend="torch")
+    assert float((out - ref).abs().max()) < 1e-5
+    k1 = clustering.Kmeans(8, backend="torch", pca=16, seed=1)
+    k1.cluster(x)
+    monkeypatch.setattr(clustering, "PCA_BLOCK", 1 << 25)
+    k2 = clustering.Kmeans(8, backend="torch", pca=16, seed=1)
+    k2.cluster(x)
+    assert (k1.labels == k2.labels).mean() > 0.99
