@@ -333,7 +333,11 @@ def model_from_state_dict(sd: dict, arch: str | None = None, config: dict | None
     cfg.setdefault("input_size", inferred["input_size"])
     model = models.build_model(cfg["arch"], sobel=cfg["sobel"], bn=cfg["bn"], out=cfg["k"],
                                input_size=cfg["input_size"])
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even with strict=False
+        raise CheckpointError(f"state dict does not fit {cfg['arch']} (sobel={cfg['sobel']}): "
+                              f"{str(e).splitlines()[-1].strip()}") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise CheckpointError(f"state dict does not fit {cfg['arch']} (sobel={cfg['sobel']}): "

@@ -144,8 +144,12 @@ def flat_dim(features: nn.Sequential, in_channels: int, input_size: int) -> int:
             if isinstance(m, nn.Conv2d):
                 c = m.out_channels
         elif not isinstance(m, (nn.BatchNorm2d, nn.ReLU, nn.Dropout)):
+            # eval mode: a train-mode pass would move the BN running statistics off 0/1
+            was_training = features.training
+            features.eval()
             with torch.no_grad():
                 out = features(torch.zeros(1, in_channels, input_size, input_size))
+            features.train(was_training)
             return int(out.numel())
         if h < 1 or w < 1:
             raise ValueError(f"input size {input_size} is too small for this network")

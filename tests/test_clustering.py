@@ -1,0 +1,375 @@
+"""Clustering step (SPEC 1.2-1.4, 4): PCA-whitening, k-means backends, splits, PIC, relabelling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+import clustering
+from clustering import ClusteringError
+
+needs_faiss = pytest.mark.skipif(clustering.faiss is None, reason="faiss not installed")
+
+
+def spread_data(n: int, d: int, seed: int = 0, offset: float = 3.0) -> np.ndarray:
+    """Gaussian data with well-separated variances per axis, rotated, not centred."""
+    rng = np.random.RandomState(seed)
+    x = rng.randn(n, d) * np.linspace(3.0, 0.1, d)
+    q, _ = np.linalg.qr(rng.randn(d, d))
+    return (x @ q + offset).astype(np.float32)
+
+
+def blobs(k: int, per: int, d: int, seed: int = 0, sep: float = 3.0, noise: float = 0.05):
+    rng = np.random.RandomState(seed)
+    centers = rng.randn(k, d) * sep
+    y = np.repeat(np.arange(k), per)
+    x = centers[y] + noise * rng.randn(k * per, d)
+    perm = rng.permutation(len(y))
+    return x[perm].astype(np.float32), y[perm]
+
+
+def sse(x: np.ndarray, centroids: np.ndarray) -> float:
+    """Sum over points of the squared distance to the nearest centroid (float64)."""
+    x, c = x.astype(np.float64), centroids.astype(np.float64)
+    d = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None, :]
+    return float(np.maximum(d.min(1), 0).sum())
+
+
+# ---------------------------------------------------------------------------------------
+# PCA-whitening + L2
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,d,dim", [(800, 48, 24), (120, 300, 32)])
+def test_pca_whitening_gives_identity_covariance(n, d, dim):
+    x = spread_data(n, d)
+    mean, proj = clustering.pca_fit(torch.from_numpy(x), dim)
+    y = clustering.pca_apply(torch.from_numpy(x), mean, proj, l2=False).double()
+    assert y.shape == (n, dim)
+    assert y.mean(0).abs().max() < 1e-3
+    cov = y.T @ y / n
+    assert torch.allclose(cov, torch.eye(dim, dtype=torch.float64), atol=2e-3)
+    # the axes are the top principal axes: their total variance (before whitening) is the
+    # top-dim eigenvalue sum of the covariance
+    xc = x.astype(np.float64) - x.mean(0)
+    evals = np.linalg.eigvalsh(xc.T @ xc / n)[::-1]
+    p = proj.double().numpy()
+    raw_var = ((xc @ (p / np.linalg.norm(p, axis=0))) ** 2).mean(0)
+    assert np.allclose(raw_var, evals[:dim], rtol=1e-3)
+    # preprocess = the same projection, L2-normalised
+    z = clustering.preprocess_features(x, dim, backend="torch")
+    assert isinstance(z, np.ndarray) and z.dtype == np.float32 and z.shape == (n, dim)
+    assert np.allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    y = y.numpy()
+    assert np.allclose(z, y / np.linalg.norm(y, axis=1, keepdims=True), atol=1e-4)
+
+
+def test_preprocess_keeps_tensors_as_tensors():
+    x = torch.from_numpy(spread_data(300, 32))
+    z = clustering.preprocess_features(x, 16)
+    assert isinstance(z, torch.Tensor) and z.shape == (300, 16) and z.dtype == torch.float32
+    assert torch.allclose(z.norm(dim=1), torch.ones(300), atol=1e-5)
+
+
+@needs_faiss
+@pytest.mark.parametrize("n,d,dim", [(800, 48, 24), (120, 300, 32)])
+def test_preprocess_matches_faiss_pcamatrix(n, d, dim):
+    x = spread_data(n, d, seed=1)
+    a = clustering.preprocess_features(x, dim, backend="faiss")
+    b = clustering.preprocess_features(x, dim, backend="torch")
+    assert a.shape == b.shape == (n, dim)
+    # the same up to a sign per output column
+    signs = np.sign((a * b).sum(0))
+    assert np.all(signs != 0)
+    assert np.abs(a * signs - b).max() < 1e-3
+
+
+def test_preprocess_rank_deficient_features_do_not_collapse():
+    """N <= dim or dead units: the null directions must not be blown up by the whitening."""
+    rng = np.random.RandomState(0)
+    # 200 points of rank 40 in 64 dims (24 dims are combinations of the others)
+    base = rng.randn(200, 40) * np.linspace(2, 0.5, 40)
+    x = np.concatenate([base, base[:, :24] @ rng.randn(24, 24)], 1).astype(np.float32)
+    mean, proj = clustering.pca_fit(torch.from_numpy(x), 64)
+    y = clustering.pca_apply(torch.from_numpy(x), mean, proj, l2=False).double()
+    assert torch.isfinite(y).all()
+    var = (y * y).mean(0)
+    live = var > 0.5
+    assert int(live.sum()) == 40
+    assert torch.allclose(var[live], torch.ones(40, dtype=torch.float64), atol=1e-3)
+    assert var[~live].max() < 1e-6
+    z = clustering.preprocess_features(x, 64)
+    # no single axis dominates every row (the collapse the blow-up produced)
+    assert np.abs(z).max(0).max() < 0.99
+    assert np.allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    # fewer points than output dims (a small image folder): finite, unit rows, N - 1 live axes
+    x = spread_data(24, 512)
+    for backend in ("torch", "faiss") if clustering.faiss is not None else ("torch",):
+        z = clustering.preprocess_features(x, 64, backend=backend)
+        assert z.shape == (24, 64) and np.isfinite(z).all()
+        assert np.allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+        assert int((np.abs(z).max(0) > 1e-3).sum()) == 23
+        assert np.abs(z).max() < 0.99
+
+
+def test_preprocess_rejects_bad_input():
+    with pytest.raises(ClusteringError):
+        clustering.preprocess_features(np.zeros((1, 8), np.float32))
+    bad = spread_data(50, 8)
+    bad[3, 2] = np.nan
+    with pytest.raises(ClusteringError):
+        clustering.preprocess_features(bad, 4)
+
+
+# ---------------------------------------------------------------------------------------
+# k-means
+# ---------------------------------------------------------------------------------------
+def _run(backend: str, x: np.ndarray, k: int, seed: int, niter: int = 20) -> dict:
+    if backend == "torch":
+        res = clustering.kmeans_torch(torch.from_numpy(x), k, niter=niter, seed=seed)
+    else:
+        res = clustering.kmeans_faiss(x, k, niter=niter, seed=seed)
+    return {"labels": res["labels"].numpy(), "obj": list(res["obj"]),
+            "centroids": res["centroids"].numpy(), "nsplit": res["nsplit"]}
+
+
+BACKENDS = ["torch", pytest.param("faiss", marks=needs_faiss)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kmeans_recovers_separated_clusters(backend):
+    # k = 2: Lloyd's iterations recover two separated blobs from any initialisation
+    x, y = blobs(2, 150, 16, seed=3)
+    for seed in (0, 1, 2):
+        res = _run(backend, x, 2, seed)
+        assert adjusted_rand_score(y, res["labels"]) > 0.999
+    # k = 3: random initialisation can put two seeds in one blob; the best of a few
+    # restarts (lowest objective) recovers the blobs exactly
+    x, y = blobs(3, 100, 16, seed=4)
+    runs = [_run(backend, x, 3, seed) for seed in range(8)]
+    best = min(runs, key=lambda r: r["obj"][-1])
+    assert normalized_mutual_info_score(y, best["labels"]) > 0.999
+    assert adjusted_rand_score(y, best["labels"]) > 0.999
+    # labels are the nearest final centroid
+    c = best["centroids"]
+    d = ((x[:, None, :] - c[None]) ** 2).sum(-1)
+    assert np.array_equal(d.argmin(1), best["labels"])
+
+
+@needs_faiss
+def test_backends_reach_the_same_objective():
+    rng = np.random.RandomState(5)
+    x = rng.randn(1000, 16).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    objs = {b: np.mean([_run(b, x, 20, s)["obj"][-1] for s in range(3)]) for b in ("torch", "faiss")}
+    assert abs(objs["torch"] - objs["faiss"]) / objs["faiss"] < 0.03, objs
+    # on separated blobs both find the global optimum
+    xb, _ = blobs(3, 100, 16, seed=4)
+    best = {b: min(_run(b, xb, 3, s)["obj"][-1] for s in range(8)) for b in ("torch", "faiss")}
+    assert best["torch"] == pytest.approx(best["faiss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_objective_is_the_sum_of_squared_distances(backend):
+    """obj[i] is the SSE of the assignment step of iteration i (centroids of iteration i-1)."""
+    rng = np.random.RandomState(6)
+    x = rng.randn(600, 8).astype(np.float32)
+    short = _run(backend, x, 10, seed=7, niter=5)
+    longer = _run(backend, x, 10, seed=7, niter=6)
+    assert len(short["obj"]) == 5 and len(longer["obj"]) == 6
+    assert np.allclose(longer["obj"][:5], short["obj"], rtol=1e-5)
+    assert longer["obj"][5] == pytest.approx(sse(x, short["centroids"]), rel=1e-4)
+    # Lloyd's iterations never increase the objective (no empty clusters here)
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(longer["obj"], longer["obj"][1:]))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=needs_faiss)])
+def test_kmeans_class_loss_lists_and_labels(backend):
+    x, y = blobs(3, 60, 40, seed=8, sep=4.0)
+    km = clustering.Kmeans(3, backend=backend, pca=8, seed=11)
+    loss = km.cluster(x)
+    assert loss == km.obj[-1] and 1 <= len(km.obj) <= 20  # (faiss stops once converged)
+    lists = km.images_lists
+    assert len(lists) == 3
+    assert sorted(i for lst in lists for i in lst) == list(range(len(x)))
+    assert all(lst == sorted(lst) for lst in lists)
+    assert np.array_equal(clustering.arrange_clustering(lists), km.labels)
+    # the loss is measured in the preprocessed space
+    xb = clustering.preprocess_features(x, 8)
+    assert loss > 0 and loss < len(x) * 4  # unit rows: every squared distance <= 4
+
+
+def test_kmeans_draws_its_seed_from_numpy():
+    x, _ = blobs(3, 30, 8, seed=9)
+    np.random.seed(0)
+    a = clustering.Kmeans(5, backend="torch", pca=4).cluster(x)
+    np.random.seed(0)
+    b = clustering.Kmeans(5, backend="torch", pca=4).cluster(x)
+    assert a == b
+
+
+def test_k_larger_than_n_raises():
+    x = spread_data(5, 8)
+    with pytest.raises(ClusteringError):
+        clustering.Kmeans(10, backend="torch").cluster(x)
+    with pytest.raises(ClusteringError):
+        clustering.kmeans_torch(torch.from_numpy(x), 6)
+    if clustering.faiss is not None:
+        with pytest.raises(ClusteringError):
+            clustering.Kmeans(10, backend="faiss").cluster(x)
+    with pytest.raises(ValueError):
+        clustering.Kmeans(0)
+
+
+# ---------------------------------------------------------------------------------------
+# empty clusters
+# ---------------------------------------------------------------------------------------
+def test_split_empty_clusters_symmetric_perturbation():
+    rng = np.random.RandomState(0)
+    c = torch.tensor([[9.0, 9.0, 9.0, 9.0, 9.0],
+                      [1.0, 2.0, 3.0, 4.0, 5.0],
+                      [7.0, 7.0, 7.0, 7.0, 7.0]])
+    old = c.clone()
+    # only cluster 1 holds more than one point: it is the one split
+    n = clustering.split_empty_clusters(c, torch.tensor([0, 10, 1]), 11, rng)
+    assert n == 1
+    eps = 1.0 / 1024
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])
+    assert torch.allclose(c[0], old[1] * (1 + eps * sign))
+    assert torch.allclose(c[1], old[1] * (1 - eps * sign))
+    assert torch.allclose((c[0] + c[1]) / 2, old[1])
+    assert torch.equal(c[2], old[2])
+    assert not torch.equal(c[0], c[1])
+
+
+def test_split_empty_clusters_counts():
+    rng = np.random.RandomState(0)
+    c = torch.randn(4, 6)
+    assert clustering.split_empty_clusters(c.clone(), torch.tensor([3, 2, 4, 1]), 10, rng) == 0
+    c2 = c.clone()
+    assert clustering.split_empty_clusters(c2, torch.tensor([0, 0, 20, 0]), 20, rng) == 3
+    # every centroid is now a perturbed copy of centroid 2, all distinct
+    assert len({tuple(r.tolist()) for r in c2}) == 4
+    assert torch.allclose(c2, c[2].expand(4, 6), rtol=4 / 1024)
+    # nothing can be split when every cluster holds <= 1 point: no split is counted
+    c3 = c.clone()
+    assert clustering.split_empty_clusters(c3, torch.tensor([0, 1, 1, 1]), 3, rng) == 0
+    assert torch.equal(c3, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kmeans_reseeds_empty_clusters(backend):
+    # two distinct points, 30 copies each, k = 4: at least two initial centroids coincide,
+    # so an empty cluster is guaranteed at the first iteration
+    rng = np.random.RandomState(1)
+    pts = rng.randn(2, 8).astype(np.float32)
+    x = np.repeat(pts, 30, axis=0)
+    res = _run(backend, x, 4, seed=3, niter=10)
+    assert res["nsplit"] >= 1
+    assert set(np.unique(res["labels"])) <= set(range(4))
+    # every point sits on (a 1/1024-perturbed copy of) its centroid
+    assert res["obj"][-1] < 1e-4 * float((x.astype(np.float64) ** 2).sum())
+    # and on real data with many clusters the result has no empty cluster left to split
+    xb, _ = blobs(5, 40, 8, seed=2, noise=0.5)
+    res = _run(backend, xb, 30, seed=1)
+    assert len(np.unique(res["labels"])) >= 28
+
+
+# ---------------------------------------------------------------------------------------
+# pseudo-labelled datasets
+# ---------------------------------------------------------------------------------------
+class ToyDataset:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, idx):
+        return f"img{idx}", -1
+
+
+LISTS = [[2, 5], [], [0, 1, 4], [3], []]
+
+
+def test_arrange_clustering_inverts_images_lists():
+    labels = clustering.arrange_clustering(LISTS)
+    assert labels.tolist() == [2, 2, 0, 3, 2, 0]
+    for c, lst in enumerate(LISTS):
+        assert all(labels[i] == c for i in lst)
+    rng = np.random.RandomState(0)
+    lab = rng.randint(0, 7, size=50)
+    lists = clustering.labels_to_lists(lab, 9)
+    assert len(lists) == 9 and lists[7] == [] and lists[8] == []
+    assert np.array_equal(clustering.arrange_clustering(lists), lab)
+
+
+def test_cluster_assign_index_order():
+    ds = clustering.cluster_assign(LISTS, ToyDataset(6), transform=lambda s: s.upper())
+    assert len(ds) == 6
+    # compacted labels: cluster 0 -> 0, 2 -> 1, 3 -> 2 (empty clusters 1 and 4 dropped)
+    want = {0: 1, 1: 1, 2: 0, 3: 2, 4: 1, 5: 0}
+    for idx in range(6):
+        img, label, i = ds[idx]
+        assert (img, label, i) == (f"IMG{idx}", want[idx], idx)
+
+
+def test_cluster_assign_cluster_order():
+    ds = clustering.cluster_assign(LISTS, ToyDataset(6), order="cluster")
+    assert len(ds) == 6
+    served = [ds[p] for p in range(6)]
+    assert [s[2] for s in served] == [2, 5, 0, 1, 4, 3]
+    assert [s[1] for s in served] == [0, 0, 1, 1, 1, 2]
+    assert all(s[0] == f"img{s[2]}" for s in served)
+    with pytest.raises(ValueError):
+        clustering.cluster_assign(LISTS, ToyDataset(6), order="random")
+
+
+# ---------------------------------------------------------------------------------------
+# PIC
+# ---------------------------------------------------------------------------------------
+def test_make_graph_self_first():
+    x = np.repeat(np.random.RandomState(0).randn(10, 4), 2, axis=0).astype(np.float32)
+    I, D = clustering.make_graph(x, 3)
+    assert I.shape == (20, 4) and D.shape == (20, 4)
+    assert np.array_equal(I[:, 0], np.arange(20))  # self first, even with duplicates
+    assert np.all(D[:, 0] == 0) and np.all(np.diff(D, axis=1) >= -1e-6)
+    # the duplicate is the nearest other point
+    assert np.array_equal(I[:, 1], np.arange(20) ^ 1)
+
+
+def test_run_pic_clusters_are_pure():
+    x, y = blobs(4, 30, 2, seed=1, sep=10.0, noise=0.3)
+    I, D = clustering.make_graph(x, 5)
+    labels = clustering.run_pic(I, D, sigma=1.0, alpha=0.001)
+    assert labels.shape == (120,) and labels.min() == 0
+    assert set(np.unique(labels)) == set(range(labels.max() + 1))
+    for c in np.unique(labels):
+        assert len(set(y[labels == c])) == 1
+    assert 4 <= labels.max() + 1 <= 30
+
+
+def test_pic_class_assigns_every_point():
+    x, y = blobs(4, 30, 16, seed=2, sep=5.0, noise=0.05)
+    pic = clustering.PIC(pca=3)  # 4 blobs span 3 dims
+    assert pic.cluster(x) == 0.0
+    lists = pic.images_lists
+    assert sorted(i for lst in lists for i in lst) == list(range(120))
+    assert all(len(lst) > 1 for lst in lists)  # singletons distributed
+    labels = clustering.arrange_clustering(lists)
+    for c in range(len(lists)):
+        assert len(set(y[labels == c])) == 1
+    assert len(lists) >= 4
+
+
+def test_distribute_singletons():
+    labels = np.array([0, 0, 1, 1, 1, 2, 3, 4])
+    I = np.array([[0, 1, 2], [1, 0, 2], [2, 3, 4], [3, 2, 4], [4, 3, 2],
+                  [5, 6, 0],   # singleton; nearest neighbour 6 is a singleton too, then 0
+                  [6, 3, 5],   # singleton whose nearest neighbour is in cluster 1
+                  [7, 7, 7]])  # singleton with no other neighbour: stays alone
+    out = clustering.distribute_singletons(labels, I)
+    assert out[5] == 0 and out[6] == 1 and out[7] == 4
+    assert np.array_equal(out[:5], labels[:5])
+    assert labels.tolist() == [0, 0, 1, 1, 1, 2, 3, 4]  # input untouched
+    sizes = np.bincount(out)
+    assert sizes[out[:7]].min() > 1
