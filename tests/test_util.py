@@ -79,9 +79,13 @@ def test_sampler_balanced_with_many_clusters():
         counts = served_counts(list(s), lists)
         assert counts.sum() == 1050
         assert set(counts.tolist()) <= {10, 11}, np.bincount(counts)
-    # with replacement: tiny clusters repeat their images
-    small = [c for c, lst in enumerate(lists) if len(lst) < 10]
-    assert small
+    # clusters smaller than their share are drawn with replacement: their images repeat
+    idx = list(s)
+    for c, lst in enumerate(lists):
+        drawn = [i for i in idx if lst[0] <= i <= lst[-1]]
+        assert set(drawn) <= set(lst)
+        if len(lst) < counts[c]:
+            assert len(set(drawn)) <= len(lst) < len(drawn)
 
 
 def test_sampler_uses_the_global_numpy_rng_by_default():
