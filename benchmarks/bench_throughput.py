@@ -55,6 +55,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile")
     p.add_argument("--gpu_decode", action=argparse.BooleanOptionalAction, default=True,
                    help="jpeg mode, ours: fastpath.gpu_decode_loader (nvjpeg + GPU augmentation on CUDA)")
+    p.add_argument("--individual", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time each speed-up alone (else only the original and all combined)")
     p.add_argument("--n_images", type=int, default=None,
                    help="JPEG files to generate/use (default batch * (batches + warmup))")
     p.add_argument("--jpeg_size", default="500x375", help="WxH of the generated JPEGs")
@@ -112,7 +114,7 @@ def variants(args, mode: str) -> list[Variant]:
     if mode == "jpeg":
         flags.append(("gpu_decode", args.gpu_decode))
     on = [f for f, v in flags if v]
-    if len(on) > 1:
+    if len(on) > 1 and args.individual:
         out += [Variant(f, **{f: True}) for f in on]
     if on:
         out.append(Variant("ours(" + "+".join(on) + ")", **{f: True for f in on}))
