@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import clustering
@@ -134,24 +134,19 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 # ---------------------------------------------------------------------------------------
 # set-up
 # ---------------------------------------------------------------------------------------
-def setup_logging(exp: Path, verbose: bool) -> None:
+def setup_logging(exp: Path, verbose: bool, is_main: bool = True) -> None:
+    """Console + exp/train.log on rank 0; other ranks only print warnings."""
     exp.mkdir(parents=True, exist_ok=True)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.setLevel((logging.DEBUG if verbose else logging.INFO) if is_main else logging.WARNING)
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(exp / "train.log")):
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if is_main:
+        handlers.append(logging.FileHandler(exp / "train.log"))
+    for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
     log.propagate = False
-
-
-def select_device(name: str) -> torch.device:
-    """The one place that decides where the run happens."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise util.CheckpointError("--device cuda requested but CUDA is not available")  # noqa: clear exit
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -182,17 +177,36 @@ def make_loader(dataset, args: argparse.Namespace, device: torch.device, sampler
 # ---------------------------------------------------------------------------------------
 # the stages of one epoch
 # ---------------------------------------------------------------------------------------
+def make_feature_loader(dataset: data.IndexedImageFolder, args: argparse.Namespace,
+                        rt: util.Runtime) -> DataLoader:
+    """Fixed-order loader; under torchrun rank r reads images r, r + W, r + 2W, ..."""
+    part = dataset if not rt.distributed else Subset(dataset, range(rt.rank, len(dataset), rt.world_size))
+    return make_loader(part, args, rt.device)
+
+
 @torch.no_grad()
-def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, device: torch.device,
-                     args: argparse.Namespace) -> np.ndarray:
-    """(N, 4096) float32 pre-ReLU fc7 features, row i = image i (written by index)."""
+def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, rt: util.Runtime,
+                     args: argparse.Namespace) -> np.ndarray | None:
+    """(N, 4096) float32 pre-ReLU fc7 features, row i = image i (written by index).
+
+    Under torchrun each rank extracts its share and rank 0 receives the whole matrix;
+    the other ranks return None.
+    """
     model.eval()
-    features = np.zeros((N, models.common.FC_DIM), dtype=np.float32)
-    for imgs, idx in tqdm(loader, desc="features", leave=False, disable=True if args.no_progress else None):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            out = model.forward_features(imgs.to(device, non_blocking=True))
-        features[idx.numpy()] = out.float().cpu().numpy()
-    return features
+    rows, index = [], []
+    for imgs, idx in tqdm(loader, desc="features", leave=False, disable=_no_bar(args, rt)):
+        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            out = model.forward_features(imgs.to(rt.device, non_blocking=True))  # (B, 4096)
+        rows.append(out.float())
+        index.append(idx)
+    local = torch.cat(rows) if rows else torch.zeros(0, models.common.FC_DIM, device=rt.device)
+    local_idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    full = util.gather_rows(local, local_idx, N, rt)
+    return None if full is None else full.cpu().numpy()
+
+
+def _no_bar(args: argparse.Namespace, rt: util.Runtime) -> bool | None:
+    return True if (args.no_progress or not rt.is_main) else None  # None: auto, off when not a TTY
 
 
 def make_clusterer(args: argparse.Namespace, device: torch.device):
@@ -202,19 +216,40 @@ def make_clusterer(args: argparse.Namespace, device: torch.device):
                              pca=args.pca, device=device)
 
 
-def cluster(features: np.ndarray, clusterer, args: argparse.Namespace) -> tuple[float, list[list[int]]]:
-    """PCA-whiten, L2-normalise and cluster; returns (clustering loss, images_lists)."""
-    loss = clusterer.cluster(features, verbose=args.verbose)
-    return float(loss), clusterer.images_lists
+def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
+            rt: util.Runtime) -> tuple[float, list[list[int]]]:
+    """PCA-whiten, L2-normalise and cluster on rank 0; every rank gets the same result.
+
+    Returns (clustering loss, images_lists). The k-means seed is drawn from the seeded
+    numpy RNG on every rank (as the original did per call), so the ranks' RNGs stay in step.
+    """
+    clusterer.seed = int(np.random.randint(1234))
+    if rt.is_main:
+        loss = float(clusterer.cluster(features, verbose=args.verbose))
+        labels, k = clustering.arrange_clustering(clusterer.images_lists), len(clusterer.images_lists)
+        meta = np.array([loss, k], dtype=np.float64)
+    else:
+        labels, meta = None, None
+    if not rt.distributed:
+        return loss, clusterer.images_lists
+    labels = util.broadcast_array(labels, rt)
+    loss, k = util.broadcast_array(meta, rt, dtype=torch.float64)
+    return float(loss), clustering.labels_to_lists(labels, int(k))
 
 
 def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[int]],
-                      args: argparse.Namespace, device: torch.device) -> DataLoader:
-    """Pseudo-labelled loader drawing int(reassign * N) images uniformly over clusters."""
+                      args: argparse.Namespace, rt: util.Runtime) -> DataLoader:
+    """Pseudo-labelled loader drawing int(reassign * N) images uniformly over clusters.
+
+    Under torchrun the draws are sharded (rank r takes draws r, r + W, ...), each drawn by
+    exactly one rank; the epoch is cut to a multiple of W so every rank runs as many steps.
+    """
     order = "index" if args.sampler == "uniform" else "cluster"
-    train_set = clustering.cluster_assign(images_lists, dataset, data.train_transform(args.size, args.crop_min_scale), order=order)
-    sampler = util.UnifLabelSampler(int(args.reassign * len(dataset)), images_lists)
-    return make_loader(train_set, args, device, sampler=sampler)
+    train_set = clustering.cluster_assign(images_lists, dataset,
+                                          data.train_transform(args.size, args.crop_min_scale), order=order)
+    n_draws = int(args.reassign * len(dataset)) // rt.world_size * rt.world_size
+    sampler = util.UnifLabelSampler(n_draws, images_lists, rank=rt.rank, world_size=rt.world_size)
+    return make_loader(train_set, args, rt.device, sampler=sampler)
 
 
 def reset_top_layer(model: models.DeepClusterNet, k: int, args: argparse.Namespace) -> torch.optim.SGD:
@@ -227,10 +262,13 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or inf."""
 
 
-def train_one_epoch(loader: DataLoader, model: models.DeepClusterNet, crit: nn.Module,
+def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
                     opt: torch.optim.Optimizer, top_opt: torch.optim.Optimizer, device: torch.device,
                     epoch: int, args: argparse.Namespace, on_iteration=None) -> float:
-    """One pass over the pseudo-labelled loader; returns the average loss."""
+    """One pass over the pseudo-labelled loader; returns the average loss.
+
+    ``model`` may be the network or its DistributedDataParallel wrapper.
+    """
     model.train()
     losses = util.AverageMeter()
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=True if args.no_progress else None)
@@ -269,9 +307,19 @@ def checkpoint_state(model: models.DeepClusterNet, opt: torch.optim.Optimizer, e
     }
 
 
-def save_checkpoint(state: dict, exp: Path) -> None:
-    """Write exp/checkpoint.pth.tar atomically (temporary file + rename)."""
-    util.atomic_torch_save(state, exp / "checkpoint.pth.tar")
+def save_checkpoint(state: dict, exp: Path, rt: util.Runtime) -> None:
+    """Write exp/checkpoint.pth.tar atomically (temporary file + rename), on rank 0 only."""
+    if rt.is_main:
+        util.atomic_torch_save(state, exp / "checkpoint.pth.tar")
+
+
+def wrap_for_training(model: models.DeepClusterNet, rt: util.Runtime) -> nn.Module:
+    """DistributedDataParallel around the whole network under torchrun (rebuilt every epoch,
+    since the top layer is new each epoch); the bare network otherwise."""
+    if not rt.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
 def nmi(a: np.ndarray, b: np.ndarray) -> float:
@@ -313,13 +361,15 @@ def resume(path: str, model: models.DeepClusterNet, opt: torch.optim.Optimizer,
 # orchestration
 # ---------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> dict:
+    """Run DeepCluster; returns the last epoch's log record."""
+    rt = util.init_runtime(args.device)
     exp = Path(args.exp)
-    setup_logging(exp, args.verbose)
+    setup_logging(exp, args.verbose, rt.is_main)
     (exp / "checkpoints").mkdir(parents=True, exist_ok=True)
-    device = select_device(args.device)
     seed_everything(args.seed)
     if args.demo:
-        args.data = data.export_digits(Path("data") / "digits")
+        args.data = data.export_digits(Path("data") / "digits") if rt.is_main else str(Path("data") / "digits")
+        _barrier(rt)
         log.info("demo: no DIR given, training on scikit-learn's digits exported to %s", args.data)
 
     dataset = data.IndexedImageFolder(args.data, transform=data.eval_transform(args.size))
@@ -327,54 +377,54 @@ def main(args: argparse.Namespace) -> dict:
     if args.clustering == "Kmeans" and args.nmb_cluster > N:
         raise clustering.ClusteringError(
             f"--nmb_cluster/--k {args.nmb_cluster} is larger than the number of images ({N}) in {args.data}")
-    util.atomic_write_text(exp / "args.json", json.dumps(vars(args), indent=1, default=str))
-    log.info("%d images%s, %s%s at %d px on %s", N,
+    if rt.is_main:
+        util.atomic_write_text(exp / "args.json", json.dumps(vars(args), indent=1, default=str))
+    log.info("%d images%s, %s%s at %d px, %d process(es) on %s", N,
              f" in {len(dataset.classes)} class folders" if dataset.targets else "",
-             args.arch, " + Sobel" if args.sobel else "", args.size, device)
+             args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size, rt.device)
 
-    model = build_model(args, device)
+    model = build_model(args, rt.device)
     opt = build_optimizer(model, args)
     crit = nn.CrossEntropyLoss()
     clog = util.ClusterLog(exp / "clusters")
     history = util.Logger(exp / "log.jsonl")
-    prev_labels = None
-    start_epoch = args.start_epoch
+    prev_labels, start_epoch = None, args.start_epoch
     if args.resume:
         start_epoch, prev_labels = resume(args.resume, model, opt, args)
-        history.truncate(sum(1 for r in history.data if r.get("epoch", 0) < start_epoch))
-        clog.truncate(start_epoch)
-    elif history.data:
+        if rt.is_main:  # epochs from start_epoch on are redone: drop their records
+            history.truncate(sum(1 for r in history.data if r.get("epoch", 0) < start_epoch))
+            clog.truncate(start_epoch)
+    elif history.data and rt.is_main:
         log.warning("%s already holds a log: a fresh run (no --resume) starts it anew", exp)
         history.truncate(0)
         clog.truncate(0)
 
-    feature_loader = make_loader(dataset, args, device)
-    clusterer = make_clusterer(args, device)
+    feature_loader = make_feature_loader(dataset, args, rt)
+    clusterer = make_clusterer(args, rt.device)
     targets = np.asarray(dataset.targets) if dataset.targets else None
-    n_iter_per_epoch = math.ceil(int(args.reassign * N) / args.batch)
 
     def periodic_checkpoint(epoch: int, labels: np.ndarray):
         def hook(n: int) -> None:
-            if n % args.checkpoints == 0:
+            if n % args.checkpoints == 0 and rt.is_main:
                 state = checkpoint_state(model, opt, epoch + 1, args, labels)
                 util.atomic_torch_save(state, exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar")
         return hook
 
-    record = {}
+    record: dict = {}
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        features = compute_features(feature_loader, model, N, device, args)
+        features = compute_features(feature_loader, model, N, rt, args)
         t1 = time.time()
-        clus_loss, images_lists = cluster(features, clusterer, args)
+        clus_loss, images_lists = cluster(features, clusterer, args, rt)
+        del features
         labels = clustering.arrange_clustering(images_lists)
         t2 = time.time()
-        train_loader = make_train_loader(dataset, images_lists, args, device)
+        train_loader = make_train_loader(dataset, images_lists, args, rt)
         top_opt = reset_top_layer(model, len(images_lists), args)
-        loss = train_one_epoch(train_loader, model, crit, opt, top_opt, device, epoch, args,
-                               on_iteration=periodic_checkpoint(epoch, labels))
+        loss = train_one_epoch(train_loader, wrap_for_training(model, rt), crit, opt, top_opt, rt.device,
+                               epoch, args, on_iteration=periodic_checkpoint(epoch, labels))
         t3 = time.time()
-        save_checkpoint(checkpoint_state(model, opt, epoch + 1, args, labels), exp)
-        clog.save(epoch, labels, len(images_lists))
+        save_checkpoint(checkpoint_state(model, opt, epoch + 1, args, labels), exp, rt)
         record = {
             "epoch": epoch, "clustering_loss": clus_loss, "train_loss": loss,
             "nmi_prev": None if prev_labels is None else nmi(prev_labels, labels),
@@ -382,22 +432,36 @@ def main(args: argparse.Namespace) -> dict:
             "n_clusters": len(images_lists),
             "n_empty": int(sum(1 for lst in images_lists if len(lst) == 0)),
             "time_features": t1 - t0, "time_clustering": t2 - t1, "time_train": t3 - t2,
-            "time_epoch": time.time() - t0, "iterations": len(train_loader),
+            "time_epoch": time.time() - t0, "iterations": len(train_loader), "world_size": rt.world_size,
         }
-        history.log(record)
+        if rt.is_main:
+            clog.save(epoch, labels, len(images_lists))
+            history.log(record)
         log.info("epoch %3d | clustering loss %.3f | train loss %.3f | NMI prev %s | NMI labels %s | "
                  "empty %d | time: features %.1fs cluster %.1fs train %.1fs",
                  epoch, clus_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
                  record["n_empty"], t1 - t0, t2 - t1, t3 - t2)
         prev_labels = labels
-    del n_iter_per_epoch
-    if args.report:
-        try:
-            from visu import report
-            report.main(report.get_args_parser().parse_args([str(exp)]))
-        except ImportError:
-            log.warning("training report unavailable (visu/report.py missing)")
+    _barrier(rt)
+    if args.report and rt.is_main:
+        draw_report(exp)
     return record
+
+
+def draw_report(exp: Path) -> None:
+    """PNG curves, cluster sizes and cluster samples under exp/report (visu/report.py)."""
+    try:
+        from visu import report
+    except ImportError:
+        log.warning("training report unavailable (visu/report.py missing)")
+        return
+    report.main(report.get_args_parser().parse_args([str(exp)]))
+
+
+def _barrier(rt: util.Runtime) -> None:
+    if rt.distributed:
+        import torch.distributed as dist
+        dist.barrier()
 
 
 def _fmt(x: float | None) -> str:
@@ -410,11 +474,20 @@ def run(argv: list[str] | None = None) -> int:
     try:
         main(args)
     except data.BadImageError as e:
+        # from a DataLoader worker the message carries the worker's traceback: keep its last line
         return _fail(str(e).strip().splitlines()[-1].split("BadImageError: ")[-1])
     except (data.DataError, util.CheckpointError, clustering.ClusteringError, DivergedError) as e:
         return _fail(str(e))
+    except RuntimeError as e:
+        if "CUDA is not available" in str(e):
+            return _fail(str(e))
+        raise
     except KeyboardInterrupt:
         return _fail("interrupted; resume with --resume " + str(Path(args.exp) / "checkpoint.pth.tar"), 130)
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -163,7 +163,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
 def learning_rate_decay(optimizer: torch.optim.Optimizer, t: int, lr_0: float) -> None:
     """lr_t = lr_0 / sqrt(1 + lr_0 * weight_decay * t), per parameter group (the original's)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr_0 / np.sqrt(1 + lr_0 * group["weight_decay"] * t)
+        group["lr"] = float(lr_0 / np.sqrt(1 + lr_0 * group["weight_decay"] * t))
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,25 +300,27 @@ def infer_config(sd: dict, arch: str | None = None) -> dict:
     return {"arch": arch, "sobel": sobel, "bn": bn, "input_size": input_size, "k": k}
 
 
-def _input_size_for(arch: str, sobel: bool, bn: bool, fc6_in: int) -> int:
-    # Only the conv body's output size matters: building whole models here (a VGG-16 at 224
-    # allocates and initialises 138M parameters) made loading take tens of seconds.
-    from models.alexnet import make_features as alexnet_features
-    from models.common import flat_dim
-    from models.vgg16 import make_features as vgg16_features
+def conv_output_dim(arch: str, input_size: int) -> int:
+    """Values out of the conv body for an (S, S) input: 9216 for AlexNet, 25088 for VGG-16 at 224."""
+    if arch == "alexnet":
+        s = (input_size + 2 * 2 - 11) // 4 + 1          # conv1, stride 4
+        for _ in range(3):                               # three MaxPool2d(3, 2)
+            s = (s - 3) // 2 + 1
+        return 256 * s * s
+    s = input_size
+    for _ in range(5):                                   # five MaxPool2d(2, 2)
+        s //= 2
+    return 512 * s * s
 
-    make = {"alexnet": alexnet_features, "vgg16": vgg16_features}.get(arch)
-    if make is None:
-        raise CheckpointError(f"unknown architecture {arch!r}: expected alexnet or vgg16")
-    in_channels = 2 if sobel else 3
-    features = make(in_channels, bn)
-    for s in (224, 227, 128, 96, 64, 32, 256, 160, 112, 48, 192, 288, 320):
-        try:
-            if flat_dim(features, in_channels, s) == fc6_in:
-                return s
-        except (ValueError, RuntimeError):  # input too small for this network
-            continue
-    raise CheckpointError(f"fc6 takes {fc6_in} inputs, which matches no supported input size for {arch}")
+
+def _input_size_for(arch: str, sobel: bool, bn: bool, fc6_in: int) -> int:
+    """An input size whose conv output matches fc6: 224 first, then round sizes."""
+    rest = range(32, 1025)
+    order = [224] + [x for step in (32, 16, 8, 1) for x in rest if x % step == 0]
+    for s in dict.fromkeys(order):
+        if conv_output_dim(arch, s) == fc6_in:
+            return s
+    raise CheckpointError(f"fc6 takes {fc6_in} inputs, which matches no input size for {arch}")
 
 
 def model_from_state_dict(sd: dict, arch: str | None = None, config: dict | None = None) -> models.DeepClusterNet:
@@ -429,3 +431,100 @@ def export_clusters_pickle(exp: str | os.PathLike, out: str | os.PathLike, epoch
         obj = [labels_to_images_lists(clog.load(e)) for e in epochs]
     _atomic_replace(str(out), lambda f: pickle.dump(obj, f, protocol=2))
     return str(out)
+
+
+# ---------------------------------------------------------------------------------------
+# where the run happens: the one place that decides rank, world size and device
+# ---------------------------------------------------------------------------------------
+class Runtime:
+    """Rank, world size and device of this process (single process unless under torchrun)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 device: torch.device | None = None):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device = device or torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def __repr__(self) -> str:
+        return f"Runtime(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Decide device and distributed state.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is created
+    with NCCL on GPU and gloo on CPU, and each process takes GPU ``LOCAL_RANK``. A plain
+    ``python main.py`` stays single-process.
+    """
+    import torch.distributed as dist
+
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"--device must be auto, cuda or cpu, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return Runtime(rank, world_size, local_rank, dev)
+
+
+def gather_rows(local: torch.Tensor, local_idx: torch.Tensor, n: int, rt: Runtime) -> torch.Tensor | None:
+    """Assemble an (n, D) matrix on rank 0 from per-rank rows ``local`` (n_r, D) at ``local_idx``.
+
+    Every rank pads to the same row count (``ceil(n / world)``) so a plain ``gather`` works
+    with both NCCL and gloo. Returns the full matrix on rank 0 (on ``local``'s device), None
+    elsewhere. Single process: scatters ``local`` into place and returns it.
+    """
+    import torch.distributed as dist
+
+    d = local.shape[1]
+    if not rt.distributed:
+        out = torch.empty(n, d, dtype=local.dtype, device=local.device)
+        out[local_idx.to(local.device)] = local
+        return out
+    cap = -(-n // rt.world_size)
+    pad = torch.zeros(cap, d + 1, dtype=torch.float64 if local.dtype == torch.float64 else torch.float32,
+                      device=rt.device)
+    pad[:, 0] = -1  # row index, -1 = padding (float32 holds indices exactly up to 2**24)
+    if n >= 2 ** 24:
+        raise ValueError("gather_rows: more than 2**24 rows; gather indices separately")
+    pad[:local.shape[0], 0] = local_idx.to(rt.device, pad.dtype)
+    pad[:local.shape[0], 1:] = local.to(rt.device, pad.dtype)
+    bufs = [torch.empty_like(pad) for _ in range(rt.world_size)] if rt.is_main else None
+    dist.gather(pad, bufs, dst=0)
+    if not rt.is_main:
+        return None
+    allrows = torch.cat(bufs)
+    keep = allrows[:, 0] >= 0
+    out = torch.empty(n, d, dtype=local.dtype, device=rt.device)
+    out[allrows[keep, 0].long()] = allrows[keep, 1:].to(local.dtype)
+    return out
+
+
+def broadcast_array(arr: np.ndarray | None, rt: Runtime, dtype=torch.int64) -> np.ndarray:
+    """Send a 1-d array from rank 0 to every rank (its length too)."""
+    import torch.distributed as dist
+
+    if not rt.distributed:
+        return arr
+    n = torch.tensor([len(arr) if rt.is_main else 0], dtype=torch.int64, device=rt.device)
+    dist.broadcast(n, src=0)
+    t = (torch.as_tensor(arr, dtype=dtype).to(rt.device) if rt.is_main
+         else torch.empty(int(n.item()), dtype=dtype, device=rt.device))
+    dist.broadcast(t, src=0)
+    return t.cpu().numpy()
