@@ -197,7 +197,8 @@ def choose_clusters(sizes: np.ndarray, n_largest: int, n_random: int,
     """The ``n_largest`` largest clusters, then ``n_random`` other non-empty ones at random."""
     order = np.argsort(-sizes, kind="stable")
     largest = [int(c) for c in order[:n_largest] if sizes[c] > 0]
-    rest = np.asarray([c for c in np.flatnonzero(sizes > 0) if c not in set(largest)], dtype=np.int64)
+    taken = set(largest)
+    rest = np.asarray([c for c in np.flatnonzero(sizes > 0) if c not in taken], dtype=np.int64)
     chosen = rng.choice(rest, size=min(n_random, len(rest)), replace=False) if len(rest) else []
     return [("largest", c) for c in largest] + [("random", int(c)) for c in chosen]
 
