@@ -106,12 +106,12 @@ def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5) -> tuple[torch
     """
     n, d = x.shape
     step = _row_chunk(max(d, n if n < d else 0), PCA_BLOCK)
-    # float64 mean accumulated over row blocks: ``x.sum(0, dtype=torch.float64)`` on the
-    # whole matrix materialises a float64 copy of it (2x the features: 42 GB for ImageNet).
-    # float16/bfloat16 storage is upcast one block at a time.
+    # Mean: float32 sums of row blocks accumulated in float64. ``x.sum(0, dtype=float64)``
+    # on the whole matrix materialises a float64 copy of it (2x the features: 42 GB for
+    # ImageNet). float16/bfloat16 storage is upcast one block at a time.
     mean = torch.zeros(d, dtype=torch.float64, device=x.device)
     for s in range(0, n, step):
-        mean += x[s:s + step].double().sum(0)
+        mean += x[s:s + step].float().sum(0).double()
     mean /= n
     mean32 = mean.float()
     if n < d:
