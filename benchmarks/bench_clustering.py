@@ -15,7 +15,7 @@ squared distances of the points (its own preprocessed data) to their assigned fi
 in float64. ``obj_ref`` is the within-cluster sum of squares of its partition measured on one
 reference preprocessed matrix (torch PCA), so partitions compare on identical data.
 
-    python benchmarks/bench_clustering.py                       # quick: N=20000 D=1024 k=1000
+    python benchmarks/bench_clustering.py                       # quick: N=10000 D=512 k=500
     python benchmarks/bench_clustering.py --N 100000 --D 4096 --k 10000 --methods torch,auto
     python benchmarks/bench_clustering.py --real                # AlexNet features of digits
     python benchmarks/bench_clustering.py --real --model exp/checkpoint.pth.tar
@@ -40,9 +40,10 @@ METHODS = ("original", "sklearn", "torch", "auto")
 
 def get_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--N", type=int, default=20000, help="number of synthetic feature rows")
-    p.add_argument("--D", type=int, default=1024, help="synthetic feature dimension (fc7 is 4096)")
-    p.add_argument("--k", type=int, default=None, help="clusters (default 1000 synthetic, 100 --real)")
+    p.add_argument("--N", type=int, default=10000, help="number of synthetic feature rows")
+    p.add_argument("--D", type=int, default=512,
+                   help="synthetic feature dimension (fc7 is 4096; faiss's PCA is slow at 4096 on CPU)")
+    p.add_argument("--k", type=int, default=None, help="clusters (default 500 synthetic, 100 --real)")
     p.add_argument("--true_k", type=int, default=None, help="clusters in the synthetic data (default k)")
     p.add_argument("--pca", type=int, default=256)
     p.add_argument("--niter", type=int, default=20)
@@ -61,7 +62,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
     if args.k is None:
-        args.k = 100 if args.real else 1000
+        args.k = 100 if args.real else 500
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:

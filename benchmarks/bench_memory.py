@@ -14,7 +14,7 @@ output, 256 rows a batch) into their storage, then PCA-256 whitening + L2 + k-me
 The original's matrix is N x 4096 x 4 bytes (21 GB for ImageNet's 1,281,167 images); the
 table reports that size for the N given and the measured peak RSS of every configuration.
 
-    python benchmarks/bench_memory.py                     # quick: N=50000, D=1024, k=500
+    python benchmarks/bench_memory.py                     # quick: N=100000, D=512, k=200
     python benchmarks/bench_memory.py --N 200000 --D 4096 --k 10000 --configs cpu_fp32,cpu_fp16
 """
 from __future__ import annotations
@@ -36,9 +36,9 @@ IMAGENET_N = 1_281_167
 
 def get_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--N", type=int, default=50000)
-    p.add_argument("--D", type=int, default=1024, help="feature dim (4096 is fc7; 1024 keeps the quick run short)")
-    p.add_argument("--k", type=int, default=500)
+    p.add_argument("--N", type=int, default=100000)
+    p.add_argument("--D", type=int, default=512, help="feature dim (4096 is fc7; 512 keeps the quick run short)")
+    p.add_argument("--k", type=int, default=200)
     p.add_argument("--niter", type=int, default=20)
     p.add_argument("--pca", type=int, default=256)
     p.add_argument("--backend", default="auto", help="clustering.Kmeans backend for ours")
