@@ -6,6 +6,8 @@ Datasets return the dataset index with each sample, so that features are written
 from __future__ import annotations
 
 import os
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -87,15 +89,74 @@ def _walk_images(folder: Path) -> list[str]:
     return out
 
 
+# Images over this many pixels are refused (PIL's own bomb threshold, ~89 Mpx): a
+# decompression bomb would otherwise exhaust memory in a DataLoader worker.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, or raise :class:`BadImageError` naming the file."""
+    """Open an image as RGB, or raise :class:`BadImageError` naming the file.
+
+    Grayscale, palette, CMYK, 16-bit and alpha images are converted to RGB (alpha is
+    dropped); zero-byte, truncated, corrupt, non-image, unreadable and oversized
+    (decompression-bomb) files are refused.
+    """
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                if img.width * img.height > MAX_PIXELS:
+                    raise ValueError(f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS} limit "
+                                     f"(decompression bomb?)")
+                img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            img = img.point(lambda v: v / 256).convert("L")  # 16-bit gray -> 8-bit
         return img.convert("RGB")
     except Exception as e:  # PIL raises many kinds; all mean the same thing here
-        raise BadImageError(f"cannot read image file {path!r}: {type(e).__name__}: {e}") from None
+        msg = str(e) or type(e).__name__
+        raise BadImageError(f"cannot read image file {path!r}: {type(e).__name__}: {msg}") from None
+
+
+def check_image(path: str, full: bool = True) -> str | None:
+    """None if ``path`` decodes (``full``) or at least has a valid header; else the reason."""
+    try:
+        if full:
+            load_rgb(path)
+        else:
+            if os.path.getsize(path) == 0:
+                return "empty file (0 bytes)"
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                if img.width * img.height > MAX_PIXELS:
+                    return f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS} limit"
+        return None
+    except BadImageError as e:
+        return str(e).split(": ", 1)[-1]
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def check_images(paths: list[str], full: bool = True, workers: int = 0, progress: bool = True) -> dict[int, str]:
+    """Check every image before training starts; returns {index: reason} of the bad ones."""
+    from tqdm import tqdm
+
+    bad: dict[int, str] = {}
+    fn = partial(check_image, full=full)
+    if workers > 1 and len(paths) > 1000:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers) as ex:
+            results = ex.map(fn, paths, chunksize=256)
+            for i, r in enumerate(tqdm(results, total=len(paths), desc="checking images", leave=False,
+                                       disable=None if progress else True)):
+                if r is not None:
+                    bad[i] = r
+    else:
+        for i, p in enumerate(tqdm(paths, desc="checking images", leave=False, disable=None if progress else True)):
+            r = fn(p)
+            if r is not None:
+                bad[i] = r
+    return bad
 
 
 class IndexedImageFolder(Dataset):
@@ -111,6 +172,15 @@ class IndexedImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def drop(self, indices: set[int]) -> None:
+        """Remove images (e.g. the ones a check refused) from the dataset."""
+        keep = [i for i in range(len(self.paths)) if i not in indices]
+        self.paths = [self.paths[i] for i in keep]
+        if self.targets is not None:
+            self.targets = [self.targets[i] for i in keep]
+        if not self.paths:
+            raise DataError(f"data directory {self.root!r} has no readable image left")
 
     def load(self, idx: int) -> Image.Image:
         return load_rgb(self.paths[idx])
