@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="arch (inferred from the checkpoint when omitted; checked when given)")
     g.add_argument("--conv", type=int, default=1, help="convolutional layer (1-based)")
     g.add_argument("--filters", type=str, default="",
-                   help="filters to show, e.g. '0,5,9' or '0-15' (default: all of the layer)")
+                   help="filters to show, e.g. '0,5,9' or '0-15'; empty: all of the layer")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", type=str, default="", help="path to dataset (an image folder)")

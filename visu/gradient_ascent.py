@@ -45,14 +45,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="arch (inferred from the checkpoint when omitted; checked when given)")
     g.add_argument("--conv", type=int, default=1, help="convolutional layer (1-based)")
     g.add_argument("--filters", type=str, default="",
-                   help="filters to draw, e.g. '0,5,9' or '0-15' (default: all of the layer)")
+                   help="filters to draw, e.g. '0,5,9' or '0-15'; empty: all of the layer")
     g.add_argument("--pre_relu", action="store_true",
                    help="climb the responses before the layer's ReLU (a filter silent everywhere on "
                         "the starting noise gets no gradient after the ReLU)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=3.0, help="learning rate (step length per iteration)")
-    g.add_argument("--wd", type=float, default=1e-5, help="weight decay (default: 10^-5)")
+    g.add_argument("--wd", type=float, default=1e-5, help="weight decay on the image (the original's 10^-5)")
     g.add_argument("--sig", type=float, default=0.3, help="gaussian blur sigma (0: no blur)")
     g.add_argument("--step", type=int, default=5, help="number of iter between gaussian blurs")
     g.add_argument("--niter", type=int, default=1000, help="total number of iterations")
@@ -76,7 +76,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Blur each channel of (B, C, H, W) with a Gaussian of std ``sigma`` px (reflect padding)."""
     if sigma <= 0:
         return x
-    radius = max(1, int(math.ceil(3.0 * sigma)))
+    radius = min(max(1, int(math.ceil(3.0 * sigma))), min(x.shape[-2:]) - 1)  # reflect needs < size
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
