@@ -220,7 +220,7 @@ def main(argv=None) -> dict:
         skipped["auto"] = "'auto' resolves to the torch backend on this device (same as 'torch')"
 
     if not args.no_warmup:  # library initialisation (BLAS/LAPACK, faiss, CUDA) out of the timings
-        xw = synthetic_features(min(n, 2000), d, 10, args.seed + 1)
+        xw = synthetic_features(min(n, 2000), min(d, 128), 10, args.seed + 1)
         for m in methods:
             RUNNERS[m](xw, min(args.k, 20), args.pca, 2, args.seed, device)
 
