@@ -34,6 +34,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 import data  # noqa: E402
 import util  # noqa: E402
@@ -150,8 +151,10 @@ def plot_curves(records: list[dict], out: Path, title: str, dpi: int = 100) -> P
         if key.startswith("nmi"):
             ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.annotate(f"{v[-1]:.3g}", (e[-1], v[-1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(e) == 1:
+            ax.set_xlim(e[0] - 1, e[0] + 1)
+        ax.annotate(f"{v[-1]:.4g}", (e[-1], v[-1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
@@ -249,7 +252,7 @@ def main(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out) if args.out else exp / "report"
     out.mkdir(parents=True, exist_ok=True)
     desc = ", ".join(f"{k} {train_args[k]}" for k in ("arch", "nmb_cluster", "clustering") if k in train_args)
-    written = [plot_curves(records, out, f"{exp.resolve().name}: {len(records)} epochs"
+    written = [plot_curves(records, out, f"{exp.resolve().name}: {len(records)} epoch{'s' if len(records) > 1 else ''}"
                            + (f" ({desc})" if desc else ""), args.dpi)]
 
     clog_dir = exp / "clusters"
