@@ -16,6 +16,8 @@ def render(path: str) -> str:
              f"Hardware: {env.get('cpu')} ({env.get('cpu_cores')} cores, {env.get('ram_gb')} GB RAM), "
              f"GPU: {env.get('gpu') or 'none'}; torch {env.get('torch')}, faiss {env.get('faiss')}; "
              f"1-min load average at start: {env.get('loadavg_1min_at_start')}.", ""]
+    if cfg.get("real"):  # synthetic sizes do not apply to --real
+        cfg = {k: v for k, v in cfg.items() if k not in ("N", "D", "true_k")}
     flags = " ".join(f"--{k} {v}" for k, v in cfg.items() if not isinstance(v, (list, dict)) and v not in (None, False))
     lines += [f"Configuration: `{flags}`", "", "```", res["table"].strip("\n"), "```", ""]
     for key in ("bounds", "targets", "notes"):
