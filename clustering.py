@@ -351,6 +351,16 @@ def _kmeans(x, k: int, verbose=False, backend="auto", seed=None, niter=20, devic
     return kmeans_torch(_as_tensor(x, dev), k, niter=niter, seed=seed, verbose=verbose)
 
 
+def count_distinct_rows(x) -> int:
+    """Number of distinct rows of (N, d) data, via a random projection (exact with
+    probability 1 for distinct rows; O(N d) instead of sorting whole rows)."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    r = torch.randn(t.shape[1], 2, generator=g, dtype=torch.float64).to(t.device)
+    proj = (t.double() @ r).cpu().numpy()                   # (N, 2)
+    return int(len(np.unique(proj, axis=0)))
+
+
 def labels_to_lists(labels: np.ndarray, k: int) -> list[list[int]]:
     """(N,) cluster ids -> ``images_lists[c]`` = sorted indices of the images in cluster c."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -382,6 +392,12 @@ class Kmeans:
                                   f"(k must be <= the number of images)")
         t0 = time.time()
         xb = preprocess_features(data, self.pca, backend=self.backend, device=self.device)
+        n_distinct = count_distinct_rows(xb)
+        if n_distinct < self.k:
+            raise ClusteringError(
+                f"the features hold only {n_distinct} distinct point(s) among {data.shape[0]} images, fewer "
+                f"than k={self.k}: the network's features have collapsed (or the images are duplicates); "
+                f"lower --k or restart from an earlier checkpoint")
         t1 = time.time()
         res = _kmeans(xb, self.k, verbose=verbose, backend=self.backend, seed=self.seed,
                       niter=self.niter, device=self.device)
@@ -525,11 +541,10 @@ class ReassignedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, idx: int):
-        img = self.dataset.load(idx) if hasattr(self.dataset, "load") else self.dataset[idx][0]
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(self.labels[idx]), idx
+    def __getitem__(self, item):
+        idx, seed = _split_item(item)
+        img = _load(self.dataset, idx)
+        return _apply(self.transform, img, seed), int(self.labels[idx]), idx
 
 
 class OrderedReassignedDataset(Dataset):
@@ -549,12 +564,34 @@ class OrderedReassignedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_indexes)
 
-    def __getitem__(self, pos: int):
+    def __getitem__(self, item):
+        pos, seed = _split_item(item)
         idx = int(self.image_indexes[pos])
-        img = self.dataset.load(idx) if hasattr(self.dataset, "load") else self.dataset[idx][0]
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(self.pseudolabels[pos]), idx
+        img = _load(self.dataset, idx)
+        return _apply(self.transform, img, seed), int(self.pseudolabels[pos]), idx
+
+
+def _split_item(item) -> tuple[int, int | None]:
+    """A sampler item is an index, or (index, augmentation seed) (see util.SeededShardSampler)."""
+    if isinstance(item, (tuple, list)):
+        return int(item[0]), int(item[1])
+    return int(item), None
+
+
+def _load(dataset, idx: int):
+    return dataset.load(idx) if hasattr(dataset, "load") else dataset[idx][0]
+
+
+def _apply(transform, img, seed: int | None):
+    """Apply the (random) transform; with a seed, its draws depend on that seed alone, so a
+    sample's augmentation is the same whatever the worker, the world size or a restart."""
+    if transform is None:
+        return img
+    if seed is None:
+        return transform(img)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(img)
 
 
 def cluster_assign(images_lists: Sequence[Sequence[int]], dataset, transform=None,

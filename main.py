@@ -83,9 +83,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
     g.add_argument("--exp", type=str, default="exp", help="path to exp folder")
-    g.add_argument("--resume", default="", type=str, metavar="PATH", help="path to checkpoint")
+    g.add_argument("--resume", default="", type=str, metavar="PATH",
+                   help="path to checkpoint, or an experiment folder (its newest valid checkpoint, "
+                        "periodic mid-epoch copies included)")
     g.add_argument("--checkpoints", type=int, default=25000, help="how many iterations between two checkpoints")
     g.add_argument("--seed", type=int, default=31, help="random seed")
+    g.add_argument("--check_images", choices=["auto", "full", "header", "off"], default="auto",
+                   help="check every image before training: full decode, header only, or not "
+                        "(auto: full up to 20,000 images, else header)")
+    g.add_argument("--bad_images", choices=["error", "skip"], default="error",
+                   help="unreadable images: refuse to start (naming them), or train without them "
+                        "(listed in EXP/bad_images.txt)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
     g.add_argument("--report", action="store_true", help="draw the training report (PNG) at the end")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -168,10 +176,42 @@ def build_optimizer(model: models.DeepClusterNet, args: argparse.Namespace) -> t
                            weight_decay=10 ** args.wd)
 
 
-def make_loader(dataset, args: argparse.Namespace, device: torch.device, sampler=None) -> DataLoader:
+def make_loader(dataset, args: argparse.Namespace, device: torch.device, sampler=None,
+                seed: int = 0) -> DataLoader:
+    # An explicit generator: creating the iterator then draws nothing from the global RNG,
+    # so a resumed run's dropout masks stay in step with an uninterrupted one.
     return DataLoader(dataset, batch_size=args.batch, shuffle=False, sampler=sampler,
                       num_workers=args.workers, pin_memory=device.type == "cuda",
-                      persistent_workers=False)
+                      persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+
+
+def load_dataset(args: argparse.Namespace, exp: Path, rt: util.Runtime) -> data.IndexedImageFolder:
+    """Scan DIR and check its images before any training (SPEC 7: no crash hours later).
+
+    ``--check_images auto`` decodes every image when there are at most 20,000, else reads
+    headers only (truncated files then fail at first use, with the file named).
+    """
+    dataset = data.IndexedImageFolder(args.data, transform=data.eval_transform(args.size))
+    mode = args.check_images
+    if mode == "auto":
+        mode = "full" if len(dataset) <= 20000 else "header"
+    if mode == "off":
+        return dataset
+    bad = data.check_images(dataset.paths, full=mode == "full", workers=args.workers,
+                            progress=not args.no_progress and rt.is_main)
+    if not bad:
+        return dataset
+    listing = "".join(f"{dataset.paths[i]}\t{why}\n" for i, why in sorted(bad.items()))
+    if rt.is_main:
+        util.atomic_write_text(exp / "bad_images.txt", listing)
+    first = dataset.paths[min(bad)]
+    if args.bad_images == "error":
+        raise data.DataError(f"{len(bad)} unreadable image(s) in {args.data}, first {first!r}: {bad[min(bad)]} "
+                             f"(all listed in {exp / 'bad_images.txt'}; --bad_images skip trains without them)")
+    log.warning("skipping %d unreadable image(s) (listed in %s), first %s: %s",
+                len(bad), exp / "bad_images.txt", first, bad[min(bad)])
+    dataset.drop(set(bad))
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,6 +237,7 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
     for imgs, idx in tqdm(loader, desc="features", leave=False, disable=_no_bar(args, rt)):
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=args.amp):
             out = model.forward_features(imgs.to(rt.device, non_blocking=True))  # (B, 4096)
+        util.fault_point("features")
         rows.append(out.float())
         index.append(idx)
     local = torch.cat(rows) if rows else torch.zeros(0, models.common.FC_DIM, device=rt.device)
@@ -224,6 +265,7 @@ def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
     numpy RNG on every rank (as the original did per call), so the ranks' RNGs stay in step.
     """
     clusterer.seed = int(np.random.randint(1234))
+    util.fault_point("clustering")
     if rt.is_main:
         loss = float(clusterer.cluster(features, verbose=args.verbose))
         labels, k = clustering.arrange_clustering(clusterer.images_lists), len(clusterer.images_lists)
@@ -237,19 +279,29 @@ def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
     return float(loss), clustering.labels_to_lists(labels, int(k))
 
 
-def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[int]],
-                      args: argparse.Namespace, rt: util.Runtime) -> DataLoader:
-    """Pseudo-labelled loader drawing int(reassign * N) images uniformly over clusters.
+def draw_samples(images_lists: list[list[int]], N: int, args: argparse.Namespace, rt: util.Runtime) -> np.ndarray:
+    """int(reassign * N) dataset indices, uniform over the non-empty clusters.
 
-    Under torchrun the draws are sharded (rank r takes draws r, r + W, ...), each drawn by
-    exactly one rank; the epoch is cut to a multiple of W so every rank runs as many steps.
+    Under torchrun the count is cut to a multiple of W so every rank runs as many steps.
+    Drawn from the seeded global numpy RNG, identically on every rank.
+    """
+    n_draws = max(rt.world_size, int(args.reassign * N) // rt.world_size * rt.world_size)
+    return util.UnifLabelSampler(n_draws, images_lists).indexes
+
+
+def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[int]], draws: np.ndarray,
+                      epoch: int, args: argparse.Namespace, rt: util.Runtime, start: int = 0) -> DataLoader:
+    """Pseudo-labelled loader over this rank's share of the epoch's draws.
+
+    Rank r serves draws r, r + W, ... (each drawn by exactly one rank), from its
+    ``start``-th one on (mid-epoch resume); every draw carries its own augmentation seed.
     """
     order = "index" if args.sampler == "uniform" else "cluster"
     train_set = clustering.cluster_assign(images_lists, dataset,
                                           data.train_transform(args.size, args.crop_min_scale), order=order)
-    n_draws = int(args.reassign * len(dataset)) // rt.world_size * rt.world_size
-    sampler = util.UnifLabelSampler(n_draws, images_lists, rank=rt.rank, world_size=rt.world_size)
-    return make_loader(train_set, args, rt.device, sampler=sampler)
+    sampler = util.SeededShardSampler(draws, base_seed=args.seed * 100_003 + epoch, rank=rt.rank,
+                                      world_size=rt.world_size, start=start)
+    return make_loader(train_set, args, rt.device, sampler=sampler, seed=args.seed + epoch)
 
 
 def reset_top_layer(model: models.DeepClusterNet, k: int, args: argparse.Namespace) -> torch.optim.SGD:
@@ -264,17 +316,22 @@ class DivergedError(RuntimeError):
 
 def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
                     opt: torch.optim.Optimizer, top_opt: torch.optim.Optimizer, device: torch.device,
-                    epoch: int, args: argparse.Namespace, on_iteration=None) -> float:
+                    epoch: int, args: argparse.Namespace, on_iteration=None, start_iter: int = 0,
+                    losses: util.AverageMeter | None = None) -> float:
     """One pass over the pseudo-labelled loader; returns the average loss.
 
-    ``model`` may be the network or its DistributedDataParallel wrapper.
+    ``model`` may be the network or its DistributedDataParallel wrapper. ``on_iteration(i,
+    losses)`` runs before step i (i counted from the start of the epoch, ``start_iter`` when
+    resuming inside it), where the periodic checkpoints are written.
     """
     model.train()
-    losses = util.AverageMeter()
-    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=True if args.no_progress else None)
-    for i, (imgs, target, _) in enumerate(bar):
+    losses = losses or util.AverageMeter()
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=True if args.no_progress else None,
+               initial=start_iter, total=start_iter + len(loader))
+    for i, (imgs, target, _) in enumerate(bar, start=start_iter):
         if on_iteration is not None:
-            on_iteration(len(loader) * epoch + i)
+            on_iteration(i, losses)
+        util.fault_point("train")
         imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss = crit(model(imgs), target)
@@ -292,10 +349,16 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
 
 
 def checkpoint_state(model: models.DeepClusterNet, opt: torch.optim.Optimizer, epoch: int,
-                     args: argparse.Namespace, labels: np.ndarray | None) -> dict:
-    """Everything a restart needs, as plain types and tensors (weights_only-loadable)."""
-    return {
-        "epoch": epoch,                      # the next epoch to run
+                     args: argparse.Namespace, labels: np.ndarray | None, mid_epoch: dict | None = None) -> dict:
+    """Everything a restart needs, as plain types and tensors (weights_only-loadable).
+
+    End of epoch: ``epoch`` is the next epoch to run. Inside an epoch (periodic copies),
+    ``epoch`` is the running one and ``mid_epoch`` holds its pseudo-labels, draws, position,
+    top-layer optimizer and partial loss, so that training continues exactly there.
+    """
+    state = {
+        "epoch": epoch,
+        "iteration": 0 if mid_epoch is None else mid_epoch["iteration"],
         "arch": args.arch,
         "state_dict": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -303,14 +366,26 @@ def checkpoint_state(model: models.DeepClusterNet, opt: torch.optim.Optimizer, e
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
         "rng": util.get_rng_state(),
         "last_assignment": None if labels is None else torch.from_numpy(labels.astype(np.int64)),
-        "format_version": 1,
+        "format_version": 2,
     }
+    if mid_epoch is not None:
+        state["mid_epoch"] = mid_epoch
+    return state
 
 
-def save_checkpoint(state: dict, exp: Path, rt: util.Runtime) -> None:
-    """Write exp/checkpoint.pth.tar atomically (temporary file + rename), on rank 0 only."""
-    if rt.is_main:
-        util.atomic_torch_save(state, exp / "checkpoint.pth.tar")
+def save_checkpoint(state: dict, path: Path, rt: util.Runtime) -> None:
+    """Write a checkpoint atomically (temporary file + rename), on rank 0 only.
+
+    A failed write (full disk, read-only folder) leaves the previous file intact and is
+    reported as a CheckpointError naming the path.
+    """
+    if not rt.is_main:
+        return
+    try:
+        util.atomic_torch_save(state, path)
+    except OSError as e:
+        raise util.CheckpointError(f"cannot write checkpoint {str(path)!r}: {e.strerror or e}; "
+                                   f"the previous checkpoint there is intact") from None
 
 
 def wrap_for_training(model: models.DeepClusterNet, rt: util.Runtime) -> nn.Module:
@@ -327,20 +402,53 @@ def nmi(a: np.ndarray, b: np.ndarray) -> float:
     return float(normalized_mutual_info_score(a, b, average_method="geometric"))
 
 
+def find_checkpoint(path: str) -> str:
+    """``--resume`` target: a file, or an experiment folder whose newest valid checkpoint
+    (exp/checkpoint.pth.tar or a periodic copy, by epoch and iteration) is taken; corrupt
+    files are skipped with a warning."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    candidates = [p / "checkpoint.pth.tar"] + sorted((p / "checkpoints").glob("checkpoint_*.pth.tar"))
+    best, best_key = None, None
+    for c in candidates:
+        if not c.exists():
+            continue
+        try:
+            ck = util.torch_load(c)
+        except util.CheckpointError as e:
+            log.warning("skipping %s", e)
+            continue
+        # a periodic copy at iteration 0 of epoch e already holds epoch e's clustering
+        key = (int(ck.get("epoch", 0)), int(ck.get("iteration", 0)), "mid_epoch" in ck)
+        if best_key is None or key > best_key:
+            best, best_key = c, key
+    if best is None:
+        raise util.CheckpointError(f"no valid checkpoint in experiment folder {path!r}")
+    return str(best)
+
+
 def resume(path: str, model: models.DeepClusterNet, opt: torch.optim.Optimizer,
-           args: argparse.Namespace) -> tuple[int, np.ndarray | None]:
-    """Restore model, optimizer, RNG; returns (start epoch, last cluster assignment)."""
+           args: argparse.Namespace) -> dict:
+    """Restore model, optimizer and RNG; returns the checkpoint (epoch, last assignment, ...)."""
+    path = find_checkpoint(path)
     ckpt = util.torch_load(path)
     if "state_dict" not in ckpt:
         raise util.CheckpointError(f"checkpoint {path!r} has no 'state_dict'")
     ck_arch = ckpt.get("arch")
     if ck_arch is not None and ck_arch != args.arch:
         raise util.CheckpointError(f"checkpoint {path!r} holds a {ck_arch} model but --arch is {args.arch}")
-    sd = {k: v for k, v in util.clean_state_dict(ckpt["state_dict"]).items() if not k.startswith("top_layer")}
+    sd = util.clean_state_dict(ckpt["state_dict"])
+    top = {k[len("top_layer."):]: v for k, v in sd.items() if k.startswith("top_layer.")}
+    sd = {k: v for k, v in sd.items() if not k.startswith("top_layer.")}
     if ("sobel.0.weight" in sd) != bool(args.sobel):
         raise util.CheckpointError(f"checkpoint {path!r} was trained with sobel={'sobel.0.weight' in sd}, "
                                    f"but --sobel is {'on' if args.sobel else 'off'}")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise util.CheckpointError(f"checkpoint {path!r} does not fit --arch {args.arch} --size {args.size}: "
+                                   f"{str(e).splitlines()[-1].strip()}") from None
     missing = [k for k in missing if not k.startswith("top_layer") and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise util.CheckpointError(f"checkpoint {path!r} does not fit --arch {args.arch} --size {args.size}: "
@@ -350,29 +458,43 @@ def resume(path: str, model: models.DeepClusterNet, opt: torch.optim.Optimizer,
             opt.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
             log.warning("optimizer state in %s not restored (%s): momentum restarts from zero", path, e)
+    if "mid_epoch" in ckpt and top:  # the running epoch's top layer comes back too
+        model.reset_top_layer(top["weight"].shape[0]).load_state_dict(top)
     if "rng" in ckpt:
         util.set_rng_state(ckpt["rng"])
-    last = ckpt.get("last_assignment")
-    log.info("=> loaded checkpoint %r (epoch %d)", path, ckpt.get("epoch", 0))
-    return int(ckpt.get("epoch", 0)), (None if last is None else last.numpy())
+    log.info("=> loaded checkpoint %r (epoch %d, iteration %d)", path, ckpt.get("epoch", 0), ckpt.get("iteration", 0))
+    return ckpt
 
 
 # ---------------------------------------------------------------------------------------
 # orchestration
 # ---------------------------------------------------------------------------------------
+def check_exp_writable(exp: Path) -> None:
+    """Fail before any work if the experiment folder cannot take files (read-only, full)."""
+    try:
+        exp.mkdir(parents=True, exist_ok=True)
+        (exp / "checkpoints").mkdir(exist_ok=True)
+        probe = exp / ".write_test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise util.CheckpointError(f"experiment folder {str(exp)!r} is not writable: {e.strerror or e}") from None
+
+
 def main(args: argparse.Namespace) -> dict:
     """Run DeepCluster; returns the last epoch's log record."""
     rt = util.init_runtime(args.device)
     exp = Path(args.exp)
+    check_exp_writable(exp)
     setup_logging(exp, args.verbose, rt.is_main)
-    (exp / "checkpoints").mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
     if args.demo:
         args.data = data.export_digits(Path("data") / "digits") if rt.is_main else str(Path("data") / "digits")
         _barrier(rt)
         log.info("demo: no DIR given, training on scikit-learn's digits exported to %s", args.data)
 
-    dataset = data.IndexedImageFolder(args.data, transform=data.eval_transform(args.size))
+    args.data = os.path.abspath(args.data)  # args.json then points at the data from anywhere
+    dataset = load_dataset(args, exp, rt)
     N = len(dataset)
     if args.clustering == "Kmeans" and args.nmb_cluster > N:
         raise clustering.ClusteringError(
@@ -388,10 +510,14 @@ def main(args: argparse.Namespace) -> dict:
     crit = nn.CrossEntropyLoss()
     clog = util.ClusterLog(exp / "clusters")
     history = util.Logger(exp / "log.jsonl")
-    prev_labels, start_epoch = None, args.start_epoch
+    prev_labels, start_epoch, mid = None, args.start_epoch, None
     if args.resume:
-        start_epoch, prev_labels = resume(args.resume, model, opt, args)
-        if rt.is_main:  # epochs from start_epoch on are redone: drop their records
+        ckpt = resume(args.resume, model, opt, args)
+        start_epoch, mid = int(ckpt.get("epoch", 0)), ckpt.get("mid_epoch")
+        last = ckpt.get("last_assignment")
+        prev_labels = mid["prev_assignment"] if mid is not None else last
+        prev_labels = None if prev_labels is None else prev_labels.numpy()
+        if rt.is_main:  # epochs from start_epoch on are (re)done: drop their records
             history.truncate(sum(1 for r in history.data if r.get("epoch", 0) < start_epoch))
             clog.truncate(start_epoch)
     elif history.data and rt.is_main:
@@ -403,36 +529,59 @@ def main(args: argparse.Namespace) -> dict:
     clusterer = make_clusterer(args, rt.device)
     targets = np.asarray(dataset.targets) if dataset.targets else None
 
-    def periodic_checkpoint(epoch: int, labels: np.ndarray):
-        def hook(n: int) -> None:
-            if n % args.checkpoints == 0 and rt.is_main:
-                state = checkpoint_state(model, opt, epoch + 1, args, labels)
-                util.atomic_torch_save(state, exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar")
-        return hook
-
     record: dict = {}
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        features = compute_features(feature_loader, model, N, rt, args)
-        t1 = time.time()
-        clus_loss, images_lists = cluster(features, clusterer, args, rt)
-        del features
-        labels = clustering.arrange_clustering(images_lists)
-        t2 = time.time()
-        train_loader = make_train_loader(dataset, images_lists, args, rt)
-        top_opt = reset_top_layer(model, len(images_lists), args)
+        if mid is not None:  # resuming inside this epoch: its clustering is in the checkpoint
+            labels = mid["assignment"].numpy()
+            images_lists = clustering.labels_to_lists(labels, int(mid["n_clusters"]))
+            clus_loss, draws, start_iter = float(mid["clustering_loss"]), mid["draws"].numpy(), int(mid["iteration"])
+            top_opt = torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, weight_decay=10 ** args.wd)
+            top_opt.load_state_dict(mid["top_optimizer"])
+            losses = util.AverageMeter()
+            losses.update(mid["loss_sum"] / max(1, mid["loss_count"]), int(mid["loss_count"]))
+            t_feat, t_clus = float(mid["time_features"]), float(mid["time_clustering"])
+            t1 = t2 = time.time()
+            mid = None
+        else:
+            features = compute_features(feature_loader, model, N, rt, args)
+            t1 = time.time()
+            clus_loss, images_lists = cluster(features, clusterer, args, rt)
+            del features
+            labels = clustering.arrange_clustering(images_lists)
+            draws = draw_samples(images_lists, N, args, rt)
+            top_opt = reset_top_layer(model, len(images_lists), args)
+            start_iter, losses = 0, util.AverageMeter()
+            t2 = time.time()
+            t_feat, t_clus = t1 - t0, t2 - t1
+        per_rank = len(draws) // rt.world_size
+        train_loader = make_train_loader(dataset, images_lists, draws, epoch, args, rt,
+                                         start=start_iter * args.batch)
+        iters_per_epoch = math.ceil(per_rank / args.batch)
+
+        def periodic_checkpoint(i: int, meter: util.AverageMeter) -> None:
+            n = iters_per_epoch * epoch + i
+            if n % args.checkpoints == 0 and rt.is_main:
+                state = checkpoint_state(model, opt, epoch, args, labels, mid_epoch={
+                    "iteration": i, "assignment": torch.from_numpy(labels), "n_clusters": len(images_lists),
+                    "draws": torch.from_numpy(draws), "top_optimizer": top_opt.state_dict(),
+                    "clustering_loss": clus_loss, "loss_sum": meter.sum, "loss_count": meter.count,
+                    "prev_assignment": None if prev_labels is None else torch.from_numpy(prev_labels),
+                    "time_features": t_feat, "time_clustering": t_clus})
+                save_checkpoint(state, exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar", rt)
+
         loss = train_one_epoch(train_loader, wrap_for_training(model, rt), crit, opt, top_opt, rt.device,
-                               epoch, args, on_iteration=periodic_checkpoint(epoch, labels))
+                               epoch, args, on_iteration=periodic_checkpoint, start_iter=start_iter, losses=losses)
         t3 = time.time()
-        save_checkpoint(checkpoint_state(model, opt, epoch + 1, args, labels), exp, rt)
+        save_checkpoint(checkpoint_state(model, opt, epoch + 1, args, labels), exp / "checkpoint.pth.tar", rt)
         record = {
             "epoch": epoch, "clustering_loss": clus_loss, "train_loss": loss,
             "nmi_prev": None if prev_labels is None else nmi(prev_labels, labels),
             "nmi_labels": None if targets is None else nmi(targets, labels),
             "n_clusters": len(images_lists),
             "n_empty": int(sum(1 for lst in images_lists if len(lst) == 0)),
-            "time_features": t1 - t0, "time_clustering": t2 - t1, "time_train": t3 - t2,
-            "time_epoch": time.time() - t0, "iterations": len(train_loader), "world_size": rt.world_size,
+            "time_features": t_feat, "time_clustering": t_clus, "time_train": t3 - t2,
+            "time_epoch": t_feat + t_clus + (t3 - t2), "iterations": iters_per_epoch, "world_size": rt.world_size,
         }
         if rt.is_main:
             clog.save(epoch, labels, len(images_lists))
@@ -440,7 +589,7 @@ def main(args: argparse.Namespace) -> dict:
         log.info("epoch %3d | clustering loss %.3f | train loss %.3f | NMI prev %s | NMI labels %s | "
                  "empty %d | time: features %.1fs cluster %.1fs train %.1fs",
                  epoch, clus_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
-                 record["n_empty"], t1 - t0, t2 - t1, t3 - t2)
+                 record["n_empty"], t_feat, t_clus, t3 - t2)
         prev_labels = labels
     _barrier(rt)
     if args.report and rt.is_main:

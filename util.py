@@ -86,6 +86,51 @@ class UnifLabelSampler(Sampler):
         return len(self.shard())
 
 
+class SeededShardSampler(Sampler):
+    """Serve a fixed list of draws as ``(index, augmentation_seed)`` items.
+
+    Rank r takes positions r, r + W, r + 2W, ... of ``draws`` (each draw served by exactly
+    one rank), skipping its first ``start`` items (mid-epoch resume). The seed of position
+    p is a function of (base_seed, p) only, so a resumed or re-sharded epoch augments every
+    sample exactly as an uninterrupted one.
+    """
+
+    def __init__(self, draws: np.ndarray, base_seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        self.draws = np.asarray(draws, dtype=np.int64)
+        self.base_seed, self.rank, self.world_size, self.start = int(base_seed), rank, world_size, int(start)
+
+    def positions(self) -> np.ndarray:
+        return np.arange(self.rank, len(self.draws), self.world_size)[self.start:]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        pos = self.positions()
+        seeds = (self.base_seed * 1_000_003 + pos) % (2 ** 62)
+        return iter(zip(self.draws[pos].tolist(), seeds.tolist()))
+
+    def __len__(self) -> int:
+        return len(self.positions())
+
+
+# ---------------------------------------------------------------------------------------
+# fault injection (tests): DEEPCLUSTER_FAULT="point:n" SIGKILLs the process at the n-th hit
+# ---------------------------------------------------------------------------------------
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Die abruptly (SIGKILL) at the n-th time ``name`` is reached, when asked by the env."""
+    spec = os.environ.get("DEEPCLUSTER_FAULT")
+    if not spec:
+        return
+    point, _, count = spec.partition(":")
+    if point != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] >= int(count or 1):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------------------
 # meters and logs
 # ---------------------------------------------------------------------------------------
@@ -178,6 +223,8 @@ def _atomic_replace(path: str, write_fn) -> None:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
+            # tests: die with the temp file written but not renamed
+            fault_point("save" if path.endswith(".pth.tar") else "write")
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

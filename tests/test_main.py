@@ -112,6 +112,10 @@ def test_unreadable_image_is_named(tiny_image_folder, tmp_path, capsys, workers)
     argv = base_args(str(tiny_image_folder), tmp_path / "exp", "--k", "3", "--epochs", "1")
     argv[argv.index("--workers") + 1] = workers
     err = _run_err(argv, capsys)
+    assert "broken.jpg" in err and "unreadable image" in err and "--bad_images skip" in err
+    assert "broken.jpg" in (tmp_path / "exp" / "bad_images.txt").read_text()
+    # without the up-front check, the first read names the file too
+    err = _run_err(argv + ["--check_images", "off"], capsys)
     assert "broken.jpg" in err and "cannot read image" in err
 
 
@@ -148,7 +152,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(tiny_image_folder, tmp_pat
         f.write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError):
+    with pytest.raises(util.CheckpointError, match="No space left"):
         main.main(main.parse_args(args + ["--epochs", "2", "--resume", str(exp / "checkpoint.pth.tar")]))
     monkeypatch.setattr(torch, "save", real_save)
     assert (exp / "checkpoint.pth.tar").read_bytes() == before
