@@ -357,7 +357,9 @@ def count_distinct_rows(x) -> int:
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     g = torch.Generator(device="cpu").manual_seed(0)
     r = torch.randn(t.shape[1], 2, generator=g, dtype=torch.float64).to(t.device)
-    proj = (t.double() @ r).cpu().numpy()                   # (N, 2)
+    step = _row_chunk(t.shape[1])
+    # (N, 2) projections, block by block: no float64 copy of the whole matrix
+    proj = torch.cat([t[s:s + step].double() @ r for s in range(0, t.shape[0], step)]).cpu().numpy()
     return int(len(np.unique(proj, axis=0)))
 
 

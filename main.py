@@ -402,14 +402,18 @@ def nmi(a: np.ndarray, b: np.ndarray) -> float:
     return float(normalized_mutual_info_score(a, b, average_method="geometric"))
 
 
-def find_checkpoint(path: str) -> str:
+def find_checkpoint(path: str) -> str | None:
     """``--resume`` target: a file, or an experiment folder whose newest valid checkpoint
     (exp/checkpoint.pth.tar or a periodic copy, by epoch and iteration) is taken; corrupt
-    files are skipped with a warning."""
+    files are skipped with a warning. A folder with no checkpoint at all (a run stopped
+    before its first save) gives None: the run starts from the beginning."""
     p = Path(path)
     if not p.is_dir():
         return path
     candidates = [p / "checkpoint.pth.tar"] + sorted((p / "checkpoints").glob("checkpoint_*.pth.tar"))
+    if not any(c.exists() for c in candidates):
+        log.warning("no checkpoint in %s yet: starting from the beginning", path)
+        return None
     best, best_key = None, None
     for c in candidates:
         if not c.exists():
@@ -432,6 +436,8 @@ def resume(path: str, model: models.DeepClusterNet, opt: torch.optim.Optimizer,
            args: argparse.Namespace) -> dict:
     """Restore model, optimizer and RNG; returns the checkpoint (epoch, last assignment, ...)."""
     path = find_checkpoint(path)
+    if path is None:
+        return {"epoch": args.start_epoch}
     ckpt = util.torch_load(path)
     if "state_dict" not in ckpt:
         raise util.CheckpointError(f"checkpoint {path!r} has no 'state_dict'")
@@ -479,6 +485,10 @@ def check_exp_writable(exp: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise util.CheckpointError(f"experiment folder {str(exp)!r} is not writable: {e.strerror or e}") from None
+    # temporary files of a save that was killed before its rename: never valid, remove them
+    for stale in list(exp.glob(".tmp-*")) + list((exp / "checkpoints").glob(".tmp-*")) \
+            + list((exp / "clusters").glob(".tmp-*")):
+        stale.unlink(missing_ok=True)
 
 
 def main(args: argparse.Namespace) -> dict:
