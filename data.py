@@ -126,7 +126,8 @@ def check_image(path: str, full: bool = True) -> str | None:
         else:
             if os.path.getsize(path) == 0:
                 return "empty file (0 bytes)"
-            with open(path, "rb") as f:
+            with open(path, "rb") as f, warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # size checked below
                 img = Image.open(f)
                 if img.width * img.height > MAX_PIXELS:
                     return f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS} limit"
