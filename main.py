@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import clustering
 import data
+import fastpath
 import models
 import util
 
@@ -78,7 +79,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=200, help="number of total epochs to run")
     g.add_argument("--start_epoch", type=int, default=0, help="manual epoch number (useful on restarts)")
     g.add_argument("--amp", action="store_true",
-                   help="bf16 autocast for feature extraction and training (changes numerics slightly)")
+                   help="bf16 autocast for feature extraction and training (changes numerics slightly; "
+                        "slower on CPUs without bf16 support)")
+    g.add_argument("--channels_last", action="store_true",
+                   help="channels-last memory format for the convnet (same results within 1e-4)")
+    g.add_argument("--features_dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="storage of the (N, 4096) feature matrix (float16 halves it; see README)")
+    g.add_argument("--features_on", choices=["host", "device"], default="host",
+                   help="keep the feature matrix in host RAM (the original) or on the GPU, where the "
+                        "PyTorch clustering backend then runs without a host copy")
 
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
@@ -167,7 +176,8 @@ def seed_everything(seed: int) -> None:
 
 def build_model(args: argparse.Namespace, device: torch.device) -> models.DeepClusterNet:
     model = models.build_model(args.arch, sobel=args.sobel, bn=True, out=args.nmb_cluster, input_size=args.size)
-    return model.to(device)
+    model = model.to(device)
+    return fastpath.to_channels_last(model) if args.channels_last else model
 
 
 def build_optimizer(model: models.DeepClusterNet, args: argparse.Namespace) -> torch.optim.SGD:
@@ -226,24 +236,41 @@ def make_feature_loader(dataset: data.IndexedImageFolder, args: argparse.Namespa
 
 @torch.no_grad()
 def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, rt: util.Runtime,
-                     args: argparse.Namespace) -> np.ndarray | None:
+                     args: argparse.Namespace) -> np.ndarray | torch.Tensor | None:
     """(N, 4096) float32 pre-ReLU fc7 features, row i = image i (written by index).
 
     Under torchrun each rank extracts its share and rank 0 receives the whole matrix;
     the other ranks return None.
     """
     model.eval()
+    store_on = rt.device if args.features_on == "device" else torch.device("cpu")
+    # single process: rows go straight into the (N, 4096) store; under torchrun each rank
+    # keeps its rows and rank 0 gathers them
+    store = None if rt.distributed else fastpath.FeatureStore(N, models.common.FC_DIM, store_on, args.features_dtype)
     rows, index = [], []
     for imgs, idx in tqdm(loader, desc="features", leave=False, disable=_no_bar(args, rt)):
+        imgs = imgs.to(rt.device, non_blocking=True)
+        if args.channels_last:
+            imgs = fastpath.to_channels_last(imgs)
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=args.amp):
-            out = model.forward_features(imgs.to(rt.device, non_blocking=True))  # (B, 4096)
+            out = model.forward_features(imgs)  # (B, 4096)
         util.fault_point("features")
-        rows.append(out.float())
-        index.append(idx)
-    local = torch.cat(rows) if rows else torch.zeros(0, models.common.FC_DIM, device=rt.device)
-    local_idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
-    full = util.gather_rows(local, local_idx, N, rt)
-    return None if full is None else full.cpu().numpy()
+        if store is not None:
+            store.write(idx, out.float())
+        else:
+            rows.append(out.float())
+            index.append(idx)
+    if store is not None:
+        full = store.tensor
+    else:
+        local = torch.cat(rows) if rows else torch.zeros(0, models.common.FC_DIM, device=rt.device)
+        local_idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+        full = util.gather_rows(local, local_idx, N, rt)
+        if full is None:
+            return None
+        full = full.to(store_on, fastpath.feature_dtype(args.features_dtype))
+    # host float32 stays a numpy array (the original's representation, no copy)
+    return full.numpy() if full.device.type == "cpu" and full.dtype == torch.float32 else full
 
 
 def _no_bar(args: argparse.Namespace, rt: util.Runtime) -> bool | None:
@@ -333,6 +360,8 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
             on_iteration(i, losses)
         util.fault_point("train")
         imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if args.channels_last:
+            imgs = fastpath.to_channels_last(imgs)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss = crit(model(imgs), target)
         if not torch.isfinite(loss):
