@@ -42,3 +42,15 @@ def make_image_folder(root: Path, n_classes: int = 3, per_class: int = 8, size: 
 @pytest.fixture
 def tiny_image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+def digits_subset(digits_dir: str, root: Path, per_class: int) -> str:
+    """The first ``per_class`` digits of each class, copied under ``root`` (fast end-to-end runs)."""
+    import shutil
+
+    for cls in sorted(Path(digits_dir).iterdir()):
+        if cls.is_dir():
+            (root / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:per_class]:
+                shutil.copy(f, root / cls.name / f.name)
+    return str(root)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 from sklearn.metrics import adjusted_rand_score
 
 import util
+from conftest import digits_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,13 +27,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def digits100(tmp_path_factory, digits_dir) -> str:
-    root = tmp_path_factory.mktemp("d100") / "digits"
-    for cls in sorted(Path(digits_dir).iterdir()):
-        if cls.is_dir():
-            (root / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:10]:
-                shutil.copy(f, root / cls.name / f.name)
-    return str(root)
+    return digits_subset(digits_dir, tmp_path_factory.mktemp("d100") / "digits", 10)
 
 
 def train_argv(data: str, exp: Path, epochs: int) -> list[str]:

@@ -21,6 +21,7 @@ import torch
 
 import clustering
 import main
+from conftest import digits_subset
 import util
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,13 +30,7 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def digits80(tmp_path_factory, digits_dir) -> str:
-    root = tmp_path_factory.mktemp("d80") / "digits"
-    for cls in sorted(Path(digits_dir).iterdir()):
-        if cls.is_dir():
-            (root / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:8]:
-                shutil.copy(f, root / cls.name / f.name)
-    return str(root)
+    return digits_subset(digits_dir, tmp_path_factory.mktemp("d80") / "digits", 8)
 
 
 def argv(data: str, exp: Path, *extra: str) -> list[str]:

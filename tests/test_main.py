@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +9,14 @@ import pytest
 import torch
 
 import main
+from conftest import digits_subset
 import util
 
 
 @pytest.fixture(scope="module")
 def small_digits(tmp_path_factory, digits_dir) -> str:
     """30 digits per class (300 images, 10 class folders) for fast end-to-end runs."""
-    root = tmp_path_factory.mktemp("small") / "digits"
-    for cls in sorted(Path(digits_dir).iterdir()):
-        if cls.is_dir():
-            (root / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:30]:
-                shutil.copy(f, root / cls.name / f.name)
-    return str(root)
+    return digits_subset(digits_dir, tmp_path_factory.mktemp("small") / "digits", 30)
 
 
 def base_args(data: str, exp: Path, *extra: str) -> list[str]:
