@@ -314,6 +314,7 @@ def kmeans_faiss(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, verbo
     clus.seed = int(seed)
     clus.niter = niter
     clus.max_points_per_centroid = 10_000_000  # never subsample (the original's setting)
+    clus.min_points_per_centroid = 1  # only silences faiss's "please provide more points" warning
     clus.verbose = verbose
     if faiss_has_gpu():
         res = faiss.StandardGpuResources()
