@@ -38,7 +38,7 @@ log = logging.getLogger("deepcluster")
 # Settings of the no-argument demo (scikit-learn's 1,797 digits, on a 2-core CPU).
 # Digits are 8x8 strokes: crops of 8% of the image (the paper's RandomResizedCrop) would
 # keep almost nothing of them, so the demo crops at least half of each image.
-DEMO_DEFAULTS = dict(size=64, nmb_cluster=100, epochs=10, batch=64, workers=2, exp="exp_demo",
+DEMO_DEFAULTS = dict(size=64, nmb_cluster=100, epochs=6, batch=64, workers=2, exp="exp_demo",
                      sobel=True, lr=0.05, crop_min_scale=0.5)
 
 
