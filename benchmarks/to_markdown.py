@@ -1,4 +1,4 @@
-"""Render benchmark JSON files (written with --out) as Markdown, for docs/performance.md.
+"""Render benchmark JSON files (written with --out) as Markdown, for the README's Performance section.
 
     python benchmarks/to_markdown.py exp_bench/clustering.json exp_bench/throughput.json ...
 """
