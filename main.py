@@ -506,16 +506,18 @@ def resume(path: str, model: models.DeepClusterNet, opt: torch.optim.Optimizer,
 # ---------------------------------------------------------------------------------------
 # orchestration
 # ---------------------------------------------------------------------------------------
-def check_exp_writable(exp: Path) -> None:
+def check_exp_writable(exp: Path, rt: util.Runtime) -> None:
     """Fail before any work if the experiment folder cannot take files (read-only, full)."""
     try:
         exp.mkdir(parents=True, exist_ok=True)
         (exp / "checkpoints").mkdir(exist_ok=True)
-        probe = exp / ".write_test"
+        probe = exp / f".write_test.{os.getpid()}"  # one per process: ranks share the folder
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as e:
         raise util.CheckpointError(f"experiment folder {str(exp)!r} is not writable: {e.strerror or e}") from None
+    if not rt.is_main:  # only rank 0 writes files, so only it cleans up
+        return
     # temporary files of a save that was killed before its rename: never valid, remove them
     for stale in list(exp.glob(".tmp-*")) + list((exp / "checkpoints").glob(".tmp-*")) \
             + list((exp / "clusters").glob(".tmp-*")):
@@ -526,7 +528,7 @@ def main(args: argparse.Namespace) -> dict:
     """Run DeepCluster; returns the last epoch's log record."""
     rt = util.init_runtime(args.device)
     exp = Path(args.exp)
-    check_exp_writable(exp)
+    check_exp_writable(exp, rt)
     setup_logging(exp, args.verbose, rt.is_main)
     seed_everything(args.seed)
     if args.demo:

@@ -155,7 +155,7 @@ def test_read_only_experiment_folder_is_refused_up_front(digits80, tmp_path, mon
     real_write = Path.write_bytes
 
     def refuse(self, data):
-        if self.name == ".write_test":
+        if self.name.startswith(".write_test"):
             raise OSError(30, "Read-only file system")
         return real_write(self, data)
     monkeypatch.setattr(Path, "write_bytes", refuse)
