@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -524,6 +525,110 @@ def check_exp_writable(exp: Path, rt: util.Runtime) -> None:
         stale.unlink(missing_ok=True)
 
 
+@dataclass
+class EpochPlan:
+    """What one epoch trains on: its clustering, draws and head, and where training starts."""
+    labels: np.ndarray                 # (N,) cluster id per image
+    images_lists: list[list[int]]      # images of each cluster
+    clustering_loss: float
+    draws: np.ndarray                  # (n_draws,) dataset indices of the epoch, all ranks
+    top_opt: torch.optim.Optimizer     # SGD of the new top layer
+    start_iter: int = 0                # > 0 when resuming inside the epoch
+    losses: util.AverageMeter = field(default_factory=util.AverageMeter)
+    time_features: float = 0.0
+    time_clustering: float = 0.0
+
+
+def plan_epoch(feature_loader: DataLoader, model: models.DeepClusterNet, clusterer, N: int,
+               args: argparse.Namespace, rt: util.Runtime) -> EpochPlan:
+    """Features -> clustering -> pseudo-labels, draws and a fresh top layer."""
+    t0 = time.time()
+    features = compute_features(feature_loader, model, N, rt, args)
+    t1 = time.time()
+    clus_loss, images_lists = cluster(features, clusterer, args, rt)
+    del features
+    labels = clustering.arrange_clustering(images_lists)
+    draws = draw_samples(images_lists, N, args, rt)
+    top_opt = reset_top_layer(model, len(images_lists), args)
+    return EpochPlan(labels, images_lists, clus_loss, draws, top_opt,
+                     time_features=t1 - t0, time_clustering=time.time() - t1)
+
+
+def restore_epoch(mid: dict, model: models.DeepClusterNet, args: argparse.Namespace) -> EpochPlan:
+    """The plan of an epoch interrupted inside training, from a periodic checkpoint."""
+    labels = mid["assignment"].numpy()
+    top_opt = torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, weight_decay=10 ** args.wd)
+    top_opt.load_state_dict(mid["top_optimizer"])
+    losses = util.AverageMeter()
+    losses.update(mid["loss_sum"] / max(1, mid["loss_count"]), int(mid["loss_count"]))
+    return EpochPlan(labels, clustering.labels_to_lists(labels, int(mid["n_clusters"])),
+                     float(mid["clustering_loss"]), mid["draws"].numpy(), top_opt,
+                     start_iter=int(mid["iteration"]), losses=losses,
+                     time_features=float(mid["time_features"]), time_clustering=float(mid["time_clustering"]))
+
+
+def mid_epoch_state(plan: EpochPlan, i: int, meter: util.AverageMeter, prev_labels: np.ndarray | None) -> dict:
+    """What a periodic checkpoint needs to continue this epoch at step i."""
+    return {"iteration": i, "assignment": torch.from_numpy(plan.labels), "n_clusters": len(plan.images_lists),
+            "draws": torch.from_numpy(plan.draws), "top_optimizer": plan.top_opt.state_dict(),
+            "clustering_loss": plan.clustering_loss, "loss_sum": meter.sum, "loss_count": meter.count,
+            "prev_assignment": None if prev_labels is None else torch.from_numpy(prev_labels),
+            "time_features": plan.time_features, "time_clustering": plan.time_clustering}
+
+
+def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, iterations: int,
+                 prev_labels: np.ndarray | None, targets: np.ndarray | None, rt: util.Runtime) -> dict:
+    """One line of exp/log.jsonl."""
+    return {
+        "epoch": epoch, "clustering_loss": plan.clustering_loss, "train_loss": loss,
+        "nmi_prev": None if prev_labels is None else nmi(prev_labels, plan.labels),
+        "nmi_labels": None if targets is None else nmi(targets, plan.labels),
+        "n_clusters": len(plan.images_lists),
+        "n_empty": int(sum(1 for lst in plan.images_lists if len(lst) == 0)),
+        "time_features": plan.time_features, "time_clustering": plan.time_clustering, "time_train": time_train,
+        "time_epoch": plan.time_features + plan.time_clustering + time_train,
+        "iterations": iterations, "world_size": rt.world_size,
+    }
+
+
+def open_dataset(args: argparse.Namespace, exp: Path, rt: util.Runtime) -> data.IndexedImageFolder:
+    """The demo's digits when no DIR is given; checks the images and k against the data."""
+    if args.demo:
+        args.data = data.export_digits(Path("data") / "digits") if rt.is_main else str(Path("data") / "digits")
+        _barrier(rt)
+        log.info("demo: no DIR given, training on scikit-learn's digits exported to %s", args.data)
+    args.data = os.path.abspath(args.data)  # args.json then points at the data from anywhere
+    dataset = load_dataset(args, exp, rt)
+    if args.clustering == "Kmeans" and args.nmb_cluster > len(dataset):
+        raise clustering.ClusteringError(f"--nmb_cluster/--k {args.nmb_cluster} is larger than the number "
+                                         f"of images ({len(dataset)}) in {args.data}")
+    if rt.is_main:
+        util.atomic_write_text(exp / "args.json", json.dumps(vars(args), indent=1, default=str))
+    log.info("%d images%s, %s%s at %d px, %d process(es) on %s", len(dataset),
+             f" in {len(dataset.classes)} class folders" if dataset.targets else "",
+             args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size, rt.device)
+    return dataset
+
+
+def restore_run(args: argparse.Namespace, model, opt, history: util.Logger, clog: util.ClusterLog,
+                rt: util.Runtime) -> tuple[int, dict | None, np.ndarray | None]:
+    """--resume: (start epoch, mid-epoch state or None, previous assignment); logs of the
+    epochs to redo are dropped. Without --resume, an old log in --exp is started anew."""
+    if not args.resume:
+        if history.data and rt.is_main:
+            log.warning("%s already holds a log: a fresh run (no --resume) starts it anew", args.exp)
+            history.truncate(0)
+            clog.truncate(0)
+        return args.start_epoch, None, None
+    ckpt = resume(args.resume, model, opt, args)
+    start_epoch, mid = int(ckpt.get("epoch", 0)), ckpt.get("mid_epoch")
+    prev = mid["prev_assignment"] if mid is not None else ckpt.get("last_assignment")
+    if rt.is_main:
+        history.truncate(sum(1 for r in history.data if r.get("epoch", 0) < start_epoch))
+        clog.truncate(start_epoch)
+    return start_epoch, mid, None if prev is None else prev.numpy()
+
+
 def main(args: argparse.Namespace) -> dict:
     """Run DeepCluster; returns the last epoch's log record."""
     rt = util.init_runtime(args.device)
@@ -531,109 +636,50 @@ def main(args: argparse.Namespace) -> dict:
     check_exp_writable(exp, rt)
     setup_logging(exp, args.verbose, rt.is_main)
     seed_everything(args.seed)
-    if args.demo:
-        args.data = data.export_digits(Path("data") / "digits") if rt.is_main else str(Path("data") / "digits")
-        _barrier(rt)
-        log.info("demo: no DIR given, training on scikit-learn's digits exported to %s", args.data)
-
-    args.data = os.path.abspath(args.data)  # args.json then points at the data from anywhere
-    dataset = load_dataset(args, exp, rt)
+    dataset = open_dataset(args, exp, rt)
     N = len(dataset)
-    if args.clustering == "Kmeans" and args.nmb_cluster > N:
-        raise clustering.ClusteringError(
-            f"--nmb_cluster/--k {args.nmb_cluster} is larger than the number of images ({N}) in {args.data}")
-    if rt.is_main:
-        util.atomic_write_text(exp / "args.json", json.dumps(vars(args), indent=1, default=str))
-    log.info("%d images%s, %s%s at %d px, %d process(es) on %s", N,
-             f" in {len(dataset.classes)} class folders" if dataset.targets else "",
-             args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size, rt.device)
+    targets = np.asarray(dataset.targets) if dataset.targets else None
 
     model = build_model(args, rt.device)
     opt = build_optimizer(model, args)
     crit = nn.CrossEntropyLoss()
-    clog = util.ClusterLog(exp / "clusters")
-    history = util.Logger(exp / "log.jsonl")
-    prev_labels, start_epoch, mid = None, args.start_epoch, None
-    if args.resume:
-        ckpt = resume(args.resume, model, opt, args)
-        start_epoch, mid = int(ckpt.get("epoch", 0)), ckpt.get("mid_epoch")
-        last = ckpt.get("last_assignment")
-        prev_labels = mid["prev_assignment"] if mid is not None else last
-        prev_labels = None if prev_labels is None else prev_labels.numpy()
-        if rt.is_main:  # epochs from start_epoch on are (re)done: drop their records
-            history.truncate(sum(1 for r in history.data if r.get("epoch", 0) < start_epoch))
-            clog.truncate(start_epoch)
-    elif history.data and rt.is_main:
-        log.warning("%s already holds a log: a fresh run (no --resume) starts it anew", exp)
-        history.truncate(0)
-        clog.truncate(0)
-
+    clog, history = util.ClusterLog(exp / "clusters"), util.Logger(exp / "log.jsonl")
+    start_epoch, mid, prev_labels = restore_run(args, model, opt, history, clog, rt)
     feature_loader = make_feature_loader(dataset, args, rt)
     clusterer = make_clusterer(args, rt.device)
-    targets = np.asarray(dataset.targets) if dataset.targets else None
 
     record: dict = {}
     for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
         if mid is not None:  # resuming inside this epoch: its clustering is in the checkpoint
-            labels = mid["assignment"].numpy()
-            images_lists = clustering.labels_to_lists(labels, int(mid["n_clusters"]))
-            clus_loss, draws, start_iter = float(mid["clustering_loss"]), mid["draws"].numpy(), int(mid["iteration"])
-            top_opt = torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, weight_decay=10 ** args.wd)
-            top_opt.load_state_dict(mid["top_optimizer"])
-            losses = util.AverageMeter()
-            losses.update(mid["loss_sum"] / max(1, mid["loss_count"]), int(mid["loss_count"]))
-            t_feat, t_clus = float(mid["time_features"]), float(mid["time_clustering"])
-            t1 = t2 = time.time()
-            mid = None
+            plan, mid = restore_epoch(mid, model, args), None
         else:
-            features = compute_features(feature_loader, model, N, rt, args)
-            t1 = time.time()
-            clus_loss, images_lists = cluster(features, clusterer, args, rt)
-            del features
-            labels = clustering.arrange_clustering(images_lists)
-            draws = draw_samples(images_lists, N, args, rt)
-            top_opt = reset_top_layer(model, len(images_lists), args)
-            start_iter, losses = 0, util.AverageMeter()
-            t2 = time.time()
-            t_feat, t_clus = t1 - t0, t2 - t1
-        per_rank = len(draws) // rt.world_size
-        train_loader = make_train_loader(dataset, images_lists, draws, epoch, args, rt,
-                                         start=start_iter * args.batch)
-        iters_per_epoch = math.ceil(per_rank / args.batch)
+            plan = plan_epoch(feature_loader, model, clusterer, N, args, rt)
+        t2 = time.time()
+        train_loader = make_train_loader(dataset, plan.images_lists, plan.draws, epoch, args, rt,
+                                         start=plan.start_iter * args.batch)
+        iters_per_epoch = math.ceil(len(plan.draws) // rt.world_size / args.batch)
 
         def periodic_checkpoint(i: int, meter: util.AverageMeter) -> None:
             n = iters_per_epoch * epoch + i
             if n % args.checkpoints == 0 and rt.is_main:
-                state = checkpoint_state(model, opt, epoch, args, labels, mid_epoch={
-                    "iteration": i, "assignment": torch.from_numpy(labels), "n_clusters": len(images_lists),
-                    "draws": torch.from_numpy(draws), "top_optimizer": top_opt.state_dict(),
-                    "clustering_loss": clus_loss, "loss_sum": meter.sum, "loss_count": meter.count,
-                    "prev_assignment": None if prev_labels is None else torch.from_numpy(prev_labels),
-                    "time_features": t_feat, "time_clustering": t_clus})
+                state = checkpoint_state(model, opt, epoch, args, plan.labels,
+                                         mid_epoch=mid_epoch_state(plan, i, meter, prev_labels))
                 save_checkpoint(state, exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar", rt)
 
-        loss = train_one_epoch(train_loader, wrap_for_training(model, rt), crit, opt, top_opt, rt.device,
-                               epoch, args, on_iteration=periodic_checkpoint, start_iter=start_iter, losses=losses)
-        t3 = time.time()
-        save_checkpoint(checkpoint_state(model, opt, epoch + 1, args, labels), exp / "checkpoint.pth.tar", rt)
-        record = {
-            "epoch": epoch, "clustering_loss": clus_loss, "train_loss": loss,
-            "nmi_prev": None if prev_labels is None else nmi(prev_labels, labels),
-            "nmi_labels": None if targets is None else nmi(targets, labels),
-            "n_clusters": len(images_lists),
-            "n_empty": int(sum(1 for lst in images_lists if len(lst) == 0)),
-            "time_features": t_feat, "time_clustering": t_clus, "time_train": t3 - t2,
-            "time_epoch": t_feat + t_clus + (t3 - t2), "iterations": iters_per_epoch, "world_size": rt.world_size,
-        }
+        loss = train_one_epoch(train_loader, wrap_for_training(model, rt), crit, opt, plan.top_opt, rt.device,
+                               epoch, args, on_iteration=periodic_checkpoint, start_iter=plan.start_iter,
+                               losses=plan.losses)
+        time_train = time.time() - t2
+        save_checkpoint(checkpoint_state(model, opt, epoch + 1, args, plan.labels), exp / "checkpoint.pth.tar", rt)
+        record = epoch_record(epoch, plan, loss, time_train, iters_per_epoch, prev_labels, targets, rt)
         if rt.is_main:
-            clog.save(epoch, labels, len(images_lists))
+            clog.save(epoch, plan.labels, len(plan.images_lists))
             history.log(record)
         log.info("epoch %3d | clustering loss %.3f | train loss %.3f | NMI prev %s | NMI labels %s | "
                  "empty %d | time: features %.1fs cluster %.1fs train %.1fs",
-                 epoch, clus_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
-                 record["n_empty"], t_feat, t_clus, t3 - t2)
-        prev_labels = labels
+                 epoch, plan.clustering_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
+                 record["n_empty"], plan.time_features, plan.time_clustering, time_train)
+        prev_labels = plan.labels
     _barrier(rt)
     if args.report and rt.is_main:
         draw_report(exp)
