@@ -611,7 +611,7 @@ def open_dataset(args: argparse.Namespace, exp: Path, rt: util.Runtime) -> data.
 
 
 def restore_run(args: argparse.Namespace, model, opt, history: util.Logger, clog: util.ClusterLog,
-                rt: util.Runtime) -> tuple[int, dict | None, np.ndarray | None]:
+                N: int, rt: util.Runtime) -> tuple[int, dict | None, np.ndarray | None]:
     """--resume: (start epoch, mid-epoch state or None, previous assignment); logs of the
     epochs to redo are dropped. Without --resume, an old log in --exp is started anew."""
     if not args.resume:
@@ -623,6 +623,14 @@ def restore_run(args: argparse.Namespace, model, opt, history: util.Logger, clog
     ckpt = resume(args.resume, model, opt, args)
     start_epoch, mid = int(ckpt.get("epoch", 0)), ckpt.get("mid_epoch")
     prev = mid["prev_assignment"] if mid is not None else ckpt.get("last_assignment")
+    n_ckpt = len(mid["assignment"]) if mid is not None else (len(prev) if prev is not None else N)
+    if n_ckpt != N:  # the image set changed (files added, removed or skipped as unreadable)
+        if mid is not None:
+            raise util.CheckpointError(f"the checkpoint's epoch was clustered on {n_ckpt} images but {args.data} "
+                                       f"now has {N}: resume from an end-of-epoch checkpoint instead")
+        log.warning("the checkpoint was made on %d images, %s now has %d: NMI with the previous epoch "
+                    "restarts", n_ckpt, args.data, N)
+        prev = None
     if rt.is_main:
         history.truncate(sum(1 for r in history.data if r.get("epoch", 0) < start_epoch))
         clog.truncate(start_epoch)
@@ -644,7 +652,7 @@ def main(args: argparse.Namespace) -> dict:
     opt = build_optimizer(model, args)
     crit = nn.CrossEntropyLoss()
     clog, history = util.ClusterLog(exp / "clusters"), util.Logger(exp / "log.jsonl")
-    start_epoch, mid, prev_labels = restore_run(args, model, opt, history, clog, rt)
+    start_epoch, mid, prev_labels = restore_run(args, model, opt, history, clog, N, rt)
     feature_loader = make_feature_loader(dataset, args, rt)
     clusterer = make_clusterer(args, rt.device)
 

@@ -175,3 +175,15 @@ def test_speed_flags_keep_the_clustering(tiny_image_folder, tmp_path):
     assert lb["clustering_loss"] == pytest.approx(la["clustering_loss"], rel=0.01)
     ca, cb = (util.ClusterLog(tmp_path / x / "clusters").load(0) for x in "ab")
     assert adjusted_rand_score(ca, cb) > 0.9
+
+
+def test_resume_after_the_image_set_changed(tiny_image_folder, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    args = [str(tiny_image_folder), "--exp", str(exp), "--size", "64", "--k", "3", "--pca", "8",
+            "--batch", "8", "--workers", "0", "--no_progress", "--checkpoints", "1000"]
+    assert main.run(args + ["--epochs", "1"]) == 0
+    (tiny_image_folder / "class0" / "img000.jpg").unlink()
+    assert main.run(args + ["--epochs", "2", "--resume", str(exp)]) == 0
+    assert "NMI with the previous epoch restarts" in capsys.readouterr().out
+    recs = util.read_jsonl(exp / "log.jsonl")
+    assert [r["epoch"] for r in recs] == [0, 1] and recs[1]["nmi_prev"] is None
