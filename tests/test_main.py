@@ -187,3 +187,22 @@ def test_resume_after_the_image_set_changed(tiny_image_folder, tmp_path, capsys)
     assert "NMI with the previous epoch restarts" in capsys.readouterr().out
     recs = util.read_jsonl(exp / "log.jsonl")
     assert [r["epoch"] for r in recs] == [0, 1] and recs[1]["nmi_prev"] is None
+
+
+@pytest.mark.parametrize("extra", [["--sampler", "original"], ["--clustering", "PIC"],
+                                   ["--arch", "vgg16", "--size", "32"], ["--reassign", "0.5"]])
+def test_variants_run_end_to_end(tiny_image_folder, tmp_path, extra):
+    exp = tmp_path / "exp"
+    args = [str(tiny_image_folder), "--exp", str(exp), "--size", "64", "--k", "3", "--pca", "8",
+            "--batch", "8", "--workers", "0", "--epochs", "2", "--no_progress", "--sobel", *extra]
+    assert main.run(args) == 0
+    recs = util.read_jsonl(exp / "log.jsonl")
+    assert [r["epoch"] for r in recs] == [0, 1]
+    labels = util.ClusterLog(exp / "clusters").load(1)
+    assert len(labels) == 24 and labels.min() >= 0
+    ckpt = torch.load(exp / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["arch"] == ("vgg16" if "vgg16" in extra else "alexnet")
+    if "--reassign" in extra:
+        assert recs[0]["iterations"] == 2  # int(0.5 * 24) = 12 draws, batch 8
+    if "PIC" in extra:
+        assert recs[1]["n_clusters"] == ckpt["state_dict"]["top_layer.bias"].shape[0]
