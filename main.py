@@ -211,7 +211,7 @@ def load_dataset(args: argparse.Namespace, exp: Path, rt: util.Runtime) -> data.
     if mode == "off":
         return dataset
     bad = data.check_images(dataset.paths, full=mode == "full", workers=args.workers,
-                            progress=not args.no_progress and rt.is_main)
+                            progress=not args.no_progress)
     if not bad:
         return dataset
     listing = "".join(f"{dataset.paths[i]}\t{why}\n" for i, why in sorted(bad.items()))
@@ -251,7 +251,7 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
     # keeps its rows and rank 0 gathers them
     store = None if rt.distributed else fastpath.FeatureStore(N, models.common.FC_DIM, store_on, args.features_dtype)
     rows, index = [], []
-    for imgs, idx in tqdm(loader, desc="features", leave=False, disable=_no_bar(args, rt)):
+    for imgs, idx in tqdm(loader, desc="features", leave=False, disable=_no_bar(args)):
         imgs = imgs.to(rt.device, non_blocking=True)
         if args.channels_last:
             imgs = fastpath.to_channels_last(imgs)
@@ -276,8 +276,8 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
     return full.numpy() if full.device.type == "cpu" and full.dtype == torch.float32 else full
 
 
-def _no_bar(args: argparse.Namespace, rt: util.Runtime) -> bool | None:
-    return True if (args.no_progress or not rt.is_main) else None  # None: auto, off when not a TTY
+def _no_bar(args: argparse.Namespace) -> bool | None:
+    return True if args.no_progress else None  # None: auto, off when not a TTY
 
 
 def make_clusterer(args: argparse.Namespace, device: torch.device):
@@ -288,10 +288,10 @@ def make_clusterer(args: argparse.Namespace, device: torch.device):
 
 
 def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
-            rt: util.Runtime) -> tuple[float, list[list[int]]]:
+            rt: util.Runtime) -> tuple[float, list[list[int]], np.ndarray]:
     """PCA-whiten, L2-normalise and cluster on rank 0; every rank gets the same result.
 
-    Returns (clustering loss, images_lists). The k-means seed is drawn from the seeded
+    Returns (clustering loss, images_lists, (N,) cluster id per image). The k-means seed is drawn from the seeded
     numpy RNG on every rank (as the original did per call), so the ranks' RNGs stay in step.
     """
     clusterer.seed = int(np.random.randint(1234))
@@ -303,10 +303,10 @@ def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
     else:
         labels, meta = None, None
     if not rt.distributed:
-        return loss, clusterer.images_lists
+        return loss, clusterer.images_lists, labels
     labels = util.broadcast_array(labels, rt)
     loss, k = util.broadcast_array(meta, rt, dtype=torch.float64)
-    return float(loss), clustering.labels_to_lists(labels, int(k))
+    return float(loss), clustering.labels_to_lists(labels, int(k)), labels
 
 
 def draw_samples(images_lists: list[list[int]], N: int, args: argparse.Namespace, rt: util.Runtime) -> np.ndarray:
@@ -356,7 +356,7 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
     """
     model.train()
     losses = losses or util.AverageMeter()
-    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=True if args.no_progress else None,
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=_no_bar(args),
                initial=start_iter, total=start_iter + len(loader))
     for i, (imgs, target, _) in enumerate(bar, start=start_iter):
         if on_iteration is not None:
@@ -545,9 +545,8 @@ def plan_epoch(feature_loader: DataLoader, model: models.DeepClusterNet, cluster
     t0 = time.time()
     features = compute_features(feature_loader, model, N, rt, args)
     t1 = time.time()
-    clus_loss, images_lists = cluster(features, clusterer, args, rt)
+    clus_loss, images_lists, labels = cluster(features, clusterer, args, rt)
     del features
-    labels = clustering.arrange_clustering(images_lists)
     draws = draw_samples(images_lists, N, args, rt)
     top_opt = reset_top_layer(model, len(images_lists), args)
     return EpochPlan(labels, images_lists, clus_loss, draws, top_opt,
@@ -643,6 +642,8 @@ def main(args: argparse.Namespace) -> dict:
     exp = Path(args.exp)
     check_exp_writable(exp, rt)
     setup_logging(exp, args.verbose, rt.is_main)
+    if not rt.is_main:  # one set of progress bars, rank 0's
+        args.no_progress = True
     seed_everything(args.seed)
     dataset = open_dataset(args, exp, rt)
     N = len(dataset)

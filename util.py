@@ -545,21 +545,20 @@ def gather_rows(local: torch.Tensor, local_idx: torch.Tensor, n: int, rt: Runtim
         out[local_idx.to(local.device)] = local
         return out
     cap = -(-n // rt.world_size)
-    pad = torch.zeros(cap, d + 1, dtype=torch.float64 if local.dtype == torch.float64 else torch.float32,
-                      device=rt.device)
-    pad[:, 0] = -1  # row index, -1 = padding (float32 holds indices exactly up to 2**24)
-    if n >= 2 ** 24:
-        raise ValueError("gather_rows: more than 2**24 rows; gather indices separately")
-    pad[:local.shape[0], 0] = local_idx.to(rt.device, pad.dtype)
-    pad[:local.shape[0], 1:] = local.to(rt.device, pad.dtype)
-    bufs = [torch.empty_like(pad) for _ in range(rt.world_size)] if rt.is_main else None
-    dist.gather(pad, bufs, dst=0)
+    rows = torch.zeros(cap, d, dtype=local.dtype, device=rt.device)
+    index = torch.full((cap,), -1, dtype=torch.int64, device=rt.device)  # -1 = padding
+    rows[:local.shape[0]] = local.to(rt.device)
+    index[:local.shape[0]] = local_idx.to(rt.device)
+    row_bufs = [torch.empty_like(rows) for _ in range(rt.world_size)] if rt.is_main else None
+    index_bufs = [torch.empty_like(index) for _ in range(rt.world_size)] if rt.is_main else None
+    dist.gather(rows, row_bufs, dst=0)
+    dist.gather(index, index_bufs, dst=0)
     if not rt.is_main:
         return None
-    allrows = torch.cat(bufs)
-    keep = allrows[:, 0] >= 0
+    allrows, allidx = torch.cat(row_bufs), torch.cat(index_bufs)
+    keep = allidx >= 0
     out = torch.empty(n, d, dtype=local.dtype, device=rt.device)
-    out[allrows[keep, 0].long()] = allrows[keep, 1:].to(local.dtype)
+    out[allidx[keep]] = allrows[keep]
     return out
 
 

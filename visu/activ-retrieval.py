@@ -38,13 +38,7 @@ import data  # noqa: E402  (on sys.path once visu.common is imported)
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Retrieve the images that maximally activate each filter",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", type=str, default="", help="Model (checkpoint path)")
-    g.add_argument("--arch", type=str, choices=["alexnet", "vgg16"], default=None,
-                   help="arch (inferred from the checkpoint when omitted; checked when given)")
-    g.add_argument("--conv", type=int, default=1, help="convolutional layer (1-based)")
-    g.add_argument("--filters", type=str, default="",
-                   help="filters to show, e.g. '0,5,9' or '0-15'; empty: all of the layer")
+    common.add_model_args(p, "show")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", type=str, default="", help="path to dataset (an image folder)")

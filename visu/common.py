@@ -86,6 +86,18 @@ class ConvTrunk(nn.Module):
         return self.body(x)
 
 
+def add_model_args(p: argparse.ArgumentParser, verb: str) -> argparse._ArgumentGroup:
+    """The "model" flags both visualisations share (--model, --arch, --conv, --filters)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=str, default="", help="Model (checkpoint path)")
+    g.add_argument("--arch", type=str, choices=["alexnet", "vgg16"], default=None,
+                   help="arch (inferred from the checkpoint when omitted; checked when given)")
+    g.add_argument("--conv", type=int, default=1, help="convolutional layer (1-based)")
+    g.add_argument("--filters", type=str, default="",
+                   help=f"filters to {verb}, e.g. '0,5,9' or '0-15'; empty: all of the layer")
+    return g
+
+
 def parse_filters(spec: str | None, n_filters: int) -> list[int]:
     """``None``/"" -> all filters; "0,5,9" and ranges "0-15" (inclusive) also accepted."""
     if not spec:

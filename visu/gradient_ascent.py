@@ -39,13 +39,7 @@ from visu import common  # noqa: E402
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Gradient ascent visualisation",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", type=str, default="", help="Model (checkpoint path)")
-    g.add_argument("--arch", type=str, choices=["alexnet", "vgg16"], default=None,
-                   help="arch (inferred from the checkpoint when omitted; checked when given)")
-    g.add_argument("--conv", type=int, default=1, help="convolutional layer (1-based)")
-    g.add_argument("--filters", type=str, default="",
-                   help="filters to draw, e.g. '0,5,9' or '0-15'; empty: all of the layer")
+    g = common.add_model_args(p, "draw")
     g.add_argument("--pre_relu", action="store_true",
                    help="climb the responses before the layer's ReLU (a filter silent everywhere on "
                         "the starting noise gets no gradient after the ReLU)")
