@@ -158,15 +158,20 @@ def test_transform(args: argparse.Namespace) -> transforms.Compose:
 # model
 # ---------------------------------------------------------------------------------------
 def prepare_model(model: models.DeepClusterNet, args: argparse.Namespace) -> list[nn.Parameter]:
-    """New Linear(4096, 20) top, fc6/fc7 re-initialised, conv layers frozen with --fc6_8 1.
+    """New 20-way top layer, fc6/fc7 re-initialised, conv layers frozen with --fc6_8 1.
 
+    As the original: fc6/fc7 weights ~ N(0, 0.01) and biases 0.1; the top layer is a fresh
+    ``nn.Linear`` (PyTorch's default weight init, U(-1/sqrt(4096), 1/sqrt(4096))) with bias 0.1.
     Returns the trainable parameters.
     """
     for m in model.classifier.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
-    model.reset_top_layer(len(VOC_CLASSES))
+            nn.init.constant_(m.bias, 0.1)
+    ref = model.classifier[-2].weight
+    top = nn.Linear(ref.shape[0], len(VOC_CLASSES))  # (4096 -> 20)
+    nn.init.constant_(top.bias, 0.1)
+    model.top_layer = top.to(device=ref.device, dtype=ref.dtype)
     if args.fc6_8:
         for p in model.features.parameters():
             p.requires_grad = False
@@ -179,10 +184,13 @@ def prepare_model(model: models.DeepClusterNet, args: argparse.Namespace) -> lis
 
 
 def set_train_mode(model: models.DeepClusterNet, args: argparse.Namespace) -> None:
-    """Train mode, except frozen conv layers keep their BN running statistics (eval mode)."""
+    """Train mode (dropout on), but every conv BatchNorm in eval mode: it normalises with its
+    running statistics and never updates them, whatever --fc6_8 / --train_batchnorm say (those
+    only decide which parameters learn), as the original's ``model.features.eval()``."""
     model.train()
-    if args.fc6_8 and not args.train_batchnorm:
-        model.features.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def check_input_size(model: models.DeepClusterNet, size: int, path: str) -> None:
@@ -255,9 +263,20 @@ def predict(model: models.DeepClusterNet, loader: DataLoader, device: torch.devi
     return np.concatenate(scores), np.concatenate(labels)
 
 
+AP_TIE_SHIFT = 1e-5  # subtracted from the scores of positives before ranking (the original's AP)
+
+
 def per_class_ap(scores: np.ndarray, labels: np.ndarray, metric: str = "standard") -> np.ndarray:
-    fn = average_precision_voc07 if metric == "voc07" else average_precision
-    return np.array([fn(scores[:, c], labels[:, c]) for c in range(labels.shape[1])])
+    """AP of each class (column) of scores (N, C) against labels (N, C) in {1, 0 (ignored), -1}.
+
+    ``standard`` is the original's: the area under the precision-recall curve after lowering
+    every positive's score by 1e-5, so a negative tied with a positive ranks before it (a tie
+    never counts in the model's favour). ``voc07`` is the devkit's 11-point AP on raw scores.
+    """
+    if metric == "voc07":
+        return np.array([average_precision_voc07(scores[:, c], labels[:, c]) for c in range(labels.shape[1])])
+    shifted = np.asarray(scores, dtype=np.float64) - AP_TIE_SHIFT * (np.asarray(labels) > 0)
+    return np.array([average_precision(shifted[:, c], labels[:, c]) for c in range(labels.shape[1])])
 
 
 def format_table(aps: np.ndarray) -> str:

@@ -171,3 +171,52 @@ def test_bad_inputs_exit_cleanly(case, voc, alexnet_files, tmp_path, capsys):
     expected = {"missing_split": "aeroplane_val.txt", "no_vocdir": "does not exist",
                 "missing_image": "missing from JPEGImages", "wrong_size": "--size is 96"}
     assert expected[case] in err
+
+
+@pytest.mark.parametrize("flags", [("--fc6_8", "0"), ("--fc6_8", "1", "--train_batchnorm", "1")])
+def test_bn_always_eval_mode_and_head_init_as_original(flags, voc, alexnet_files, tmp_path, monkeypatch):
+    """While training, no BatchNorm ever runs in train mode (running statistics untouched), and
+    the re-initialised fc6 / fc7 / 20-way top layer start with biases 0.1."""
+    seen: dict = {}
+    orig = voc_eval.prepare_model
+
+    def spy(model, args):
+        params = orig(model, args)
+        seen["start"] = {k: v.clone() for k, v in model.state_dict().items()}
+        seen["modes"] = modes = []
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.register_forward_pre_hook(lambda mod, inp: modes.append((mod.training, torch.is_grad_enabled())))
+        seen["model"] = model
+        return params
+    monkeypatch.setattr(voc_eval, "prepare_model", spy)
+    voc_eval.main(voc_args(voc, alexnet_files["ours"], tmp_path / "exp", "--nit", "2", *flags))
+    m, start = seen["model"], seen["start"]
+    fcs = [k for k, mod in m.classifier.named_children() if isinstance(mod, torch.nn.Linear)]
+    assert len(fcs) == 2
+    for name in [f"classifier.{k}.bias" for k in fcs] + ["top_layer.bias"]:
+        assert torch.all(start[name] == 0.1), name
+    assert m.top_layer.out_features == 20
+    assert abs(float(start["top_layer.weight"].abs().max()) - 1 / 64) < 1e-3  # U(-1/sqrt(4096), +)
+    for k in fcs:
+        assert float(start[f"classifier.{k}.weight"].std()) == pytest.approx(0.01, rel=0.05)
+    train_fw = [t for t, grad in seen["modes"] if grad]
+    assert train_fw and not any(train_fw)  # BN forwards during training, all in eval mode
+    for k, v in m.state_dict().items():
+        if "running_" in k or "num_batches" in k:
+            assert torch.equal(v.cpu(), start[k].cpu()), k
+    bn_w = [k for k, mod in m.features.named_children() if isinstance(mod, torch.nn.BatchNorm2d)][0]
+    assert not torch.equal(m.features.get_submodule(bn_w).weight.detach().cpu(), start[f"features.{bn_w}.weight"])
+
+
+def test_ap_ties_count_against_positives():
+    # one class: 0.9 (+), 0.5 + d (+), 0.5 (-), 0.5 (difficult, ignored), 0.1 (-).
+    # The original lowers positives by 1e-5 before ranking: a positive ahead of a negative by
+    # less than that (or tied with it) ranks after it: +, -, +, - -> AP = (1 + 2/3) / 2 = 5/6.
+    labels = np.array([[1], [1], [-1], [0], [-1]])
+
+    def ap(d: float) -> float:
+        return float(voc_eval.per_class_ap(np.array([[0.9], [0.5 + d], [0.5], [0.5], [0.1]]), labels)[0])
+    assert ap(5e-6) == pytest.approx(5 / 6)   # raw scores would rank +, +, -, -: AP 1
+    assert ap(0.0) == pytest.approx(5 / 6)
+    assert ap(1e-3) == pytest.approx(1.0)
