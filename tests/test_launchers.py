@@ -1,0 +1,74 @@
+"""The evaluation launchers pass the original release's values by default (PYTHON = a stub
+that records its arguments), and environment variables override them."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(tmp_path: Path, script: str, **env: str) -> list[dict[str, str | bool]]:
+    """Run ``script`` with PYTHON = a stub; one dict per stub call: flag -> value (True if bare)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "calls.txt"
+    stub = tmp_path / "stub.sh"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> "{log}"\necho "@@END" >> "{log}"\n')
+    stub.chmod(0o755)
+    full = {**os.environ, "PYTHON": str(stub), "EXP": str(tmp_path / "exp"), **env}
+    r = subprocess.run(["bash", str(ROOT / script)], env=full, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = []
+    for block in log.read_text().split("@@END\n")[:-1]:
+        argv = block.splitlines()
+        parsed: dict[str, str | bool] = {"script": argv[0]}
+        i = 1
+        while i < len(argv):
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                parsed[argv[i]] = argv[i + 1]
+                i += 2
+            else:
+                parsed[argv[i]] = True
+                i += 1
+        calls.append(parsed)
+    return calls
+
+
+def test_eval_linear_sh_is_the_originals_run(tmp_path):
+    (call,) = launch(tmp_path, "eval_linear.sh")
+    assert call["script"] == "eval_linear.py"
+    assert (call["--conv"], call["--lr"], call["--wd"], call["--tencrops"], call["--verbose"], call["--workers"],
+            call["--epochs"], call["--batch_size"]) == ("3", "0.01", "-7", True, True, "12", "90", "256")
+    (call,) = launch(tmp_path / "o", "eval_linear.sh", CONV="5", WD="-4", LR="0.1", TENCROPS="0")
+    assert (call["--conv"], call["--wd"], call["--lr"]) == ("5", "-4", "0.1") and "--tencrops" not in call
+
+
+def test_eval_voc_all_sh_is_the_originals_all_layers_run(tmp_path):
+    (call,) = launch(tmp_path, "eval_voc_classif_all.sh")
+    assert call["script"] == "eval_voc_classif.py"
+    assert (call["--fc6_8"], call["--lr"], call["--nit"], call["--stepsize"], call["--batch_size"], call["--wd"],
+            call["--split"]) == ("0", "0.001", "150000", "20000", "16", "1e-6", "trainval")
+    (call,) = launch(tmp_path / "o", "eval_voc_classif_all.sh", LR="0.003", NIT="10", STEPSIZE="5", BATCH="4")
+    assert (call["--lr"], call["--nit"], call["--stepsize"], call["--batch_size"]) == ("0.003", "10", "5", "4")
+
+
+def test_eval_voc_fc6_8_sh_runs_the_originals_two_commands(tmp_path):
+    calls = launch(tmp_path, "eval_voc_classif_fc6_8.sh")
+    assert [c["--train_batchnorm"] for c in calls] == ["1", "0"]
+    assert len({c["--exp"] for c in calls}) == 2
+    for c in calls:
+        assert (c["--fc6_8"], c["--split"], c["--nit"], c["--lr"], c["--stepsize"], c["--batch_size"], c["--wd"],
+                c["--min_scale"], c["--max_scale"], c["--eval_random_crops"]) == \
+            ("1", "trainval", "80000", "0.003", "5000", "16", "1e-6", "0.1", "0.5", "1")
+    calls = launch(tmp_path / "o", "eval_voc_classif_fc6_8.sh", TRAIN_BN="0", NIT="7")
+    assert [(c["--train_batchnorm"], c["--nit"]) for c in calls] == [("0", "7")]
+
+
+@pytest.mark.parametrize("script", ["eval_linear.sh", "eval_voc_classif_all.sh", "eval_voc_classif_fc6_8.sh"])
+def test_launcher_header_names_the_paper_number(script):
+    header = "".join(ln for ln in (ROOT / script).read_text().splitlines(True)[1:8] if ln.startswith("#"))
+    assert {"eval_linear.sh": "41.0", "eval_voc_classif_all.sh": "73.7",
+            "eval_voc_classif_fc6_8.sh": "72.0"}[script] in header
