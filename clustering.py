@@ -438,31 +438,53 @@ def make_graph(xb, nnn: int, device=None) -> tuple[np.ndarray, np.ndarray]:
     return I.numpy(), D.numpy()
 
 
-def run_pic(I: np.ndarray, D: np.ndarray, sigma: float, alpha: float, niter: int = 200) -> np.ndarray:
-    """Power iteration clustering on the kNN graph -> (N,) cluster id per node."""
+def pic_graph(I: np.ndarray, D: np.ndarray, sigma: float):
+    """Symmetric kNN affinity W = A + A^T, A_ij = exp(-d_ij / sigma^2) for the nnn neighbours.
+
+    Built as the original does (one CSR row per node, its neighbours in kNN order, column 0,
+    self, dropped; then scipy's A + A^T): the order in which a row stores its entries decides
+    which neighbour wins a tie in :func:`pic_pointers`, so it is kept as scipy makes it.
+    """
     from scipy.sparse import csr_matrix
 
     n, kk = I.shape
-    # A_ij = exp(-d_ij / sigma^2) for the nnn neighbours (column 0, self, is dropped)
     vals = np.exp(-D[:, 1:].astype(np.float64) / sigma ** 2).ravel()
-    rows = np.repeat(np.arange(n), kk - 1)
-    A = csr_matrix((vals, (rows, I[:, 1:].ravel())), shape=(n, n))
-    W = (A + A.T).tocsr()
-    v = np.full(n, 1.0 / n)
-    WT = W.T.tocsr()
+    A = csr_matrix((vals, I[:, 1:].ravel(), (kk - 1) * np.arange(n + 1)), shape=(n, n))
+    return A + A.transpose()
+
+
+def pic_pointers(W, v: np.ndarray) -> np.ndarray:
+    """Each node points to the neighbour j maximising W_ij (v_j - v_i) when it is > 0 (else to
+    itself); among equal maxima, the first one in the row's storage order (the original's
+    strict ``>`` scan)."""
+    n = W.shape[0]
+    row = np.repeat(np.arange(n), np.diff(W.indptr))
+    col = W.indices
+    score = W.data * (v[col] - v[row])
+    keep = score > 0
+    pos = np.flatnonzero(keep)                     # storage positions of the candidates
+    r, c, sc = row[keep], col[keep], score[keep]
+    order = np.lexsort((-pos, sc, r))  # by row, score ascending, then later positions first
+    r, c = r[order], c[order]
+    last = np.r_[r[1:] != r[:-1], True]            # per row: the best score, earliest position
+    ptr = np.arange(n)
+    ptr[r[last]] = c[last]
+    return ptr
+
+
+def run_pic(I: np.ndarray, D: np.ndarray, sigma: float, alpha: float, niter: int = 200) -> np.ndarray:
+    """Power iteration clustering on the kNN graph -> (N,) cluster id per node.
+
+    Clusters are numbered by their head (the node every pointer chain ends at), in node order.
+    """
+    n = I.shape[0]
+    W = pic_graph(I, D, sigma)
+    WT = W.transpose().tocsr()
+    v = np.full(n, 1.0 / n, dtype=np.float32)  # the original starts in float32; W is float64
     for _ in range(niter):
         v = alpha * (WT @ v) + (1 - alpha) / n
         v /= v.sum()
-    # each node points to the neighbour j maximising W_ij (v_j - v_i) when positive
-    coo = W.tocoo()
-    score = coo.data * (v[coo.col] - v[coo.row])
-    ptr = np.arange(n)
-    keep = score > 0
-    r, c, sc = coo.row[keep], coo.col[keep], score[keep]
-    order = np.lexsort((sc, r))  # by row, then score ascending: last per row is the best
-    r, c = r[order], c[order]
-    last = np.r_[r[1:] != r[:-1], True]
-    ptr[r[last]] = c[last]
+    ptr = pic_pointers(W, v)
     # follow pointers to the heads (v strictly increases along pointers: no cycles)
     while True:
         nxt = ptr[ptr]
@@ -476,7 +498,7 @@ def run_pic(I: np.ndarray, D: np.ndarray, sigma: float, alpha: float, niter: int
 class PIC:
     """Power iteration clustering (Lin & Cohen), as the original's ``--clustering PIC``."""
 
-    def __init__(self, args=None, sigma: float = 0.2, nnn: int = 5, alpha: float = 0.001,
+    def __init__(self, sigma: float = 0.2, nnn: int = 5, alpha: float = 0.001,
                  distribute_singletons: bool = True, pca: int = 256, device=None, backend: str = "auto"):
         self.sigma, self.nnn, self.alpha = sigma, nnn, alpha
         self.distribute_singletons = distribute_singletons
@@ -501,17 +523,17 @@ class PIC:
 
 
 def distribute_singletons(labels: np.ndarray, I: np.ndarray) -> np.ndarray:
-    """A node alone in its cluster joins the cluster of its nearest non-singleton neighbour."""
-    labels = labels.copy()
+    """A node alone in its cluster joins the cluster of its nearest neighbour that is not
+    alone *in the initial clustering* (every decision is taken on ``labels`` as given, as the
+    original; a singleton whose neighbours are all singletons stays alone)."""
     sizes = np.bincount(labels)
+    out = labels.copy()
     for i in np.flatnonzero(sizes[labels] == 1):
         for j in I[i, 1:]:
             if sizes[labels[j]] > 1:
-                sizes[labels[i]] -= 1
-                labels[i] = labels[j]
-                sizes[labels[j]] += 1
+                out[i] = labels[j]
                 break
-    return labels
+    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -361,6 +361,42 @@ def test_pic_class_assigns_every_point():
     assert len(lists) >= 4
 
 
+# Two identical triangles {1, 3, 4} and {2, 5, 6} (hubs 1 and 2) and node 0 pointing to both hubs at
+# the same distance: v_1 == v_2 exactly, so node 0's two candidate pointers tie.
+_TIE_I = np.array([[0, 1, 2], [1, 3, 4], [2, 5, 6], [3, 1, 4], [4, 1, 3], [5, 2, 6], [6, 2, 5]])
+_TIE_D = np.array([[0.0, 0.01, 0.01]] * 7, dtype=np.float32)
+
+
+@pytest.mark.parametrize("row3, expected", [
+    # every row sorted: A + A^T stores each row by node index, row 0 is [1, 2]: node 0 joins hub 1
+    ([3, 1, 4], [0, 0, 1, 0, 0, 1, 1]),
+    # one unsorted row: scipy's A + A^T then stores each row's own neighbours last-inserted first,
+    # row 0 is [2, 1]: the first candidate in storage order, hub 2, wins (the original's strict >)
+    ([3, 4, 1], [1, 0, 1, 0, 0, 1, 1]),
+])
+def test_run_pic_ties_go_to_the_first_neighbour_in_storage_order(row3, expected):
+    I = _TIE_I.copy()
+    I[3] = row3
+    W = clustering.pic_graph(I, _TIE_D, 0.2)
+    assert W.indices[W.indptr[0]:W.indptr[1]].tolist() == ([1, 2] if expected[0] == 0 else [2, 1])
+    assert clustering.run_pic(I, _TIE_D, sigma=0.2, alpha=0.001).tolist() == expected
+
+
+def test_distribute_singletons_decided_on_the_initial_clustering():
+    # node 2 joins cluster 0; node 3's neighbours 2 and 4 were singletons at the start, so node 3
+    # stays alone even though 2 has moved meanwhile; so does 4
+    labels = np.array([0, 0, 1, 2, 3])
+    I = np.array([[0, 1, 2], [1, 0, 2], [2, 0, 1], [3, 2, 4], [4, 3, 2]])
+    assert clustering.distribute_singletons(labels, I).tolist() == [0, 0, 0, 2, 3]
+
+
+def test_pic_takes_no_args_parameter():
+    import inspect
+    assert "args" not in inspect.signature(clustering.PIC).parameters
+    pic = clustering.PIC(sigma=0.3, nnn=4)
+    assert (pic.sigma, pic.nnn, pic.alpha, pic.distribute_singletons) == (0.3, 4, 0.001, True)
+
+
 def test_distribute_singletons():
     labels = np.array([0, 0, 1, 1, 1, 2, 3, 4])
     I = np.array([[0, 1, 2], [1, 0, 2], [2, 3, 4], [3, 2, 4], [4, 3, 2],
