@@ -7,13 +7,15 @@ Usage:
         --whiten_data /data/rparis6k --model vgg16.pth.tar          # revisited: Easy/Medium/Hard
     python eval_retrieval.py --data tiny_oxford --whiten_data tiny_paris --model m.pth.tar --S 96
 
-Each image is resized so that its longest side is S (1024); a query is the box of its query
-image (scaled the same way). The conv5_3 activation after its ReLU (no last max-pool; the
-Sobel block runs first when the model has one) is max-pooled over the R-MAC regions (L=3
-scales, 40% overlap, Tolias et al. ICLR 2016); each region vector is L2-normalised,
-PCA-whitened to 512 dims (learned on the regions of the *other* dataset), L2-normalised,
-summed and L2-normalised. Score = dot product. mAP with the standard protocol: good+ok
-positive, junk ignored (revisited sets: Easy, Medium, Hard). Features are cached under
+Each image is resized (bilinear) so that its longest side is S (1024); a query is the box of
+its query image (scaled the same way, rounded to pixels). The 20 Paris6k images known to be
+corrupt are left out by name, as in the original. The conv5_3 activation after its ReLU (no
+last max-pool; the Sobel block runs first when the model has one) is max-pooled over the
+R-MAC regions (L=3 scales, 40% overlap, Tolias et al. ICLR 2016); each region vector is
+L2-normalised, PCA-whitened to 512 dims (learned on the regions of the *other* dataset;
+eigenvalues floored at 1e-5 x the largest), L2-normalised, summed and L2-normalised. Score =
+dot product. mAP with the standard protocol: good+ok positive, junk ignored (revisited sets:
+Easy, Medium, Hard). Features are cached under
 --exp/cache, so a second run only re-scores.
 """
 from __future__ import annotations
@@ -42,6 +44,14 @@ from eval_common import EvalError, load_model, log, progress, require_dir, run_c
 OVERLAP = 0.4
 STEPS = (2, 3, 4, 5, 6, 7)  # candidate numbers of l=1 regions along the long side (Tolias et al.)
 TOLERANCE_PX = 1.0          # a query box may exceed its image by this much (rounding); it is clipped
+EIGEN_FLOOR = 1e-5          # PCA-whitening: eigenvalues below this fraction of the largest are raised to it
+# Paris6k images that are corrupt in the distributed archive; the original (like standard practice)
+# leaves them out of the database and of the ground truth, by name.
+CORRUPT_PARIS6K = frozenset(f"paris_{n}" for n in (
+    "louvre_000136", "louvre_000146", "moulinrouge_000422", "museedorsay_001059", "notredame_000188",
+    "pantheon_000284", "pantheon_000960", "pantheon_000974", "pompidou_000195", "pompidou_000196",
+    "pompidou_000201", "pompidou_000467", "pompidou_000640", "sacrecoeur_000299", "sacrecoeur_000330",
+    "sacrecoeur_000353", "triomphe_000662", "triomphe_000833", "triomphe_000863", "triomphe_000867"))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -146,6 +156,11 @@ def list_jpg(root: Path) -> tuple[list[str], list[str]]:
     if not jpg.is_dir():
         raise EvalError(f"dataset folder {str(root)!r} has no jpg/ folder of images")
     files = sorted(f for f in os.listdir(jpg) if data.is_image_file(f))
+    excluded = [f for f in files if os.path.splitext(f)[0] in CORRUPT_PARIS6K]
+    if excluded:
+        log.info("%s: %d known-corrupt Paris6k image(s) excluded, as the original does: %s", root.name,
+                 len(excluded), ", ".join(excluded))
+        files = [f for f in files if os.path.splitext(f)[0] not in CORRUPT_PARIS6K]
     if not files:
         raise EvalError(f"{str(jpg)!r} holds no images")
     return [os.path.splitext(f)[0] for f in files], [str(jpg / f) for f in files]
@@ -156,7 +171,7 @@ def _indices(names: list[str], index: dict[str, int], where: str, missing: list[
     for n in names:
         if n in index:
             out.append(index[n])
-        else:
+        elif n not in CORRUPT_PARIS6K:  # the excluded ones are absent on purpose
             missing.append(f"{n} ({where})")
     return np.asarray(out, dtype=np.int64)
 
@@ -270,7 +285,7 @@ def resize_longest(img, S: int):
     """Resize so that the longest side is S; returns (image, scale factor)."""
     W, H = img.size
     r = S / max(W, H)
-    return img.resize((max(1, round(W * r)), max(1, round(H * r))), resample=3), r  # 3 = bicubic
+    return img.resize((max(1, round(W * r)), max(1, round(H * r))), resample=2), r  # 2 = bilinear
 
 
 def check_box(box: tuple[float, float, float, float], W: int, H: int, name: str) -> None:
@@ -295,13 +310,12 @@ def check_queries(rset: RetrievalSet) -> None:
 
 
 def crop_query(img, box: tuple[float, float, float, float], S: int, name: str):
-    """Resize the query image to longest side S and crop its (scaled) box."""
+    """Resize the query image to longest side S and crop its box, scaled and rounded to pixels."""
     check_box(box, *img.size, name)
-    x1, y1, x2, y2 = box
     img, r = resize_longest(img, S)
     w, h = img.size
-    bx = (max(0, math.floor(x1 * r)), max(0, math.floor(y1 * r)), min(w, math.ceil(x2 * r)), min(h, math.ceil(y2 * r)))
-    return img.crop(bx)
+    x1, y1, x2, y2 = np.round(np.asarray(box, dtype=np.float32) * r).astype(np.int64).tolist()
+    return img.crop((max(0, x1), max(0, y1), min(w, x2), min(h, y2)))
 
 
 @torch.no_grad()
@@ -369,17 +383,26 @@ def cached_regions(kind: str, rset: RetrievalSet, net: Conv53, device: torch.dev
 # whitening, aggregation, scoring
 # ---------------------------------------------------------------------------------------
 def learn_pca_whitening(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and projection (d, D) with (x - mean) @ P.T of identity covariance, d <= dim."""
+    """Mean (D,) and projection (d, D), d = min(dim, D): (x - mean) @ P.T has identity covariance
+    along the top-d principal directions.
+
+    Eigenvalues below 1e-5 times the largest are raised to that floor (the original's rule, so a
+    direction without variance is amplified by a bounded factor instead of divided by zero).
+    """
     x = x.astype(np.float64)
     mean = x.mean(0)
     cov = np.cov(x - mean, rowvar=False, bias=True)      # (D, D)
     eigval, eigvec = np.linalg.eigh(cov)                 # ascending
-    order = np.argsort(eigval)[::-1]
-    eigval, eigvec = eigval[order], eigvec[:, order]
-    keep = int(min(dim, np.sum(eigval > eigval[0] * 1e-9)))
-    if keep < dim:
-        log.warning("PCA-whitening keeps %d dims, not %d: only %d training regions", keep, dim, len(x))
-    P = eigvec[:, :keep].T / np.sqrt(eigval[:keep])[:, None]
+    if not eigval.max() > 0:
+        raise EvalError(f"the {len(x)} whitening regions are all identical: no PCA-whitening to learn")
+    eps = eigval.max() * EIGEN_FLOOR
+    n_low = int(np.sum(eigval < eps))
+    if n_low:
+        log.info("PCA-whitening: %d / %d eigenvalues below 1e-5 x the largest, raised to it", n_low, len(eigval))
+        eigval = np.where(eigval < eps, eps, eigval)
+    order = np.argsort(eigval)[::-1][:dim]
+    log.debug("PCA-whitening keeps %.2f%% of the energy", 100 * eigval[order].sum() / eigval.sum())
+    P = eigvec[:, order].T / np.sqrt(eigval[order])[:, None]
     return mean.astype(np.float32), P.astype(np.float32)
 
 

@@ -238,3 +238,52 @@ def test_bad_inputs_exit_cleanly(case, datasets, vgg_original, tmp_path, capsys)
     expected = {"alexnet": "needs a vgg16", "box_outside": "lies outside", "no_gt": "gt/",
                 "no_dir": "does not exist", "bad_gnd": "gnd_roxford5k.pkl"}
     assert expected[case] in err
+
+
+# ---------------------------------------------------------------------------------------
+# details as the original
+# ---------------------------------------------------------------------------------------
+def test_corrupt_paris_images_excluded_by_name(tmp_path, caplog):
+    root = make_oxford(tmp_path / "paris6k", prefix="", n_landmarks=1, n_distractors=1)
+    src = root / "jpg" / "distractor_000000.jpg"
+    for n in ("paris_louvre_000136", "paris_triomphe_000867"):
+        (root / "jpg" / f"{n}.jpg").write_bytes(src.read_bytes())
+    (root / "jpg" / "paris_louvre_000137.jpg").write_bytes(src.read_bytes())  # a neighbour name stays
+    with open(root / "gt" / "landmark0_1_junk.txt", "a") as f:
+        f.write("paris_louvre_000136\n")
+    caplog.set_level("INFO")
+    rset = R.load_standard(root)
+    assert "paris_louvre_000137" in rset.db_names
+    assert not {"paris_louvre_000136", "paris_triomphe_000867"} & set(rset.db_names)
+    assert len(rset.db_names) == len(rset.db_paths) == 4 + 1 + 1
+    logs = caplog.text
+    assert "2 known-corrupt Paris6k image(s) excluded" in logs and "paris_louvre_000136.jpg" in logs
+    assert "not in jpg/" not in logs  # the excluded junk entry is not reported as missing
+    assert len(R.CORRUPT_PARIS6K) == 20
+
+
+def test_resize_is_bilinear_and_query_box_rounded():
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    img = Image.fromarray(rng.randint(0, 255, (30, 50, 3)).astype(np.uint8))
+    out, r = R.resize_longest(img, 20)
+    assert out.size == (20, 12) and r == pytest.approx(0.4)
+    assert np.array_equal(np.asarray(out), np.asarray(img.resize((20, 12), Image.BILINEAR)))
+    # box (3.6, 2.4, 41.2, 27.6) * 0.4 = (1.44, 0.96, 16.48, 11.04) -> rounded (1, 1, 16, 11)
+    crop = R.crop_query(img, (3.6, 2.4, 41.2, 27.6), 20, "q")
+    assert np.array_equal(np.asarray(crop), np.asarray(out)[1:11, 1:16])
+
+
+def test_pca_whitening_floors_small_eigenvalues():
+    rng = np.random.RandomState(1)
+    x = np.zeros((200, 5))
+    x[:, :3] = rng.randn(200, 3) * [3.0, 2.0, 1.0]   # two directions without variance
+    mean, P = R.learn_pca_whitening(x.astype(np.float32), 5)
+    assert P.shape == (5, 5)  # all requested dims kept, as the original
+    lam = np.linalg.eigvalsh(np.cov(x, rowvar=False, bias=True)).max()
+    # the two flat directions are scaled by 1 / sqrt(1e-5 * largest eigenvalue)
+    norms = np.sort(np.linalg.norm(P, axis=1))
+    assert norms[-1] == pytest.approx(1 / np.sqrt(1e-5 * lam), rel=1e-3)
+    assert norms[-2] == pytest.approx(1 / np.sqrt(1e-5 * lam), rel=1e-3)
+    w = (x - mean) @ P.T
+    assert np.allclose(np.cov(w[:, :3], rowvar=False, bias=True), np.eye(3), atol=1e-3)
