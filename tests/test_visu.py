@@ -101,9 +101,9 @@ def test_gaussian_blur_matches_scipy():
     from scipy.ndimage import gaussian_filter
 
     x = torch.randn(2, 3, 20, 17, dtype=torch.float64)
-    got = ga.gaussian_blur(x, 1.0).numpy()
-    want = gaussian_filter(x.numpy(), sigma=(0, 0, 1.0, 1.0), mode="mirror", truncate=3.0)
-    np.testing.assert_allclose(got, want, atol=1e-10)
+    for sigma in (0.3, 1.0, 6.0):  # scipy's defaults, as the original calls it (6.0: radius 24 > size)
+        got = ga.gaussian_blur(x, sigma).numpy()
+        np.testing.assert_allclose(got, gaussian_filter(x.numpy(), sigma=(0, 0, sigma, sigma)), atol=1e-10)
     assert torch.equal(ga.gaussian_blur(x, 0.0), x)
     const = torch.full((1, 3, 9, 9), 0.7)
     assert torch.allclose(ga.gaussian_blur(const, 0.3), const)
@@ -115,18 +115,83 @@ def test_gradient_ascent_cli_writes_one_png_per_filter(tmp_path):
     out = tmp_path / "ga"
     args = ga.get_args_parser().parse_args([
         "--model", str(ckpt), "--arch", "alexnet", "--conv", "1", "--filters", "0-2,10", "--niter", "10",
-        "--idim", "48", "--exp", str(out), "--device", "cpu", "--no_progress", "--batch", "3"])
+        "--idim", "48", "--exp", str(out), "--device", "cpu", "--no_progress", "--batch", "3", "--lr", "30"])
     summary = ga.main(args)
     assert sorted(summary["filters"]) == ["0", "1", "10", "2"]
     for f in (0, 1, 2, 10):
         img = png(out / "conv1" / f"filter_{f:04d}.png")
         assert img.shape == (48, 48, 3) and img.std() > 0
         s = summary["filters"][str(f)]
-        assert s["final_activation"] > s["start_activation"]
+        assert s["final_share"] > s["start_share"]  # the target gains against the layer's other filters
     assert not (out / "conv1" / "filter_0003.png").exists()
     sheet = png(out / "conv1_filters.png")
     assert sheet.shape[0] >= 2 * 48 and sheet.shape[1] >= 2 * 48  # 4 tiles on a 2x2 grid
     assert json.loads((out / "conv1_summary.json").read_text())["conv"] == 1
+
+
+def test_gradient_ascent_defaults_are_the_originals(tmp_path, monkeypatch):
+    a = ga.get_args_parser().parse_args([])
+    assert (a.lr, a.wd, a.sig, a.step, a.niter, a.idim, a.init_mean, a.init_std, a.fallback, a.display) == \
+        (3.0, 1e-5, 0.3, 5, 1000, 224, 128.0, 20.0, 1, "stretch")
+    # through the CLI: the start is raw-pixel noise N(128, 20^2), saved contrast-stretched
+    ckpt = save_checkpoint(models.alexnet(out=3, input_size=64), tmp_path / "m.pth.tar")
+    starts = []
+    real = ga.ascend
+
+    def spy(*args, **kw):
+        starts.append(kw["x0"].clone())
+        return real(*args, **kw)
+    monkeypatch.setattr(ga, "ascend", spy)
+    ga.main(ga.get_args_parser().parse_args(["--model", str(ckpt), "--conv", "1", "--filters", "0,1", "--niter", "0",
+                                             "--idim", "32", "--exp", str(tmp_path / "o"), "--no_progress"]))
+    x0 = starts[0]
+    assert abs(float(x0.mean()) - 128) < 1.0 and abs(float(x0.std()) - 20) < 1.0
+    assert np.array_equal(png(tmp_path / "o" / "conv1" / "filter_0001.png"), np.asarray(ga.contrast_stretch(x0[1])))
+
+
+def test_contrast_stretch_hand_computed():
+    # values 0 and 2 in every channel: mean 1, std 1 -> 0.5 -/+ 0.1 / (1 + 1e-5) -> x 255, truncated
+    x = torch.tensor([0.0, 2.0]).view(1, 1, 2).expand(3, 1, 2)
+    assert np.asarray(ga.contrast_stretch(x))[0].tolist() == [[102, 102, 102], [152, 152, 152]]
+
+
+def test_gradient_ascent_silent_filter_climbs_pre_bn_conv_output():
+    """One step, no blur: a filter zero everywhere after its ReLU follows the gradient of the
+    cross-entropy over the conv outputs before BatchNorm; a live filter the post-ReLU one."""
+    torch.manual_seed(0)
+    model = common.freeze(models.alexnet(sobel=False, out=0, input_size=64))
+    with torch.no_grad():  # BN statistics that shift the responses: the pre-BN output differs
+        for m in model.features:
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-2, 2)
+                m.running_var.uniform_(0.5, 2)
+    trunk = common.ConvTrunk(model, 2)
+    conv_at = [i for i, m in enumerate(model.features) if isinstance(m, torch.nn.Conv2d)][1]
+    x0 = torch.randn(1, 3, 40, 40) * 20 + 128
+    with torch.no_grad():
+        act = trunk(x0).mean(dim=(2, 3))[0]
+    silent, alive = int((act == 0).nonzero()[0]), int((act > 0).nonzero()[0])
+
+    def expected(f: int, layer: torch.nn.Module) -> torch.Tensor:
+        x = x0.clone().requires_grad_(True)
+        logits = layer(x).mean(dim=(2, 3))
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([f])) + 1e-5 * x.pow(2).sum()
+        (g,) = torch.autograd.grad(loss, x)
+        return x0 - 3.0 * g / (g.norm() + 1e-8)
+    got = ga.ascend(trunk, [silent, alive], niter=1, step=0, x0=x0.expand(2, -1, -1, -1))
+    torch.testing.assert_close(got[0:1], expected(silent, model.features[:conv_at + 1]))
+    assert not torch.allclose(expected(silent, model.features[:conv_at + 1]), expected(silent, trunk))
+    torch.testing.assert_close(got[1:2], expected(alive, trunk))
+    assert not torch.allclose(got[0:1], x0, atol=1e-3)  # the silent filter's image did move
+
+
+def test_gradient_ascent_blurs_at_iterations_0_step_2step(monkeypatch):
+    calls, steps = [], []
+    real = ga.gaussian_blur
+    monkeypatch.setattr(ga, "gaussian_blur", lambda x, s: calls.append(len(steps)) or real(x, s))
+    trunk = common.ConvTrunk(common.freeze(models.alexnet(out=0, input_size=64)), 1)
+    ga.ascend(trunk, [0], idim=32, niter=11, step=5, on_step=lambda: steps.append(1))
+    assert calls == [0, 5, 10]
 
 
 def test_gradient_ascent_clear_errors(tmp_path, capsys):
