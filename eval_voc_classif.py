@@ -314,8 +314,11 @@ def main(args: argparse.Namespace) -> dict:
              test_split, len(test_set), "fc6-8 only" + (" + BN" if args.train_batchnorm else "")
              if args.fc6_8 else "all layers", len(params), device)
     pin = device.type == "cuda"
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                              pin_memory=pin, drop_last=len(train_set) >= args.batch_size)
+    # as the original: the images are shuffled once (seeded) and every pass visits them in that
+    # same order, the last batch of a pass possibly smaller (BN is in eval mode, so any size works)
+    order = np.random.permutation(len(train_set)).tolist()
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=order, num_workers=args.workers,
+                              pin_memory=pin)
     test_loader = DataLoader(test_set, batch_size=max(1, args.batch_size // 4), shuffle=False,
                              num_workers=args.workers, pin_memory=pin)
     t0 = time.time()

@@ -220,3 +220,20 @@ def test_ap_ties_count_against_positives():
     assert ap(5e-6) == pytest.approx(5 / 6)   # raw scores would rank +, +, -, -: AP 1
     assert ap(0.0) == pytest.approx(5 / 6)
     assert ap(1e-3) == pytest.approx(1.0)
+
+
+def test_training_visits_one_fixed_shuffled_order_every_pass(voc, alexnet_files, tmp_path, monkeypatch):
+    import eval_common
+    seen: dict[int, list[int]] = {}
+    get = eval_common.LabeledImages.__getitem__
+    monkeypatch.setattr(eval_common.LabeledImages, "__getitem__",
+                        lambda self, i: seen.setdefault(id(self), []).append(i) or get(self, i))
+    sizes = []
+    bce = voc_eval.masked_bce
+    monkeypatch.setattr(voc_eval, "masked_bce", lambda lo, la: sizes.append(len(la)) or bce(lo, la))
+    # 8 train images, batch 3: passes of 3 + 3 + 2 images (no image dropped), same order each time
+    voc_eval.main(voc_args(voc, alexnet_files["ours"], tmp_path / "exp", "--nit", "4", "--batch_size", "3"))
+    train = next(iter(seen.values()))  # the training set is read first
+    assert sizes == [3, 3, 2, 3]
+    assert sorted(train[:8]) == list(range(8)) and train[:8] != list(range(8))
+    assert train[8:11] == train[:3]
