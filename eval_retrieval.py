@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Instance-level retrieval (Oxford5k / Paris6k, or the revisited ROxford / RParis) "
                     "with R-MAC on a DeepCluster VGG-16. Expects --data DIR with DIR/jpg/*.jpg and "
-                    "either DIR/gt/<query>_{query,good,ok,junk}.txt (the original ground truth; "
+                    "either DIR/gt/ (or DIR/lab/) <query>_{query,good,ok,junk}.txt (the original ground truth; "
                     "<query>_query.txt holds '<image> x1 y1 x2 y2', an 'oxc1_' prefix is stripped) "
                     "or a revisited gnd_<name>.pkl (dict with 'imlist', 'qimlist', 'gnd': "
                     "[{'bbx', 'easy', 'hard', 'junk'}]) in DIR or given by --gnd. --whiten_data "
@@ -177,8 +177,11 @@ def _indices(names: list[str], index: dict[str, int], where: str, missing: list[
 
 
 def load_standard(root: Path) -> RetrievalSet:
-    """Oxford5k / Paris6k: gt/<q>_query.txt ('<image> x1 y1 x2 y2') + good/ok/junk lists."""
+    """Oxford5k / Paris6k: gt/<q>_query.txt ('<image> x1 y1 x2 y2') + good/ok/junk lists
+    (the folder may also be called lab/, the original's name for it)."""
     gt = root / "gt"
+    if not gt.is_dir() and (root / "lab").is_dir():
+        gt = root / "lab"
     if not gt.is_dir():
         raise EvalError(f"dataset folder {str(root)!r} has neither a gt/ folder nor a gnd_*.pkl file")
     names, paths = list_jpg(root)

@@ -251,6 +251,7 @@ def test_corrupt_paris_images_excluded_by_name(tmp_path, caplog):
     (root / "jpg" / "paris_louvre_000137.jpg").write_bytes(src.read_bytes())  # a neighbour name stays
     with open(root / "gt" / "landmark0_1_junk.txt", "a") as f:
         f.write("paris_louvre_000136\n")
+    (root / "gt").rename(root / "lab")  # the original's name for the ground-truth folder
     caplog.set_level("INFO")
     rset = R.load_standard(root)
     assert "paris_louvre_000137" in rset.db_names
