@@ -6,12 +6,14 @@ Usage:
     python eval_voc_classif.py --vocdir VOC2007 --model MODEL --split train --nit 200 --size 64 --workers 0
 
 ``--split train`` trains on train and tests on val; ``trainval`` trains on trainval and tests
-on test (the paper's numbers). The top layer becomes Linear(4096, 20) and fc6/fc7 are
-re-initialised; with ``--fc6_8 1`` the conv layers are frozen (``--train_batchnorm 1`` still
-trains the BN scales, which the paper's erratum says its 72.0 mAP did; frozen: 70.4).
-Training: masked BCE-with-logits (difficult labels ignored), SGD, lr halved every
-``--stepsize`` iterations, batch 16. Test: 10 random crops (or TenCrop) with summed logits;
-per-class AP ignoring difficult images, and their mean.
+on test (the paper's numbers). The top layer becomes a new Linear(4096, 20) with bias 0.1 and
+fc6/fc7 are re-initialised (weights N(0, 0.01), biases 0.1); with ``--fc6_8 1`` the conv layers
+are frozen (``--train_batchnorm 1`` still trains the BN scales, which the paper's erratum says
+its 72.0 mAP did; frozen: 70.4). Whatever the flags, every BatchNorm stays in eval mode while
+training (running statistics, never updated). Training: masked BCE-with-logits (difficult
+labels ignored), SGD, lr halved every ``--stepsize`` iterations, batch 16, the images in one
+seeded order every pass. Test: 10 random crops (or TenCrop) with summed logits; per-class AP
+ignoring difficult images (positives' scores lowered by 1e-5 first), and their mean.
 """
 from __future__ import annotations
 
