@@ -31,8 +31,8 @@ from tqdm import tqdm
 import data
 import models
 import util
-from eval_common import (EvalError, LabeledImages, average_precision, average_precision_voc07, load_model, log,
-                         progress, require_dir, run_cli, seed_everything, select_device, setup_logging)
+from eval_common import (EvalError, LabeledImages, average_precision, average_precision_voc07, log, progress,
+                         require_dir, run_cli, seed_everything, select_device, setup_logging)
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -160,6 +160,9 @@ def test_transform(args: argparse.Namespace) -> transforms.Compose:
 def prepare_model(model: models.DeepClusterNet, args: argparse.Namespace) -> list[nn.Parameter]:
     """New Linear(4096, 20) top, fc6/fc7 re-initialised, conv layers frozen with --fc6_8 1.
 
+    ResNet-50 has no fc6/fc7: its head is avgpool -> Linear(2048, 20), on a frozen body with
+    --fc6_8 1.
+
     Returns the trainable parameters.
     """
     for m in model.classifier.modules():
@@ -168,10 +171,10 @@ def prepare_model(model: models.DeepClusterNet, args: argparse.Namespace) -> lis
             nn.init.zeros_(m.bias)
     model.reset_top_layer(len(VOC_CLASSES))
     if args.fc6_8:
-        for p in model.features.parameters():
+        for p in model.conv_body.parameters():
             p.requires_grad = False
         if args.train_batchnorm:
-            for m in model.features.modules():
+            for m in model.conv_body.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     for p in m.parameters():
                         p.requires_grad = True
@@ -182,12 +185,14 @@ def set_train_mode(model: models.DeepClusterNet, args: argparse.Namespace) -> No
     """Train mode, except frozen conv layers keep their BN running statistics (eval mode)."""
     model.train()
     if args.fc6_8 and not args.train_batchnorm:
-        model.features.eval()
+        model.conv_body.eval()
 
 
 def check_input_size(model: models.DeepClusterNet, size: int, path: str) -> None:
     """fc6 fixes the input size: the conv output at ``size`` must match its width."""
-    fc6 = next(m for m in model.classifier if isinstance(m, nn.Linear))
+    fc6 = next((m for m in model.classifier if isinstance(m, nn.Linear)), None)
+    if fc6 is None:  # no fc6 (ResNet-50: global pooling takes any size)
+        return
     try:
         with torch.no_grad():
             dim = model.forward_conv(torch.zeros(1, 3, size, size)).numel()  # C * h * w
@@ -286,7 +291,7 @@ def main(args: argparse.Namespace) -> dict:
     test_split = TEST_SPLIT[args.split]
     train_set = voc_dataset(voc, args.split, train_transform(args))
     test_set = voc_dataset(voc, test_split, test_transform(args))
-    model = load_model(args.model, purpose="eval_voc_classif")
+    model = util.load_model(args.model, purpose="eval_voc_classif")
     check_input_size(model, args.size, args.model)
     params = prepare_model(model, args)
     model.to(device)

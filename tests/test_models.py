@@ -212,7 +212,7 @@ def test_no_bn_and_no_top_layer():
 
 def test_build_model_rejects_unknown_arch():
     with pytest.raises(ValueError):
-        models.build_model("resnet50")
+        models.build_model("resnet18")
 
 
 # ---------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def run_script(script: str, *argv: str) -> subprocess.CompletedProcess:
 def test_gradient_ascent_raises_target_filter(arch, sobel, conv, idim):
     torch.manual_seed(0)
     model = common.freeze(models.build_model(arch, sobel=sobel, out=10, input_size=idim))
-    trunk = common.ConvTrunk(model, conv)
+    trunk = model.trunk(conv)
     x0 = torch.randn(3, 3, idim, idim)
     with torch.no_grad():  # after the ReLU, a filter silent on the start gets no gradient
         alive = (trunk(x0).mean(dim=(2, 3)) > 0).all(dim=0).nonzero().flatten().tolist()
@@ -78,7 +78,7 @@ def test_gradient_ascent_raises_target_filter(arch, sobel, conv, idim):
 def test_gradient_ascent_pre_relu_wakes_a_silent_filter():
     torch.manual_seed(0)
     model = common.freeze(models.alexnet(sobel=True, out=0, input_size=64))
-    post, pre = common.ConvTrunk(model, 4), common.ConvTrunk(model, 4, relu=False)
+    post, pre = model.trunk(4), model.trunk(4, relu=False)
     x0 = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         silent = (post(x0).mean(dim=(2, 3))[0] == 0).nonzero().flatten().tolist()
@@ -91,7 +91,7 @@ def test_gradient_ascent_pre_relu_wakes_a_silent_filter():
 def test_gradient_ascent_weight_decay_alone_shrinks_image():
     """With a huge weight decay the step follows -x: the image norm must go down."""
     model = common.freeze(models.alexnet(out=0, input_size=64))
-    trunk = common.ConvTrunk(model, 1)
+    trunk = model.trunk(1)
     x0 = torch.randn(1, 3, 48, 48) * 5
     x = ga.ascend(trunk, [0], idim=48, niter=5, lr=10.0, wd=1e6, sig=0.0, step=0, x0=x0)
     assert x.norm() < x0.norm() - 40  # 5 steps of length 10, all towards 0
@@ -168,7 +168,7 @@ def test_activation_retrieval_matches_brute_force(tmp_path):
     torch.manual_seed(0)
     folder = make_image_folder(tmp_path / "imgs", n_classes=3, per_class=7, size=40)
     model = common.freeze(models.alexnet(out=5, input_size=64))
-    trunk = common.ConvTrunk(model, 3)
+    trunk = model.trunk(3)
     want_idx, want_val = brute_force_top(trunk, folder, 64, count=4)
 
     ds = data.IndexedImageFolder(folder, transform=data.eval_transform(64))
