@@ -70,13 +70,14 @@ def from_state_dict(sd: dict, arch: str | None = None, config: dict | None = Non
     cfg.update({k: v for k, v in (config or {}).items() if k in ("sobel", "bn", "input_size", "k")})
     model = cls(sobel=cfg["sobel"], bn=cfg["bn"], out=cfg["k"], input_size=cfg["input_size"])
     where = f"{arch} (sobel={cfg['sobel']})"
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches raise even with strict=False
-        raise StateDictError(f"state dict does not fit {where}: {str(e).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise StateDictError(f"state dict does not fit {where}: {len(missing)} missing keys {missing[:5]}, "
-                             f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise StateDictError(f"state dict does not fit {where}: {len(missing)} missing keys {missing[:3]}, "
+                             f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong)} shape "
+                             f"mismatches {wrong[:2]}")
+    model.load_state_dict(sd, strict=False)  # strict up to the BN counters checked above
     return model, ignored
-
