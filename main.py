@@ -144,7 +144,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--pca", args.pca >= 1, args.pca, "must be >= 1"),
         ("--kmeans_iters", args.kmeans_iters >= 1, args.kmeans_iters, "must be >= 1"),
         ("--size", args.size >= (64 if args.arch == "alexnet" else 32), args.size,
-         "is too small for the architecture (alexnet needs >= 64, vgg16 >= 32)"),
+         "is too small for the architecture (alexnet needs >= 64, vgg16 and resnet50 >= 32)"),
     ]
     for flag, ok, value, why in rules:
         if not ok:
