@@ -1,7 +1,7 @@
 """Helpers shared by the evaluation scripts (eval_linear, eval_voc_classif, eval_retrieval).
 
 One error type (:class:`EvalError`) for bad input, turned into a one-line message and exit
-code 2 by :func:`run_cli`; model loading with an architecture check; the device choice;
+code 2 by :func:`run_cli` (models load with ``util.load_model``); the device choice;
 seeding; a labelled image dataset; average precision.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 from torch.utils.data import Dataset
 
 import data
-import models
 import util
 
 log = logging.getLogger("deepcluster.eval")
@@ -83,28 +82,6 @@ def seed_everything(seed: int) -> None:
 def progress(disable: bool) -> bool | None:
     """tqdm's ``disable`` value: None shows bars on a terminal only, True hides them."""
     return True if disable else None
-
-
-# ---------------------------------------------------------------------------------------
-# models
-# ---------------------------------------------------------------------------------------
-def load_model(path: str | None, arch: str | None = None, purpose: str = "") -> models.DeepClusterNet:
-    """Load our or the released checkpoint; refuse another architecture than ``arch``."""
-    if not path:
-        raise EvalError("no model given: pass --model PATH (a DeepCluster checkpoint)")
-    model = util.load_model(path)
-    if arch is not None and model.arch != arch:
-        raise EvalError(f"{purpose or 'this evaluation'} needs a {arch} model, but {path!r} holds "
-                        f"a {model.arch}")
-    return model
-
-
-def conv_prefix(model: models.DeepClusterNet, conv: int) -> torch.nn.Sequential:
-    """``features`` up to and including the ReLU of conv layer ``conv`` (1-based)."""
-    relus = model.conv_layers()
-    if not 1 <= conv <= len(relus):
-        raise EvalError(f"--conv {conv} is out of range: {model.arch} has conv layers 1..{len(relus)}")
-    return model.features[:relus[conv - 1] + 1]
 
 
 # ---------------------------------------------------------------------------------------

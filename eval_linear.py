@@ -1,15 +1,19 @@
-"""Linear classification on the frozen activations of one conv layer (Caron et al. 2018, 5).
+"""Linear classification on the frozen activations of one layer (Caron et al. 2018, 5).
 
 Usage:
     python eval_linear.py --data /path/to/imagenet --model exp/checkpoint.pth.tar --conv 3 --exp exp_linear
     python eval_linear.py --data DATA --model MODEL --conv 5 --tencrops --exp exp_linear
     python eval_linear.py --data DATA --model MODEL --conv 3 --exp exp_linear --resume exp_linear/checkpoint.pth.tar
     python eval_linear.py --data tiny --model m.pth.tar --conv 2 --size 64 --epochs 2 --workers 0   # small images
+    python eval_linear.py --data DATA --model resnet50.pth --conv layer4 --exp exp_linear   # ResNet-50
 
 The model is frozen and in eval mode. The activation after the conv-th ReLU (before pooling)
 is average-pooled to about 9,000 values (AlexNet at 224: conv1 AvgPool(6,6,3) -> 9600,
 conv2 (4,4,0) -> 9216, conv3/conv4 (3,3,1) -> 9600, conv5 (2,2,0) -> 9216) and fed to one
 Linear layer, trained by SGD with lr_t = lr0 / sqrt(1 + lr0 * wd * t) per iteration.
+VGG-16 layers and ResNet-50's conv1, layer1..layer4 are adaptive-average-pooled to about
+9,000 values (ResNet-50: 64x12x12, 256x6x6, 512x4x4, 1024x3x3, 2048x2x2, the standard
+ResNet-50 linear benchmark); ResNet-50's avgpool gives 2048 values (a BN-free linear head).
 Top-1/top-5 on val are reported each epoch; the paper quotes the best top-1.
 """
 from __future__ import annotations
@@ -31,18 +35,18 @@ from tqdm import tqdm
 import data
 import models
 import util
-from eval_common import (EvalError, LabeledImages, conv_prefix, load_model, log, progress, require_dir,
-                         run_cli, seed_everything, select_device, setup_logging)
+from eval_common import (EvalError, LabeledImages, log, progress, require_dir, run_cli, seed_everything,
+                         select_device, setup_logging)
 
 # AvgPool2d(kernel, stride, padding) per AlexNet conv layer, as in the paper (about 9k dims at 224)
 ALEXNET_POOL = {1: (6, 6, 3), 2: (4, 4, 0), 3: (3, 3, 1), 4: (3, 3, 1), 5: (2, 2, 0)}
-TARGET_DIM = 9216  # VGG-16 layers: adaptive pooling to the side closest to sqrt(9216 / C)
+TARGET_DIM = 9216  # other layers: adaptive pooling to the side closest to sqrt(9216 / C)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train a linear classifier on top of frozen convolutional layers of an AlexNet "
-                    "(or VGG-16). Expects --data DIR holding DIR/train/<class>/*.jpg and "
+                    "(or VGG-16, ResNet-50). Expects --data DIR holding DIR/train/<class>/*.jpg and "
                     "DIR/val/<class>/*.jpg (ImageFolder layout, same class folders in both; "
                     "e.g. ImageNet or Places).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -55,9 +59,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--model", type=str, required=True, help="path to model (our or the released checkpoints)")
-    g.add_argument("--conv", type=int, default=None,
+    g.add_argument("--conv", type=models.probe_arg, default=None,
                    help="on top of which convolutional layer train logistic regression "
-                        "(AlexNet 1..5, VGG-16 1..13)")
+                        "(AlexNet 1..5, VGG-16 1..13, ResNet-50 1..6 = conv1, layer1..layer4, avgpool; "
+                        "a name such as layer4 also works)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=90, help="number of total epochs to run")
@@ -76,31 +81,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------
-# model: frozen prefix + pooling + linear
+# model: frozen trunk (model.trunk(conv).freeze()) + pooling + linear
 # ---------------------------------------------------------------------------------------
-class FrozenConv(nn.Module):
-    """(B, 3, H, W) -> (B, C, h, w): Sobel (if any) + features up to the conv-th ReLU, frozen."""
-
-    def __init__(self, model: models.DeepClusterNet, conv: int):
-        super().__init__()
-        self.sobel = model.sobel
-        self.body = conv_prefix(model, conv)
-        for p in self.parameters():
-            p.requires_grad = False
-        self.eval()
-
-    def train(self, mode: bool = True) -> "FrozenConv":
-        return super().train(False)  # always eval: BN uses its running statistics
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sobel is not None:
-            x = self.sobel(x)
-        return self.body(x)
-
-
 def make_pool(arch: str, conv: int, channels: int, hw: tuple[int, int]) -> nn.Module:
-    """The per-layer pooling: the paper's AvgPool table for AlexNet, adaptive for VGG-16.
+    """The per-layer pooling: the paper's AvgPool table for AlexNet, adaptive for the others.
 
     For input sizes other than 224 the AlexNet kernel is shrunk to fit the feature map.
     """
@@ -128,7 +112,7 @@ class RegLog(nn.Module):
         return self.linear(torch.flatten(x, 1))  # (B, classes)
 
 
-def build_reglog(body: FrozenConv, arch: str, conv: int, num_classes: int, size: int) -> RegLog:
+def build_reglog(body: models.Trunk, arch: str, conv: int, num_classes: int, size: int) -> RegLog:
     """Pooling and Linear sized by a dummy forward at ``size`` x ``size``."""
     with torch.no_grad():
         fmap = body(torch.zeros(1, 3, size, size))  # (1, C, h, w)
@@ -141,8 +125,8 @@ def pooled_dims(arch: str = "alexnet", size: int = 224) -> dict[int, int]:
     """Classifier input size per conv layer (AlexNet at 224: 9600, 9216, 9600, 9600, 9216)."""
     model = models.build_model(arch, out=0, input_size=size)
     out = {}
-    for conv in range(1, len(model.conv_layers()) + 1):
-        out[conv] = build_reglog(FrozenConv(model, conv), arch, conv, 1, size).linear.in_features
+    for conv in range(1, len(model.probe_points()) + 1):
+        out[conv] = build_reglog(model.trunk(conv).freeze(), arch, conv, 1, size).linear.in_features
     return out
 
 
@@ -196,7 +180,7 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...]) 
     return [hit[:, :min(k, maxk)].any(1).float().mean().item() * 100 for k in topk]
 
 
-def train_epoch(loader: DataLoader, body: FrozenConv, reglog: RegLog, crit: nn.Module,
+def train_epoch(loader: DataLoader, body: models.Trunk, reglog: RegLog, crit: nn.Module,
                 opt: torch.optim.Optimizer, epoch: int, device: torch.device, args: argparse.Namespace) -> dict:
     reglog.train()
     losses, top1 = util.AverageMeter(), util.AverageMeter()
@@ -220,7 +204,7 @@ def train_epoch(loader: DataLoader, body: FrozenConv, reglog: RegLog, crit: nn.M
 
 
 @torch.no_grad()
-def validate(loader: DataLoader, body: FrozenConv, reglog: RegLog, crit: nn.Module, device: torch.device,
+def validate(loader: DataLoader, body: models.Trunk, reglog: RegLog, crit: nn.Module, device: torch.device,
              args: argparse.Namespace) -> dict:
     """Top-1/top-5 (percent) and loss; with ten crops the softmax is averaged over crops."""
     reglog.eval()
@@ -293,15 +277,19 @@ def main(args: argparse.Namespace) -> dict:
     setup_logging(exp, args.verbose, "eval_linear.log")
     seed_everything(args.seed)
     device = select_device()
-    model = load_model(args.model, purpose="eval_linear")
+    model = util.load_model(args.model, purpose="eval_linear")
     if args.conv is None:
-        raise EvalError(f"--conv is required ({model.arch}: 1..{len(model.conv_layers())})")
-    body = FrozenConv(model, args.conv).to(device)
+        raise EvalError(f"--conv is required ({model.arch}: 1..{len(model.probe_points())})")
+    try:
+        args.conv = model.probe_index(args.conv)  # a name becomes its 1-based position
+    except models.ProbeError as e:
+        raise EvalError(f"--conv {e}") from None
+    body = model.trunk(args.conv).freeze().to(device)
     train_set, val_set, classes = load_splits(args.data, args)
     reglog = build_reglog(body.cpu(), model.arch, args.conv, len(classes), args.size).to(device)
     body.to(device)
-    log.info("%s%s conv%d -> %s -> %d dims -> %d classes | %d train, %d val images | %s",
-             model.arch, " + Sobel" if model.sobel is not None else "", args.conv, reglog.pool,
+    log.info("%s%s %s -> %s -> %d dims -> %d classes | %d train, %d val images | %s",
+             model.arch, " + Sobel" if model.sobel is not None else "", body.name, reglog.pool,
              reglog.linear.in_features, len(classes), len(train_set), len(val_set), device)
 
     opt = torch.optim.SGD(reglog.parameters(), lr=args.lr, momentum=args.momentum,

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import data
 import models
 import util
-from eval_common import EvalError, load_model, log, progress, require_dir, run_cli, select_device, setup_logging
+from eval_common import EvalError, log, progress, require_dir, run_cli, select_device, setup_logging
 
 OVERLAP = 0.4
 STEPS = (2, 3, 4, 5, 6, 7)  # candidate numbers of l=1 regions along the long side (Tolias et al.)
@@ -266,21 +266,6 @@ def load_dataset(root_s: str, gnd: str | None) -> RetrievalSet:
 # ---------------------------------------------------------------------------------------
 # features
 # ---------------------------------------------------------------------------------------
-class Conv53(nn.Module):
-    """(1, 3, H, W) -> (1, 512, H/16, W/16): Sobel (if any) + VGG-16 features to conv5_3's ReLU."""
-
-    def __init__(self, model: models.DeepClusterNet):
-        super().__init__()
-        self.sobel = model.sobel
-        self.body = model.features[:model.conv_layers()[-1] + 1]  # no last max-pool
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sobel is not None:
-            x = self.sobel(x)
-        return self.body(x)
-
-
 _NORMALISE = transforms.Compose([transforms.ToTensor(), transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
 
@@ -322,7 +307,7 @@ def crop_query(img, box: tuple[float, float, float, float], S: int, name: str):
 
 
 @torch.no_grad()
-def extract(net: Conv53, paths: list[str], boxes: list | None, names: list[str], S: int, L: int,
+def extract(net: models.Trunk, paths: list[str], boxes: list | None, names: list[str], S: int, L: int,
             device: torch.device, desc: str, args: argparse.Namespace, skip_bad: bool) -> tuple[np.ndarray, np.ndarray]:
     """Region vectors of every image: (sum R_i, 512) float32 and offsets (N + 1,).
 
@@ -358,7 +343,7 @@ def model_key(path: str) -> str:
     return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
-def cached_regions(kind: str, rset: RetrievalSet, net: Conv53, device: torch.device,
+def cached_regions(kind: str, rset: RetrievalSet, net: models.Trunk, device: torch.device,
                    args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     """Region vectors of the database ('db') or the queries ('q') of ``rset``, cached as .npz."""
     if kind == "q":
@@ -459,8 +444,9 @@ def main(args: argparse.Namespace) -> dict:
         log.warning("no --whiten_data: the whitening is learned on %s itself (the paper uses the other "
                     "dataset)", rset.name)
     check_queries(rset)
-    model = load_model(args.model, arch="vgg16", purpose="retrieval (R-MAC on conv5_3)")
-    net = Conv53(model).to(device).eval()
+    model = util.load_model(args.model, arch="vgg16", purpose="retrieval (R-MAC on conv5_3)")
+    # (1, 3, H, W) -> (1, 512, H/16, W/16): up to conv5_3's ReLU, without the last max-pool
+    net = model.trunk("conv13").freeze().to(device)
     log.info("%s: %d images, %d queries | vgg16%s conv5_3, S=%d, L=%d, whitening on %s | %s", rset.name,
              len(rset.db_paths), len(rset.queries), " + Sobel" if model.sobel is not None else "", args.S, args.L,
              wset.name if wset else rset.name, device)

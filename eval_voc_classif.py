@@ -33,8 +33,8 @@ from tqdm import tqdm
 import data
 import models
 import util
-from eval_common import (EvalError, LabeledImages, average_precision, average_precision_voc07, load_model, log,
-                         progress, require_dir, run_cli, seed_everything, select_device, setup_logging)
+from eval_common import (EvalError, LabeledImages, average_precision, average_precision_voc07, log, progress,
+                         require_dir, run_cli, seed_everything, select_device, setup_logging)
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -163,22 +163,25 @@ def prepare_model(model: models.DeepClusterNet, args: argparse.Namespace) -> lis
     """New 20-way top layer, fc6/fc7 re-initialised, conv layers frozen with --fc6_8 1.
 
     As the original: fc6/fc7 weights ~ N(0, 0.01) and biases 0.1; the top layer is a fresh
-    ``nn.Linear`` (PyTorch's default weight init, U(-1/sqrt(4096), 1/sqrt(4096))) with bias 0.1.
+    ``nn.Linear`` (PyTorch's default weight init, U(-1/sqrt(in), 1/sqrt(in))) with bias 0.1.
+    ResNet-50 has no fc6/fc7: its head is avgpool -> Linear(2048, 20), on a frozen body with
+    --fc6_8 1.
+
     Returns the trainable parameters.
     """
     for m in model.classifier.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01)
             nn.init.constant_(m.bias, 0.1)
-    ref = model.classifier[-2].weight
-    top = nn.Linear(ref.shape[0], len(VOC_CLASSES))  # (4096 -> 20)
+    ref = next(model.parameters())  # device and dtype of the loaded weights
+    top = nn.Linear(model.feature_dim, len(VOC_CLASSES))  # (4096 or 2048 -> 20)
     nn.init.constant_(top.bias, 0.1)
     model.top_layer = top.to(device=ref.device, dtype=ref.dtype)
     if args.fc6_8:
-        for p in model.features.parameters():
+        for p in model.conv_body.parameters():
             p.requires_grad = False
         if args.train_batchnorm:
-            for m in model.features.modules():
+            for m in model.conv_body.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     for p in m.parameters():
                         p.requires_grad = True
@@ -197,7 +200,9 @@ def set_train_mode(model: models.DeepClusterNet, args: argparse.Namespace) -> No
 
 def check_input_size(model: models.DeepClusterNet, size: int, path: str) -> None:
     """fc6 fixes the input size: the conv output at ``size`` must match its width."""
-    fc6 = next(m for m in model.classifier if isinstance(m, nn.Linear))
+    fc6 = next((m for m in model.classifier if isinstance(m, nn.Linear)), None)
+    if fc6 is None:  # no fc6 (ResNet-50: global pooling takes any size)
+        return
     try:
         with torch.no_grad():
             dim = model.forward_conv(torch.zeros(1, 3, size, size)).numel()  # C * h * w
@@ -307,7 +312,7 @@ def main(args: argparse.Namespace) -> dict:
     test_split = TEST_SPLIT[args.split]
     train_set = voc_dataset(voc, args.split, train_transform(args))
     test_set = voc_dataset(voc, test_split, test_transform(args))
-    model = load_model(args.model, purpose="eval_voc_classif")
+    model = util.load_model(args.model, purpose="eval_voc_classif")
     check_input_size(model, args.size, args.model)
     params = prepare_model(model, args)
     model.to(device)

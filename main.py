@@ -144,7 +144,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--pca", args.pca >= 1, args.pca, "must be >= 1"),
         ("--kmeans_iters", args.kmeans_iters >= 1, args.kmeans_iters, "must be >= 1"),
         ("--size", args.size >= (64 if args.arch == "alexnet" else 32), args.size,
-         "is too small for the architecture (alexnet needs >= 64, vgg16 >= 32)"),
+         "is too small for the architecture (alexnet needs >= 64, vgg16 and resnet50 >= 32)"),
     ]
     for flag, ok, value, why in rules:
         if not ok:
@@ -240,7 +240,7 @@ def make_feature_loader(dataset: data.IndexedImageFolder, args: argparse.Namespa
 @torch.no_grad()
 def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, rt: util.Runtime,
                      args: argparse.Namespace) -> np.ndarray | torch.Tensor | None:
-    """(N, 4096) float32 pre-ReLU fc7 features, row i = image i (written by index).
+    """(N, D) float32 features (D = 4096 pre-ReLU fc7; 2048 avgpool for ResNet-50), row i = image i.
 
     Under torchrun each rank extracts its share and rank 0 receives the whole matrix;
     the other ranks return None.
@@ -249,7 +249,7 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
     store_on = rt.device if args.features_on == "device" else torch.device("cpu")
     # single process: rows go straight into the (N, 4096) store; under torchrun each rank
     # keeps its rows and rank 0 gathers them
-    store = None if rt.distributed else fastpath.FeatureStore(N, models.common.FC_DIM, store_on, args.features_dtype)
+    store = None if rt.distributed else fastpath.FeatureStore(N, model.feature_dim, store_on, args.features_dtype)
     rows, index = [], []
     for imgs, idx in tqdm(loader, desc="features", leave=False, disable=_no_bar(args)):
         imgs = imgs.to(rt.device, non_blocking=True)
@@ -266,7 +266,7 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
     if store is not None:
         full = store.tensor
     else:
-        local = torch.cat(rows) if rows else torch.zeros(0, models.common.FC_DIM, device=rt.device)
+        local = torch.cat(rows) if rows else torch.zeros(0, model.feature_dim, device=rt.device)
         local_idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
         full = util.gather_rows(local, local_idx, N, rt)
         if full is None:

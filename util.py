@@ -11,7 +11,6 @@ import logging
 import os
 import pickle
 import random
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -312,106 +311,45 @@ def torch_load(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-_MODULE_RE = re.compile(r"(^|\.)module\.")
+# Normalises the DataParallel key layouts of the released checkpoints (``module.``).
+clean_state_dict = models.clean_state_dict
 
 
-def clean_state_dict(sd: dict) -> dict:
-    """Normalise the key layouts of the released checkpoints to ours.
+def load_model(path: str | os.PathLike | None, arch: str | None = None, purpose: str = "") -> torch.nn.Module:
+    """Load a model from our checkpoints, the released original ones or torchvision-layout weights.
 
-    ``features.module.0.weight`` (DataParallel around features) and ``module.*`` become
-    ``features.0.weight``; everything else is kept.
+    Accepts ``{'state_dict': ...}`` checkpoints and bare state dicts; ``features.N.*``,
+    ``features.module.N.*`` and ``module.*`` keys; missing BN counters; Python-2 pickles.
+    The architecture, Sobel and k are read from the weights (``model_config`` wins when
+    present). A ResNet-50 state dict may carry a head this model has no use for (the
+    projection head and prototypes of SwAV's DeepCluster-v2 release): those keys are
+    ignored, logged and listed in ``model.ignored_keys``. ``arch``, when given, must match;
+    ``purpose`` names who needs it in that error ("retrieval needs a vgg16 model, ...").
     """
-    return {_MODULE_RE.sub(r"\1", k): v for k, v in sd.items()}
-
-
-def infer_config(sd: dict, arch: str | None = None) -> dict:
-    """Architecture, Sobel, BN, input size and k from a (clean) state dict."""
-    if "features.0.weight" not in sd:
-        raise CheckpointError("state dict has no 'features.0.weight': not a DeepCluster AlexNet/VGG-16")
-    w0 = sd["features.0.weight"]
-    if arch is None:
-        arch = "alexnet" if w0.shape[0] == 96 else "vgg16" if w0.shape[0] == 64 else None
-        if arch is None:
-            raise CheckpointError(f"cannot infer the architecture from features.0.weight {tuple(w0.shape)}")
-    sobel = "sobel.0.weight" in sd
-    in_channels = w0.shape[1]
-    if in_channels != (2 if sobel else 3):
-        raise CheckpointError(f"features.0.weight has {in_channels} input channels, which does not "
-                              f"match sobel={sobel}")
-    bn = "features.1.running_mean" in sd
-    fc6 = sd.get("classifier.1.weight" if arch == "alexnet" else "classifier.0.weight")
-    if fc6 is None:
-        raise CheckpointError(f"state dict lacks the fc6 weight expected for {arch}")
-    input_size = _input_size_for(arch, sobel, bn, fc6.shape[1])
-    k = int(sd["top_layer.bias"].shape[0]) if "top_layer.bias" in sd else 0
-    return {"arch": arch, "sobel": sobel, "bn": bn, "input_size": input_size, "k": k}
-
-
-def conv_output_dim(arch: str, input_size: int) -> int:
-    """Values out of the conv body for an (S, S) input: 9216 for AlexNet, 25088 for VGG-16 at 224."""
-    if arch == "alexnet":
-        s = (input_size + 2 * 2 - 11) // 4 + 1          # conv1, stride 4
-        for _ in range(3):                               # three MaxPool2d(3, 2)
-            s = (s - 3) // 2 + 1
-        return 256 * s * s
-    s = input_size
-    for _ in range(5):                                   # five MaxPool2d(2, 2)
-        s //= 2
-    return 512 * s * s
-
-
-def _input_size_for(arch: str, sobel: bool, bn: bool, fc6_in: int) -> int:
-    """An input size whose conv output matches fc6: 224 first, then round sizes."""
-    rest = range(32, 1025)
-    order = [224] + [x for step in (32, 16, 8, 1) for x in rest if x % step == 0]
-    for s in dict.fromkeys(order):
-        if conv_output_dim(arch, s) == fc6_in:
-            return s
-    raise CheckpointError(f"fc6 takes {fc6_in} inputs, which matches no input size for {arch}")
-
-
-def model_from_state_dict(sd: dict, arch: str | None = None, config: dict | None = None) -> models.DeepClusterNet:
-    """Build the model a state dict describes and load it (strict, up to BN counters)."""
-    sd = clean_state_dict(sd)
-    cfg = dict(config) if config else infer_config(sd, arch)
-    inferred = infer_config(sd, cfg.get("arch"))
-    if cfg.get("arch") and arch and cfg["arch"] != arch:
-        raise CheckpointError(f"checkpoint holds a {cfg['arch']} model, not a {arch}")
-    for key in ("arch", "sobel", "bn", "k"):
-        cfg.setdefault(key, inferred[key])
-    cfg.setdefault("input_size", inferred["input_size"])
-    model = models.build_model(cfg["arch"], sobel=cfg["sobel"], bn=cfg["bn"], out=cfg["k"],
-                               input_size=cfg["input_size"])
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches raise even with strict=False
-        raise CheckpointError(f"state dict does not fit {cfg['arch']} (sobel={cfg['sobel']}): "
-                              f"{str(e).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise CheckpointError(f"state dict does not fit {cfg['arch']} (sobel={cfg['sobel']}): "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model
-
-
-def load_model(path: str | os.PathLike, arch: str | None = None) -> models.DeepClusterNet:
-    """Load a model from our checkpoints or the released original ones (SPEC 2).
-
-    Accepts ``features.N.*`` and ``features.module.N.*`` keys, missing BN counters,
-    Python-2 pickles; Sobel is inferred from ``sobel.0.weight`` and k from ``top_layer.bias``.
-    ``arch``, when given, must match the checkpoint's.
-    """
+    if not path:
+        raise CheckpointError("no model given: pass --model PATH (a DeepCluster checkpoint)")
+    where = f"checkpoint {str(path)!r}"
     ckpt = torch_load(path)
-    sd = ckpt.get("state_dict", ckpt if "features.0.weight" in clean_state_dict(ckpt) else None)
-    if sd is None:
-        raise CheckpointError(f"checkpoint {str(path)!r} has no 'state_dict'")
-    ck_arch = ckpt.get("arch")
-    if arch is not None and ck_arch is not None and ck_arch != arch:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {ck_arch} model, not a {arch}")
+    sd = ckpt.get("state_dict")
+    if sd is None and models.detect_arch(clean_state_dict(ckpt)) is not None:
+        sd = ckpt  # a bare state dict
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{where} has no 'state_dict' and is not a state dict of "
+                              f"{', '.join(models.ARCHS)}")
+    held = ckpt.get("arch") or (ckpt.get("model_config") or {}).get("arch") or \
+        models.detect_arch(clean_state_dict(sd))
+    if arch is not None and held is not None and held != arch:
+        raise CheckpointError(f"{purpose or 'this run'} needs a {arch} model, but {where} holds a {held}")
     try:
-        return model_from_state_dict(sd, arch or ck_arch, ckpt.get("model_config"))
-    except CheckpointError as e:
-        raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from None
+        model, ignored = models.from_state_dict(sd, arch or held, ckpt.get("model_config"))
+    except models.StateDictError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    model.ignored_keys = ignored
+    if ignored:
+        heads = sorted({k.replace("module.", "").split(".")[0] for k in ignored})
+        log.warning("%s: ignored %d keys of heads %s has no use for (%s)", where, len(ignored),
+                    model.arch, ", ".join(heads))
+    return model
 
 
 # ---------------------------------------------------------------------------------------

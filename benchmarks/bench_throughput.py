@@ -1,4 +1,4 @@
-"""Benchmark of images per second: feature extraction and training, AlexNet-Sobel (or VGG-16).
+"""Benchmark of images per second: feature extraction and training, AlexNet-Sobel (or VGG-16, ResNet-50).
 
 Two input modes, timed in the same run against the original's loop:
 
@@ -15,6 +15,7 @@ The 'jpeg' mode also times the loader alone, to say which stage bounds the pipel
 
     python benchmarks/bench_throughput.py                    # quick CPU default (batch 16, 3 batches)
     python benchmarks/bench_throughput.py --arch vgg16 --batch 8 --batches 2
+    python benchmarks/bench_throughput.py --arch resnet50 --no_sobel --modes memory --batch 8 --batches 2
     python benchmarks/bench_throughput.py --batch 256 --batches 20 --workers 8 --compile   # GPU
 """
 from __future__ import annotations

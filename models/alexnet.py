@@ -1,4 +1,4 @@
-"""AlexNet as used by DeepCluster (BN after every conv; SPEC 2)."""
+"""AlexNet as used by DeepCluster (BN after every conv)."""
 from __future__ import annotations
 
 from torch import nn
@@ -27,6 +27,9 @@ def make_features(in_channels: int, bn: bool) -> nn.Sequential:
 
 class AlexNet(DeepClusterNet):
     arch = "alexnet"
+    first_conv_out = 96
+    fc6_index = 1
+    make_features = staticmethod(make_features)
 
     def __init__(self, sobel: bool = False, bn: bool = True, out: int | None = 1000, input_size: int = 224):
         in_channels = 2 if sobel else 3

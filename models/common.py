@@ -1,7 +1,9 @@
-"""Pieces shared by the DeepCluster convnets: Sobel block, initialisation, the head."""
+"""Pieces shared by the DeepCluster convnets: Sobel block, initialisation, the head, the
+probe-point trunk, and the AlexNet/VGG-16 base class (``features`` + ``classifier``)."""
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -30,7 +32,8 @@ def make_sobel() -> nn.Sequential:
 
 
 def init_weights(module: nn.Module) -> None:
-    """The original initialisation (SPEC 2), applied to every submodule."""
+    """The original initialisation, applied to every submodule: conv N(0, sqrt(2 / (k*k*out))),
+    biases 0, BN weight 1 and bias 0, linear N(0, 0.01)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -46,14 +49,104 @@ def init_weights(module: nn.Module) -> None:
 
 
 def new_top_layer(k: int, in_dim: int = FC_DIM) -> nn.Linear:
-    """Linear(4096, k), weight ~ N(0, 0.01), bias 0."""
+    """Linear(in_dim, k), weight ~ N(0, 0.01), bias 0."""
     top = nn.Linear(in_dim, k)
     nn.init.normal_(top.weight, 0.0, 0.01)
     nn.init.zeros_(top.bias)
     return top
 
 
-class DeepClusterNet(nn.Module):
+class StateDictError(ValueError):
+    """A state dict does not describe (or does not fit) the requested network."""
+
+
+class ProbeError(ValueError):
+    """A probe point (layer to cut the network at) that the network does not have."""
+
+
+_MODULE_RE = re.compile(r"(^|\.)module\.")
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Drop the ``module.`` of (Distributed)DataParallel wrappers wherever it appears.
+
+    ``features.module.0.weight`` and ``module.features.0.weight`` both become
+    ``features.0.weight``; every other key is kept as is.
+    """
+    return {_MODULE_RE.sub(r"\1", k): v for k, v in sd.items()}
+
+
+def probe_arg(value: str) -> int | str:
+    """Command-line probe point: ``"3"`` -> 3 (1-based position), ``"layer3"`` -> ``"layer3"``."""
+    value = value.strip()
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+class Trunk(nn.Module):
+    """The network from its input to one probe point, sharing the model's modules.
+
+    (B, 3, H, W) ImageNet-normalised RGB -> (B, C, h, w) activations of the probe point (the
+    Sobel block, when the model has one, runs first). ``n_filters`` = C. ``freeze()`` makes it
+    a fixed feature extractor: no parameter gradients, eval-mode BN whatever ``train()`` says.
+    """
+
+    def __init__(self, sobel: nn.Module | None, body: nn.Sequential, name: str, n_filters: int):
+        super().__init__()
+        self.sobel = sobel
+        self.body = body
+        self.name = name
+        self.n_filters = int(n_filters)
+        self.frozen = False
+
+    def freeze(self) -> "Trunk":
+        for p in self.parameters():
+            p.requires_grad = False
+        self.frozen = True
+        return self.eval()
+
+    def train(self, mode: bool = True) -> "Trunk":
+        return super().train(mode and not getattr(self, "frozen", False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            if self.sobel is not None:
+                x = self.sobel(x)
+            return self.body(x)
+
+
+class ProbeMixin:
+    """``probe_points()`` names, ``probe_index(layer)`` and ``trunk(layer)`` for any network.
+
+    Subclasses define ``probe_points()`` and ``_trunk_body(i, relu)`` -> (Sequential, channels)
+    for the 0-based probe point i.
+    """
+
+    arch: str = ""
+
+    def probe_points(self) -> list[str]:
+        raise NotImplementedError
+
+    def probe_index(self, layer: int | str) -> int:
+        """1-based position of ``layer`` (a position 1..n or a probe-point name)."""
+        names = self.probe_points()
+        if isinstance(layer, str) and layer in names:
+            return names.index(layer) + 1
+        if isinstance(layer, int) and not isinstance(layer, bool) and 1 <= layer <= len(names):
+            return layer
+        raise ProbeError(f"{layer!r} is out of range: {self.arch} has probe points 1..{len(names)} "
+                         f"({', '.join(names)})")
+
+    def trunk(self, layer: int | str, relu: bool = True) -> Trunk:
+        """The network up to probe point ``layer`` (1-based position or name), post-ReLU.
+
+        ``relu=False``: the responses just before that ReLU (where the network allows it).
+        """
+        i = self.probe_index(layer) - 1
+        body, channels = self._trunk_body(i, relu)
+        return Trunk(self.sobel, body, self.probe_points()[i], channels)
+
+
+class DeepClusterNet(ProbeMixin, nn.Module):
     """Convnet body (``features`` + ``classifier``) plus a replaceable ``top_layer``.
 
     ``classifier`` ends with the fc7 ReLU. ``forward`` uses it (training on pseudo-labels);
@@ -61,6 +154,13 @@ class DeepClusterNet(nn.Module):
     """
 
     arch: str = ""
+    feature_dim: int = FC_DIM   # width of forward_features (what is clustered)
+    first_conv_out: int = 0     # out channels of features.0: tells the architectures apart
+    fc6_index: int = 0          # position of fc6 in ``classifier``
+
+    @staticmethod
+    def make_features(in_channels: int, bn: bool) -> nn.Sequential:
+        raise NotImplementedError
 
     def __init__(self, features: nn.Sequential, classifier: nn.Sequential, out: int | None,
                  sobel: bool, bn: bool, input_size: int):
@@ -123,6 +223,67 @@ class DeepClusterNet(nn.Module):
         return {"arch": self.arch, "sobel": self.use_sobel, "bn": self.bn,
                 "input_size": self.input_size, "k": k}
 
+    # -- probe points -----------------------------------------------------------------
+    def probe_points(self) -> list[str]:
+        """``conv1`` .. ``convN``: the ReLU output of each conv layer."""
+        return [f"conv{i + 1}" for i in range(len(self.conv_layers()))]
+
+    def _trunk_body(self, i: int, relu: bool) -> tuple[nn.Sequential, int]:
+        end = self.conv_layers()[i] + (1 if relu else 0)  # the ReLU, or the layer before it
+        body = self.features[:end]
+        convs = [m for m in body if isinstance(m, nn.Conv2d)]
+        return body, int(convs[-1].out_channels)
+
+    @property
+    def conv_body(self) -> nn.Module:
+        """The convolutional part (frozen by the transfer evaluations)."""
+        return self.features
+
+    # -- building from a state dict ------------------------------------------------------
+    @classmethod
+    def claims(cls, sd: dict) -> bool:
+        """Whether a (clean) state dict looks like this architecture."""
+        w0 = sd.get("features.0.weight")
+        return w0 is not None and w0.dim() == 4 and w0.shape[0] == cls.first_conv_out
+
+    @classmethod
+    def adapt_state_dict(cls, sd: dict) -> tuple[dict, list[str]]:
+        """(state dict in our key layout, keys ignored): the released layout is already ours."""
+        return sd, []
+
+    @classmethod
+    def config_from_state_dict(cls, sd: dict) -> dict:
+        """Sobel, BN, input size (from fc6's width) and k of a (clean) state dict."""
+        w0 = sd.get("features.0.weight")
+        if w0 is None:
+            raise StateDictError(f"state dict has no 'features.0.weight': not a DeepCluster {cls.arch}")
+        sobel = "sobel.0.weight" in sd
+        if w0.shape[1] != (2 if sobel else 3):
+            raise StateDictError(f"features.0.weight has {w0.shape[1]} input channels, which does not "
+                                 f"match sobel={sobel}")
+        bn = "features.1.running_mean" in sd
+        fc6 = sd.get(f"classifier.{cls.fc6_index}.weight")
+        if fc6 is None:
+            raise StateDictError(f"state dict lacks the fc6 weight expected for {cls.arch}")
+        k = int(sd["top_layer.bias"].shape[0]) if "top_layer.bias" in sd else 0
+        return {"arch": cls.arch, "sobel": sobel, "bn": bn,
+                "input_size": cls.input_size_for(sobel, bn, int(fc6.shape[1])), "k": k}
+
+    @classmethod
+    def input_size_for(cls, sobel: bool, bn: bool, fc6_in: int) -> int:
+        """An input size whose conv output has ``fc6_in`` values: 224 first, then round sizes."""
+        with torch.device("meta"):  # layer hyper-parameters only, no memory
+            features = cls.make_features(2 if sobel else 3, bn)
+        rest = range(32, 1025)
+        order = [224] + [x for step in (32, 16, 8, 1) for x in rest if x % step == 0]
+        for size in dict.fromkeys(order):
+            try:
+                if flat_dim(features, 2 if sobel else 3, size) == fc6_in:
+                    return size
+            except ValueError:  # too small for this network
+                continue
+        raise StateDictError(f"fc6 takes {fc6_in} inputs, which matches no input size for {cls.arch}")
+
 
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
@@ -154,14 +315,3 @@ def flat_dim(features: nn.Sequential, in_channels: int, input_size: int) -> int:
         if h < 1 or w < 1:
             raise ValueError(f"input size {input_size} is too small for this network")
     return int(c * h * w)
-
-
-def build_model(arch: str, sobel: bool = False, bn: bool = True, out: int = 1000,
-                input_size: int = 224) -> DeepClusterNet:
-    """Build a model by architecture name (``alexnet`` or ``vgg16``)."""
-    from .alexnet import alexnet
-    from .vgg16 import vgg16
-    ctor = {"alexnet": alexnet, "vgg16": vgg16}.get(arch)
-    if ctor is None:
-        raise ValueError(f"unknown architecture {arch!r}: expected one of alexnet, vgg16")
-    return ctor(sobel=sobel, bn=bn, out=out, input_size=input_size)

@@ -1,4 +1,4 @@
-"""VGG-16 as used by DeepCluster (BN after every conv; no dropout before fc6; SPEC 2)."""
+"""VGG-16 as used by DeepCluster (BN after every conv; no dropout before fc6)."""
 from __future__ import annotations
 
 from torch import nn
@@ -25,6 +25,9 @@ def make_features(in_channels: int, bn: bool) -> nn.Sequential:
 
 class VGG16(DeepClusterNet):
     arch = "vgg16"
+    first_conv_out = 64
+    fc6_index = 0
+    make_features = staticmethod(make_features)
 
     def __init__(self, sobel: bool = False, bn: bool = True, out: int | None = 1000, input_size: int = 224):
         in_channels = 2 if sobel else 3

@@ -65,7 +65,7 @@ def test_pooling_table_alexnet_224():
     assert dims == {1: 9600, 2: 9216, 3: 9600, 4: 9600, 5: 9216}
     m = models.alexnet(out=0, input_size=224)
     for conv, (k, s, p) in eval_linear.ALEXNET_POOL.items():
-        body = eval_linear.FrozenConv(m, conv)
+        body = m.trunk(conv).freeze()
         pool = eval_linear.build_reglog(body, "alexnet", conv, 5, 224).pool
         assert (pool.kernel_size, pool.stride, pool.padding) == (k, s, p)  # the paper's table untouched
 
@@ -77,7 +77,7 @@ def test_pooling_small_input_still_works():
 
 def test_frozen_body_stays_in_eval_mode():
     m = models.alexnet(out=0, input_size=64)
-    body = eval_linear.FrozenConv(m, 3)
+    body = m.trunk(3).freeze()
     body.train()
     assert not any(mod.training for mod in body.modules())
     assert not any(p.requires_grad for p in body.parameters())

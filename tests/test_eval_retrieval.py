@@ -207,7 +207,7 @@ def test_pca_whitening_and_aggregation():
 def test_features_are_conv5_3_after_relu(vgg_original):
     import util
     m = util.load_model(vgg_original)
-    net = R.Conv53(m)
+    net = m.trunk(13).freeze()
     assert isinstance(net.body[-1], torch.nn.ReLU) and len([x for x in net.body if isinstance(x, torch.nn.Conv2d)]) == 13
     out = net(torch.randn(1, 3, 64, 96))
     assert out.shape == (1, 512, 4, 6) and (out >= 0).all()  # 4 max-pools, not 5

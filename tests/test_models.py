@@ -212,7 +212,7 @@ def test_no_bn_and_no_top_layer():
 
 def test_build_model_rejects_unknown_arch():
     with pytest.raises(ValueError):
-        models.build_model("resnet50")
+        models.build_model("resnet18")
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,3 +338,25 @@ def test_reset_top_layer(small, arch, size):
     m.to("meta")
     top = m.reset_top_layer(5)
     assert top.weight.device.type == "meta" and top.bias.device.type == "meta"
+
+
+# ---------------------------------------------------------------------------------------
+# registry and structure
+# ---------------------------------------------------------------------------------------
+def test_registry_and_no_import_cycle():
+    import ast
+    from pathlib import Path
+
+    assert models.ARCHS == ("alexnet", "vgg16", "resnet50")
+    # models/common.py is imported by every architecture file: it must import none of them
+    src = Path(models.__file__).with_name("common.py").read_text()
+    imported = {n.module for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"alexnet", "vgg16", "resnet"}, imported
+
+
+def test_from_state_dict_reads_each_arch(small):
+    for arch, m in small.items():
+        built, ignored = models.from_state_dict(m.state_dict())
+        assert built.config() == m.config() and ignored == []
+        with pytest.raises(models.StateDictError, match=f"holds a {arch}"):
+            models.from_state_dict(m.state_dict(), arch="resnet50", config=m.config())

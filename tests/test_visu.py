@@ -58,7 +58,7 @@ def run_script(script: str, *argv: str) -> subprocess.CompletedProcess:
 def test_gradient_ascent_raises_target_filter(arch, sobel, conv, idim):
     torch.manual_seed(0)
     model = common.freeze(models.build_model(arch, sobel=sobel, out=10, input_size=idim))
-    trunk = common.ConvTrunk(model, conv)
+    trunk = model.trunk(conv)
     x0 = torch.randn(3, 3, idim, idim)
     with torch.no_grad():  # after the ReLU, a filter silent on the start gets no gradient
         alive = (trunk(x0).mean(dim=(2, 3)) > 0).all(dim=0).nonzero().flatten().tolist()
@@ -78,7 +78,7 @@ def test_gradient_ascent_raises_target_filter(arch, sobel, conv, idim):
 def test_gradient_ascent_pre_relu_wakes_a_silent_filter():
     torch.manual_seed(0)
     model = common.freeze(models.alexnet(sobel=True, out=0, input_size=64))
-    post, pre = common.ConvTrunk(model, 4), common.ConvTrunk(model, 4, relu=False)
+    post, pre = model.trunk(4), model.trunk(4, relu=False)
     x0 = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         silent = (post(x0).mean(dim=(2, 3))[0] == 0).nonzero().flatten().tolist()
@@ -91,7 +91,7 @@ def test_gradient_ascent_pre_relu_wakes_a_silent_filter():
 def test_gradient_ascent_weight_decay_alone_shrinks_image():
     """With a huge weight decay the step follows -x: the image norm must go down."""
     model = common.freeze(models.alexnet(out=0, input_size=64))
-    trunk = common.ConvTrunk(model, 1)
+    trunk = model.trunk(1)
     x0 = torch.randn(1, 3, 48, 48) * 5
     x = ga.ascend(trunk, [0], idim=48, niter=5, lr=10.0, wd=1e6, sig=0.0, step=0, x0=x0)
     assert x.norm() < x0.norm() - 40  # 5 steps of length 10, all towards 0
@@ -165,7 +165,7 @@ def test_gradient_ascent_silent_filter_climbs_pre_bn_conv_output():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-2, 2)
                 m.running_var.uniform_(0.5, 2)
-    trunk = common.ConvTrunk(model, 2)
+    trunk = model.trunk(2)
     conv_at = [i for i, m in enumerate(model.features) if isinstance(m, torch.nn.Conv2d)][1]
     x0 = torch.randn(1, 3, 40, 40) * 20 + 128
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_gradient_ascent_blurs_at_iterations_0_step_2step(monkeypatch):
     calls, steps = [], []
     real = ga.gaussian_blur
     monkeypatch.setattr(ga, "gaussian_blur", lambda x, s: calls.append(len(steps)) or real(x, s))
-    trunk = common.ConvTrunk(common.freeze(models.alexnet(out=0, input_size=64)), 1)
+    trunk = common.freeze(models.alexnet(out=0, input_size=64)).trunk(1)
     ga.ascend(trunk, [0], idim=32, niter=11, step=5, on_step=lambda: steps.append(1))
     assert calls == [0, 5, 10]
 
@@ -233,7 +233,7 @@ def test_activation_retrieval_matches_brute_force(tmp_path):
     torch.manual_seed(0)
     folder = make_image_folder(tmp_path / "imgs", n_classes=3, per_class=7, size=40)
     model = common.freeze(models.alexnet(out=5, input_size=64))
-    trunk = common.ConvTrunk(model, 3)
+    trunk = model.trunk(3)
     want_idx, want_val = brute_force_top(trunk, folder, 64, count=4)
 
     ds = data.IndexedImageFolder(folder, transform=data.eval_transform(64))

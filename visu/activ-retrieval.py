@@ -95,8 +95,8 @@ def main(args: argparse.Namespace) -> dict:
     if not args.data:
         raise common.VisuError("no dataset given: pass --data DIR (an image folder)")
     device = common.select_device(args.device)
-    model = common.load_model(args.model, args.arch)
-    trunk = common.ConvTrunk(model, args.conv).to(device)
+    model, trunk = common.load_trunk(args.model, args.arch, args.conv)
+    trunk.to(device)
     filters = common.parse_filters(args.filters, trunk.n_filters)
     size = args.size or model.input_size
     dataset = data.IndexedImageFolder(args.data, transform=data.eval_transform(size))

@@ -1,5 +1,5 @@
-"""Pieces shared by the visualisation scripts: model loading, cutting a model at a conv
-layer, device choice, turning tensors into pictures, contact sheets, the CLI wrapper."""
+"""Pieces shared by the visualisation scripts: loading a model cut at a conv layer, device
+choice, turning tensors into pictures, contact sheets, the CLI wrapper."""
 from __future__ import annotations
 
 import argparse
@@ -38,18 +38,19 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_model(path: str | Path | None, arch: str | None = None) -> models.DeepClusterNet:
-    """Load a checkpoint (ours or a released one) in eval mode with frozen weights.
+def load_trunk(path: str | Path | None, arch: str | None, conv: int | str,
+               relu: bool = True) -> tuple[nn.Module, models.Trunk]:
+    """(model, trunk): a checkpoint loaded by ``util.load_model`` and frozen (eval mode, no
+    parameter gradients), and ``model.trunk(conv, relu)``, the network up to that layer.
 
-    Raises :class:`VisuError` with a one-line message naming the file when it cannot be used.
+    An out-of-range ``conv`` becomes a :class:`VisuError` naming the flag.
     """
-    if not path:
-        raise VisuError("no model given: pass --model PATH (a checkpoint.pth.tar)")
+    model = freeze(util.load_model(str(path) if path else None, arch=arch))
     try:
-        model = util.load_model(str(path), arch=arch)
-    except util.CheckpointError as e:
-        raise VisuError(str(e)) from None
-    return freeze(model)
+        trunk = model.trunk(conv, relu=relu)
+    except models.ProbeError as e:
+        raise VisuError(f"--conv {e}") from None
+    return model, trunk
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -60,39 +61,14 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-class ConvTrunk(nn.Module):
-    """The part of a DeepCluster net from the input to the ReLU of conv layer ``conv``.
-
-    Input: (B, 3, H, W) ImageNet-normalised RGB (the Sobel block, when present, runs first).
-    Output: (B, C, h, w) post-ReLU activations of that layer (``relu=False``: the responses
-    just before that ReLU); any H, W large enough work.
-    """
-
-    def __init__(self, model: models.DeepClusterNet, conv: int, relu: bool = True):
-        super().__init__()
-        ends = model.conv_layers()
-        if not 1 <= conv <= len(ends):
-            raise VisuError(f"--conv {conv} is out of range: this {model.arch} has conv layers "
-                            f"1..{len(ends)}")
-        self.conv = conv
-        self.sobel = model.sobel
-        self.body = model.features[:ends[conv - 1] + (1 if relu else 0)]
-        convs = [m for m in self.body if isinstance(m, nn.Conv2d)]
-        self.n_filters = int(convs[-1].out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sobel is not None:
-            x = self.sobel(x)
-        return self.body(x)
-
-
 def add_model_args(p: argparse.ArgumentParser, verb: str) -> argparse._ArgumentGroup:
     """The "model" flags both visualisations share (--model, --arch, --conv, --filters)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", type=str, default="", help="Model (checkpoint path)")
-    g.add_argument("--arch", type=str, choices=["alexnet", "vgg16"], default=None,
+    g.add_argument("--arch", type=str, choices=models.ARCHS, default=None,
                    help="arch (inferred from the checkpoint when omitted; checked when given)")
-    g.add_argument("--conv", type=int, default=1, help="convolutional layer (1-based)")
+    g.add_argument("--conv", type=int, default=1,
+                   help="convolutional layer (1-based; ResNet-50: 1..6 = conv1, layer1..layer4, avgpool)")
     g.add_argument("--filters", type=str, default="",
                    help=f"filters to {verb}, e.g. '0,5,9' or '0-15'; empty: all of the layer")
     return g

@@ -195,8 +195,8 @@ def main(args: argparse.Namespace) -> dict:
         if not ok:
             raise common.VisuError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
     device = common.select_device(args.device)
-    model = common.load_model(args.model, args.arch)
-    trunk = common.ConvTrunk(model, args.conv, relu=not args.pre_relu).to(device)
+    model, trunk = common.load_trunk(args.model, args.arch, args.conv, relu=not args.pre_relu)
+    trunk.to(device)
     fallback = bool(args.fallback) and not args.pre_relu
     filters = common.parse_filters(args.filters, trunk.n_filters)
     try:
