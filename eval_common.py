@@ -1,21 +1,17 @@
 """Helpers shared by the evaluation scripts (eval_linear, eval_voc_classif, eval_retrieval).
 
-One error type (:class:`EvalError`) for bad input, turned into a one-line message and exit
-code 2 by :func:`run_cli` (models load with ``util.load_model``); the device choice;
-seeding; a labelled image dataset; average precision.
+One error type (:class:`EvalError`, a ``util.ScriptError``: ``util.run_cli`` prints it as one
+line, exit code 2), a labelled image dataset, folder checks, average precision. Device choice,
+seeding, logging and the CLI wrapper are ``util``'s, shared with ``main.py`` and ``visu/``.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import random
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 import data
@@ -24,66 +20,12 @@ import util
 log = logging.getLogger("deepcluster.eval")
 
 
-class EvalError(RuntimeError):
+class EvalError(util.ScriptError):
     """Bad input for an evaluation (missing files, wrong model...). The message says what."""
 
 
 # ---------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------
-def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
-            argv: Sequence[str] | None = None) -> int:
-    """Parse, run ``main``; known failures become ``error: <one line>`` on stderr, exit 2."""
-    args = parser.parse_args(argv)
-    try:
-        main(args)
-    except (EvalError, util.CheckpointError, data.DataError, data.BadImageError) as e:
-        return fail(str(e))
-    except KeyboardInterrupt:
-        return fail("interrupted", 130)
-    return 0
-
-
-def fail(msg: str, code: int = 2) -> int:
-    msg = " ".join(str(msg).split())  # one line
-    print(f"error: {msg}", file=sys.stderr)
-    return code
-
-
-def setup_logging(exp: str | os.PathLike | None, verbose: bool, filename: str) -> None:
-    """Log to stdout and, when ``exp`` is given, to ``exp/filename``."""
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if exp is not None:
-        Path(exp).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(exp) / filename))
-    for h in handlers:
-        h.setFormatter(fmt)
-        log.addHandler(h)
-    log.propagate = False
-
-
-def select_device() -> torch.device:
-    """CUDA when present, else CPU: the scripts have a single code path for both."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-
-
-def progress(disable: bool) -> bool | None:
-    """tqdm's ``disable`` value: None shows bars on a terminal only, True hides them."""
-    return True if disable else None
-
-
+# data
 # ---------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -35,8 +34,7 @@ from tqdm import tqdm
 import data
 import models
 import util
-from eval_common import (EvalError, LabeledImages, log, progress, require_dir, run_cli, seed_everything,
-                         select_device, setup_logging)
+from eval_common import EvalError, LabeledImages, log, require_dir
 
 # AvgPool2d(kernel, stride, padding) per AlexNet conv layer, as in the paper (about 9k dims at 224)
 ALEXNET_POOL = {1: (6, 6, 3), 2: (4, 4, 0), 3: (3, 3, 1), 4: (3, 3, 1), 5: (2, 2, 0)}
@@ -184,7 +182,7 @@ def train_epoch(loader: DataLoader, body: models.Trunk, reglog: RegLog, crit: nn
                 opt: torch.optim.Optimizer, epoch: int, device: torch.device, args: argparse.Namespace) -> dict:
     reglog.train()
     losses, top1 = util.AverageMeter(), util.AverageMeter()
-    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=progress(args.no_progress))
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=util.progress(args.no_progress))
     for i, (imgs, target) in enumerate(bar):
         util.learning_rate_decay(opt, len(loader) * epoch + i, args.lr)  # per-iteration decay
         for g in opt.param_groups:  # np.float64 -> float: keeps checkpoints weights_only-loadable
@@ -209,7 +207,7 @@ def validate(loader: DataLoader, body: models.Trunk, reglog: RegLog, crit: nn.Mo
     """Top-1/top-5 (percent) and loss; with ten crops the softmax is averaged over crops."""
     reglog.eval()
     losses, top1, top5 = util.AverageMeter(), util.AverageMeter(), util.AverageMeter()
-    for imgs, target in tqdm(loader, desc="val", leave=False, disable=progress(args.no_progress)):
+    for imgs, target in tqdm(loader, desc="val", leave=False, disable=util.progress(args.no_progress)):
         imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if imgs.dim() == 5:                          # (B, 10, 3, S, S)
             b, n = imgs.shape[:2]
@@ -274,9 +272,9 @@ def main(args: argparse.Namespace) -> dict:
     """Train the linear classifier; returns the last epoch's record plus ``best_top1``."""
     check_args(args)
     exp = Path(args.exp)
-    setup_logging(exp, args.verbose, "eval_linear.log")
-    seed_everything(args.seed)
-    device = select_device()
+    util.setup_logging(log, exp, "eval_linear.log", args.verbose)
+    util.seed_everything(args.seed)
+    device = util.select_device()
     model = util.load_model(args.model, purpose="eval_linear")
     if args.conv is None:
         raise EvalError(f"--conv is required ({model.arch}: 1..{len(model.probe_points())})")
@@ -329,7 +327,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def run(argv: list[str] | None = None) -> int:
-    return run_cli(main, get_args_parser(), argv)
+    return util.run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import data
 import models
 import util
-from eval_common import EvalError, log, progress, require_dir, run_cli, select_device, setup_logging
+from eval_common import EvalError, log, require_dir
 
 OVERLAP = 0.4
 STEPS = (2, 3, 4, 5, 6, 7)  # candidate numbers of l=1 regions along the long side (Tolias et al.)
@@ -315,7 +315,7 @@ def extract(net: models.Trunk, paths: list[str], boxes: list | None, names: list
     which is skipped with a warning when ``skip_bad``).
     """
     out, offsets, bad = [], [0], []
-    for i, p in enumerate(tqdm(paths, desc=desc, disable=progress(args.no_progress))):
+    for i, p in enumerate(tqdm(paths, desc=desc, disable=util.progress(args.no_progress))):
         try:
             img = data.load_rgb(p)
         except data.BadImageError:
@@ -436,8 +436,8 @@ def main(args: argparse.Namespace) -> dict:
         if not ok:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
     exp = Path(args.exp)
-    setup_logging(exp, args.verbose, "eval_retrieval.log")
-    device = select_device()
+    util.setup_logging(log, exp, "eval_retrieval.log", args.verbose)
+    device = util.select_device()
     rset = load_dataset(args.data, args.gnd)
     wset = load_dataset(args.whiten_data, None) if args.whiten_data else None
     if wset is None:
@@ -485,7 +485,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def run(argv: list[str] | None = None) -> int:
-    return run_cli(main, get_args_parser(), argv)
+    return util.run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,7 @@ from tqdm import tqdm
 import data
 import models
 import util
-from eval_common import (EvalError, LabeledImages, average_precision, average_precision_voc07, log, progress,
-                         require_dir, run_cli, seed_everything, select_device, setup_logging)
+from eval_common import EvalError, LabeledImages, average_precision, average_precision_voc07, log, require_dir
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -231,7 +230,7 @@ def train(model: models.DeepClusterNet, params: list[nn.Parameter], loader: Data
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.stepsize, gamma=0.5)  # per iteration
     set_train_mode(model, args)
     losses: list[float] = []
-    bar = tqdm(total=args.nit, desc="train", disable=progress(args.no_progress))
+    bar = tqdm(total=args.nit, desc="train", disable=util.progress(args.no_progress))
     it = 0
     while it < args.nit:
         for imgs, labels in loader:
@@ -262,7 +261,7 @@ def predict(model: models.DeepClusterNet, loader: DataLoader, device: torch.devi
     """Scores (N, 20) = logits summed over the 10 views, and labels (N, 20)."""
     model.eval()
     scores, labels = [], []
-    for imgs, lab in tqdm(loader, desc="test", leave=False, disable=progress(args.no_progress)):
+    for imgs, lab in tqdm(loader, desc="test", leave=False, disable=util.progress(args.no_progress)):
         b, n = imgs.shape[:2]                                            # (B, 10, 3, S, S)
         logits = model(imgs.flatten(0, 1).to(device, non_blocking=True))  # (B * 10, 20)
         scores.append(logits.view(b, n, -1).sum(1).float().cpu().numpy())
@@ -305,9 +304,9 @@ def main(args: argparse.Namespace) -> dict:
     """Train on ``--split``, test on the matching split; returns per-class AP and mAP (percent)."""
     check_args(args)
     exp = Path(args.exp)
-    setup_logging(exp, args.verbose, "eval_voc_classif.log")
-    seed_everything(args.seed)
-    device = select_device()
+    util.setup_logging(log, exp, "eval_voc_classif.log", args.verbose)
+    util.seed_everything(args.seed)
+    device = util.select_device()
     voc = find_voc2007(args.vocdir)
     test_split = TEST_SPLIT[args.split]
     train_set = voc_dataset(voc, args.split, train_transform(args))
@@ -344,7 +343,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def run(argv: list[str] | None = None) -> int:
-    return run_cli(main, get_args_parser(), argv)
+    return util.run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,17 @@ Checkpoints are dicts of plain types and tensors, loadable with
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import pickle
 import random
+import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -512,3 +514,99 @@ def broadcast_array(arr: np.ndarray | None, rt: Runtime, dtype=torch.int64) -> n
          else torch.empty(int(n.item()), dtype=dtype, device=rt.device))
     dist.broadcast(t, src=0)
     return t.cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------
+# script plumbing: one set for main.py, the eval_*.py scripts and visu/
+# ---------------------------------------------------------------------------------------
+class ScriptError(RuntimeError):
+    """Bad input or a run that cannot go on; the message names the file, flag or value.
+
+    The scripts' own error types derive from it; :func:`run_cli` prints it as one line."""
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that :func:`run_cli` reports as one ``error:`` line instead of a traceback."""
+    import clustering
+    import data
+    return (ScriptError, CheckpointError, data.DataError, data.BadImageError,
+            clustering.ClusteringError, models.StateDictError, models.ProbeError)
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line. An error raised in a DataLoader worker carries the
+    worker's traceback in its text: keep its last line, without the exception's class name."""
+    text = str(e).strip()
+    if "Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(f"{type(e).__name__}: ", 1)[-1]
+    return " ".join(text.split())
+
+
+def fail(msg: str, code: int = 2) -> int:
+    """Print ``error: msg`` on stderr (once) and return the exit code."""
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
+            argv: Sequence[str] | None = None,
+            on_interrupt: Callable[[argparse.Namespace], str] | None = None,
+            cleanup: Callable[[], None] | None = None) -> int:
+    """Parse ``argv`` and run ``main(args)``. Exit codes: 0 done, 2 a known error (one
+    ``error:`` line on stderr, no traceback), 130 Ctrl-C (with ``on_interrupt(args)``'s hint).
+    ``cleanup`` runs in every case (e.g. leaving the process group)."""
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except known_errors() as e:
+        log.debug("error", exc_info=True)
+        return fail(one_line(e))
+    except KeyboardInterrupt:
+        return fail(on_interrupt(args) if on_interrupt else "interrupted", 130)
+    finally:
+        if cleanup is not None:
+            cleanup()
+    return 0
+
+
+def setup_logging(logger: logging.Logger, exp: str | os.PathLike | None, filename: str,
+                  verbose: bool = False, is_main: bool = True) -> None:
+    """``logger`` to stdout and, on the main process when ``exp`` is given, to ``exp/filename``.
+    Other ranks print warnings only. Handlers from an earlier call are closed first."""
+    logger.setLevel((logging.DEBUG if verbose else logging.INFO) if is_main else logging.WARNING)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if exp is not None and is_main:
+        Path(exp).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(exp) / filename))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    logger.propagate = False
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when torch sees a GPU, else CPU (one code path for both); ``cuda`` or
+    ``cuda:N`` without a GPU is a :class:`ScriptError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ScriptError(f"--device {name}: torch sees no CUDA device")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and every CUDA device) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def progress(disable: bool) -> bool | None:
+    """tqdm's ``disable`` value: None shows bars on a terminal only, True hides them."""
+    return True if disable else None

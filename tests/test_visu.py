@@ -1,7 +1,6 @@
 """Tests of visu/: gradient ascent, activation retrieval, training report (CPU, small sizes)."""
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import subprocess
@@ -17,6 +16,7 @@ from conftest import ROOT, make_image_folder
 
 import data
 import models
+import util
 from visu import common
 from visu import gradient_ascent as ga
 from visu import report
@@ -197,14 +197,14 @@ def test_gradient_ascent_blurs_at_iterations_0_step_2step(monkeypatch):
 def test_gradient_ascent_clear_errors(tmp_path, capsys):
     parser = ga.get_args_parser()
     missing = tmp_path / "nope.pth.tar"
-    rc = common.run_cli(ga.main, parser, ["--model", str(missing), "--exp", str(tmp_path / "o")])
+    rc = util.run_cli(ga.main, parser, ["--model", str(missing), "--exp", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "\n" not in err and str(missing) in err
     ckpt = save_checkpoint(models.alexnet(out=3, input_size=64), tmp_path / "m.pth.tar")
-    rc = common.run_cli(ga.main, parser, ["--model", str(ckpt), "--conv", "6", "--exp", str(tmp_path / "o")])
+    rc = util.run_cli(ga.main, parser, ["--model", str(ckpt), "--conv", "6", "--exp", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "--conv 6" in err and "1..5" in err
-    rc = common.run_cli(ga.main, parser, ["--model", str(ckpt), "--arch", "vgg16", "--exp", str(tmp_path / "o")])
+    rc = util.run_cli(ga.main, parser, ["--model", str(ckpt), "--arch", "vgg16", "--exp", str(tmp_path / "o")])
     assert rc != 0 and "alexnet" in capsys.readouterr().err
 
 
@@ -273,13 +273,13 @@ def test_activation_retrieval_errors(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "imgs", n_classes=1, per_class=3, size=40)
     ckpt = save_checkpoint(models.alexnet(out=3, input_size=64), tmp_path / "m.pth.tar")
     parser = ar.get_args_parser()
-    rc = common.run_cli(ar.main, parser, ["--model", str(ckpt), "--data", str(folder), "--count", "9",
+    rc = util.run_cli(ar.main, parser, ["--model", str(ckpt), "--data", str(folder), "--count", "9",
                                           "--exp", str(tmp_path / "o"), "--workers", "0"])
     assert rc != 0 and "--count 9" in capsys.readouterr().err
-    rc = common.run_cli(ar.main, parser, ["--model", str(tmp_path / "x.pth"), "--data", str(folder),
+    rc = util.run_cli(ar.main, parser, ["--model", str(tmp_path / "x.pth"), "--data", str(folder),
                                           "--exp", str(tmp_path / "o")])
     assert rc != 0 and "x.pth" in capsys.readouterr().err
-    rc = common.run_cli(ar.main, parser, ["--model", str(ckpt), "--data", str(tmp_path / "none"),
+    rc = util.run_cli(ar.main, parser, ["--model", str(ckpt), "--data", str(tmp_path / "none"),
                                           "--exp", str(tmp_path / "o")])
     assert rc != 0 and "none" in capsys.readouterr().err
 

@@ -1,12 +1,12 @@
-"""Pieces shared by the visualisation scripts: loading a model cut at a conv layer, device
-choice, turning tensors into pictures, contact sheets, the CLI wrapper."""
+"""Pieces shared by the visualisation scripts: loading a model cut at a conv layer, turning
+tensors into pictures, contact sheets (device choice and the CLI wrapper are ``util``'s)."""
 from __future__ import annotations
 
 import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,22 +22,13 @@ import models  # noqa: E402
 import util  # noqa: E402
 
 
-class VisuError(RuntimeError):
+class VisuError(util.ScriptError):
     """A visualisation cannot run (missing file, bad flag value...); the message says why."""
 
 
 # ---------------------------------------------------------------------------------------
 # devices and models
 # ---------------------------------------------------------------------------------------
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise VisuError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
-
-
 def load_trunk(path: str | Path | None, arch: str | None, conv: int | str,
                relu: bool = True) -> tuple[nn.Module, models.Trunk]:
     """(model, trunk): a checkpoint loaded by ``util.load_model`` and frozen (eval mode, no
@@ -151,21 +142,3 @@ def tile_picture(path: str, size: int, crop: float = 1.0) -> Image.Image:
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
-
-
-# ---------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------
-def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
-            argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, run ``main``; expected failures print one line and return 1."""
-    args = parser.parse_args(argv)
-    try:
-        main(args)
-    except (VisuError, util.CheckpointError, data.DataError, data.BadImageError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
-    return 0

@@ -288,4 +288,4 @@ def main(args: argparse.Namespace) -> list[Path]:
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_cli(main, get_args_parser()))
+    sys.exit(util.run_cli(main, get_args_parser()))
