@@ -91,7 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="storage of the (N, 4096) feature matrix (float16 halves it; see README)")
     g.add_argument("--features_on", choices=["host", "device"], default="host",
                    help="keep the feature matrix in host RAM (the original) or on the GPU, where the "
-                        "PyTorch clustering backend then runs without a host copy")
+                        "PyTorch clustering backend then runs without a host copy (under torchrun rank 0 "
+                        "gathers it on its device and keeps it there)")
 
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
@@ -642,7 +643,8 @@ def restore_epoch(mid: dict, model: models.DeepClusterNet, args: argparse.Namesp
     top_opt = torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, weight_decay=10 ** args.wd)
     top_opt.load_state_dict(mid["top_optimizer"])
     losses = util.AverageMeter()
-    losses.update(mid["loss_sum"] / max(1, mid["loss_count"]), int(mid["loss_count"]))
+    if int(mid["loss_count"]):  # a copy made at the epoch's first step has no loss yet
+        losses.update(mid["loss_sum"] / int(mid["loss_count"]), int(mid["loss_count"]))
     return EpochPlan(labels, clustering.labels_to_lists(labels, int(mid["n_clusters"])),
                      float(mid["clustering_loss"]), draws, top_opt,
                      start_iter=position // args.batch, losses=losses,
