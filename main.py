@@ -394,7 +394,11 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
 
     def flush() -> util.AverageMeter:
         if st["n"]:
-            if not bool(finite):
+            ok = finite.to(torch.int32)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # every rank reads at the same steps: all stop together, none left waiting in a collective
+                torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+            if not bool(ok):
                 raise DivergedError(f"training loss is {float(loss_sum)} at epoch {epoch}, between iterations "
                                     f"{st['from']} and {st['i'] - 1}: the run diverged (try a lower --lr); "
                                     f"the last checkpoint is kept")
@@ -606,6 +610,9 @@ def plan_epoch(feature_loader: DataLoader, model: models.DeepClusterNet, cluster
     t0 = _now(rt.device)
     features = compute_features(feature_loader, model, N, rt, args)
     t1 = _now(rt.device)
+    if rt.device.type == "cuda" and rt.is_main:  # to check against util.gather_peak_bytes
+        log.debug("GPU memory peak after feature extraction: %.2f GiB",
+                  torch.cuda.max_memory_allocated(rt.device) / 2 ** 30)
     clus_loss, images_lists, labels = cluster(features, clusterer, args, rt)
     del features
     draws = draw_samples(images_lists, N, args, rt)
