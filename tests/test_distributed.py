@@ -135,8 +135,7 @@ def test_sampler_shards_draw_each_sample_once():
     rng_lists = [list(range(0, 50)), list(range(50, 53)), [], list(range(53, 100))]
     n_draws, world = 97 // 3 * 3, 3
     full = util.UnifLabelSampler(n_draws, rng_lists, rng=np.random.RandomState(5)).indexes
-    shards = [list(util.UnifLabelSampler(n_draws, rng_lists, rng=np.random.RandomState(5),
-                                         rank=r, world_size=world)) for r in range(world)]
+    shards = [[d for d, _ in util.SeededShardSampler(full, 0, rank=r, world_size=world)] for r in range(world)]
     assert all(len(s) == n_draws // world for s in shards)  # same step count on every rank
     # position j of the epoch is drawn by rank j % W, exactly once
     rebuilt = np.empty(n_draws, dtype=np.int64)
