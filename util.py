@@ -1,5 +1,7 @@
 """Utilities kept from the original API (``UnifLabelSampler``, ``AverageMeter``, ``Logger``,
-``learning_rate_decay``, ``load_model``) plus checkpoint, RNG and cluster-log helpers.
+``learning_rate_decay``, ``load_model``) plus checkpoint, RNG and cluster-log helpers, the
+run's device and process group (``init_runtime``), and the (N, 4096) feature matrix
+(``FeatureStore``, ``gather_rows``, ``to_channels_last``).
 
 Checkpoints are dicts of plain types and tensors, loadable with
 ``torch.load(path, weights_only=True)``, written to a temporary file and renamed.
