@@ -182,13 +182,21 @@ def _check_features(x, what: str = "features") -> None:
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _as_feature_tensor(x, device: torch.device) -> torch.Tensor:
-    """Features as a tensor on ``device``; float16/bfloat16 storage is kept as is (halving
-    the memory of the (N, D) matrix): the PCA upcasts each row block to float32 itself."""
+def to_device_blocks(x, device: torch.device) -> torch.Tensor:
+    """(N, D) features (numpy or tensor, any device) as a tensor on ``device``, copied by
+    row blocks into one preallocated tensor; float16/bfloat16 storage is kept as is
+    (halving the memory of the matrix: the PCA upcasts each row block to float32 itself),
+    anything else becomes float32. Already there in that dtype: returned as is. Each block
+    copy is synchronous, so host memory is read before the call returns."""
     t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
-    if t.dtype in LOW_PRECISION:
-        return t.to(device=device)
-    return t.to(device=device, dtype=torch.float32)
+    dtype = t.dtype if t.dtype in LOW_PRECISION else torch.float32
+    if t.device == device and t.dtype == dtype:
+        return t
+    out = torch.empty(t.shape, dtype=dtype, device=device)
+    step = _row_chunk(t.shape[1] if t.ndim > 1 else 1, PCA_BLOCK)
+    for s in range(0, t.shape[0], step):
+        out[s:s + step].copy_(t[s:s + step])
+    return out
 
 
 def preprocess_features(npdata, pca: int = 256, backend: str = "auto", device=None):
@@ -196,10 +204,13 @@ def preprocess_features(npdata, pca: int = 256, backend: str = "auto", device=No
 
     npdata: (N, D) float32 numpy array or torch tensor (a float16/bfloat16 tensor is read
     block by block, never copied whole to float32); the result has the same kind
-    ((N, min(pca, D)) float32). With a tensor the work stays on the tensor's device.
+    ((N, min(pca, D)) float32). The work runs on ``device`` (None: CUDA when available),
+    never on the device the data happens to be on: host float16 features of a GPU run are
+    moved there block by block (:func:`to_device_blocks`) and the result stays there.
     """
     is_tensor = isinstance(npdata, torch.Tensor)
-    _check_features(npdata)
+    if npdata.ndim != 2:
+        _check_features(npdata)
     n, d = npdata.shape
     dim = min(pca, d)
     if backend == "auto":
@@ -210,6 +221,7 @@ def preprocess_features(npdata, pca: int = 256, backend: str = "auto", device=No
         backend = resolve_backend(backend, device)
     if backend == "faiss" and not is_tensor and n > dim:
         # (faiss's PCAMatrix cannot output more dims than N - 1 axes carry: torch path then)
+        _check_features(npdata)
         x = np.ascontiguousarray(npdata, dtype=np.float32)
         mat = faiss.PCAMatrix(d, dim, -0.5)
         mat.train(x)
@@ -219,8 +231,9 @@ def preprocess_features(npdata, pca: int = 256, backend: str = "auto", device=No
         norms = np.linalg.norm(x, axis=1)
         x = x / np.maximum(norms, 1e-10)[:, None]
         return x.astype(np.float32, copy=False)
-    dev = npdata.device if is_tensor else _default_device(device)
-    xt = _as_feature_tensor(npdata, dev)
+    dev = _default_device(device)
+    xt = to_device_blocks(npdata, dev)
+    _check_features(xt)
     mean, proj = pca_fit(xt, dim)
     out = pca_apply(xt, mean, proj)
     return out if is_tensor else out.cpu().numpy()
@@ -344,12 +357,12 @@ def _kmeans(x, k: int, verbose=False, backend="auto", seed=None, niter=20, devic
     if seed is None:
         seed = int(np.random.randint(1234))  # the original draws a fresh seed per call
     is_tensor = isinstance(x, torch.Tensor)
-    dev = x.device if is_tensor else _default_device(device)
+    dev = _default_device(device)  # the run's device, not the data's
     backend = resolve_backend(backend, dev)
     if backend == "faiss":
         xn = x.detach().cpu().numpy() if is_tensor else x
         return kmeans_faiss(xn, k, niter=niter, seed=seed, verbose=verbose)
-    return kmeans_torch(_as_tensor(x, dev), k, niter=niter, seed=seed, verbose=verbose)
+    return kmeans_torch(to_device_blocks(x, dev), k, niter=niter, seed=seed, verbose=verbose)
 
 
 def count_distinct_rows(x) -> int:
@@ -419,7 +432,7 @@ class Kmeans:
 # ---------------------------------------------------------------------------------------
 def make_graph(xb, nnn: int, device=None) -> tuple[np.ndarray, np.ndarray]:
     """Exact kNN graph: (N, d) -> I, D of shape (N, nnn + 1) (self first, squared L2)."""
-    dev = xb.device if isinstance(xb, torch.Tensor) else _default_device(device)
+    dev = _default_device(device)
     x = _as_tensor(xb, dev)
     n = x.shape[0]
     kk = min(nnn + 1, n)

@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 import clustering
 import data
-import fastpath
 import models
 import util
 
@@ -78,7 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.05, help="learning rate")
     g.add_argument("--wd", type=float, default=-5, help="weight decay pow")
     g.add_argument("--momentum", type=float, default=0.9, help="momentum")
-    g.add_argument("--batch", type=int, default=256, help="mini-batch size")
+    g.add_argument("--batch", type=int, default=256,
+                   help="mini-batch size of one SGD step; under torchrun the global one, each of the W "
+                        "processes taking batch / W images (batch must be a multiple of W)")
     g.add_argument("--epochs", type=int, default=200, help="number of total epochs to run")
     g.add_argument("--start_epoch", type=int, default=0, help="manual epoch number (useful on restarts)")
     g.add_argument("--amp", action="store_true",
@@ -90,7 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="storage of the (N, 4096) feature matrix (float16 halves it; see README)")
     g.add_argument("--features_on", choices=["host", "device"], default="host",
                    help="keep the feature matrix in host RAM (the original) or on the GPU, where the "
-                        "PyTorch clustering backend then runs without a host copy")
+                        "PyTorch clustering backend then runs without a host copy (under torchrun rank 0 "
+                        "gathers it on its device and keeps it there)")
 
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
@@ -107,6 +109,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="unreadable images: refuse to start (naming them), or train without them "
                         "(listed in EXP/bad_images.txt)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
+    g.add_argument("--dist_timeout", type=float, default=60,
+                   help="minutes a torchrun process waits in a collective (the other ranks wait while rank 0 "
+                        "clusters) before the run is stopped")
     g.add_argument("--report", action="store_true", help="draw the training report (PNG) at the end")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--verbose", action="store_true", help="chatty")
@@ -139,6 +144,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--start_epoch", args.start_epoch >= 0, args.start_epoch, "must be >= 0"),
         ("--reassign", args.reassign > 0 and math.isfinite(args.reassign), args.reassign, "must be > 0"),
         ("--workers", args.workers >= 0, args.workers, "must be >= 0"),
+        ("--dist_timeout", args.dist_timeout > 0, args.dist_timeout, "must be > 0 (minutes)"),
         ("--checkpoints", args.checkpoints >= 1, args.checkpoints, "must be >= 1 (iterations)"),
         ("--crop_min_scale", 0 < args.crop_min_scale <= 1, args.crop_min_scale, "must be in (0, 1]"),
         ("--pca", args.pca >= 1, args.pca, "must be >= 1"),
@@ -169,18 +175,10 @@ def setup_logging(exp: Path, verbose: bool, is_main: bool = True) -> None:
     log.propagate = False
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    np.random.seed(seed)
-    import random
-    random.seed(seed)
-
-
 def build_model(args: argparse.Namespace, device: torch.device) -> models.DeepClusterNet:
     model = models.build_model(args.arch, sobel=args.sobel, bn=True, out=args.nmb_cluster, input_size=args.size)
     model = model.to(device)
-    return fastpath.to_channels_last(model) if args.channels_last else model
+    return util.to_channels_last(model) if args.channels_last else model
 
 
 def build_optimizer(model: models.DeepClusterNet, args: argparse.Namespace) -> torch.optim.SGD:
@@ -189,11 +187,17 @@ def build_optimizer(model: models.DeepClusterNet, args: argparse.Namespace) -> t
                            weight_decay=10 ** args.wd)
 
 
-def make_loader(dataset, args: argparse.Namespace, device: torch.device, sampler=None,
+def rank_batch(args: argparse.Namespace, rt: util.Runtime) -> int:
+    """Images per step on this rank: --batch is the global mini-batch, split over the W ranks."""
+    return args.batch // rt.world_size
+
+
+def make_loader(dataset, args: argparse.Namespace, rt: util.Runtime, sampler=None,
                 seed: int = 0) -> DataLoader:
     # An explicit generator: creating the iterator then draws nothing from the global RNG,
     # so a resumed run's dropout masks stay in step with an uninterrupted one.
-    return DataLoader(dataset, batch_size=args.batch, shuffle=False, sampler=sampler,
+    device = rt.device
+    return DataLoader(dataset, batch_size=rank_batch(args, rt), shuffle=False, sampler=sampler,
                       num_workers=args.workers, pin_memory=device.type == "cuda",
                       persistent_workers=False, generator=torch.Generator().manual_seed(seed))
 
@@ -234,44 +238,51 @@ def make_feature_loader(dataset: data.IndexedImageFolder, args: argparse.Namespa
                         rt: util.Runtime) -> DataLoader:
     """Fixed-order loader; under torchrun rank r reads images r, r + W, r + 2W, ..."""
     part = dataset if not rt.distributed else Subset(dataset, range(rt.rank, len(dataset), rt.world_size))
-    return make_loader(part, args, rt.device)
+    return make_loader(part, args, rt)
 
 
 @torch.no_grad()
 def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, rt: util.Runtime,
                      args: argparse.Namespace) -> np.ndarray | torch.Tensor | None:
-    """(N, D) float32 features (D = 4096 pre-ReLU fc7; 2048 avgpool for ResNet-50), row i = image i.
+    """(N, D) features, row i = image i (written by index), in --features_dtype; D = 4096
+    pre-ReLU fc7 for AlexNet/VGG-16, 2048 global-average-pooled for ResNet-50.
 
-    Under torchrun each rank extracts its share and rank 0 receives the whole matrix;
-    the other ranks return None.
+    One process: rows go straight into the (N, D) store (host, or the GPU with
+    --features_on device). Under torchrun each rank fills an (N / W, D) store of its
+    share on its device and rank 0 gathers the whole matrix, which stays on rank 0's device
+    (where it is clustered: no round trip through the host); the other ranks return None.
     """
     model.eval()
-    store_on = rt.device if args.features_on == "device" else torch.device("cpu")
-    # single process: rows go straight into the (N, 4096) store; under torchrun each rank
-    # keeps its rows and rank 0 gathers them
-    store = None if rt.distributed else fastpath.FeatureStore(N, model.feature_dim, store_on, args.features_dtype)
-    rows, index = [], []
-    for imgs, idx in tqdm(loader, desc="features", leave=False, disable=_no_bar(args)):
-        imgs = imgs.to(rt.device, non_blocking=True)
-        if args.channels_last:
-            imgs = fastpath.to_channels_last(imgs)
-        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=args.amp):
-            out = model.forward_features(imgs)  # (B, 4096)
-        util.fault_point("features")
-        if store is not None:
-            store.write(idx, out.float())
-        else:
-            rows.append(out.float())
-            index.append(idx)
-    if store is not None:
-        full = store.tensor
+    fc = model.feature_dim
+    if rt.distributed:
+        n_local = len(loader.dataset)
+        store = util.FeatureStore(n_local, fc, rt.device, args.features_dtype)
+        local_idx = torch.empty(n_local, dtype=torch.long)  # (n_local,) dataset index of each row
     else:
-        local = torch.cat(rows) if rows else torch.zeros(0, model.feature_dim, device=rt.device)
-        local_idx = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
-        full = util.gather_rows(local, local_idx, N, rt)
+        store_on = rt.device if args.features_on == "device" else torch.device("cpu")
+        store = util.FeatureStore(N, fc, store_on, args.features_dtype)
+    pos = 0
+    for imgs, idx in tqdm(loader, desc="features", leave=False, disable=_no_bar(args)):
+        imgs = imgs.to(rt.device, non_blocking=True)  # host -> device: ordered on the stream, safe
+        if args.channels_last:
+            imgs = util.to_channels_last(imgs)
+        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            out = model.forward_features(imgs)  # (B, D)
+        util.fault_point("features")
+        if rt.distributed:
+            b = len(idx)
+            store.write(torch.arange(pos, pos + b), out.float())
+            local_idx[pos:pos + b] = idx
+            pos += b
+        else:
+            store.write(idx, out.float())
+    if rt.distributed:
+        full = util.gather_rows(store.tensor, local_idx, N, rt)
+        del store
         if full is None:
             return None
-        full = full.to(store_on, fastpath.feature_dtype(args.features_dtype))
+    else:
+        full = store.tensor
     # host float32 stays a numpy array (the original's representation, no copy)
     return full.numpy() if full.device.type == "cpu" and full.dtype == torch.float32 else full
 
@@ -331,7 +342,7 @@ def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[
                                           data.train_transform(args.size, args.crop_min_scale), order=order)
     sampler = util.SeededShardSampler(draws, base_seed=args.seed * 100_003 + epoch, rank=rt.rank,
                                       world_size=rt.world_size, start=start)
-    return make_loader(train_set, args, rt.device, sampler=sampler, seed=args.seed + epoch)
+    return make_loader(train_set, args, rt, sampler=sampler, seed=args.seed + epoch)
 
 
 def reset_top_layer(model: models.DeepClusterNet, k: int, args: argparse.Namespace) -> torch.optim.SGD:
@@ -344,49 +355,85 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or inf."""
 
 
+# Steps between two host reads of the training loss. A read (loss.item(), a NaN test in
+# Python) waits for the GPU to finish the step, which stalls the pipeline if done every step.
+SYNC_EVERY = 50
+
+
 def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
                     opt: torch.optim.Optimizer, top_opt: torch.optim.Optimizer, device: torch.device,
                     epoch: int, args: argparse.Namespace, on_iteration=None, start_iter: int = 0,
                     losses: util.AverageMeter | None = None) -> float:
     """One pass over the pseudo-labelled loader; returns the average loss.
 
-    ``model`` may be the network or its DistributedDataParallel wrapper. ``on_iteration(i,
-    losses)`` runs before step i (i counted from the start of the epoch, ``start_iter`` when
-    resuming inside it), where the periodic checkpoints are written.
+    ``model`` may be the network or its DistributedDataParallel wrapper. The loss is summed
+    and tested for NaN/inf on the device; the host reads both every ``SYNC_EVERY`` steps,
+    before a checkpoint and at the end, so a diverged run still stops (naming the range of
+    iterations) before any checkpoint of its weights is written. ``on_iteration(i, flush)``
+    runs before step i (i counted from the start of the epoch, ``start_iter`` when resuming
+    inside it), where the periodic checkpoints are written; ``flush()`` reads the device
+    sums and returns the up-to-date meter.
     """
     model.train()
     losses = losses or util.AverageMeter()
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=_no_bar(args),
                initial=start_iter, total=start_iter + len(loader))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)   # sum of loss * batch since the last read
+    finite = torch.ones((), dtype=torch.bool, device=device)         # every loss since the last read finite
+    st = {"n": 0, "from": start_iter, "i": start_iter}               # images and first step since the last read
+
+    def flush() -> util.AverageMeter:
+        if st["n"]:
+            ok = finite.to(torch.int32)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # every rank reads at the same steps: all stop together, none left waiting in a collective
+                torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+            if not bool(ok):
+                raise DivergedError(f"training loss is {float(loss_sum)} at epoch {epoch}, between iterations "
+                                    f"{st['from']} and {st['i'] - 1}: the run diverged (try a lower --lr); "
+                                    f"the last checkpoint is kept")
+            losses.update(float(loss_sum) / st["n"], st["n"])
+            loss_sum.zero_()
+            st["n"] = 0
+            bar.set_postfix(loss=f"{losses.avg:.3f}")
+        st["from"] = st["i"]
+        return losses
+
     for i, (imgs, target, _) in enumerate(bar, start=start_iter):
+        st["i"] = i
         if on_iteration is not None:
-            on_iteration(i, losses)
+            on_iteration(i, flush)
+        if i - st["from"] >= SYNC_EVERY:
+            flush()
         util.fault_point("train")
+        # host -> device copies from pinned memory: ordered before the kernels that use them
         imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if args.channels_last:
-            imgs = fastpath.to_channels_last(imgs)
+            imgs = util.to_channels_last(imgs)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss = crit(model(imgs), target)
-        if not torch.isfinite(loss):
-            raise DivergedError(f"training loss is {loss.item()} at epoch {epoch}, iteration {i}: "
-                                f"the run diverged (try a lower --lr); the last checkpoint is kept")
         opt.zero_grad(set_to_none=True)
         top_opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         top_opt.step()
-        losses.update(loss.item(), imgs.shape[0])
-        bar.set_postfix(loss=f"{losses.avg:.3f}")
+        finite &= torch.isfinite(loss.detach())
+        loss_sum += loss.detach().double() * imgs.shape[0]
+        st["n"] += imgs.shape[0]
+        st["i"] = i + 1
+    flush()
     return losses.avg
 
 
 def checkpoint_state(model: models.DeepClusterNet, opt: torch.optim.Optimizer, epoch: int,
-                     args: argparse.Namespace, labels: np.ndarray | None, mid_epoch: dict | None = None) -> dict:
+                     args: argparse.Namespace, labels: np.ndarray | None, mid_epoch: dict | None = None,
+                     rng_ranks: list[dict] | None = None) -> dict:
     """Everything a restart needs, as plain types and tensors (weights_only-loadable).
 
     End of epoch: ``epoch`` is the next epoch to run. Inside an epoch (periodic copies),
     ``epoch`` is the running one and ``mid_epoch`` holds its pseudo-labels, draws, position,
     top-layer optimizer and partial loss, so that training continues exactly there.
+    ``rng_ranks``: every rank's RNG state (:func:`util.gather_rng_states`), restored by rank.
     """
     state = {
         "epoch": epoch,
@@ -400,6 +447,8 @@ def checkpoint_state(model: models.DeepClusterNet, opt: torch.optim.Optimizer, e
         "last_assignment": None if labels is None else torch.from_numpy(labels.astype(np.int64)),
         "format_version": 2,
     }
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
     if mid_epoch is not None:
         state["mid_epoch"] = mid_epoch
     return state
@@ -541,34 +590,70 @@ class EpochPlan:
 
 def plan_epoch(feature_loader: DataLoader, model: models.DeepClusterNet, clusterer, N: int,
                args: argparse.Namespace, rt: util.Runtime) -> EpochPlan:
-    """Features -> clustering -> pseudo-labels, draws and a fresh top layer."""
-    t0 = time.time()
+    """Features -> clustering -> pseudo-labels, draws and a fresh top layer.
+
+    Under torchrun every rank first takes rank 0's weights and BatchNorm statistics, so that
+    every share of the features comes from the same network. Stage times are read after a
+    device synchronisation (CUDA kernels run asynchronously).
+    """
+    util.broadcast_module_state(model, rt)
+    t0 = _now(rt.device)
     features = compute_features(feature_loader, model, N, rt, args)
-    t1 = time.time()
+    t1 = _now(rt.device)
+    if rt.device.type == "cuda" and rt.is_main:  # to check against util.gather_peak_bytes
+        log.debug("GPU memory peak after feature extraction: %.2f GiB",
+                  torch.cuda.max_memory_allocated(rt.device) / 2 ** 30)
     clus_loss, images_lists, labels = cluster(features, clusterer, args, rt)
     del features
     draws = draw_samples(images_lists, N, args, rt)
     top_opt = reset_top_layer(model, len(images_lists), args)
     return EpochPlan(labels, images_lists, clus_loss, draws, top_opt,
-                     time_features=t1 - t0, time_clustering=time.time() - t1)
+                     time_features=t1 - t0, time_clustering=_now(rt.device) - t1)
 
 
-def restore_epoch(mid: dict, model: models.DeepClusterNet, args: argparse.Namespace) -> EpochPlan:
-    """The plan of an epoch interrupted inside training, from a periodic checkpoint."""
+def _now(device: torch.device) -> float:
+    """Wall clock after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+def restore_epoch(mid: dict, model: models.DeepClusterNet, args: argparse.Namespace,
+                  rt: util.Runtime) -> EpochPlan:
+    """The plan of an epoch interrupted inside training, from a periodic checkpoint.
+
+    Training continues at the same global position of the epoch's draws whatever the number
+    of processes now: step i covers draws [i * batch, (i + 1) * batch) for any W.
+    """
     labels = mid["assignment"].numpy()
+    draws = mid["draws"].numpy()
+    position = int(mid.get("position", int(mid["iteration"]) * args.batch))  # draws already trained on
+    if position % args.batch:
+        raise util.CheckpointError(f"the checkpoint stopped after {position} draws of its epoch, not a multiple of "
+                                   f"--batch {args.batch}: resume with the --batch of that run "
+                                   f"({mid.get('batch', 'see its args.json')})")
+    if len(draws) % rt.world_size:  # from a run on another W: every rank must run as many steps
+        cut = len(draws) // rt.world_size * rt.world_size
+        log.info("resuming on %d processes: the epoch's last %d draw(s) are dropped so that every rank runs "
+                 "the same number of steps", rt.world_size, len(draws) - cut)
+        draws = draws[:cut]  # position is a multiple of batch, so of W: still <= cut
     top_opt = torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, weight_decay=10 ** args.wd)
     top_opt.load_state_dict(mid["top_optimizer"])
     losses = util.AverageMeter()
-    losses.update(mid["loss_sum"] / max(1, mid["loss_count"]), int(mid["loss_count"]))
+    if int(mid["loss_count"]):  # a copy made at the epoch's first step has no loss yet
+        losses.update(mid["loss_sum"] / int(mid["loss_count"]), int(mid["loss_count"]))
     return EpochPlan(labels, clustering.labels_to_lists(labels, int(mid["n_clusters"])),
-                     float(mid["clustering_loss"]), mid["draws"].numpy(), top_opt,
-                     start_iter=int(mid["iteration"]), losses=losses,
+                     float(mid["clustering_loss"]), draws, top_opt,
+                     start_iter=position // args.batch, losses=losses,
                      time_features=float(mid["time_features"]), time_clustering=float(mid["time_clustering"]))
 
 
-def mid_epoch_state(plan: EpochPlan, i: int, meter: util.AverageMeter, prev_labels: np.ndarray | None) -> dict:
-    """What a periodic checkpoint needs to continue this epoch at step i."""
-    return {"iteration": i, "assignment": torch.from_numpy(plan.labels), "n_clusters": len(plan.images_lists),
+def mid_epoch_state(plan: EpochPlan, i: int, meter: util.AverageMeter, prev_labels: np.ndarray | None,
+                    args: argparse.Namespace, rt: util.Runtime) -> dict:
+    """What a periodic checkpoint needs to continue this epoch at step i, on any number of
+    processes: ``position`` = draws trained on so far (i * global batch), ``world_size``."""
+    return {"iteration": i, "position": i * args.batch, "batch": args.batch, "world_size": rt.world_size,
+            "assignment": torch.from_numpy(plan.labels), "n_clusters": len(plan.images_lists),
             "draws": torch.from_numpy(plan.draws), "top_optimizer": plan.top_opt.state_dict(),
             "clustering_loss": plan.clustering_loss, "loss_sum": meter.sum, "loss_count": meter.count,
             "prev_assignment": None if prev_labels is None else torch.from_numpy(prev_labels),
@@ -620,6 +705,7 @@ def restore_run(args: argparse.Namespace, model, opt, history: util.Logger, clog
             clog.truncate(0)
         return args.start_epoch, None, None
     ckpt = resume(args.resume, model, opt, args)
+    restore_rank_rng(ckpt, args, rt)
     start_epoch, mid = int(ckpt.get("epoch", 0)), ckpt.get("mid_epoch")
     prev = mid["prev_assignment"] if mid is not None else ckpt.get("last_assignment")
     n_ckpt = len(mid["assignment"]) if mid is not None else (len(prev) if prev is not None else N)
@@ -636,15 +722,43 @@ def restore_run(args: argparse.Namespace, model, opt, history: util.Logger, clog
     return start_epoch, mid, None if prev is None else prev.numpy()
 
 
+def restore_rank_rng(ckpt: dict, args: argparse.Namespace, rt: util.Runtime) -> None:
+    """This rank's own torch (CPU and CUDA) generators from ``ckpt['rng_ranks'][rank]``.
+
+    ``resume`` has already restored ``ckpt['rng']`` (rank 0's state) on every rank: its numpy
+    and random streams are shared by all ranks. A rank the checkpoint has no state for (it
+    was written by fewer processes, or before states were kept per rank) starts a stream of
+    its own, distinct per rank and epoch.
+    """
+    states = ckpt.get("rng_ranks")
+    if states and rt.rank < len(states):
+        st = states[rt.rank]
+        torch.set_rng_state(st["torch"].cpu())
+        if rt.device.type == "cuda" and "cuda" in st and rt.device.index < len(st["cuda"]):
+            torch.cuda.set_rng_state(st["cuda"][rt.device.index].cpu(), rt.device)
+    elif rt.rank > 0:
+        seed = args.seed + rt.rank + 1_000_003 * (int(ckpt.get("epoch", 0)) + 1)
+        torch.manual_seed(seed)
+        torch.cuda.manual_seed_all(seed)
+
+
+class SetupError(util.ScriptError):
+    """Flags that cannot work with this launch (e.g. --batch not divisible by the processes)."""
+
+
 def main(args: argparse.Namespace) -> dict:
     """Run DeepCluster; returns the last epoch's log record."""
-    rt = util.init_runtime(args.device)
+    rt = util.init_runtime(args.device, timeout_min=args.dist_timeout)
+    if args.batch % rt.world_size:
+        raise SetupError(f"--batch {args.batch} is the global mini-batch and must be a multiple of the number of "
+                         f"processes {rt.world_size} (each takes batch / {rt.world_size} images per step)")
+    util.configure_backends()
     exp = Path(args.exp)
     check_exp_writable(exp, rt)
     setup_logging(exp, args.verbose, rt.is_main)
     if not rt.is_main:  # one set of progress bars, rank 0's
         args.no_progress = True
-    seed_everything(args.seed)
+    util.seed_everything(args.seed, rt.rank)
     dataset = open_dataset(args, exp, rt)
     N = len(dataset)
     targets = np.asarray(dataset.targets) if dataset.targets else None
@@ -660,26 +774,32 @@ def main(args: argparse.Namespace) -> dict:
     record: dict = {}
     for epoch in range(start_epoch, args.epochs):
         if mid is not None:  # resuming inside this epoch: its clustering is in the checkpoint
-            plan, mid = restore_epoch(mid, model, args), None
+            plan, mid = restore_epoch(mid, model, args, rt), None
         else:
             plan = plan_epoch(feature_loader, model, clusterer, N, args, rt)
-        t2 = time.time()
+        t2 = _now(rt.device)
+        # step i of the epoch covers draws [i * batch, (i + 1) * batch) on any number of processes
         train_loader = make_train_loader(dataset, plan.images_lists, plan.draws, epoch, args, rt,
-                                         start=plan.start_iter * args.batch)
-        iters_per_epoch = math.ceil(len(plan.draws) // rt.world_size / args.batch)
+                                         start=plan.start_iter * rank_batch(args, rt))
+        iters_per_epoch = math.ceil(len(plan.draws) / args.batch)
 
-        def periodic_checkpoint(i: int, meter: util.AverageMeter) -> None:
+        def periodic_checkpoint(i: int, flush) -> None:
             n = iters_per_epoch * epoch + i
-            if n % args.checkpoints == 0 and rt.is_main:
-                state = checkpoint_state(model, opt, epoch, args, plan.labels,
-                                         mid_epoch=mid_epoch_state(plan, i, meter, prev_labels))
-                save_checkpoint(state, exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar", rt)
+            if n % args.checkpoints == 0:  # the same decision on every rank: all take part in the RNG gather
+                meter = flush()
+                rng = util.gather_rng_states(rt)
+                if rt.is_main:
+                    state = checkpoint_state(model, opt, epoch, args, plan.labels, rng_ranks=rng,
+                                             mid_epoch=mid_epoch_state(plan, i, meter, prev_labels, args, rt))
+                    save_checkpoint(state, exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar", rt)
 
         loss = train_one_epoch(train_loader, wrap_for_training(model, rt), crit, opt, plan.top_opt, rt.device,
                                epoch, args, on_iteration=periodic_checkpoint, start_iter=plan.start_iter,
                                losses=plan.losses)
-        time_train = time.time() - t2
-        save_checkpoint(checkpoint_state(model, opt, epoch + 1, args, plan.labels), exp / "checkpoint.pth.tar", rt)
+        time_train = _now(rt.device) - t2
+        rng = util.gather_rng_states(rt)
+        save_checkpoint(checkpoint_state(model, opt, epoch + 1, args, plan.labels, rng_ranks=rng),
+                        exp / "checkpoint.pth.tar", rt)
         record = epoch_record(epoch, plan, loss, time_train, iters_per_epoch, prev_labels, targets, rt)
         if rt.is_main:
             clog.save(epoch, plan.labels, len(plan.images_lists))
@@ -723,12 +843,9 @@ def run(argv: list[str] | None = None) -> int:
     except data.BadImageError as e:
         # from a DataLoader worker the message carries the worker's traceback: keep its last line
         return _fail(str(e).strip().splitlines()[-1].split("BadImageError: ")[-1])
-    except (data.DataError, util.CheckpointError, clustering.ClusteringError, DivergedError) as e:
+    except (data.DataError, util.CheckpointError, clustering.ClusteringError, DivergedError,
+            util.DeviceError, SetupError) as e:
         return _fail(str(e))
-    except RuntimeError as e:
-        if "CUDA is not available" in str(e):
-            return _fail(str(e))
-        raise
     except KeyboardInterrupt:
         return _fail("interrupted; resume with --resume " + str(Path(args.exp) / "checkpoint.pth.tar"), 130)
     finally:

@@ -3,6 +3,10 @@
 #   DIR=/path/to/imagenet/train ARCH=alexnet EXP=exp ./main.sh [extra main.py flags]
 # With DIR unset, main.py runs the CPU demo on scikit-learn's digits (its own defaults).
 # Multi-GPU / multi-node: NGPUS=8 [NNODES=2 NODE_RANK=0 MASTER_ADDR=host MASTER_PORT=29500] ./main.sh
+# Asking for GPUs (NGPUS set) runs with --device cuda: a CUDA build that cannot see the GPUs
+# (e.g. a driver too old for it) stops with an error instead of training on the CPU.
+# Several CPU processes (gloo): DEVICE=cpu NGPUS=2 ./main.sh
+# --batch (BATCH) is the global mini-batch: each of the NGPUS processes takes BATCH / NGPUS.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
@@ -16,13 +20,14 @@ WORKERS="${WORKERS:-12}"
 EXP="${EXP:-exp}"
 SOBEL="${SOBEL:-1}"
 EPOCHS="${EPOCHS:-}"
+if [ -n "${NGPUS:-}" ]; then DEVICE="${DEVICE:-cuda}"; else DEVICE="${DEVICE:-auto}"; fi
 NGPUS="${NGPUS:-1}"
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
-ARGS=()
+ARGS=(--device "$DEVICE")
 if [ -n "$DIR" ]; then
     ARGS+=("$DIR" --exp "$EXP" --arch "$ARCH" --lr "$LR" --wd "$WD" --k "$K" --workers "$WORKERS" --verbose)
     [ "$SOBEL" = "1" ] && ARGS+=(--sobel)

@@ -134,3 +134,43 @@ def write_json(path: str | None, payload: dict) -> None:
     tmp.write_text(json.dumps(payload, indent=1, default=str))
     os.replace(tmp, p)
     print(f"wrote {p}")
+
+
+# ---------------------------------------------------------------------------------------
+# speed-ups timed by the benchmarks, and memory probes
+# ---------------------------------------------------------------------------------------
+def autocast(device, enabled: bool = True, dtype: torch.dtype = torch.bfloat16):
+    """bfloat16 autocast on ``device`` (CPU or CUDA) when enabled, else a no-op context."""
+    import contextlib
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def maybe_compile(model, enabled: bool = True, mode: str | None = None):
+    """``torch.compile(model)`` when enabled, else the model itself (compiled lazily, at the
+    first call; the wrapper shares the parameters of ``model``)."""
+    return torch.compile(model, mode=mode) if enabled else model
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss, KiB on Linux)."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) if sys.platform == "darwin" else int(r) * 1024
+
+
+def reset_peak_memory(device=None) -> None:
+    dev = torch.device(device) if device is not None else None
+    if torch.cuda.is_available() and (dev is None or dev.type == "cuda"):
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def memory_snapshot(device=None) -> dict:
+    """{'rss_mb', 'peak_rss_mb', 'gpu_peak_mb'} (gpu_peak_mb None without CUDA)."""
+    rss = psutil.Process(os.getpid()).memory_info().rss
+    gpu = None
+    dev = torch.device(device) if device is not None else None
+    if torch.cuda.is_available() and (dev is None or dev.type == "cuda"):
+        gpu = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    return {"rss_mb": rss / 2 ** 20, "peak_rss_mb": peak_rss_bytes() / 2 ** 20, "gpu_peak_mb": gpu}

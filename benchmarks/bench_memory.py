@@ -6,7 +6,7 @@ output, 256 rows a batch) into their storage, then PCA-256 whitening + L2 + k-me
 
   original        the original's layout: np.zeros((N, D), float32) on the host filled by batch,
                   faiss PCAMatrix + numpy L2 + faiss.Clustering (CPU)
-  cpu_fp32        ours: fastpath.FeatureStore on the host, float32; clustering.Kmeans
+  cpu_fp32        ours: util.FeatureStore on the host, float32; clustering.Kmeans
   cpu_fp16        ours: host storage in float16 (half the matrix); PCA upcasts block by block
   gpu_fp32        ours: features written into GPU memory, clustered there (needs CUDA)
   gpu_fp16        ours: same, float16 on the GPU (needs CUDA)
@@ -62,7 +62,8 @@ def child(args) -> dict:
     import torch
 
     import clustering
-    import fastpath
+    import util
+    from _common import memory_snapshot, reset_peak_memory
 
     cfg = args._child
     device = torch.device("cuda" if cfg.startswith("gpu") else "cpu")
@@ -72,7 +73,7 @@ def child(args) -> dict:
         import faiss  # noqa: F401  (imported before the baseline RSS, as torch is)
     import psutil
     rss0 = psutil.Process(os.getpid()).memory_info().rss
-    fastpath.reset_peak_memory(device)
+    reset_peak_memory(device)
 
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     latent, true_k = min(64, args.D), args.k
@@ -94,7 +95,7 @@ def child(args) -> dict:
             feats[s:s + out.shape[0]] = out.cpu().numpy()
         nbytes = feats.nbytes
     else:
-        store = fastpath.FeatureStore(args.N, args.D, device=device, dtype="float16" if cfg.endswith("fp16") else "float32")
+        store = util.FeatureStore(args.N, args.D, device=device, dtype="float16" if cfg.endswith("fp16") else "float32")
         for s in range(0, args.N, bs):
             out = batch(min(bs, args.N - s))
             store.write(torch.arange(s, s + out.shape[0]), out)
@@ -121,7 +122,7 @@ def child(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    snap = fastpath.memory_snapshot(device)
+    snap = memory_snapshot(device)
     return {"config": cfg, "features_mb": nbytes / 2 ** 20, "features_dtype": str(getattr(feats, "dtype", "")),
             "features_on": str(device), "rss_import_mb": rss0 / 2 ** 20, "peak_rss_mb": snap["peak_rss_mb"],
             "added_rss_mb": snap["peak_rss_mb"] - rss0 / 2 ** 20, "gpu_peak_mb": snap["gpu_peak_mb"],

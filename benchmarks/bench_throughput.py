@@ -8,9 +8,8 @@ Two input modes, timed in the same run against the original's loop:
 
 Baseline (= the original's loop): float32, contiguous NCHW, no compilation, PIL decoding and
 torchvision transforms in DataLoader workers, the same batch size and workers.
-Ours: the speed-ups given as flags (--channels_last, --bf16, --compile; on CUDA the JPEGs are
-decoded by nvjpeg and augmented on the GPU: fastpath.gpu_decode_loader; on CPU the same loader
-decodes with torchvision.io in the workers). Each speed-up is timed alone and all together.
+Ours: the speed-ups given as flags (--channels_last, --bf16, --compile), with the same data
+pipeline as the original. Each speed-up is timed alone and all together.
 The 'jpeg' mode also times the loader alone, to say which stage bounds the pipeline.
 
     python benchmarks/bench_throughput.py                    # quick CPU default (batch 16, 3 batches)
@@ -26,7 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, environment, pick_device, print_table, sync, write_json  # noqa: E402
+from _common import (PeakRSS, autocast, environment, maybe_compile, pick_device, print_table, sync,  # noqa: E402
+                     write_json)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -34,7 +34,7 @@ from torch import nn  # noqa: E402
 
 import clustering  # noqa: E402
 import data  # noqa: E402
-import fastpath  # noqa: E402
+import util  # noqa: E402
 import models  # noqa: E402
 
 
@@ -54,8 +54,6 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA and for CPUs with bf16 instructions)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile")
-    p.add_argument("--gpu_decode", action=argparse.BooleanOptionalAction, default=True,
-                   help="jpeg mode, ours: fastpath.gpu_decode_loader (nvjpeg + GPU augmentation on CUDA)")
     p.add_argument("--individual", action=argparse.BooleanOptionalAction, default=True,
                    help="also time each speed-up alone (else only the original and all combined)")
     p.add_argument("--n_images", type=int, default=None,
@@ -104,16 +102,13 @@ def make_jpeg_folder(cache: str, n: int, wh: str, seed: int = 0) -> str:
 
 
 class Variant:
-    def __init__(self, name: str, channels_last=False, bf16=False, compile=False, gpu_decode=False):
-        self.name, self.channels_last, self.bf16, self.compile, self.gpu_decode = \
-            name, channels_last, bf16, compile, gpu_decode
+    def __init__(self, name: str, channels_last=False, bf16=False, compile=False):
+        self.name, self.channels_last, self.bf16, self.compile = name, channels_last, bf16, compile
 
 
 def variants(args, mode: str) -> list[Variant]:
     out = [Variant("original")]
     flags = [("channels_last", args.channels_last), ("bf16", args.bf16), ("compile", args.compile)]
-    if mode == "jpeg":
-        flags.append(("gpu_decode", args.gpu_decode))
     on = [f for f, v in flags if v]
     if len(on) > 1 and args.individual:
         out += [Variant(f, **{f: True}) for f in on]
@@ -126,11 +121,11 @@ def build(args, v: Variant, device: torch.device):
     torch.manual_seed(args.seed)
     model = models.build_model(args.arch, sobel=not args.no_sobel, bn=True, out=args.k, input_size=args.size).to(device)
     if v.channels_last:
-        fastpath.to_channels_last(model)
+        util.to_channels_last(model)
     opt = torch.optim.SGD(model.body_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-5)
     top_opt = torch.optim.SGD(model.top_layer.parameters(), lr=0.05, weight_decay=1e-5)
-    fwd = fastpath.maybe_compile(model, v.compile)
-    feat = fastpath.maybe_compile(model.forward_features, v.compile)
+    fwd = maybe_compile(model, v.compile)
+    feat = maybe_compile(model.forward_features, v.compile)
     return model, fwd, feat, opt, top_opt
 
 
@@ -138,12 +133,12 @@ def step_fn(stage: str, args, v: Variant, device, model, fwd, feat, opt, top_opt
     crit = nn.CrossEntropyLoss()
 
     def extract(imgs, labels):
-        with torch.no_grad(), fastpath.autocast(device, v.bf16):
+        with torch.no_grad(), autocast(device, v.bf16):
             out = feat(imgs)
         return out.float()
 
     def train(imgs, labels):
-        with fastpath.autocast(device, v.bf16):
+        with autocast(device, v.bf16):
             loss = crit(fwd(imgs), labels)
         opt.zero_grad(set_to_none=True)
         top_opt.zero_grad(set_to_none=True)
@@ -190,25 +185,18 @@ def memory_batches(args, v: Variant, device, n: int):
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
     y = torch.randint(0, args.k, (args.batch,), generator=g).to(device)
     if v.channels_last:
-        x = fastpath.to_channels_last(x)
+        x = util.to_channels_last(x)
     for _ in range(n):
         yield x, y
 
 
 def jpeg_batches(args, v: Variant, device, root: str, stage: str):
-    """The original pipeline (PIL in workers) or ours (fastpath.gpu_decode_loader)."""
+    """The original pipeline: PIL decoding and torchvision transforms in DataLoader workers."""
     ds = data.IndexedImageFolder(root, transform=data.eval_transform(args.size))
     n = len(ds)
     labels = np.random.RandomState(args.seed).randint(0, args.k, n)
     g = torch.Generator().manual_seed(args.seed)
     sampler = torch.randperm(n, generator=g).tolist() if stage == "train" else None
-    if v.gpu_decode:
-        loader = fastpath.gpu_decode_loader(ds.paths, args.batch, device, train=stage == "train", size=args.size,
-                                            workers=args.workers, sampler=sampler, labels=labels,
-                                            channels_last=v.channels_last)
-        for imgs, lab, _ in loader:
-            yield imgs, lab.to(device, non_blocking=True)
-        return
     if stage == "train":
         ds = clustering.ReassignedDataset(labels, ds, data.train_transform(args.size))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
@@ -217,7 +205,7 @@ def jpeg_batches(args, v: Variant, device, root: str, stage: str):
         imgs = item[0].to(device, non_blocking=True)
         lab = item[1].to(device) if stage == "train" else torch.as_tensor(labels[item[1].numpy()]).to(device)
         if v.channels_last:
-            imgs = fastpath.to_channels_last(imgs)
+            imgs = util.to_channels_last(imgs)
         yield imgs, lab
 
 
@@ -241,7 +229,7 @@ def main(argv=None) -> dict:
 
     for mode in args.modes:
         if mode == "jpeg":  # the loader alone: decode + augment, no model
-            for v in [Variant("original")] + ([Variant("gpu_decode", gpu_decode=True)] if args.gpu_decode else []):
+            for v in [Variant("original")]:
                 for stage in args.stages:
                     with PeakRSS(device) as mem:
                         n, sec, _ = timed_loop(jpeg_batches(args, v, device, root, stage), lambda a, b: None,
@@ -305,9 +293,7 @@ def bottlenecks(rows, stages) -> list[str]:
         for prefix in ("original", "ours"):
             pipe = _get(rows, "jpeg", stage, prefix)
             model = _get(rows, "memory", stage, prefix)
-            ld = _get(rows, "jpeg", f"{stage}:loader", "original" if prefix == "original" else "gpu_decode")
-            if ld is None:
-                ld = _get(rows, "jpeg", f"{stage}:loader", "original")
+            ld = _get(rows, "jpeg", f"{stage}:loader", "original")
             if not (pipe and model and ld):
                 continue
             which = "data loading (decode + augment)" if ld["img_s"] < model["img_s"] else "the model (compute)"

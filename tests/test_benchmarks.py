@@ -68,7 +68,7 @@ def test_bench_throughput_smallest(tmp_path):
         for stage in ("extract", "train"):
             assert (mode, stage, "original") in modes
             assert any(m == mode and s == stage and v.startswith("ours(") for m, s, v in modes)
-    assert ("jpeg", "extract:loader", "original") in modes and ("jpeg", "train:loader", "gpu_decode") in modes
+    assert ("jpeg", "extract:loader", "original") in modes and ("jpeg", "train:loader", "original") in modes
     for r in rows:
         assert r.get("error") is None, r
         assert r["images"] == 2 and positive(r["img_s"]) and positive(r["ratio_vs_original"])

@@ -31,7 +31,7 @@ def digits100(tmp_path_factory, digits_dir) -> str:
 
 
 def train_argv(data: str, exp: Path, epochs: int) -> list[str]:
-    return [data, "--exp", str(exp), "--size", "64", "--k", "10", "--pca", "32", "--batch", "16",
+    return [data, "--exp", str(exp), "--size", "64", "--k", "10", "--pca", "32", "--batch", "8",
             "--workers", "0", "--epochs", str(epochs), "--sobel", "--no_progress", "--checkpoints", "1000"]
 
 
@@ -45,7 +45,7 @@ def run_torchrun(nproc: int, argv: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_on_one(digits100, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    res = run_torchrun(2, train_argv(digits100, two, 2))
+    res = run_torchrun(2, train_argv(digits100, two, 2) + ["--checkpoints", "5"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     recs = util.read_jsonl(two / "log.jsonl")
     assert [r["epoch"] for r in recs] == [0, 1] and all(r["world_size"] == 2 for r in recs)
@@ -58,11 +58,19 @@ def test_two_processes_match_one_and_resume_on_one(digits100, tmp_path):
     a = util.ClusterLog(two / "clusters").load(0)
     b = util.ClusterLog(one / "clusters").load(0)
     assert adjusted_rand_score(a, b) == pytest.approx(1.0)
+    # --batch is the global mini-batch: 2 processes take 4 images each, for as many steps as 1 process
+    one_rec = util.read_jsonl(one / "log.jsonl")[0]
+    assert recs[0]["iterations"] == one_rec["iterations"] == 13  # ceil(100 draws / 8)
 
-    # a checkpoint from 2 ranks resumes on 1 process
-    assert main.run(train_argv(digits100, two, 3) + ["--resume", str(two / "checkpoint.pth.tar")]) == 0
+    # a mid-epoch copy from 2 ranks (epoch 1, before step 12: global position 96) resumes on 1 process
+    mid = torch.load(two / "checkpoints" / "checkpoint_5.pth.tar", weights_only=True)
+    assert (mid["epoch"], mid["mid_epoch"]["position"], mid["mid_epoch"]["world_size"]) == (1, 96, 2)
+    assert len(mid["rng_ranks"]) == 2 and not torch.equal(mid["rng_ranks"][0]["torch"], mid["rng_ranks"][1]["torch"])
+    argv = train_argv(digits100, two, 3) + ["--resume", str(two / "checkpoints" / "checkpoint_5.pth.tar")]
+    assert main.run(argv) == 0
     recs = util.read_jsonl(two / "log.jsonl")
-    assert [r["epoch"] for r in recs] == [0, 1, 2] and recs[2]["world_size"] == 1
+    assert [r["epoch"] for r in recs] == [0, 1, 2] and recs[1]["world_size"] == recs[2]["world_size"] == 1
+    assert recs[1]["iterations"] == recs[2]["iterations"] == 13
     assert recs[2]["nmi_prev"] is not None
 
 
@@ -72,28 +80,62 @@ def _gather_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
     rt = util.init_runtime("cpu")
     full = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
     idx = torch.arange(rank, n, world)
-    got = util.gather_rows(full[idx], idx, n, rt)
+    stats: dict = {}
+    got = util.gather_rows(full[idx].clone(), idx, n, rt, stats=stats)
+    # uneven shares (rank 1 sends more rows than rank 0 holds), bfloat16 rows
+    idx2 = torch.arange(0, 3) if rank == 0 else torch.arange(3, n)
+    stats2: dict = {}
+    got2 = util.gather_rows(full[idx2].bfloat16(), idx2, n, rt, stats=stats2)
     labels = util.broadcast_array(np.arange(n) % 4 if rt.is_main else None, rt)
-    torch.save({"full": got, "labels": torch.as_tensor(labels)}, f"{out}.{rank}")
+    # BatchNorm statistics differ per rank after training: rank 0's reach every rank
+    bn = torch.nn.BatchNorm1d(3)
+    bn.running_mean.fill_(float(rank + 1))
+    bn.weight.data.fill_(float(rank + 5))
+    util.broadcast_module_state(bn, rt)
+    torch.manual_seed(100 + rank)
+    rng = util.gather_rng_states(rt)
+    torch.save({"full": got, "full2": got2, "labels": torch.as_tensor(labels), "stats": stats, "stats2": stats2,
+                "bn": bn.running_mean.clone(), "bn_w": bn.weight.detach().clone(),
+                "rng": None if rng is None else [r["torch"] for r in rng]}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
-def test_gather_rows_and_broadcast(tmp_path):
+def test_gather_rows_broadcast_and_rng_states(tmp_path):
     n, world = 11, 2
     mp.spawn(_gather_worker, args=(world, free_port(), n, str(tmp_path / "res")), nprocs=world)
-    r0 = torch.load(tmp_path / "res.0", weights_only=True)
-    r1 = torch.load(tmp_path / "res.1", weights_only=True)
-    torch.testing.assert_close(r0["full"], torch.arange(n * 3, dtype=torch.float32).reshape(n, 3))
-    assert r1["full"] is None
+    r0 = torch.load(tmp_path / "res.0", weights_only=False)
+    r1 = torch.load(tmp_path / "res.1", weights_only=False)
+    ref = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
+    torch.testing.assert_close(r0["full"], ref)
+    torch.testing.assert_close(r0["full2"], ref.bfloat16())
+    assert r1["full"] is None and r1["full2"] is None
     assert r0["labels"].tolist() == r1["labels"].tolist() == (np.arange(n) % 4).tolist()
+    # peak bookkeeping: the buffers rank 0 holds are exactly what the formula counts
+    assert r0["stats"]["counts"] == [6, 5]
+    assert r0["stats"]["peak_bytes"] == util.gather_peak_bytes(n, 3, [6, 5], 4) == (11 + 6) * 3 * 4 + 11 * 8
+    assert r0["stats2"]["counts"] == [3, 8]  # rank 0's rows cannot take rank 1's: one more buffer
+    assert r0["stats2"]["peak_bytes"] == util.gather_peak_bytes(n, 3, [3, 8], 2) == (11 + 3 + 8) * 3 * 2 + 11 * 8
+    assert r1["bn"].tolist() == r0["bn"].tolist() == [1.0] * 3 and r1["bn_w"].tolist() == [5.0] * 3
+    # every rank's RNG state reaches rank 0, in rank order
+    assert r1["rng"] is None and len(r0["rng"]) == 2
+    for rank, state in enumerate(r0["rng"]):
+        torch.manual_seed(100 + rank)
+        assert torch.equal(state, torch.get_rng_state())
+
+
+def test_gather_peak_imagenet_fits_an_80gb_gpu():
+    n, d, w = 1_281_167, 4096, 8
+    counts = [len(range(r, n, w)) for r in range(w)]
+    gib = util.gather_peak_bytes(n, d, counts, 4) / 2 ** 30
+    assert 21.9 < gib < 22.1  # the (n, D) float32 matrix is 19.5 GiB: one eighth more
+    assert util.gather_peak_bytes(n, d, counts, 2) / 2 ** 30 < 11.1
 
 
 def test_sampler_shards_draw_each_sample_once():
     rng_lists = [list(range(0, 50)), list(range(50, 53)), [], list(range(53, 100))]
     n_draws, world = 97 // 3 * 3, 3
     full = util.UnifLabelSampler(n_draws, rng_lists, rng=np.random.RandomState(5)).indexes
-    shards = [list(util.UnifLabelSampler(n_draws, rng_lists, rng=np.random.RandomState(5),
-                                         rank=r, world_size=world)) for r in range(world)]
+    shards = [[d for d, _ in util.SeededShardSampler(full, 0, rank=r, world_size=world)] for r in range(world)]
     assert all(len(s) == n_draws // world for s in shards)  # same step count on every rank
     # position j of the epoch is drawn by rank j % W, exactly once
     rebuilt = np.empty(n_draws, dtype=np.int64)

@@ -1,4 +1,5 @@
-"""fastpath helpers, and equivalence of every numerics-changing speed-up with the float32 path.
+"""Speed-up helpers (util.to_channels_last, util.FeatureStore, the benchmarks' autocast), and
+equivalence of every numerics-changing speed-up with the float32 path.
 
 Stated tolerances (checked below):
 * channels-last: fc7 features within 1e-4 relative (L2) of contiguous NCHW; same training loss
@@ -9,10 +10,11 @@ Stated tolerances (checked below):
 * fp16 feature storage: pairwise distances of the preprocessed (PCA-whitened, L2) rows
   within 2e-2 (max abs);
   k-means on it: NMI >= 0.9 with the float32 run and loss within 1%.
-* device JPEG loader (on CPU here): eval images within 0.1 (max abs, normalised units; mean
-  < 2e-3) of the PIL pipeline (data.eval_transform).
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +22,11 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score as nmi_score
 
 import clustering
-import data
-import fastpath
 import models
+import util
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _common as bench  # noqa: E402
 
 
 def nmi(a, b) -> float:
@@ -67,17 +71,17 @@ def train_loss(model, x, y, steps: int = 2) -> list[float]:
 # ---------------------------------------------------------------------------------------
 def test_channels_last_equivalent(class_images):
     x, y = class_images
-    m0, m1 = net().eval(), fastpath.to_channels_last(net()).eval()
-    xc = fastpath.to_channels_last(x[:16])
+    m0, m1 = net().eval(), util.to_channels_last(net()).eval()
+    xc = util.to_channels_last(x[:16])
     assert xc.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert rel(m1.forward_features(xc), m0.forward_features(x[:16])) < 1e-4
     l0 = train_loss(net(), x[:16], y[:16])
-    l1 = train_loss(fastpath.to_channels_last(net()), fastpath.to_channels_last(x[:16]), y[:16])
+    l1 = train_loss(util.to_channels_last(net()), util.to_channels_last(x[:16]), y[:16])
     assert l1 == pytest.approx(l0, rel=1e-4)
     # non-4d tensors pass through unchanged
     v = torch.zeros(3)
-    assert fastpath.to_channels_last(v) is v
+    assert util.to_channels_last(v) is v
 
 
 def test_bf16_autocast_equivalent(class_images):
@@ -85,7 +89,7 @@ def test_bf16_autocast_equivalent(class_images):
     m = net().eval()
     with torch.no_grad():
         f32 = m.forward_features(x)
-        with fastpath.autocast("cpu", True):
+        with bench.autocast("cpu", True):
             f16 = m.forward_features(x)
     assert f16.dtype == torch.bfloat16
     assert rel(f16, f32) < 0.05
@@ -106,14 +110,14 @@ def test_bf16_autocast_equivalent(class_images):
     torch.manual_seed(1)
     lb = []
     for _ in range(2):
-        with fastpath.autocast("cpu", True):
+        with bench.autocast("cpu", True):
             loss = torch.nn.functional.cross_entropy(mb(x[:32]), y[:32])
         opt.zero_grad()
         loss.backward()
         opt.step()
         lb.append(float(loss.detach()))
     assert lb == pytest.approx(l32, rel=0.02)
-    assert isinstance(fastpath.autocast("cpu", False), type(fastpath.autocast("cuda", False)))
+    assert isinstance(bench.autocast("cpu", False), type(bench.autocast("cuda", False)))
 
 
 def _blobs(n=3000, d=256, k=20, seed=0):
@@ -126,7 +130,7 @@ def _blobs(n=3000, d=256, k=20, seed=0):
 
 def test_fp16_feature_storage_equivalent():
     x = _blobs()
-    store = fastpath.FeatureStore(x.shape[0], x.shape[1], dtype="float16")
+    store = util.FeatureStore(x.shape[0], x.shape[1], dtype="float16")
     perm = torch.randperm(x.shape[0])
     for s in range(0, x.shape[0], 512):  # written by index, out of order
         store.write(perm[s:s + 512], x[perm[s:s + 512]])
@@ -171,69 +175,23 @@ def test_finite_check_by_blocks(monkeypatch):
 
 
 def test_feature_store_numpy_and_dtypes():
-    s = fastpath.FeatureStore(4, 3, dtype=torch.float32)
+    s = util.FeatureStore(4, 3, dtype=torch.float32)
     s.write([3, 0], torch.tensor([[1.0, 2, 3], [4, 5, 6]]))
     a = s.numpy()
     assert a.dtype == np.float32 and a[3].tolist() == [1, 2, 3] and a[0].tolist() == [4, 5, 6]
     with pytest.raises(ValueError, match="unknown feature dtype"):
-        fastpath.FeatureStore(2, 2, dtype="int8")
+        util.FeatureStore(2, 2, dtype="int8")
 
 
 def test_maybe_compile_off_is_identity_and_snapshot():
     m = torch.nn.Linear(2, 2)
-    assert fastpath.maybe_compile(m, False) is m
-    snap = fastpath.memory_snapshot("cpu")
+    assert bench.maybe_compile(m, False) is m
+    snap = bench.memory_snapshot("cpu")
     assert snap["rss_mb"] > 0 and snap["peak_rss_mb"] >= snap["rss_mb"] * 0.5
     assert snap["gpu_peak_mb"] is None or snap["gpu_peak_mb"] >= 0
 
 
 # ---------------------------------------------------------------------------------------
-def _jpeg_folder(root, n=6):
-    from PIL import Image
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(0)
-    paths = []
-    for i in range(n):
-        small = (rng.rand(15, 20, 3) * 255).astype(np.uint8)
-        img = Image.fromarray(small).resize((100 + 10 * i, 75), Image.BICUBIC)
-        p = root / f"{i}.jpg"
-        img.save(p, quality=92)
-        paths.append(str(p))
-    Image.fromarray((rng.rand(70, 90, 3) * 255).astype(np.uint8)).save(root / "x.png")
-    return paths + [str(root / "x.png")]
-
-
-@pytest.mark.parametrize("on_device", [False, True])
-def test_decode_loader_matches_pil(tmp_path, on_device):
-    paths = _jpeg_folder(tmp_path / "img")
-    ld = fastpath.gpu_decode_loader(paths, 3, "cpu", size=64, workers=0, decode_on_device=on_device,
-                                    labels=list(range(10, 10 + len(paths))))
-    tf = data.eval_transform(64)
-    seen = []
-    assert len(ld) == 3
-    for imgs, labels, idx in ld:
-        ref = torch.stack([tf(data.load_rgb(paths[i])) for i in idx])
-        assert imgs.shape == ref.shape and imgs.dtype == torch.float32
-        d = (imgs - ref).abs()
-        assert float(d.max()) < 0.1 and float(d.mean()) < 2e-3
-        assert labels.tolist() == [10 + int(i) for i in idx]
-        seen += idx.tolist()
-    assert seen == list(range(len(paths)))
-
-
-def test_decode_loader_train_mode(tmp_path):
-    paths = _jpeg_folder(tmp_path / "img")
-    torch.manual_seed(0)
-    ld = fastpath.gpu_decode_loader(paths, 4, "cpu", train=True, size=64, workers=1, sampler=[6, 5, 4, 3, 2, 1, 0],
-                                    channels_last=True)
-    batches = list(ld)
-    assert [b[2].tolist() for b in batches] == [[6, 5, 4, 3], [2, 1, 0]]
-    for imgs, labels, _ in batches:
-        assert imgs.shape[1:] == (3, 64, 64) and imgs.is_contiguous(memory_format=torch.channels_last)
-        assert torch.isfinite(imgs).all() and labels.eq(0).all()
-        assert -2.2 < float(imgs.min()) and float(imgs.max()) < 2.7  # ImageNet-normalised range
-
-
 def test_cluster_pca_row_blocks_equivalent(monkeypatch):
     """Block-wise float64 mean/covariance (memory fix) gives the one-shot result."""
     x = _blobs(3000, 64, 8, seed=2)

@@ -97,21 +97,6 @@ def test_sampler_uses_the_global_numpy_rng_by_default():
     assert a == b
 
 
-def test_sampler_shards_partition_the_epoch():
-    lists, n = unbalanced_lists()
-    full = util.UnifLabelSampler(n, lists, rng=np.random.RandomState(5))
-    shards = [list(util.UnifLabelSampler(n, lists, rng=np.random.RandomState(5), rank=r, world_size=3))
-              for r in range(3)]
-    assert sum(len(sh) for sh in shards) == n
-    assert sorted(sum(shards, [])) == sorted(full.indexes.tolist())
-    # rank r serves positions r, r + W, ...
-    for r in range(3):
-        assert shards[r] == full.indexes[r::3].tolist()
-    # start skips the first draws of the shard (mid-epoch resume)
-    tail = list(util.UnifLabelSampler(n, lists, rng=np.random.RandomState(5), rank=1, world_size=3, start=10))
-    assert tail == shards[1][10:]
-
-
 def test_sampler_rejects_all_empty():
     with pytest.raises(ValueError):
         util.UnifLabelSampler(10, [[], []])
