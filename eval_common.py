@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+import checkpoint
 import data
 import models
 import util
@@ -38,7 +39,7 @@ def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.Argum
     args = parser.parse_args(argv)
     try:
         main(args)
-    except (EvalError, util.CheckpointError, data.DataError, data.BadImageError) as e:
+    except (EvalError, checkpoint.CheckpointError, data.DataError, data.BadImageError) as e:
         return fail(str(e))
     except KeyboardInterrupt:
         return fail("interrupted", 130)

@@ -1,8 +1,7 @@
 """Utilities kept from the original API (``UnifLabelSampler``, ``AverageMeter``, ``Logger``,
-``learning_rate_decay``, ``load_model``) plus checkpoint, RNG and cluster-log helpers.
+``learning_rate_decay``, ``load_model``) plus model-loading, cluster-log and runtime helpers.
 
-Checkpoints are dicts of plain types and tensors, loadable with
-``torch.load(path, weights_only=True)``, written to a temporary file and renamed.
+Saving and loading checkpoints (atomic writes, RNG state, resume) lives in checkpoint.py.
 """
 from __future__ import annotations
 
@@ -10,10 +9,6 @@ import json
 import logging
 import os
 import pickle
-import random
-import re
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -21,13 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+import checkpoint
 import models
 
 log = logging.getLogger("deepcluster")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not fit the requested model."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,26 +104,6 @@ class SeededShardSampler(Sampler):
 
 
 # ---------------------------------------------------------------------------------------
-# fault injection (tests): DEEPCLUSTER_FAULT="point:n" SIGKILLs the process at the n-th hit
-# ---------------------------------------------------------------------------------------
-_FAULT_HITS: dict[str, int] = {}
-
-
-def fault_point(name: str) -> None:
-    """Die abruptly (SIGKILL) at the n-th time ``name`` is reached, when asked by the env."""
-    spec = os.environ.get("DEEPCLUSTER_FAULT")
-    if not spec:
-        return
-    point, _, count = spec.partition(":")
-    if point != name:
-        return
-    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
-    if _FAULT_HITS[name] >= int(count or 1):
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------------------------------
 # meters and logs
 # ---------------------------------------------------------------------------------------
 class AverageMeter:
@@ -174,7 +146,7 @@ class Logger:
     def truncate(self, keep: int) -> None:
         """Keep the first ``keep`` records (used on resume to drop epochs to be redone)."""
         self.data = self.data[:keep]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.data))
+        checkpoint.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.data))
 
 
 def _ends_torn(path: str) -> bool:
@@ -212,136 +184,26 @@ def learning_rate_decay(optimizer: torch.optim.Optimizer, t: int, lr_0: float) -
 
 
 # ---------------------------------------------------------------------------------------
-# atomic files
-# ---------------------------------------------------------------------------------------
-def _atomic_replace(path: str, write_fn) -> None:
-    path = str(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            # tests: die with the temp file written but not renamed
-            fault_point("save" if path.endswith(".pth.tar") else "write")
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(d, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
-    except OSError:
-        pass
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    _atomic_replace(str(path), lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_replace(str(path), lambda f: f.write(text.encode()))
-
-
-def atomic_np_save(path: str | os.PathLike, arr: np.ndarray) -> None:
-    _atomic_replace(str(path), lambda f: np.save(f, arr))
-
-
-# ---------------------------------------------------------------------------------------
-# RNG state (plain types, so that checkpoints load with weights_only=True)
-# ---------------------------------------------------------------------------------------
-def get_rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-# ---------------------------------------------------------------------------------------
 # checkpoints and models
 # ---------------------------------------------------------------------------------------
-def torch_load(path: str | os.PathLike) -> dict:
-    """Load a checkpoint safely (``weights_only``), with clear errors.
-
-    Falls back to latin1 decoding for checkpoints pickled by Python 2 (the released ones).
-    """
-    path = str(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path!r} is a directory, expected a file")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
-    errors = []
-    for kwargs in ({}, {"encoding": "latin1"}):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "pickle_load_args only works if..."
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
-            break
-        except Exception as e:  # corrupt zip, truncated pickle, foreign file...
-            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    else:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a PyTorch checkpoint ({errors[0]})")
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, expected a dict")
-    return ckpt
-
-
-_MODULE_RE = re.compile(r"(^|\.)module\.")
-
-
-def clean_state_dict(sd: dict) -> dict:
-    """Normalise the key layouts of the released checkpoints to ours.
-
-    ``features.module.0.weight`` (DataParallel around features) and ``module.*`` become
-    ``features.0.weight``; everything else is kept.
-    """
-    return {_MODULE_RE.sub(r"\1", k): v for k, v in sd.items()}
-
-
 def infer_config(sd: dict, arch: str | None = None) -> dict:
     """Architecture, Sobel, BN, input size and k from a (clean) state dict."""
     if "features.0.weight" not in sd:
-        raise CheckpointError("state dict has no 'features.0.weight': not a DeepCluster AlexNet/VGG-16")
+        raise checkpoint.CheckpointError("state dict has no 'features.0.weight': not a DeepCluster AlexNet/VGG-16")
     w0 = sd["features.0.weight"]
     if arch is None:
         arch = "alexnet" if w0.shape[0] == 96 else "vgg16" if w0.shape[0] == 64 else None
         if arch is None:
-            raise CheckpointError(f"cannot infer the architecture from features.0.weight {tuple(w0.shape)}")
+            raise checkpoint.CheckpointError(f"cannot infer the architecture from features.0.weight {tuple(w0.shape)}")
     sobel = "sobel.0.weight" in sd
     in_channels = w0.shape[1]
     if in_channels != (2 if sobel else 3):
-        raise CheckpointError(f"features.0.weight has {in_channels} input channels, which does not "
+        raise checkpoint.CheckpointError(f"features.0.weight has {in_channels} input channels, which does not "
                               f"match sobel={sobel}")
     bn = "features.1.running_mean" in sd
     fc6 = sd.get("classifier.1.weight" if arch == "alexnet" else "classifier.0.weight")
     if fc6 is None:
-        raise CheckpointError(f"state dict lacks the fc6 weight expected for {arch}")
+        raise checkpoint.CheckpointError(f"state dict lacks the fc6 weight expected for {arch}")
     input_size = _input_size_for(arch, sobel, bn, fc6.shape[1])
     k = int(sd["top_layer.bias"].shape[0]) if "top_layer.bias" in sd else 0
     return {"arch": arch, "sobel": sobel, "bn": bn, "input_size": input_size, "k": k}
@@ -367,16 +229,16 @@ def _input_size_for(arch: str, sobel: bool, bn: bool, fc6_in: int) -> int:
     for s in dict.fromkeys(order):
         if conv_output_dim(arch, s) == fc6_in:
             return s
-    raise CheckpointError(f"fc6 takes {fc6_in} inputs, which matches no input size for {arch}")
+    raise checkpoint.CheckpointError(f"fc6 takes {fc6_in} inputs, which matches no input size for {arch}")
 
 
 def model_from_state_dict(sd: dict, arch: str | None = None, config: dict | None = None) -> models.DeepClusterNet:
     """Build the model a state dict describes and load it (strict, up to BN counters)."""
-    sd = clean_state_dict(sd)
+    sd = checkpoint.clean_state_dict(sd)
     cfg = dict(config) if config else infer_config(sd, arch)
     inferred = infer_config(sd, cfg.get("arch"))
     if cfg.get("arch") and arch and cfg["arch"] != arch:
-        raise CheckpointError(f"checkpoint holds a {cfg['arch']} model, not a {arch}")
+        raise checkpoint.CheckpointError(f"checkpoint holds a {cfg['arch']} model, not a {arch}")
     for key in ("arch", "sobel", "bn", "k"):
         cfg.setdefault(key, inferred[key])
     cfg.setdefault("input_size", inferred["input_size"])
@@ -385,11 +247,11 @@ def model_from_state_dict(sd: dict, arch: str | None = None, config: dict | None
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches raise even with strict=False
-        raise CheckpointError(f"state dict does not fit {cfg['arch']} (sobel={cfg['sobel']}): "
+        raise checkpoint.CheckpointError(f"state dict does not fit {cfg['arch']} (sobel={cfg['sobel']}): "
                               f"{str(e).splitlines()[-1].strip()}") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise CheckpointError(f"state dict does not fit {cfg['arch']} (sobel={cfg['sobel']}): "
+        raise checkpoint.CheckpointError(f"state dict does not fit {cfg['arch']} (sobel={cfg['sobel']}): "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
 
@@ -401,17 +263,17 @@ def load_model(path: str | os.PathLike, arch: str | None = None) -> models.DeepC
     Python-2 pickles; Sobel is inferred from ``sobel.0.weight`` and k from ``top_layer.bias``.
     ``arch``, when given, must match the checkpoint's.
     """
-    ckpt = torch_load(path)
-    sd = ckpt.get("state_dict", ckpt if "features.0.weight" in clean_state_dict(ckpt) else None)
+    ckpt = checkpoint.torch_load(path)
+    sd = ckpt.get("state_dict", ckpt if "features.0.weight" in checkpoint.clean_state_dict(ckpt) else None)
     if sd is None:
-        raise CheckpointError(f"checkpoint {str(path)!r} has no 'state_dict'")
+        raise checkpoint.CheckpointError(f"checkpoint {str(path)!r} has no 'state_dict'")
     ck_arch = ckpt.get("arch")
     if arch is not None and ck_arch is not None and ck_arch != arch:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {ck_arch} model, not a {arch}")
+        raise checkpoint.CheckpointError(f"checkpoint {str(path)!r} holds a {ck_arch} model, not a {arch}")
     try:
         return model_from_state_dict(sd, arch or ck_arch, ckpt.get("model_config"))
-    except CheckpointError as e:
-        raise CheckpointError(f"checkpoint {str(path)!r}: {e}") from None
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(f"checkpoint {str(path)!r}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -431,8 +293,10 @@ class ClusterLog:
         return self.folder / f"epoch_{epoch:05d}.npy"
 
     def save(self, epoch: int, labels: np.ndarray, k: int) -> None:
-        dtype = np.uint16 if k <= np.iinfo(np.uint16).max else np.int32
-        atomic_np_save(self.path(epoch), np.asarray(labels).astype(dtype))
+        """``labels[i] == -1`` marks an image left out of the clustering (unreadable)."""
+        labels = np.asarray(labels)
+        dtype = np.uint16 if k <= np.iinfo(np.uint16).max and (labels.size == 0 or labels.min() >= 0) else np.int32
+        checkpoint.atomic_np_save(self.path(epoch), np.asarray(labels).astype(dtype))
 
     def epochs(self) -> list[int]:
         return sorted(int(p.stem.split("_")[1]) for p in self.folder.glob("epoch_*.npy"))
@@ -455,7 +319,8 @@ def labels_to_images_lists(labels: np.ndarray, k: int | None = None) -> list[lis
     k = int(labels.max()) + 1 if k is None else k
     lists: list[list[int]] = [[] for _ in range(k)]
     for i, c in enumerate(np.asarray(labels).tolist()):
-        lists[c].append(i)
+        if c >= 0:  # -1: an image left out of the clustering
+            lists[c].append(i)
     return lists
 
 
@@ -463,20 +328,25 @@ def export_clusters_pickle(exp: str | os.PathLike, out: str | os.PathLike, epoch
                            image_paths: Sequence[str] | None = None) -> str:
     """Convert the stored assignments to the original pickle formats.
 
-    With ``image_paths``: the released format for one epoch (default: the last), a list of
-    ``(image_path, cluster_index)``. Without: the original ``exp/clusters`` log, a list
-    (one entry per epoch) of ``images_lists``.
+    With ``image_paths`` (one per image, in dataset order): the released format for one epoch
+    (default: the last), a list of ``(image_path, cluster_index)``. Without: the original
+    ``exp/clusters`` log, a list (one entry per epoch) of ``images_lists``. A relative ``out``
+    is taken inside ``exp``. Images left out of a clustering (unreadable) are left out.
     """
     clog = ClusterLog(Path(exp) / "clusters")
     epochs = clog.epochs()
     if not epochs:
         raise FileNotFoundError(f"no cluster assignments under {Path(exp) / 'clusters'}")
+    out = Path(out) if Path(out).is_absolute() else Path(exp) / out
     if image_paths is not None:
         labels = clog.load(epochs[-1] if epoch is None else epoch)
-        obj: Any = [(p, int(c)) for p, c in zip(image_paths, labels)]
+        if len(image_paths) != len(labels):
+            raise ValueError(f"image_paths has {len(image_paths)} entries but the assignments of "
+                             f"{Path(exp) / 'clusters'} cover {len(labels)} images")
+        obj: Any = [(p, int(c)) for p, c in zip(image_paths, labels) if c >= 0]
     else:
         obj = [labels_to_images_lists(clog.load(e)) for e in epochs]
-    _atomic_replace(str(out), lambda f: pickle.dump(obj, f, protocol=2))
+    checkpoint.atomic_write(out, lambda f: pickle.dump(obj, f, protocol=2))
     return str(out)
 
 

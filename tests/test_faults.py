@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import clustering
+import checkpoint
 import main
 from conftest import digits_subset
 import util
@@ -115,7 +116,7 @@ def test_resume_folder_skips_corrupt_newest(reference, tmp_path, caplog):
     assert "corrupt" in caplog.text
     for p in (exp / "checkpoints").glob("*.pth.tar"):
         p.write_bytes(b"")
-    with pytest.raises(util.CheckpointError, match="no valid checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="no valid checkpoint"):
         main.find_checkpoint(str(exp))
 
 

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import util  # noqa: E402
@@ -47,7 +48,7 @@ def load_model(path: str | Path | None, arch: str | None = None) -> models.DeepC
         raise VisuError("no model given: pass --model PATH (a checkpoint.pth.tar)")
     try:
         model = util.load_model(str(path), arch=arch)
-    except util.CheckpointError as e:
+    except checkpoint.CheckpointError as e:
         raise VisuError(str(e)) from None
     return freeze(model)
 
@@ -186,7 +187,7 @@ def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.Argum
     args = parser.parse_args(argv)
     try:
         main(args)
-    except (VisuError, util.CheckpointError, data.DataError, data.BadImageError) as e:
+    except (VisuError, checkpoint.CheckpointError, data.DataError, data.BadImageError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
