@@ -50,6 +50,9 @@ class CheckpointError(RuntimeError):
 # (in-process tests). DEEPCLUSTER_FAULT=count only counts the hits of every point.
 # ---------------------------------------------------------------------------------------
 FAULT_HITS: dict[str, int] = {}
+# tests: when set, called as hook(point, hit) at every hit instead of the environment's fault
+# (e.g. to copy the experiment folder exactly as a kill there would leave it)
+FAULT_HOOK: Callable[[str, int], None] | None = None
 
 
 class FaultInjected(BaseException):
@@ -58,6 +61,10 @@ class FaultInjected(BaseException):
 
 def fault_point(name: str) -> None:
     """Die abruptly at the n-th time ``name`` is reached, when asked by the environment."""
+    if FAULT_HOOK is not None:
+        FAULT_HITS[name] = FAULT_HITS.get(name, 0) + 1
+        FAULT_HOOK(name, FAULT_HITS[name])
+        return
     spec = os.environ.get("DEEPCLUSTER_FAULT")
     if not spec:
         return

@@ -83,9 +83,30 @@ def outcome(exp: Path) -> tuple[dict, list[dict], list[np.ndarray]]:
     return ck, recs, [clog.load(e) for e in clog.epochs()]
 
 
+APPENDED = {"log.jsonl", "train.log", checkpoint.HISTORY}  # the only files written in place
+
+
+def snapshot(exp: Path, dst: Path) -> None:
+    """The folder as a kill at this moment leaves it. Every other file is written once (temporary
+    file + rename) and never modified, so a hard link is an exact, free copy."""
+    def link_or_copy(src, d):
+        if Path(src).name in APPENDED:
+            return shutil.copy2(src, d)
+        os.link(src, d)
+    shutil.copytree(exp, dst, copy_function=link_or_copy)
+
+
 def test_kill_at_every_fault_point_then_resume_equals_uninterrupted(small, images36, tmp_path):
-    ref = tmp_path / "ref"
-    assert run(argv(images36, ref), fault="count")
+    ref, snaps = tmp_path / "ref", tmp_path / "snaps"
+
+    def kill_here(point: str, hit: int) -> None:
+        if ref.exists():
+            snapshot(ref, snaps / f"{point}_{hit}")
+        else:  # killed before the folder exists: nothing on disk
+            (snaps / f"{point}_{hit}").mkdir(parents=True)
+    small.setattr(checkpoint, "FAULT_HOOK", kill_here)
+    assert run(argv(images36, ref))
+    small.setattr(checkpoint, "FAULT_HOOK", None)
     hits = dict(checkpoint.FAULT_HITS)
     # 2 epochs x 5 batches of features and of training, 2 clusterings, 4 periodic + 2 end
     # checkpoints, and the small files (args.json, cluster files)
@@ -95,9 +116,9 @@ def test_kill_at_every_fault_point_then_resume_equals_uninterrupted(small, image
     assert [r["epoch"] for r in ref_recs] == [0, 1] and len(ref_clusters) == 2
 
     cases = [(p, n) for p in sorted(hits) for n in range(1, hits[p] + 1)]
+    assert sorted(p.name for p in snaps.iterdir()) == sorted(f"{p}_{n}" for p, n in cases)
     for point, n in cases:
-        exp = tmp_path / f"{point}_{n}"
-        assert not run(argv(images36, exp), fault=f"{point}:{n}"), f"{point}:{n} not reached"
+        exp = snaps / f"{point}_{n}"
         assert run(argv(images36, exp, "--resume", str(exp))), f"{point}:{n}"
         ck, recs, clusters = outcome(exp)
         assert ck["epoch"] == 2, f"{point}:{n}"
@@ -110,6 +131,15 @@ def test_kill_at_every_fault_point_then_resume_equals_uninterrupted(small, image
         assert not list(exp.rglob(".tmp-*")), f"{point}:{n}"
         shutil.rmtree(exp)
     assert len(cases) >= 30
+
+
+def test_injected_fault_stops_the_run_in_process(small, images36, tmp_path):
+    """DEEPCLUSTER_FAULT_MODE=raise: the fault raises FaultInjected and leaves the temporary file."""
+    exp = tmp_path / "exp"
+    assert not run(argv(images36, exp), fault="save:2")
+    assert len(list((exp / "checkpoints").glob(".tmp-checkpoint_1.pth.tar-*"))) == 1
+    assert run(argv(images36, exp, "--resume", str(exp)))
+    assert torch.load(exp / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
 
 
 def test_resume_checks_everything_before_touching_the_run(small, images36, tmp_path, capsys):
