@@ -365,10 +365,14 @@ def count_distinct_rows(x) -> int:
 
 
 def labels_to_lists(labels: np.ndarray, k: int) -> list[list[int]]:
-    """(N,) cluster ids -> ``images_lists[c]`` = sorted indices of the images in cluster c."""
+    """(N,) cluster ids -> ``images_lists[c]`` = sorted indices of the images in cluster c.
+
+    A label of -1 (an image left out of the clustering) puts the image in no list.
+    """
     labels = np.asarray(labels, dtype=np.int64)
     order = np.argsort(labels, kind="stable")
-    bounds = np.cumsum(np.bincount(labels, minlength=k))[:-1]
+    order = order[labels[order] >= 0]
+    bounds = np.cumsum(np.bincount(labels[order], minlength=k))[:-1]
     return [chunk.tolist() for chunk in np.split(order, bounds)]
 
 

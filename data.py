@@ -170,6 +170,9 @@ class IndexedImageFolder(Dataset):
         self.root = str(root)
         self.paths, self.targets, self.classes = scan_image_folder(root)
         self.transform = transform
+        # True: an unreadable image gives a black stand-in and the index -1 - i (the caller
+        # marks it and leaves it out) instead of raising BadImageError
+        self.mark_unreadable = False
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -187,7 +190,12 @@ class IndexedImageFolder(Dataset):
         return load_rgb(self.paths[idx])
 
     def __getitem__(self, idx: int):
-        img = self.load(idx)
+        try:
+            img = self.load(idx)
+        except BadImageError:
+            if not self.mark_unreadable:
+                raise
+            img, idx = Image.new("RGB", (8, 8)), -1 - idx
         if self.transform is not None:
             img = self.transform(img)
         return img, idx

@@ -267,6 +267,8 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=args.amp):
             out = model.forward_features(imgs)  # (B, 4096)
         checkpoint.fault_point("features")
+        if args.bad_images == "skip" and bool((idx < 0).any()):
+            out, idx = mark_unreadable(out, idx, loader.dataset, args)
         if store is not None:
             store.write(idx, out.float())
         else:
@@ -283,6 +285,64 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
         full = full.to(store_on, fastpath.feature_dtype(args.features_dtype))
     # host float32 stays a numpy array (the original's representation, no copy)
     return full.numpy() if full.device.type == "cpu" and full.dtype == torch.float32 else full
+
+
+def mark_unreadable(out: torch.Tensor, idx: torch.Tensor, dataset, args: argparse.Namespace
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of unreadable images (dataset index -1 - i, --bad_images skip) become NaN, which
+    leaves them out of the clustering on rank 0 whatever rank extracted them."""
+    bad = idx < 0
+    idx = torch.where(bad, -idx - 1, idx)
+    out = out.clone()
+    out[bad.to(out.device)] = float("nan")
+    paths = (dataset.dataset if isinstance(dataset, Subset) else dataset).paths
+    for i in idx[bad].tolist():
+        note_unreadable(args.exp, paths[i], "met during feature extraction: left out of the clustering")
+    return out, idx
+
+
+_NOTED: set[tuple[str, str]] = set()
+
+
+def note_unreadable(exp: str, path: str, what: str) -> None:
+    """Warn once and append the image to EXP/bad_images.txt (appends of one line are atomic,
+    so DataLoader workers and ranks can all write)."""
+    if (exp, path) in _NOTED:
+        return
+    _NOTED.add((exp, path))
+    log.warning("unreadable image %s, %s (listed in %s)", path, what, Path(exp) / "bad_images.txt")
+    with open(Path(exp) / "bad_images.txt", "a") as f:
+        f.write(f"{path}\t{what}\n")
+
+
+class StandIns(torch.utils.data.Dataset):
+    """Training images where an unreadable one is replaced by the next readable image of its
+    cluster: always the same one, so a resumed run trains on the same pixels."""
+
+    def __init__(self, dataset: data.IndexedImageFolder, images_lists: list[list[int]], exp: str):
+        self.dataset, self.exp = dataset, exp
+        self.labels = np.full(len(dataset), -1, dtype=np.int64)  # (N,) cluster of each image
+        for c, lst in enumerate(images_lists):
+            self.labels[np.asarray(lst, dtype=np.int64)] = c
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, idx: int):
+        try:
+            return self.dataset.load(idx)
+        except data.BadImageError:
+            note_unreadable(self.exp, self.dataset.paths[idx], "met in training: replaced by another "
+                                                               "image of its cluster")
+            members = np.flatnonzero(self.labels == self.labels[idx])
+            start = int(np.searchsorted(members, idx))
+            for j in range(1, len(members)):
+                alt = int(members[(start + j) % len(members)])
+                try:
+                    return self.dataset.load(alt)
+                except data.BadImageError:
+                    note_unreadable(self.exp, self.dataset.paths[alt], "met in training")
+            raise
 
 
 def _no_bar(args: argparse.Namespace) -> bool | None:
@@ -306,16 +366,32 @@ def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
     clusterer.seed = int(np.random.randint(1234))
     checkpoint.fault_point("clustering")
     if rt.is_main:
-        loss = float(clusterer.cluster(features, verbose=args.verbose))
-        labels, k = clustering.arrange_clustering(clusterer.images_lists), len(clusterer.images_lists)
+        kept = readable_rows(features) if args.bad_images == "skip" else None
+        loss = float(clusterer.cluster(features if kept is None else features[kept], verbose=args.verbose))
+        lists = clusterer.images_lists
+        if kept is None:
+            labels = clustering.arrange_clustering(lists)
+        else:  # back to dataset indices; unreadable images get no cluster (-1)
+            lists = [kept[np.asarray(lst, dtype=np.int64)].tolist() for lst in lists]
+            labels = np.full(len(features), -1, dtype=np.int64)
+            for c, lst in enumerate(lists):
+                labels[lst] = c
+        k = len(lists)
         meta = np.array([loss, k], dtype=np.float64)
     else:
         labels, meta = None, None
     if not rt.distributed:
-        return loss, clusterer.images_lists, labels
+        return loss, lists, labels
     labels = util.broadcast_array(labels, rt)
     loss, k = util.broadcast_array(meta, rt, dtype=torch.float64)
     return float(loss), clustering.labels_to_lists(labels, int(k)), labels
+
+
+def readable_rows(features: np.ndarray | torch.Tensor) -> np.ndarray | None:
+    """Indices of the rows not marked unreadable (NaN), or None when every row is readable."""
+    col = features[:, 0]
+    nan = np.isnan(col) if isinstance(col, np.ndarray) else torch.isnan(col).cpu().numpy()
+    return np.flatnonzero(~nan) if nan.any() else None
 
 
 def draw_samples(images_lists: list[list[int]], N: int, args: argparse.Namespace, rt: util.Runtime) -> np.ndarray:
@@ -336,6 +412,8 @@ def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[
     ``start``-th one on (mid-epoch resume); every draw carries its own augmentation seed.
     """
     order = "index" if args.sampler == "uniform" else "cluster"
+    if args.bad_images == "skip":
+        dataset = StandIns(dataset, images_lists, args.exp)
     train_set = clustering.cluster_assign(images_lists, dataset,
                                           data.train_transform(args.size, args.crop_min_scale), order=order)
     sampler = util.SeededShardSampler(draws, base_seed=args.seed * 100_003 + epoch, rank=rt.rank,
@@ -399,7 +477,12 @@ def wrap_for_training(model: models.DeepClusterNet, rt: util.Runtime) -> nn.Modu
 
 
 def nmi(a: np.ndarray, b: np.ndarray) -> float:
-    """Normalised mutual information, I(A;B) / sqrt(H(A) H(B))."""
+    """Normalised mutual information, I(A;B) / sqrt(H(A) H(B)), over the images with a label
+    in both (-1: an unreadable image, left out of a clustering)."""
+    a, b = np.asarray(a), np.asarray(b)
+    keep = (a >= 0) & (b >= 0)
+    if not keep.all():
+        a, b = a[keep], b[keep]
     return float(normalized_mutual_info_score(a, b, average_method="geometric"))
 
 
@@ -440,7 +523,7 @@ def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, it
     return {
         "epoch": epoch, "clustering_loss": plan.clustering_loss, "train_loss": loss,
         "nmi_prev": None if prev_labels is None else nmi(prev_labels, plan.labels),
-        "nmi_labels": None if targets is None else nmi(targets, plan.labels),
+        "nmi_labels": None if targets is None else nmi(targets, plan.labels),  # images without a cluster left out
         "n_clusters": len(plan.images_lists),
         "n_empty": int(sum(1 for lst in plan.images_lists if len(lst) == 0)),
         "time_features": plan.time_features, "time_clustering": plan.time_clustering, "time_train": time_train,
@@ -535,6 +618,7 @@ def main(args: argparse.Namespace) -> dict:
     dataset = check_dataset(dataset, args, exp, rt)
     N = len(dataset)
     targets = np.asarray(dataset.targets) if dataset.targets else None
+    dataset.mark_unreadable = args.bad_images == "skip"
 
     model = build_model(args, rt.device)
     opt = build_optimizer(model, args)
@@ -560,7 +644,10 @@ def main(args: argparse.Namespace) -> dict:
                                          start=plan.start_iter * args.batch)
         iters_per_epoch = math.ceil(len(plan.draws) // rt.world_size / args.batch)
 
+        seen: list[int] = []  # the last step started
+
         def periodic_checkpoint(i: int, meter: util.AverageMeter) -> None:
+            seen[:] = [i]
             n = iters_per_epoch * epoch + i
             if n % args.checkpoints == 0 and rt.is_main:
                 state = checkpoint.checkpoint_state(
@@ -568,9 +655,16 @@ def main(args: argparse.Namespace) -> dict:
                     mid_epoch=checkpoint.mid_epoch_state(plan, i, meter, prev_labels), run_id=run_id)
                 checkpoint.save_checkpoint(state, exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar", rt)
 
-        loss = train_one_epoch(train_loader, wrap_for_training(model, rt), crit, opt, plan.top_opt, rt.device,
-                               epoch, args, on_iteration=periodic_checkpoint, start_iter=plan.start_iter,
-                               losses=plan.losses)
+        try:
+            loss = train_one_epoch(train_loader, wrap_for_training(model, rt), crit, opt, plan.top_opt, rt.device,
+                                   epoch, args, on_iteration=periodic_checkpoint, start_iter=plan.start_iter,
+                                   losses=plan.losses)
+        except data.BadImageError:  # --bad_images error: stop where a resume can continue
+            i = seen[0] + 1 if seen else plan.start_iter  # the batch that failed; steps before it are done
+            state = checkpoint.checkpoint_state(model, opt, epoch, args, plan.labels, run_id=run_id,
+                                                mid_epoch=checkpoint.mid_epoch_state(plan, i, plan.losses, prev_labels))
+            checkpoint.save_checkpoint(state, exp / "checkpoints" / "checkpoint_stopped.pth.tar", rt)
+            raise
         time_train = time.time() - t2
         record = epoch_record(epoch, plan, loss, time_train, iters_per_epoch, prev_labels, targets, rt)
         if rt.is_main:
@@ -618,7 +712,9 @@ def run(argv: list[str] | None = None) -> int:
         main(args)
     except data.BadImageError as e:
         # from a DataLoader worker the message carries the worker's traceback: keep its last line
-        return _fail(str(e).strip().splitlines()[-1].split("BadImageError: ")[-1])
+        return _fail(str(e).strip().splitlines()[-1].split("BadImageError: ")[-1]
+                     + f" (fix or remove it and continue with --resume {args.exp}, or go on without it "
+                       f"with --bad_images skip)")
     except (data.DataError, checkpoint.CheckpointError, clustering.ClusteringError, DivergedError) as e:
         return _fail(str(e))
     except RuntimeError as e:

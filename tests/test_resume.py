@@ -235,3 +235,66 @@ def test_export_clusters_pickle_into_exp(tmp_path):
     assert pickle.load(open(out, "rb")) == [("a", 0), ("b", 1), ("d", 1)]  # "c" was unreadable
     with pytest.raises(ValueError, match="3 entries"):
         util.export_clusters_pickle(exp, "x.pkl", image_paths=["a", "b", "c"])
+
+
+def corrupt_later(monkeypatch, epoch: int, draw: int) -> dict:
+    """Just before epoch ``epoch``'s training (after its features), make the image of its
+    ``draw``-th draw unreadable; returns {"path", "bytes"} of that image as it was."""
+    real, hit = main.make_train_loader, {}
+
+    def loader(dataset, images_lists, draws, ep, *a, **kw):
+        if ep == epoch:
+            hit["path"] = path = Path(dataset.paths[int(draws[draw])])
+            hit["bytes"] = path.read_bytes()
+            path.write_bytes(b"truncated")
+        return real(dataset, images_lists, draws, ep, *a, **kw)
+    monkeypatch.setattr(main, "make_train_loader", loader)
+    return hit
+
+
+def test_bad_images_met_mid_run_are_skipped(small, images36, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(images36, images)
+    early = images / "class0" / "img003.jpg"
+    early.write_bytes(b"not a jpeg")  # past a header-only check: met in feature extraction
+    hit = corrupt_later(small, epoch=0, draw=3)  # readable for the features, not in training
+    exp = tmp_path / "exp"
+    assert run(argv(str(images), exp, "--check_images", "off", "--bad_images", "skip"))
+    late = hit["path"]
+    listing = (exp / "bad_images.txt").read_text()
+    assert f"{early}\tmet during feature extraction" in listing and f"{late}\tmet in training" in listing
+    ds = data_paths(images)
+    labels0, labels1 = (util.ClusterLog(exp / "clusters").load(e) for e in (0, 1))
+    assert labels0[ds.index(str(early))] == -1 and labels0[ds.index(str(late))] >= 0
+    assert labels1[ds.index(str(late))] == -1  # unreadable by epoch 1's features
+    assert (np.delete(labels1, [ds.index(str(early)), ds.index(str(late))]) >= 0).all()
+    recs = util.read_jsonl(exp / "log.jsonl")
+    assert [r["epoch"] for r in recs] == [0, 1] and all(np.isfinite(r["train_loss"]) for r in recs)
+
+
+def data_paths(images: Path) -> list[str]:
+    import data
+    return data.IndexedImageFolder(str(images)).paths
+
+
+def test_bad_image_in_training_stops_after_a_resumable_checkpoint(small, images36, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    assert run(argv(images36, ref))
+    images = tmp_path / "images"
+    shutil.copytree(images36, images)
+    hit = corrupt_later(small, epoch=1, draw=12)  # the second batch of epoch 1
+    exp = tmp_path / "exp"
+    assert main.run(argv(str(images), exp)) == 2
+    err = capsys.readouterr().err
+    assert str(hit["path"]) in err and "--resume" in err and err.count("error:") == 1
+    stopped = torch.load(exp / "checkpoints" / "checkpoint_stopped.pth.tar", weights_only=True)
+    assert stopped["epoch"] == 1 and stopped["iteration"] == 1 and "mid_epoch" in stopped
+    hit["path"].write_bytes(hit["bytes"])
+    small.undo()
+    small.setattr(main, "build_model", small_model)
+    assert run(argv(str(images), exp, "--resume", str(exp)))
+    ck, recs, clusters = outcome(exp)
+    ref_ck, ref_recs, ref_clusters = outcome(ref)
+    assert recs == ref_recs
+    for k, v in ref_ck["state_dict"].items():
+        assert torch.equal(v, ck["state_dict"][k]), k
