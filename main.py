@@ -268,7 +268,7 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
             out = model.forward_features(imgs)  # (B, 4096)
         checkpoint.fault_point("features")
         if args.bad_images == "skip" and bool((idx < 0).any()):
-            out, idx = mark_unreadable(out, idx, loader.dataset, args)
+            out, idx = data.mark_unreadable(out, idx, loader.dataset, args.exp)
         if store is not None:
             store.write(idx, out.float())
         else:
@@ -285,64 +285,6 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
         full = full.to(store_on, fastpath.feature_dtype(args.features_dtype))
     # host float32 stays a numpy array (the original's representation, no copy)
     return full.numpy() if full.device.type == "cpu" and full.dtype == torch.float32 else full
-
-
-def mark_unreadable(out: torch.Tensor, idx: torch.Tensor, dataset, args: argparse.Namespace
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of unreadable images (dataset index -1 - i, --bad_images skip) become NaN, which
-    leaves them out of the clustering on rank 0 whatever rank extracted them."""
-    bad = idx < 0
-    idx = torch.where(bad, -idx - 1, idx)
-    out = out.clone()
-    out[bad.to(out.device)] = float("nan")
-    paths = (dataset.dataset if isinstance(dataset, Subset) else dataset).paths
-    for i in idx[bad].tolist():
-        note_unreadable(args.exp, paths[i], "met during feature extraction: left out of the clustering")
-    return out, idx
-
-
-_NOTED: set[tuple[str, str]] = set()
-
-
-def note_unreadable(exp: str, path: str, what: str) -> None:
-    """Warn once and append the image to EXP/bad_images.txt (appends of one line are atomic,
-    so DataLoader workers and ranks can all write)."""
-    if (exp, path) in _NOTED:
-        return
-    _NOTED.add((exp, path))
-    log.warning("unreadable image %s, %s (listed in %s)", path, what, Path(exp) / "bad_images.txt")
-    with open(Path(exp) / "bad_images.txt", "a") as f:
-        f.write(f"{path}\t{what}\n")
-
-
-class StandIns(torch.utils.data.Dataset):
-    """Training images where an unreadable one is replaced by the next readable image of its
-    cluster: always the same one, so a resumed run trains on the same pixels."""
-
-    def __init__(self, dataset: data.IndexedImageFolder, images_lists: list[list[int]], exp: str):
-        self.dataset, self.exp = dataset, exp
-        self.labels = np.full(len(dataset), -1, dtype=np.int64)  # (N,) cluster of each image
-        for c, lst in enumerate(images_lists):
-            self.labels[np.asarray(lst, dtype=np.int64)] = c
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def load(self, idx: int):
-        try:
-            return self.dataset.load(idx)
-        except data.BadImageError:
-            note_unreadable(self.exp, self.dataset.paths[idx], "met in training: replaced by another "
-                                                               "image of its cluster")
-            members = np.flatnonzero(self.labels == self.labels[idx])
-            start = int(np.searchsorted(members, idx))
-            for j in range(1, len(members)):
-                alt = int(members[(start + j) % len(members)])
-                try:
-                    return self.dataset.load(alt)
-                except data.BadImageError:
-                    note_unreadable(self.exp, self.dataset.paths[alt], "met in training")
-            raise
 
 
 def _no_bar(args: argparse.Namespace) -> bool | None:
@@ -413,7 +355,7 @@ def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[
     """
     order = "index" if args.sampler == "uniform" else "cluster"
     if args.bad_images == "skip":
-        dataset = StandIns(dataset, images_lists, args.exp)
+        dataset = data.StandIns(dataset, images_lists, args.exp)
     train_set = clustering.cluster_assign(images_lists, dataset,
                                           data.train_transform(args.size, args.crop_min_scale), order=order)
     sampler = util.SeededShardSampler(draws, base_seed=args.seed * 100_003 + epoch, rank=rt.rank,
