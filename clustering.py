@@ -597,7 +597,9 @@ def _apply(transform, img, seed: int | None):
     if seed is None:
         return transform(img)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator only: torch.manual_seed would also queue a CUDA re-seed (with a
+        # recorded stack trace, ~8 ms and a never-freed entry per sample when CUDA is unused)
+        torch.random.default_generator.manual_seed(seed)
         return transform(img)
 
 

@@ -48,7 +48,10 @@ def small(monkeypatch):
     monkeypatch.setattr(main, "build_model", small_model)
     monkeypatch.delenv("DEEPCLUSTER_FAULT", raising=False)
     monkeypatch.setenv("DEEPCLUSTER_FAULT_MODE", "raise")
-    return monkeypatch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only add contention
+    yield monkeypatch
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
