@@ -301,3 +301,32 @@ def test_bad_image_in_training_stops_after_a_resumable_checkpoint(small, images3
     assert recs == ref_recs
     for k, v in ref_ck["state_dict"].items():
         assert torch.equal(v, ck["state_dict"][k]), k
+
+
+def test_honest_messages_for_odd_requests(small, images36, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    assert main.run(argv(images36, exp, "--epochs", "0")) == 0
+    assert "nothing to train" in capsys.readouterr().out and not (exp / "checkpoint.pth.tar").exists()
+    assert main.run(argv(images36, exp, "--k", "1", "--epochs", "1", "--checkpoints", "100")) == 0
+    assert "--k 1 puts every image in one cluster" in capsys.readouterr().out
+
+
+def test_too_small_sizes_are_refused_with_the_reason(tmp_path, capsys):
+    import importlib.util
+
+    import eval_linear
+    m = models.alexnet(out=3, input_size=64)
+    torch.save({"arch": "alexnet", "state_dict": m.state_dict(), "model_config": m.config()}, tmp_path / "m.pth.tar")
+    images = make_image_folder(tmp_path / "images", n_classes=2, per_class=2, size=16)
+    script = Path(main.__file__).parent / "visu" / "activ-retrieval.py"
+    spec = importlib.util.spec_from_file_location("activ_retrieval", script)
+    ar = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ar)
+    assert ar.common.run_cli(ar.main, ar.get_args_parser(), [
+        "--model", str(tmp_path / "m.pth.tar"), "--data", str(images), "--conv", "5", "--size", "16",
+        "--exp", str(tmp_path / "ar"), "--workers", "0"]) != 0
+    err = capsys.readouterr().err
+    assert "--size 16 is too small for conv5" in err and "Traceback" not in err
+    assert eval_linear.run(["--data", str(images), "--model", str(tmp_path / "m.pth.tar"), "--conv", "1",
+                            "--size", "16", "--exp", str(tmp_path / "el")]) != 0
+    assert "--size: 16 (must be >= 32" in capsys.readouterr().err
