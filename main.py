@@ -308,14 +308,17 @@ def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
     clusterer.seed = int(np.random.randint(1234))
     checkpoint.fault_point("clustering")
     if rt.is_main:
+        n_rows = len(features)
         kept = readable_rows(features) if args.bad_images == "skip" else None
-        loss = float(clusterer.cluster(features if kept is None else features[kept], verbose=args.verbose))
+        if kept is not None:
+            features = features[kept if isinstance(features, np.ndarray) else torch.as_tensor(kept, device=features.device)]
+        loss = float(clusterer.cluster(features, verbose=args.verbose))
         lists = clusterer.images_lists
         if kept is None:
             labels = clustering.arrange_clustering(lists)
         else:  # back to dataset indices; unreadable images get no cluster (-1)
             lists = [kept[np.asarray(lst, dtype=np.int64)].tolist() for lst in lists]
-            labels = np.full(len(features), -1, dtype=np.int64)
+            labels = np.full(n_rows, -1, dtype=np.int64)
             for c, lst in enumerate(lists):
                 labels[lst] = c
         k = len(lists)
