@@ -225,13 +225,16 @@ _NOTED: set[tuple[str, str]] = set()
 
 
 def note_unreadable(exp: str, path: str, what: str) -> None:
-    """Warn once and append the image to EXP/bad_images.txt (appends of one line are atomic,
-    so DataLoader workers and ranks can all write)."""
+    """Warn once and append the image to EXP/bad_images.txt unless listed there already
+    (appends of one line are atomic, so DataLoader workers and ranks can all write)."""
     if (exp, path) in _NOTED:
         return
     _NOTED.add((exp, path))
-    _log.warning("unreadable image %s, %s (listed in %s)", path, what, Path(exp) / "bad_images.txt")
-    with open(Path(exp) / "bad_images.txt", "a") as f:
+    listing = Path(exp) / "bad_images.txt"
+    if listing.exists() and any(line.split("\t", 1)[0] == path for line in listing.read_text().splitlines()):
+        return
+    _log.warning("unreadable image %s, %s (listed in %s)", path, what, listing)
+    with open(listing, "a") as f:
         f.write(f"{path}\t{what}\n")
 
 
