@@ -152,9 +152,10 @@ def test_resume_checks_everything_before_touching_the_run(small, images36, tmp_p
     for extra, words in [(["--k", "5"], ["--k 6", "--change_k"]), (["--size", "72"], ["--size 64"]),
                          (["--sobel"], ["sobel"])]:
         assert main.run(argv(images36, exp, "--epochs", "3", "--resume", str(exp), *extra)) == 2
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
         assert all(w in err for w in words), err
-        assert err.count("error:") == 1
+        assert err.count("error:") == 1 and err.split("error: ")[1].strip() not in out  # printed once
+        assert err.split("error: ")[1].strip() in (exp / "train.log").read_text()
         assert {p: p.read_bytes() for p in before} == before
     # a truncated end-of-epoch checkpoint: the folder falls back to the newest periodic copy
     (exp / "checkpoint.pth.tar").write_bytes(b"\x80truncated")
