@@ -138,10 +138,12 @@ def atomic_np_save(path: str | os.PathLike, arr: np.ndarray) -> None:
 # ---------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------
-def torch_load(path: str | os.PathLike) -> dict:
+def torch_load(path: str | os.PathLike, mmap: bool = False) -> dict:
     """Load a checkpoint safely (``weights_only``), with clear errors.
 
     Falls back to latin1 decoding for checkpoints pickled by Python 2 (the released ones).
+    ``mmap``: map the tensors instead of reading them (fast when only the small entries such
+    as the epoch are needed); files of the legacy format are then read normally.
     """
     path = str(path)
     if not os.path.exists(path):
@@ -151,7 +153,7 @@ def torch_load(path: str | os.PathLike) -> dict:
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
     errors = []
-    for kwargs in ({}, {"encoding": "latin1"}):
+    for kwargs in ([{"mmap": True}] if mmap else []) + [{}, {"encoding": "latin1"}]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "pickle_load_args only works if..."
@@ -390,7 +392,7 @@ def find_checkpoint(path: str, quiet: bool = False) -> str | None:
     best, best_key = None, None
     for c in candidates:
         try:
-            ck = torch_load(c)
+            ck = torch_load(c, mmap=True)  # only the position and run id are read here
         except CheckpointError as e:
             warn("skipping %s", e)
             continue
