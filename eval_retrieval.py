@@ -37,7 +37,6 @@ from tqdm import tqdm
 import checkpoint
 import data
 import models
-import util
 from eval_common import EvalError, load_model, log, progress, require_dir, run_cli, select_device, setup_logging
 
 OVERLAP = 0.4

@@ -31,7 +31,6 @@ from tqdm import tqdm
 import checkpoint
 import data
 import models
-import util
 from eval_common import (EvalError, LabeledImages, average_precision, average_precision_voc07, load_model, log,
                          progress, require_dir, run_cli, seed_everything, select_device, setup_logging)
 
