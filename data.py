@@ -5,6 +5,7 @@ Datasets return the dataset index with each sample, so that features are written
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from functools import partial
@@ -16,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
+
+_log = logging.getLogger("deepcluster")
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -170,6 +173,9 @@ class IndexedImageFolder(Dataset):
         self.root = str(root)
         self.paths, self.targets, self.classes = scan_image_folder(root)
         self.transform = transform
+        # True: an unreadable image gives a black stand-in and the index -1 - i (the caller
+        # marks it and leaves it out) instead of raising BadImageError
+        self.mark_unreadable = False
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -187,10 +193,79 @@ class IndexedImageFolder(Dataset):
         return load_rgb(self.paths[idx])
 
     def __getitem__(self, idx: int):
-        img = self.load(idx)
+        try:
+            img = self.load(idx)
+        except BadImageError:
+            if not self.mark_unreadable:
+                raise
+            img, idx = Image.new("RGB", (8, 8)), -1 - idx
         if self.transform is not None:
             img = self.transform(img)
         return img, idx
+
+
+# ---------------------------------------------------------------------------------------
+# images that become unreadable during a run (--bad_images skip)
+# ---------------------------------------------------------------------------------------
+def mark_unreadable(out: torch.Tensor, idx: torch.Tensor, dataset, exp: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature rows ``out`` (B, D) of unreadable images (index ``-1 - i``, see
+    ``IndexedImageFolder.mark_unreadable``) become NaN, which leaves them out of the
+    clustering whatever process extracted them; returns the rows and the true indices."""
+    bad = idx < 0
+    idx = torch.where(bad, -idx - 1, idx)
+    out = out.clone()
+    out[bad.to(out.device)] = float("nan")
+    paths = getattr(dataset, "dataset", dataset).paths  # a Subset under torchrun
+    for i in idx[bad].tolist():
+        note_unreadable(exp, paths[i], "met during feature extraction: left out of the clustering")
+    return out, idx
+
+
+_NOTED: set[tuple[str, str]] = set()
+
+
+def note_unreadable(exp: str, path: str, what: str) -> None:
+    """Warn once and append the image to EXP/bad_images.txt unless listed there already
+    (appends of one line are atomic, so DataLoader workers and ranks can all write)."""
+    if (exp, path) in _NOTED:
+        return
+    _NOTED.add((exp, path))
+    listing = Path(exp) / "bad_images.txt"
+    if listing.exists() and any(line.split("\t", 1)[0] == path for line in listing.read_text().splitlines()):
+        return
+    _log.warning("unreadable image %s, %s (listed in %s)", path, what, listing)
+    with open(listing, "a") as f:
+        f.write(f"{path}\t{what}\n")
+
+
+class StandIns(Dataset):
+    """Training images where an unreadable one is replaced by the next readable image of its
+    cluster: always the same one, so a resumed run trains on the same pixels."""
+
+    def __init__(self, dataset: IndexedImageFolder, images_lists: list[list[int]], exp: str):
+        self.dataset, self.exp = dataset, exp
+        self.labels = np.full(len(dataset), -1, dtype=np.int64)  # (N,) cluster of each image
+        for c, lst in enumerate(images_lists):
+            self.labels[np.asarray(lst, dtype=np.int64)] = c
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, idx: int):
+        try:
+            return self.dataset.load(idx)
+        except BadImageError:
+            note_unreadable(self.exp, self.dataset.paths[idx], "met in training: replaced by another "
+                                                               "image of its cluster")
+            members = np.flatnonzero(self.labels == self.labels[idx])
+            start = int(np.searchsorted(members, idx))
+            for j in range(1, len(members)):
+                alt = int(members[(start + j) % len(members)])
+                try:
+                    return self.dataset.load(alt)
+                except BadImageError:
+                    note_unreadable(self.exp, self.dataset.paths[alt], "met in training")
+            raise
 
 
 def eval_transform(size: int = 224) -> transforms.Compose:

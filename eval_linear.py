@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
+import checkpoint
 import data
 import models
 import util
@@ -239,33 +240,37 @@ def checkpoint_state(model: models.DeepClusterNet, reglog: RegLog, opt: torch.op
         "history": json.dumps(history),
         "classes": classes,
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-        "rng": util.get_rng_state(),
+        "rng": checkpoint.get_rng_state(),
     }
 
 
 def resume(path: str, reglog: RegLog, opt: torch.optim.Optimizer, args: argparse.Namespace) -> tuple[int, float, list]:
-    ckpt = util.torch_load(path)
+    """Restore the classifier, its optimizer and the RNG; returns (next epoch, best top-1, history)."""
+    ckpt = checkpoint.torch_load(path)
     if "reglog" not in ckpt:
         raise EvalError(f"--resume {path!r} is not an eval_linear checkpoint (no 'reglog')")
     if ckpt.get("conv") != args.conv:
         raise EvalError(f"--resume {path!r} was trained on conv{ckpt.get('conv')}, not conv{args.conv}")
+    run = {"epoch": 0, "best_prec1": -1.0, "history": "[]"}
     try:
-        reglog.load_state_dict(ckpt["reglog"])
-    except RuntimeError as e:
-        raise EvalError(f"--resume {path!r} does not fit this model/data: {str(e).splitlines()[0]}") from None
-    opt.load_state_dict(ckpt["optimizer"])
+        checkpoint.restart_from_checkpoint(path, run_variables=run, loaded=ckpt, reglog=reglog, optimizer=opt)
+    except checkpoint.CheckpointError as e:
+        raise EvalError(f"--resume {path!r} does not fit this model/data: {e}") from None
     if "rng" in ckpt:
-        util.set_rng_state(ckpt["rng"])
-    log.info("=> resumed from %s (epoch %d, best top-1 %.2f)", path, ckpt["epoch"], ckpt["best_prec1"])
-    return int(ckpt["epoch"]), float(ckpt["best_prec1"]), json.loads(ckpt.get("history", "[]"))
+        checkpoint.set_rng_state(ckpt["rng"])
+    log.info("=> resumed from %s (epoch %d, best top-1 %.2f)", path, run["epoch"], run["best_prec1"])
+    return int(run["epoch"]), float(run["best_prec1"]), json.loads(run["history"])
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag, ok in (("--epochs", args.epochs >= 0), ("--batch_size", args.batch_size >= 1),
-                     ("--lr", args.lr > 0), ("--workers", args.workers >= 0), ("--size", args.size >= 32),
-                     ("--momentum", 0 <= args.momentum < 1)):
+    for flag, ok, why in (("--epochs", args.epochs >= 0, "must be >= 0"),
+                          ("--batch_size", args.batch_size >= 1, "must be >= 1"),
+                          ("--lr", args.lr > 0, "must be > 0"), ("--workers", args.workers >= 0, "must be >= 0"),
+                          ("--size", args.size >= 32, "must be >= 32: smaller inputs vanish before the "
+                                                      "last conv layers"),
+                          ("--momentum", 0 <= args.momentum < 1, "must be in [0, 1)")):
         if not ok:
-            raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
+            raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r} ({why})")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -312,16 +317,16 @@ def main(args: argparse.Namespace) -> dict:
         best = max(best, record["top1"])
         history.append(record)
         state = checkpoint_state(model, reglog, opt, epoch + 1, best, history, args, classes)
-        util.atomic_torch_save(state, exp / "checkpoint.pth.tar")
+        checkpoint.atomic_torch_save(state, exp / "checkpoint.pth.tar")
         if is_best:
-            util.atomic_torch_save(state, exp / "model_best.pth.tar")
+            checkpoint.atomic_torch_save(state, exp / "model_best.pth.tar")
         log.info("epoch %3d | train loss %.3f | val loss %.3f | top-1 %.2f | top-5 %.2f | best top-1 %.2f | %.1fs",
                  epoch, record["train_loss"], record["val_loss"], record["top1"], record["top5"], best,
                  record["time"])
     if not history:
         log.info("nothing to train (start epoch %d >= --epochs %d)", start, args.epochs)
     result = {**record, "best_top1": best, "history": history, "dim": reglog.linear.in_features}
-    util.atomic_write_text(exp / "results.json", json.dumps({k: v for k, v in result.items()}, indent=1))
+    checkpoint.atomic_write_text(exp / "results.json", json.dumps({k: v for k, v in result.items()}, indent=1))
     log.info("best top-1: %.2f", best)
     return result
 

@@ -36,6 +36,7 @@ from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
+import checkpoint
 import data
 import models
 import util
@@ -480,7 +481,7 @@ def main(args: argparse.Namespace) -> dict:
     log.info("%s (whitening: %s, %d dims): %s", rset.name, wset.name if wset else rset.name, P.shape[0], table)
     out = {"dataset": rset.name, "whiten": wset.name if wset else rset.name, "S": args.S, "L": args.L,
            "dim": int(P.shape[0]), "mAP": results}
-    util.atomic_write_text(exp / f"results_{rset.name}.json", json.dumps(out, indent=1))
+    checkpoint.atomic_write_text(exp / f"results_{rset.name}.json", json.dumps(out, indent=1))
     return out
 
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
+import checkpoint
 import data
 import models
 import util
@@ -338,7 +339,7 @@ def main(args: argparse.Namespace) -> dict:
     result = {"mAP": mAP, "ap": {c: float(a) * 100 for c, a in zip(VOC_CLASSES, aps)},
               "final_loss": float(np.mean(losses[-50:])) if losses else None, "split": args.split,
               "test_split": test_split, "fc6_8": args.fc6_8, "train_batchnorm": args.train_batchnorm}
-    util.atomic_write_text(exp / "results.json", json.dumps(result, indent=1))
+    checkpoint.atomic_write_text(exp / "results.json", json.dumps(result, indent=1))
     return result
 
 

@@ -3,7 +3,8 @@
 Usage:
     python main.py DIR [--arch alexnet] [--sobel] [--k 10000] [--exp exp] [...]
     python main.py                      # demo: scikit-learn's digits, on CPU, in minutes
-    python main.py DIR --exp exp --resume exp/checkpoint.pth.tar
+    python main.py DIR --exp exp --resume exp      # continue a run (its newest checkpoint)
+    python main.py DIR --exp exp --overwrite       # start over in a folder that holds a run
 
 Each epoch (Caron et al., ECCV 2018): compute the fc7 features of every image, PCA-whiten
 and cluster them, train the convnet for one pass to predict the cluster ids (with a fresh
@@ -28,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+import checkpoint
 import clustering
 import data
 import models
@@ -100,14 +102,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="", type=str, metavar="PATH",
                    help="path to checkpoint, or an experiment folder (its newest valid checkpoint, "
                         "periodic mid-epoch copies included)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --exp folder that holds one: deletes its checkpoints, "
+                        "log.jsonl and cluster files")
+    g.add_argument("--change_k", action="store_true",
+                   help="with --resume: allow a --k other than the checkpoint's (used from the next clustering)")
     g.add_argument("--checkpoints", type=int, default=25000, help="how many iterations between two checkpoints")
     g.add_argument("--seed", type=int, default=31, help="random seed")
     g.add_argument("--check_images", choices=["auto", "full", "header", "off"], default="auto",
                    help="check every image before training: full decode, header only, or not "
                         "(auto: full up to 20,000 images, else header)")
     g.add_argument("--bad_images", choices=["error", "skip"], default="error",
-                   help="unreadable images: refuse to start (naming them), or train without them "
-                        "(listed in EXP/bad_images.txt)")
+                   help="unreadable images: stop naming them (before training, or mid-run after a "
+                        "resumable checkpoint), or go on without them (listed in EXP/bad_images.txt)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
     g.add_argument("--dist_timeout", type=float, default=60,
                    help="minutes a torchrun process waits in a collective (the other ranks wait while rank 0 "
@@ -164,6 +171,8 @@ def setup_logging(exp: Path, verbose: bool, is_main: bool = True) -> None:
     """Console + exp/train.log on rank 0; other ranks only print warnings."""
     exp.mkdir(parents=True, exist_ok=True)
     log.setLevel((logging.DEBUG if verbose else logging.INFO) if is_main else logging.WARNING)
+    for h in log.handlers:
+        h.close()
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stdout)]
@@ -202,13 +211,13 @@ def make_loader(dataset, args: argparse.Namespace, rt: util.Runtime, sampler=Non
                       persistent_workers=False, generator=torch.Generator().manual_seed(seed))
 
 
-def load_dataset(args: argparse.Namespace, exp: Path, rt: util.Runtime) -> data.IndexedImageFolder:
-    """Scan DIR and check its images before any training (SPEC 7: no crash hours later).
+def load_dataset(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: Path,
+                 rt: util.Runtime) -> data.IndexedImageFolder:
+    """Check the images of DIR before any training (no crash hours later).
 
     ``--check_images auto`` decodes every image when there are at most 20,000, else reads
-    headers only (truncated files then fail at first use, with the file named).
+    headers only (a truncated file is then met during the run: see ``--bad_images``).
     """
-    dataset = data.IndexedImageFolder(args.data, transform=data.eval_transform(args.size))
     mode = args.check_images
     if mode == "auto":
         mode = "full" if len(dataset) <= 20000 else "header"
@@ -220,7 +229,7 @@ def load_dataset(args: argparse.Namespace, exp: Path, rt: util.Runtime) -> data.
         return dataset
     listing = "".join(f"{dataset.paths[i]}\t{why}\n" for i, why in sorted(bad.items()))
     if rt.is_main:
-        util.atomic_write_text(exp / "bad_images.txt", listing)
+        checkpoint.atomic_write_text(exp / "bad_images.txt", listing)
     first = dataset.paths[min(bad)]
     if args.bad_images == "error":
         raise data.DataError(f"{len(bad)} unreadable image(s) in {args.data}, first {first!r}: {bad[min(bad)]} "
@@ -268,7 +277,9 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
             imgs = util.to_channels_last(imgs)
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=args.amp):
             out = model.forward_features(imgs)  # (B, D)
-        util.fault_point("features")
+        checkpoint.fault_point("features")
+        if args.bad_images == "skip" and bool((idx < 0).any()):
+            out, idx = data.mark_unreadable(out, idx, loader.dataset, args.exp)
         if rt.distributed:
             b = len(idx)
             store.write(torch.arange(pos, pos + b), out.float())
@@ -306,18 +317,37 @@ def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
     numpy RNG on every rank (as the original did per call), so the ranks' RNGs stay in step.
     """
     clusterer.seed = int(np.random.randint(1234))
-    util.fault_point("clustering")
+    checkpoint.fault_point("clustering")
     if rt.is_main:
+        n_rows = len(features)
+        kept = readable_rows(features) if args.bad_images == "skip" else None
+        if kept is not None:
+            features = features[kept if isinstance(features, np.ndarray) else torch.as_tensor(kept, device=features.device)]
         loss = float(clusterer.cluster(features, verbose=args.verbose))
-        labels, k = clustering.arrange_clustering(clusterer.images_lists), len(clusterer.images_lists)
+        lists = clusterer.images_lists
+        if kept is None:
+            labels = clustering.arrange_clustering(lists)
+        else:  # back to dataset indices; unreadable images get no cluster (-1)
+            lists = [kept[np.asarray(lst, dtype=np.int64)].tolist() for lst in lists]
+            labels = np.full(n_rows, -1, dtype=np.int64)
+            for c, lst in enumerate(lists):
+                labels[lst] = c
+        k = len(lists)
         meta = np.array([loss, k], dtype=np.float64)
     else:
         labels, meta = None, None
     if not rt.distributed:
-        return loss, clusterer.images_lists, labels
+        return loss, lists, labels
     labels = util.broadcast_array(labels, rt)
     loss, k = util.broadcast_array(meta, rt, dtype=torch.float64)
     return float(loss), clustering.labels_to_lists(labels, int(k)), labels
+
+
+def readable_rows(features: np.ndarray | torch.Tensor) -> np.ndarray | None:
+    """Indices of the rows not marked unreadable (NaN), or None when every row is readable."""
+    col = features[:, 0]
+    nan = np.isnan(col) if isinstance(col, np.ndarray) else torch.isnan(col).cpu().numpy()
+    return np.flatnonzero(~nan) if nan.any() else None
 
 
 def draw_samples(images_lists: list[list[int]], N: int, args: argparse.Namespace, rt: util.Runtime) -> np.ndarray:
@@ -338,6 +368,8 @@ def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[
     ``start``-th one on (mid-epoch resume); every draw carries its own augmentation seed.
     """
     order = "index" if args.sampler == "uniform" else "cluster"
+    if args.bad_images == "skip":
+        dataset = data.StandIns(dataset, images_lists, args.exp)
     train_set = clustering.cluster_assign(images_lists, dataset,
                                           data.train_transform(args.size, args.crop_min_scale), order=order)
     sampler = util.SeededShardSampler(draws, base_seed=args.seed * 100_003 + epoch, rank=rt.rank,
@@ -392,81 +424,47 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
                 raise DivergedError(f"training loss is {float(loss_sum)} at epoch {epoch}, between iterations "
                                     f"{st['from']} and {st['i'] - 1}: the run diverged (try a lower --lr); "
                                     f"the last checkpoint is kept")
-            losses.update(float(loss_sum) / st["n"], st["n"])
+            # raw sums (exact in float64: float32 losses times batch sizes), so the epoch's mean does
+            # not depend on where the reads fell (a resume reads at other steps than a straight run)
+            total = float(loss_sum)
+            losses.val = total / st["n"]
+            losses.sum += total
+            losses.count += st["n"]
+            losses.avg = losses.sum / losses.count
             loss_sum.zero_()
             st["n"] = 0
             bar.set_postfix(loss=f"{losses.avg:.3f}")
         st["from"] = st["i"]
         return losses
 
-    for i, (imgs, target, _) in enumerate(bar, start=start_iter):
-        st["i"] = i
-        if on_iteration is not None:
-            on_iteration(i, flush)
-        if i - st["from"] >= SYNC_EVERY:
-            flush()
-        util.fault_point("train")
-        # host -> device copies from pinned memory: ordered before the kernels that use them
-        imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        if args.channels_last:
-            imgs = util.to_channels_last(imgs)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = crit(model(imgs), target)
-        opt.zero_grad(set_to_none=True)
-        top_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        top_opt.step()
-        finite &= torch.isfinite(loss.detach())
-        loss_sum += loss.detach().double() * imgs.shape[0]
-        st["n"] += imgs.shape[0]
-        st["i"] = i + 1
+    try:
+        for i, (imgs, target, _) in enumerate(bar, start=start_iter):
+            st["i"] = i
+            if on_iteration is not None:
+                on_iteration(i, flush)
+            if i - st["from"] >= SYNC_EVERY:
+                flush()
+            checkpoint.fault_point("train")
+            # host -> device copies from pinned memory: ordered before the kernels that use them
+            imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            if args.channels_last:
+                imgs = util.to_channels_last(imgs)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                loss = crit(model(imgs), target)
+            opt.zero_grad(set_to_none=True)
+            top_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            top_opt.step()
+            finite &= torch.isfinite(loss.detach())
+            loss_sum += loss.detach().double() * imgs.shape[0]
+            st["n"] += imgs.shape[0]
+            st["i"] = i + 1
+    except data.BadImageError:  # --bad_images error: the steps done so far count in the meter
+        flush()
+        raise
     flush()
     return losses.avg
-
-
-def checkpoint_state(model: models.DeepClusterNet, opt: torch.optim.Optimizer, epoch: int,
-                     args: argparse.Namespace, labels: np.ndarray | None, mid_epoch: dict | None = None,
-                     rng_ranks: list[dict] | None = None) -> dict:
-    """Everything a restart needs, as plain types and tensors (weights_only-loadable).
-
-    End of epoch: ``epoch`` is the next epoch to run. Inside an epoch (periodic copies),
-    ``epoch`` is the running one and ``mid_epoch`` holds its pseudo-labels, draws, position,
-    top-layer optimizer and partial loss, so that training continues exactly there.
-    ``rng_ranks``: every rank's RNG state (:func:`util.gather_rng_states`), restored by rank.
-    """
-    state = {
-        "epoch": epoch,
-        "iteration": 0 if mid_epoch is None else mid_epoch["iteration"],
-        "arch": args.arch,
-        "state_dict": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "model_config": model.config(),
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-        "rng": util.get_rng_state(),
-        "last_assignment": None if labels is None else torch.from_numpy(labels.astype(np.int64)),
-        "format_version": 2,
-    }
-    if rng_ranks is not None:
-        state["rng_ranks"] = rng_ranks
-    if mid_epoch is not None:
-        state["mid_epoch"] = mid_epoch
-    return state
-
-
-def save_checkpoint(state: dict, path: Path, rt: util.Runtime) -> None:
-    """Write a checkpoint atomically (temporary file + rename), on rank 0 only.
-
-    A failed write (full disk, read-only folder) leaves the previous file intact and is
-    reported as a CheckpointError naming the path.
-    """
-    if not rt.is_main:
-        return
-    try:
-        util.atomic_torch_save(state, path)
-    except OSError as e:
-        raise util.CheckpointError(f"cannot write checkpoint {str(path)!r}: {e.strerror or e}; "
-                                   f"the previous checkpoint there is intact") from None
 
 
 def wrap_for_training(model: models.DeepClusterNet, rt: util.Runtime) -> nn.Module:
@@ -479,101 +477,18 @@ def wrap_for_training(model: models.DeepClusterNet, rt: util.Runtime) -> nn.Modu
 
 
 def nmi(a: np.ndarray, b: np.ndarray) -> float:
-    """Normalised mutual information, I(A;B) / sqrt(H(A) H(B))."""
+    """Normalised mutual information, I(A;B) / sqrt(H(A) H(B)), over the images with a label
+    in both (-1: an unreadable image, left out of a clustering)."""
+    a, b = np.asarray(a), np.asarray(b)
+    keep = (a >= 0) & (b >= 0)
+    if not keep.all():
+        a, b = a[keep], b[keep]
     return float(normalized_mutual_info_score(a, b, average_method="geometric"))
-
-
-def find_checkpoint(path: str) -> str | None:
-    """``--resume`` target: a file, or an experiment folder whose newest valid checkpoint
-    (exp/checkpoint.pth.tar or a periodic copy, by epoch and iteration) is taken; corrupt
-    files are skipped with a warning. A folder with no checkpoint at all (a run stopped
-    before its first save) gives None: the run starts from the beginning."""
-    p = Path(path)
-    if not p.is_dir():
-        return path
-    candidates = [p / "checkpoint.pth.tar"] + sorted((p / "checkpoints").glob("checkpoint_*.pth.tar"))
-    if not any(c.exists() for c in candidates):
-        log.warning("no checkpoint in %s yet: starting from the beginning", path)
-        return None
-    best, best_key = None, None
-    for c in candidates:
-        if not c.exists():
-            continue
-        try:
-            ck = util.torch_load(c)
-        except util.CheckpointError as e:
-            log.warning("skipping %s", e)
-            continue
-        # a periodic copy at iteration 0 of epoch e already holds epoch e's clustering
-        key = (int(ck.get("epoch", 0)), int(ck.get("iteration", 0)), "mid_epoch" in ck)
-        if best_key is None or key > best_key:
-            best, best_key = c, key
-    if best is None:
-        raise util.CheckpointError(f"no valid checkpoint in experiment folder {path!r}")
-    return str(best)
-
-
-def resume(path: str, model: models.DeepClusterNet, opt: torch.optim.Optimizer,
-           args: argparse.Namespace) -> dict:
-    """Restore model, optimizer and RNG; returns the checkpoint (epoch, last assignment, ...)."""
-    path = find_checkpoint(path)
-    if path is None:
-        return {"epoch": args.start_epoch}
-    ckpt = util.torch_load(path)
-    if "state_dict" not in ckpt:
-        raise util.CheckpointError(f"checkpoint {path!r} has no 'state_dict'")
-    ck_arch = ckpt.get("arch")
-    if ck_arch is not None and ck_arch != args.arch:
-        raise util.CheckpointError(f"checkpoint {path!r} holds a {ck_arch} model but --arch is {args.arch}")
-    sd = util.clean_state_dict(ckpt["state_dict"])
-    top = {k[len("top_layer."):]: v for k, v in sd.items() if k.startswith("top_layer.")}
-    sd = {k: v for k, v in sd.items() if not k.startswith("top_layer.")}
-    if ("sobel.0.weight" in sd) != bool(args.sobel):
-        raise util.CheckpointError(f"checkpoint {path!r} was trained with sobel={'sobel.0.weight' in sd}, "
-                                   f"but --sobel is {'on' if args.sobel else 'off'}")
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
-        raise util.CheckpointError(f"checkpoint {path!r} does not fit --arch {args.arch} --size {args.size}: "
-                                   f"{str(e).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if not k.startswith("top_layer") and not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise util.CheckpointError(f"checkpoint {path!r} does not fit --arch {args.arch} --size {args.size}: "
-                                   f"missing {missing[:4]}, unexpected {unexpected[:4]}")
-    if "optimizer" in ckpt:
-        try:
-            opt.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
-            log.warning("optimizer state in %s not restored (%s): momentum restarts from zero", path, e)
-    if "mid_epoch" in ckpt and top:  # the running epoch's top layer comes back too
-        model.reset_top_layer(top["weight"].shape[0]).load_state_dict(top)
-    if "rng" in ckpt:
-        util.set_rng_state(ckpt["rng"])
-    log.info("=> loaded checkpoint %r (epoch %d, iteration %d)", path, ckpt.get("epoch", 0), ckpt.get("iteration", 0))
-    return ckpt
 
 
 # ---------------------------------------------------------------------------------------
 # orchestration
 # ---------------------------------------------------------------------------------------
-def check_exp_writable(exp: Path, rt: util.Runtime) -> None:
-    """Fail before any work if the experiment folder cannot take files (read-only, full)."""
-    try:
-        exp.mkdir(parents=True, exist_ok=True)
-        (exp / "checkpoints").mkdir(exist_ok=True)
-        probe = exp / f".write_test.{os.getpid()}"  # one per process: ranks share the folder
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise util.CheckpointError(f"experiment folder {str(exp)!r} is not writable: {e.strerror or e}") from None
-    if not rt.is_main:  # only rank 0 writes files, so only it cleans up
-        return
-    # temporary files of a save that was killed before its rename: never valid, remove them
-    for stale in list(exp.glob(".tmp-*")) + list((exp / "checkpoints").glob(".tmp-*")) \
-            + list((exp / "clusters").glob(".tmp-*")):
-        stale.unlink(missing_ok=True)
-
-
 @dataclass
 class EpochPlan:
     """What one epoch trains on: its clustering, draws and head, and where training starts."""
@@ -618,55 +533,13 @@ def _now(device: torch.device) -> float:
     return time.time()
 
 
-def restore_epoch(mid: dict, model: models.DeepClusterNet, args: argparse.Namespace,
-                  rt: util.Runtime) -> EpochPlan:
-    """The plan of an epoch interrupted inside training, from a periodic checkpoint.
-
-    Training continues at the same global position of the epoch's draws whatever the number
-    of processes now: step i covers draws [i * batch, (i + 1) * batch) for any W.
-    """
-    labels = mid["assignment"].numpy()
-    draws = mid["draws"].numpy()
-    position = int(mid.get("position", int(mid["iteration"]) * args.batch))  # draws already trained on
-    if position % args.batch:
-        raise util.CheckpointError(f"the checkpoint stopped after {position} draws of its epoch, not a multiple of "
-                                   f"--batch {args.batch}: resume with the --batch of that run "
-                                   f"({mid.get('batch', 'see its args.json')})")
-    if len(draws) % rt.world_size:  # from a run on another W: every rank must run as many steps
-        cut = len(draws) // rt.world_size * rt.world_size
-        log.info("resuming on %d processes: the epoch's last %d draw(s) are dropped so that every rank runs "
-                 "the same number of steps", rt.world_size, len(draws) - cut)
-        draws = draws[:cut]  # position is a multiple of batch, so of W: still <= cut
-    top_opt = torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, weight_decay=10 ** args.wd)
-    top_opt.load_state_dict(mid["top_optimizer"])
-    losses = util.AverageMeter()
-    if int(mid["loss_count"]):  # a copy made at the epoch's first step has no loss yet
-        losses.update(mid["loss_sum"] / int(mid["loss_count"]), int(mid["loss_count"]))
-    return EpochPlan(labels, clustering.labels_to_lists(labels, int(mid["n_clusters"])),
-                     float(mid["clustering_loss"]), draws, top_opt,
-                     start_iter=position // args.batch, losses=losses,
-                     time_features=float(mid["time_features"]), time_clustering=float(mid["time_clustering"]))
-
-
-def mid_epoch_state(plan: EpochPlan, i: int, meter: util.AverageMeter, prev_labels: np.ndarray | None,
-                    args: argparse.Namespace, rt: util.Runtime) -> dict:
-    """What a periodic checkpoint needs to continue this epoch at step i, on any number of
-    processes: ``position`` = draws trained on so far (i * global batch), ``world_size``."""
-    return {"iteration": i, "position": i * args.batch, "batch": args.batch, "world_size": rt.world_size,
-            "assignment": torch.from_numpy(plan.labels), "n_clusters": len(plan.images_lists),
-            "draws": torch.from_numpy(plan.draws), "top_optimizer": plan.top_opt.state_dict(),
-            "clustering_loss": plan.clustering_loss, "loss_sum": meter.sum, "loss_count": meter.count,
-            "prev_assignment": None if prev_labels is None else torch.from_numpy(prev_labels),
-            "time_features": plan.time_features, "time_clustering": plan.time_clustering}
-
-
 def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, iterations: int,
                  prev_labels: np.ndarray | None, targets: np.ndarray | None, rt: util.Runtime) -> dict:
     """One line of exp/log.jsonl."""
     return {
         "epoch": epoch, "clustering_loss": plan.clustering_loss, "train_loss": loss,
         "nmi_prev": None if prev_labels is None else nmi(prev_labels, plan.labels),
-        "nmi_labels": None if targets is None else nmi(targets, plan.labels),
+        "nmi_labels": None if targets is None else nmi(targets, plan.labels),  # images without a cluster left out
         "n_clusters": len(plan.images_lists),
         "n_empty": int(sum(1 for lst in plan.images_lists if len(lst) == 0)),
         "time_features": plan.time_features, "time_clustering": plan.time_clustering, "time_train": time_train,
@@ -675,71 +548,78 @@ def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, it
     }
 
 
-def open_dataset(args: argparse.Namespace, exp: Path, rt: util.Runtime) -> data.IndexedImageFolder:
-    """The demo's digits when no DIR is given; checks the images and k against the data."""
+def open_dataset(args: argparse.Namespace, rt: util.Runtime) -> data.IndexedImageFolder:
+    """Scan DIR (the demo's digits when no DIR is given): a missing or empty folder is refused
+    before anything is written."""
     if args.demo:
         args.data = data.export_digits(Path("data") / "digits") if rt.is_main else str(Path("data") / "digits")
         _barrier(rt)
-        log.info("demo: no DIR given, training on scikit-learn's digits exported to %s", args.data)
     args.data = os.path.abspath(args.data)  # args.json then points at the data from anywhere
-    dataset = load_dataset(args, exp, rt)
+    return data.IndexedImageFolder(args.data, transform=data.eval_transform(args.size))
+
+
+def check_dataset(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: Path,
+                  rt: util.Runtime) -> data.IndexedImageFolder:
+    """Check the images and k against the data."""
+    if args.demo:
+        log.info("demo: no DIR given, training on scikit-learn's digits exported to %s", args.data)
+    dataset = load_dataset(dataset, args, exp, rt)
     if args.clustering == "Kmeans" and args.nmb_cluster > len(dataset):
         raise clustering.ClusteringError(f"--nmb_cluster/--k {args.nmb_cluster} is larger than the number "
                                          f"of images ({len(dataset)}) in {args.data}")
-    if rt.is_main:
-        util.atomic_write_text(exp / "args.json", json.dumps(vars(args), indent=1, default=str))
+    if args.clustering == "Kmeans" and args.nmb_cluster == 1:
+        log.warning("--k 1 puts every image in one cluster: the training loss is 0 and nothing is learned")
     log.info("%d images%s, %s%s at %d px, %d process(es) on %s", len(dataset),
              f" in {len(dataset.classes)} class folders" if dataset.targets else "",
              args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size, rt.device)
     return dataset
 
 
-def restore_run(args: argparse.Namespace, model, opt, history: util.Logger, clog: util.ClusterLog,
-                N: int, rt: util.Runtime) -> tuple[int, dict | None, np.ndarray | None]:
-    """--resume: (start epoch, mid-epoch state or None, previous assignment); logs of the
-    epochs to redo are dropped. Without --resume, an old log in --exp is started anew."""
-    if not args.resume:
-        if history.data and rt.is_main:
-            log.warning("%s already holds a log: a fresh run (no --resume) starts it anew", args.exp)
-            history.truncate(0)
-            clog.truncate(0)
-        return args.start_epoch, None, None
-    ckpt = resume(args.resume, model, opt, args)
-    restore_rank_rng(ckpt, args, rt)
-    start_epoch, mid = int(ckpt.get("epoch", 0)), ckpt.get("mid_epoch")
-    prev = mid["prev_assignment"] if mid is not None else ckpt.get("last_assignment")
-    n_ckpt = len(mid["assignment"]) if mid is not None else (len(prev) if prev is not None else N)
-    if n_ckpt != N:  # the image set changed (files added, removed or skipped as unreadable)
-        if mid is not None:
-            raise util.CheckpointError(f"the checkpoint's epoch was clustered on {n_ckpt} images but {args.data} "
-                                       f"now has {N}: resume from an end-of-epoch checkpoint instead")
-        log.warning("the checkpoint was made on %d images, %s now has %d: NMI with the previous epoch "
-                    "restarts", n_ckpt, args.data, N)
-        prev = None
-    if rt.is_main:
-        history.truncate(sum(1 for r in history.data if r.get("epoch", 0) < start_epoch))
-        clog.truncate(start_epoch)
-    return start_epoch, mid, None if prev is None else prev.numpy()
+def start_or_resume(args: argparse.Namespace, exp: Path, model, opt, history: util.Logger,
+                    clog: util.ClusterLog, N: int, rt: util.Runtime) -> tuple[str, int, dict | None, np.ndarray | None]:
+    """(run id, start epoch, mid-epoch state or None, previous assignment or None).
 
-
-def restore_rank_rng(ckpt: dict, args: argparse.Namespace, rt: util.Runtime) -> None:
-    """This rank's own torch (CPU and CUDA) generators from ``ckpt['rng_ranks'][rank]``.
-
-    ``resume`` has already restored ``ckpt['rng']`` (rank 0's state) on every rank: its numpy
-    and random streams are shared by all ranks. A rank the checkpoint has no state for (it
-    was written by fewer processes, or before states were kept per rank) starts a stream of
-    its own, distinct per rank and epoch.
+    --resume: the checkpoint is checked, then the logs of the epochs to redo are dropped.
+    Without it, a folder that holds a run is refused unless --overwrite, which retires the
+    old checkpoints and logs. Every invocation is appended to EXP/args_history.jsonl.
     """
-    states = ckpt.get("rng_ranks")
-    if states and rt.rank < len(states):
-        st = states[rt.rank]
-        torch.set_rng_state(st["torch"].cpu())
-        if rt.device.type == "cuda" and "cuda" in st and rt.device.index < len(st["cuda"]):
-            torch.cuda.set_rng_state(st["cuda"][rt.device.index].cpu(), rt.device)
-    elif rt.rank > 0:
-        seed = args.seed + rt.rank + 1_000_003 * (int(ckpt.get("epoch", 0)) + 1)
-        torch.manual_seed(seed)
-        torch.cuda.manual_seed_all(seed)
+    if args.resume:
+        start, mid, prev, ckpt = checkpoint.restore_run(args, model, opt, history, clog, N, rt)
+        run_id = ckpt.get("run_id") or checkpoint.current_run_id(exp) or checkpoint.new_run_id()
+        if start >= args.epochs:
+            return run_id, start, mid, prev
+        if rt.is_main:
+            if not (exp / "args.json").exists():
+                checkpoint.atomic_write_text(exp / "args.json", json.dumps(vars(args), indent=1, default=str))
+            checkpoint.record_invocation(exp, args, run_id, start, ckpt.get("iteration", 0), ckpt["path"])
+        return run_id, start, mid, prev
+    used = checkpoint.exp_holds_run(exp)
+    if used and not args.overwrite:
+        raise checkpoint.CheckpointError(
+            f"{args.exp} already holds a run ({used[0]}): continue it with --resume {args.exp}, use a new "
+            f"--exp, or start over with --overwrite (deletes its checkpoints, log and cluster files)")
+    if args.start_epoch >= args.epochs:
+        return "", args.start_epoch, None, None
+    run_id = checkpoint.new_run_id()
+    if rt.is_main:
+        if used:
+            log.warning("--overwrite: deleting the checkpoints, log and cluster files of the run in %s", args.exp)
+            checkpoint.retire_run(exp)
+        history.truncate(0)
+        clog.truncate(0)
+        checkpoint.atomic_write_text(exp / "args.json", json.dumps(vars(args), indent=1, default=str))
+        checkpoint.record_invocation(exp, args, run_id, args.start_epoch)
+    return run_id, args.start_epoch, None, None
+
+
+def resumed_plan(mid: dict, model: models.DeepClusterNet, args: argparse.Namespace,
+                 rt: util.Runtime) -> EpochPlan:
+    """The plan of an epoch interrupted inside training, from a periodic checkpoint."""
+    fields = checkpoint.restore_epoch(mid, model, args, rt.world_size)
+    losses = util.AverageMeter()  # the exact partial sum, so the epoch's mean is bitwise the same
+    losses.sum, losses.count = fields.pop("loss_sum"), fields.pop("loss_count")
+    losses.avg = losses.sum / losses.count if losses.count else 0.0
+    return EpochPlan(**fields, losses=losses)
 
 
 class SetupError(util.ScriptError):
@@ -754,27 +634,34 @@ def main(args: argparse.Namespace) -> dict:
                          f"processes {rt.world_size} (each takes batch / {rt.world_size} images per step)")
     util.configure_backends()
     exp = Path(args.exp)
-    check_exp_writable(exp, rt)
+    dataset = open_dataset(args, rt)
+    checkpoint.check_exp_writable(exp, rt)
     setup_logging(exp, args.verbose, rt.is_main)
     if not rt.is_main:  # one set of progress bars, rank 0's
         args.no_progress = True
     util.seed_everything(args.seed, rt.rank)
-    dataset = open_dataset(args, exp, rt)
+    dataset = check_dataset(dataset, args, exp, rt)
     N = len(dataset)
     targets = np.asarray(dataset.targets) if dataset.targets else None
+    dataset.mark_unreadable = args.bad_images == "skip"
 
     model = build_model(args, rt.device)
     opt = build_optimizer(model, args)
     crit = nn.CrossEntropyLoss()
     clog, history = util.ClusterLog(exp / "clusters"), util.Logger(exp / "log.jsonl")
-    start_epoch, mid, prev_labels = restore_run(args, model, opt, history, clog, N, rt)
+    run_id, start_epoch, mid, prev_labels = start_or_resume(args, exp, model, opt, history, clog, N, rt)
+    if start_epoch >= args.epochs:
+        log.warning("nothing to train: %s", f"the checkpoint is at epoch {start_epoch} and --epochs is "
+                    f"{args.epochs} (the run is finished; raise --epochs to train further)" if args.resume
+                    else f"--epochs {args.epochs} (start epoch {start_epoch})")
+        return {}
     feature_loader = make_feature_loader(dataset, args, rt)
     clusterer = make_clusterer(args, rt.device)
 
     record: dict = {}
     for epoch in range(start_epoch, args.epochs):
         if mid is not None:  # resuming inside this epoch: its clustering is in the checkpoint
-            plan, mid = restore_epoch(mid, model, args, rt), None
+            plan, mid = resumed_plan(mid, model, args, rt), None
         else:
             plan = plan_epoch(feature_loader, model, clusterer, N, args, rt)
         t2 = _now(rt.device)
@@ -783,27 +670,40 @@ def main(args: argparse.Namespace) -> dict:
                                          start=plan.start_iter * rank_batch(args, rt))
         iters_per_epoch = math.ceil(len(plan.draws) / args.batch)
 
+        seen: list[int] = []  # the last step started
+
         def periodic_checkpoint(i: int, flush) -> None:
+            seen[:] = [i]
             n = iters_per_epoch * epoch + i
             if n % args.checkpoints == 0:  # the same decision on every rank: all take part in the RNG gather
                 meter = flush()
-                rng = util.gather_rng_states(rt)
+                rng = checkpoint.gather_rng_states(rt)
                 if rt.is_main:
-                    state = checkpoint_state(model, opt, epoch, args, plan.labels, rng_ranks=rng,
-                                             mid_epoch=mid_epoch_state(plan, i, meter, prev_labels, args, rt))
-                    save_checkpoint(state, exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar", rt)
+                    state = checkpoint.checkpoint_state(
+                        model, opt, epoch, args, plan.labels, rng_ranks=rng, run_id=run_id,
+                        mid_epoch=checkpoint.mid_epoch_state(plan, i, meter, prev_labels, args, rt))
+                    checkpoint.save_checkpoint(state, exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar", rt)
 
-        loss = train_one_epoch(train_loader, wrap_for_training(model, rt), crit, opt, plan.top_opt, rt.device,
-                               epoch, args, on_iteration=periodic_checkpoint, start_iter=plan.start_iter,
-                               losses=plan.losses)
+        try:
+            loss = train_one_epoch(train_loader, wrap_for_training(model, rt), crit, opt, plan.top_opt, rt.device,
+                                   epoch, args, on_iteration=periodic_checkpoint, start_iter=plan.start_iter,
+                                   losses=plan.losses)
+        except data.BadImageError:  # --bad_images error: stop where a resume can continue
+            i = seen[0] + 1 if seen else plan.start_iter  # the batch that failed; steps before it are done
+            state = checkpoint.checkpoint_state(
+                model, opt, epoch, args, plan.labels, run_id=run_id, rng_ranks=checkpoint.gather_rng_states(rt),
+                mid_epoch=checkpoint.mid_epoch_state(plan, i, plan.losses, prev_labels, args, rt))
+            checkpoint.save_checkpoint(state, exp / "checkpoints" / "checkpoint_stopped.pth.tar", rt)
+            raise
         time_train = _now(rt.device) - t2
-        rng = util.gather_rng_states(rt)
-        save_checkpoint(checkpoint_state(model, opt, epoch + 1, args, plan.labels, rng_ranks=rng),
-                        exp / "checkpoint.pth.tar", rt)
         record = epoch_record(epoch, plan, loss, time_train, iters_per_epoch, prev_labels, targets, rt)
         if rt.is_main:
+            # history before the checkpoint: killed in between, the resumed run redoes this
+            # epoch from the previous checkpoint and writes these files again
             clog.save(epoch, plan.labels, len(plan.images_lists))
             history.log(record)
+        checkpoint.save_checkpoint(checkpoint.checkpoint_state(model, opt, epoch + 1, args, plan.labels, run_id=run_id),
+                                   exp / "checkpoint.pth.tar", rt)
         log.info("epoch %3d | clustering loss %.3f | train loss %.3f | NMI prev %s | NMI labels %s | "
                  "empty %d | time: features %.1fs cluster %.1fs train %.1fs",
                  epoch, plan.clustering_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
@@ -842,12 +742,14 @@ def run(argv: list[str] | None = None) -> int:
         main(args)
     except data.BadImageError as e:
         # from a DataLoader worker the message carries the worker's traceback: keep its last line
-        return _fail(str(e).strip().splitlines()[-1].split("BadImageError: ")[-1])
-    except (data.DataError, util.CheckpointError, clustering.ClusteringError, DivergedError,
+        return _fail(str(e).strip().splitlines()[-1].split("BadImageError: ")[-1]
+                     + f" (fix or remove it and continue with --resume {args.exp}, or go on without it "
+                       f"with --bad_images skip)")
+    except (data.DataError, checkpoint.CheckpointError, clustering.ClusteringError, DivergedError,
             util.DeviceError, SetupError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
-        return _fail("interrupted; resume with --resume " + str(Path(args.exp) / "checkpoint.pth.tar"), 130)
+        return _fail(interrupted_hint(args.exp), 130)
     finally:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
@@ -855,9 +757,24 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+def interrupted_hint(exp: str) -> str:
+    """What ``--resume EXP`` would load after an interruption, said plainly."""
+    try:
+        found = checkpoint.find_checkpoint(exp, quiet=True) if Path(exp).is_dir() else None
+    except checkpoint.CheckpointError:
+        found = None
+    if found is None:
+        return "interrupted before the first checkpoint: nothing to resume, run the same command again"
+    return f"interrupted; --resume {exp} continues from {found}"
+
+
 def _fail(msg: str, code: int = 2) -> int:
+    """One line on stderr; the same line in EXP/train.log (not echoed a second time on the console)."""
     print(f"error: {msg}", file=sys.stderr)
-    log.error(msg)
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, None, None)
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
     return code
 
 

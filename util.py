@@ -1,10 +1,9 @@
 """Utilities kept from the original API (``UnifLabelSampler``, ``AverageMeter``, ``Logger``,
-``learning_rate_decay``, ``load_model``) plus checkpoint, RNG and cluster-log helpers, the
-run's device and process group (``init_runtime``), and the (N, 4096) feature matrix
-(``FeatureStore``, ``gather_rows``, ``to_channels_last``).
+``learning_rate_decay``, ``load_model``) plus the cluster log, the run's device and process
+group (``init_runtime``), the (N, D) feature matrix (``FeatureStore``, ``gather_rows``,
+``to_channels_last``) and the script plumbing shared by every CLI (``run_cli``, ...).
 
-Checkpoints are dicts of plain types and tensors, loadable with
-``torch.load(path, weights_only=True)``, written to a temporary file and renamed.
+Saving and loading checkpoints (atomic writes, RNG state, resume) lives in checkpoint.py.
 """
 from __future__ import annotations
 
@@ -15,8 +14,6 @@ import os
 import pickle
 import random
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -24,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+import checkpoint
 import models
 
 log = logging.getLogger("deepcluster")
@@ -33,10 +31,6 @@ class ScriptError(RuntimeError):
     """Bad input or a run that cannot go on; the message names the file, flag or value.
 
     The scripts' own error types derive from it; :func:`run_cli` prints it as one line."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not fit the requested model."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,26 +111,6 @@ class SeededShardSampler(Sampler):
 
 
 # ---------------------------------------------------------------------------------------
-# fault injection (tests): DEEPCLUSTER_FAULT="point:n" SIGKILLs the process at the n-th hit
-# ---------------------------------------------------------------------------------------
-_FAULT_HITS: dict[str, int] = {}
-
-
-def fault_point(name: str) -> None:
-    """Die abruptly (SIGKILL) at the n-th time ``name`` is reached, when asked by the env."""
-    spec = os.environ.get("DEEPCLUSTER_FAULT")
-    if not spec:
-        return
-    point, _, count = spec.partition(":")
-    if point != name:
-        return
-    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
-    if _FAULT_HITS[name] >= int(count or 1):
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------------------------------
 # meters and logs
 # ---------------------------------------------------------------------------------------
 class AverageMeter:
@@ -179,7 +153,7 @@ class Logger:
     def truncate(self, keep: int) -> None:
         """Keep the first ``keep`` records (used on resume to drop epochs to be redone)."""
         self.data = self.data[:keep]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.data))
+        checkpoint.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.data))
 
 
 def _ends_torn(path: str) -> bool:
@@ -217,124 +191,8 @@ def learning_rate_decay(optimizer: torch.optim.Optimizer, t: int, lr_0: float) -
 
 
 # ---------------------------------------------------------------------------------------
-# atomic files
+# models
 # ---------------------------------------------------------------------------------------
-def _atomic_replace(path: str, write_fn) -> None:
-    path = str(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            # tests: die with the temp file written but not renamed
-            fault_point("save" if path.endswith(".pth.tar") else "write")
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(d, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
-    except OSError:
-        pass
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    _atomic_replace(str(path), lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_replace(str(path), lambda f: f.write(text.encode()))
-
-
-def atomic_np_save(path: str | os.PathLike, arr: np.ndarray) -> None:
-    _atomic_replace(str(path), lambda f: np.save(f, arr))
-
-
-# ---------------------------------------------------------------------------------------
-# RNG state (plain types, so that checkpoints load with weights_only=True)
-# ---------------------------------------------------------------------------------------
-def get_rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def gather_rng_states(rt: "Runtime") -> list[dict] | None:
-    """Every rank's :func:`get_rng_state`, in rank order, on rank 0 (None elsewhere).
-
-    Each rank draws its own dropout masks (torch seeded with seed + rank), so a checkpoint
-    keeps all of them and each rank restores its own.
-    """
-    if not rt.distributed:
-        return [get_rng_state()]
-    import torch.distributed as dist
-    out = [None] * rt.world_size if rt.is_main else None
-    dist.gather_object(get_rng_state(), out, dst=0)
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# checkpoints and models
-# ---------------------------------------------------------------------------------------
-def torch_load(path: str | os.PathLike) -> dict:
-    """Load a checkpoint safely (``weights_only``), with clear errors.
-
-    Falls back to latin1 decoding for checkpoints pickled by Python 2 (the released ones).
-    """
-    path = str(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path!r} is a directory, expected a file")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
-    errors = []
-    for kwargs in ({}, {"encoding": "latin1"}):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "pickle_load_args only works if..."
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
-            break
-        except Exception as e:  # corrupt zip, truncated pickle, foreign file...
-            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    else:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a PyTorch checkpoint ({errors[0]})")
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, expected a dict")
-    return ckpt
-
-
-# Normalises the DataParallel key layouts of the released checkpoints (``module.``).
-clean_state_dict = models.clean_state_dict
-
-
 def load_model(path: str | os.PathLike | None, arch: str | None = None, purpose: str = "") -> torch.nn.Module:
     """Load a model from our checkpoints, the released original ones or torchvision-layout weights.
 
@@ -347,23 +205,23 @@ def load_model(path: str | os.PathLike | None, arch: str | None = None, purpose:
     ``purpose`` names who needs it in that error ("retrieval needs a vgg16 model, ...").
     """
     if not path:
-        raise CheckpointError("no model given: pass --model PATH (a DeepCluster checkpoint)")
+        raise checkpoint.CheckpointError("no model given: pass --model PATH (a DeepCluster checkpoint)")
     where = f"checkpoint {str(path)!r}"
-    ckpt = torch_load(path)
+    ckpt = checkpoint.torch_load(path)
     sd = ckpt.get("state_dict")
-    if sd is None and models.detect_arch(clean_state_dict(ckpt)) is not None:
+    if sd is None and models.detect_arch(models.clean_state_dict(ckpt)) is not None:
         sd = ckpt  # a bare state dict
     if not isinstance(sd, dict):
-        raise CheckpointError(f"{where} has no 'state_dict' and is not a state dict of "
+        raise checkpoint.CheckpointError(f"{where} has no 'state_dict' and is not a state dict of "
                               f"{', '.join(models.ARCHS)}")
     held = ckpt.get("arch") or (ckpt.get("model_config") or {}).get("arch") or \
-        models.detect_arch(clean_state_dict(sd))
+        models.detect_arch(models.clean_state_dict(sd))
     if arch is not None and held is not None and held != arch:
-        raise CheckpointError(f"{purpose or 'this run'} needs a {arch} model, but {where} holds a {held}")
+        raise checkpoint.CheckpointError(f"{purpose or 'this run'} needs a {arch} model, but {where} holds a {held}")
     try:
         model, ignored = models.from_state_dict(sd, arch or held, ckpt.get("model_config"))
     except models.StateDictError as e:
-        raise CheckpointError(f"{where}: {e}") from None
+        raise checkpoint.CheckpointError(f"{where}: {e}") from None
     model.ignored_keys = ignored
     if ignored:
         heads = sorted({k.replace("module.", "").split(".")[0] for k in ignored})
@@ -389,8 +247,10 @@ class ClusterLog:
         return self.folder / f"epoch_{epoch:05d}.npy"
 
     def save(self, epoch: int, labels: np.ndarray, k: int) -> None:
-        dtype = np.uint16 if k <= np.iinfo(np.uint16).max else np.int32
-        atomic_np_save(self.path(epoch), np.asarray(labels).astype(dtype))
+        """``labels[i] == -1`` marks an image left out of the clustering (unreadable)."""
+        labels = np.asarray(labels)
+        dtype = np.uint16 if k <= np.iinfo(np.uint16).max and (labels.size == 0 or labels.min() >= 0) else np.int32
+        checkpoint.atomic_np_save(self.path(epoch), np.asarray(labels).astype(dtype))
 
     def epochs(self) -> list[int]:
         return sorted(int(p.stem.split("_")[1]) for p in self.folder.glob("epoch_*.npy"))
@@ -413,7 +273,8 @@ def labels_to_images_lists(labels: np.ndarray, k: int | None = None) -> list[lis
     k = int(labels.max()) + 1 if k is None else k
     lists: list[list[int]] = [[] for _ in range(k)]
     for i, c in enumerate(np.asarray(labels).tolist()):
-        lists[c].append(i)
+        if c >= 0:  # -1: an image left out of the clustering
+            lists[c].append(i)
     return lists
 
 
@@ -421,20 +282,25 @@ def export_clusters_pickle(exp: str | os.PathLike, out: str | os.PathLike, epoch
                            image_paths: Sequence[str] | None = None) -> str:
     """Convert the stored assignments to the original pickle formats.
 
-    With ``image_paths``: the released format for one epoch (default: the last), a list of
-    ``(image_path, cluster_index)``. Without: the original ``exp/clusters`` log, a list
-    (one entry per epoch) of ``images_lists``.
+    With ``image_paths`` (one per image, in dataset order): the released format for one epoch
+    (default: the last), a list of ``(image_path, cluster_index)``. Without: the original
+    ``exp/clusters`` log, a list (one entry per epoch) of ``images_lists``. A relative ``out``
+    is taken inside ``exp``. Images left out of a clustering (unreadable) are left out.
     """
     clog = ClusterLog(Path(exp) / "clusters")
     epochs = clog.epochs()
     if not epochs:
         raise FileNotFoundError(f"no cluster assignments under {Path(exp) / 'clusters'}")
+    out = Path(out) if Path(out).is_absolute() else Path(exp) / out
     if image_paths is not None:
         labels = clog.load(epochs[-1] if epoch is None else epoch)
-        obj: Any = [(p, int(c)) for p, c in zip(image_paths, labels)]
+        if len(image_paths) != len(labels):
+            raise ValueError(f"image_paths has {len(image_paths)} entries but the assignments of "
+                             f"{Path(exp) / 'clusters'} cover {len(labels)} images")
+        obj: Any = [(p, int(c)) for p, c in zip(image_paths, labels) if c >= 0]
     else:
         obj = [labels_to_images_lists(clog.load(e)) for e in epochs]
-    _atomic_replace(str(out), lambda f: pickle.dump(obj, f, protocol=2))
+    checkpoint.atomic_write(out, lambda f: pickle.dump(obj, f, protocol=2))
     return str(out)
 
 
@@ -690,7 +556,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that :func:`run_cli` reports as one ``error:`` line instead of a traceback."""
     import clustering
     import data
-    return (ScriptError, CheckpointError, data.DataError, data.BadImageError,
+    return (ScriptError, checkpoint.CheckpointError, data.DataError, data.BadImageError,
             clustering.ClusteringError, models.StateDictError, models.ProbeError)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from sklearn.metrics import adjusted_rand_score
 
+import checkpoint
 import util
 from conftest import digits_subset
 
@@ -93,7 +94,7 @@ def _gather_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
     bn.weight.data.fill_(float(rank + 5))
     util.broadcast_module_state(bn, rt)
     torch.manual_seed(100 + rank)
-    rng = util.gather_rng_states(rt)
+    rng = checkpoint.gather_rng_states(rt)
     torch.save({"full": got, "full2": got2, "labels": torch.as_tensor(labels), "stats": stats, "stats2": stats2,
                 "bn": bn.running_mean.clone(), "bn_w": bn.weight.detach().clone(),
                 "rng": None if rng is None else [r["torch"] for r in rng]}, f"{out}.{rank}")

@@ -13,6 +13,7 @@ import torch
 
 import clustering
 import main
+import checkpoint
 import util
 
 
@@ -134,12 +135,12 @@ def test_rng_restored_by_rank():
     states = []
     for r in range(2):
         torch.manual_seed(10 + r)
-        states.append(util.get_rng_state())
+        states.append(checkpoint.get_rng_state())
     ckpt = {"rng_ranks": states, "epoch": 3}
     args = main.parse_args(["x", "--seed", "31"])
     seen = []
     for rank in range(3):
-        main.restore_rank_rng(ckpt, args, util.Runtime(rank=rank, world_size=3))
+        checkpoint.restore_rank_rng(ckpt, args.seed, util.Runtime(rank=rank, world_size=3))
         seen.append(torch.rand(3))
     for rank in range(2):
         torch.manual_seed(10 + rank)
@@ -225,7 +226,7 @@ def _mid_epoch(draws: np.ndarray, i: int, args, world: int) -> dict:
     net = _Net()
     plan = main.EpochPlan(np.arange(50) % 3, [[0], [1], [2]], 0.0, draws,
                           torch.optim.SGD(net.top_layer.parameters(), lr=0.1))
-    return main.mid_epoch_state(plan, i, util.AverageMeter(), None, args, util.Runtime(0, world))
+    return checkpoint.mid_epoch_state(plan, i, util.AverageMeter(), None, args, util.Runtime(0, world))
 
 
 def _served(draws, rt: util.Runtime, args, start_iter: int) -> list[list[int]]:
@@ -241,17 +242,18 @@ def test_mid_epoch_resume_on_another_number_of_processes():
     mid = _mid_epoch(draws, 3, args, world=2)
     assert mid["position"] == 24 and mid["world_size"] == 2
     before = [d for r in range(2) for step in _served(draws, util.Runtime(r, 2), args, 0)[:3] for d in step]
-    plan = main.restore_epoch(mid, _Net(), args, util.Runtime(0, 1))
+    plan = main.resumed_plan(mid, _Net(), args, util.Runtime(0, 1))
     after = [d for step in _served(plan.draws, util.Runtime(0, 1), args, plan.start_iter) for d in step]
     assert sorted(before + after) == draws.tolist()  # every draw once: nothing twice, nothing skipped
     assert plan.start_iter + len(_served(plan.draws, util.Runtime(0, 1), args, plan.start_iter)) == 6
     # on 4 processes: 46 is not a multiple of 4, the last 2 draws go so every rank runs as many steps
-    plan4 = main.restore_epoch(mid, _Net(), args, util.Runtime(0, 4))
+    plan4 = main.resumed_plan(mid, _Net(), args, util.Runtime(0, 4))
     steps = {len(_served(plan4.draws, util.Runtime(r, 4), args, plan4.start_iter)) for r in range(4)}
     assert steps == {3} and len(plan4.draws) == 44
     after4 = [d for r in range(4) for step in _served(plan4.draws, util.Runtime(r, 4), args, plan4.start_iter)
               for d in step]
     assert sorted(before + after4) == draws[:44].tolist()
     # a --batch that cannot reach the checkpoint's position is refused
-    with pytest.raises(util.CheckpointError, match="after 24 draws.*--batch 16"):
-        main.restore_epoch(mid, _Net(), main.parse_args(["x", "--batch", "16"]), util.Runtime(0, 1))
+    with pytest.raises(checkpoint.CheckpointError, match="after 24 draws.*--batch 16"):
+        checkpoint.check_checkpoint({"state_dict": {"top_layer.weight": torch.zeros(3, 4)}, "mid_epoch": mid},
+                                    "c.pth.tar", main.parse_args(["x", "--batch", "16"]), 50)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import main
 from conftest import digits_subset
 import util
@@ -146,7 +147,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(tiny_image_folder, tmp_pat
         f.write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(util.CheckpointError, match="No space left"):
+    with pytest.raises(checkpoint.CheckpointError, match="No space left"):
         main.main(main.parse_args(args + ["--epochs", "2", "--resume", str(exp / "checkpoint.pth.tar")]))
     monkeypatch.setattr(torch, "save", real_save)
     assert (exp / "checkpoint.pth.tar").read_bytes() == before

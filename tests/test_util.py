@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import clustering
 import models
 import util
-from util import CheckpointError
+from checkpoint import CheckpointError
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def test_load_model_errors(tmp_path, source_models):
 # ---------------------------------------------------------------------------------------
 def test_atomic_torch_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth.tar"
-    util.atomic_torch_save({"epoch": 1, "w": torch.arange(5)}, path)
+    checkpoint.atomic_torch_save({"epoch": 1, "w": torch.arange(5)}, path)
     assert torch.load(path, weights_only=True)["epoch"] == 1
 
     real_save = torch.save
@@ -283,17 +284,17 @@ def test_atomic_torch_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        util.atomic_torch_save({"epoch": 2, "w": torch.zeros(5)}, path)
+        checkpoint.atomic_torch_save({"epoch": 2, "w": torch.zeros(5)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     back = torch.load(path, weights_only=True)
     assert back["epoch"] == 1 and torch.equal(back["w"], torch.arange(5))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar"]
     # a successful save replaces the file and leaves nothing else
-    util.atomic_torch_save({"epoch": 3}, path)
+    checkpoint.atomic_torch_save({"epoch": 3}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 3}
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar"]
     # into a folder that does not exist yet
-    util.atomic_torch_save({"epoch": 4}, tmp_path / "checkpoints" / "checkpoint_0.pth.tar")
+    checkpoint.atomic_torch_save({"epoch": 4}, tmp_path / "checkpoints" / "checkpoint_0.pth.tar")
     assert torch.load(tmp_path / "checkpoints" / "checkpoint_0.pth.tar", weights_only=True)["epoch"] == 4
 
 
@@ -310,16 +311,16 @@ def test_rng_state_round_trip(tmp_path):
     np.random.seed(3)
     random.seed(3)
     np.random.randn(1)  # leave a cached gaussian in numpy's state
-    state = util.get_rng_state()
+    state = checkpoint.get_rng_state()
     path = tmp_path / "rng.pth"
     torch.save({"rng": state}, path)
     want = _draws()
     _draws()  # move every generator on
     loaded = torch.load(path, weights_only=True)["rng"]
-    util.set_rng_state(loaded)
+    checkpoint.set_rng_state(loaded)
     assert _draws() == want
     # the in-memory state works as well, twice
-    util.set_rng_state(state)
+    checkpoint.set_rng_state(state)
     assert _draws() == want
 
 

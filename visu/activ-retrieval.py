@@ -100,6 +100,12 @@ def main(args: argparse.Namespace) -> dict:
     trunk.to(device)
     filters = common.parse_filters(args.filters, trunk.n_filters)
     size = args.size or model.input_size
+    try:  # a too small input vanishes inside the conv layers: say so before reading the data
+        with torch.no_grad():
+            trunk(torch.zeros(1, 3, size, size, device=device))
+    except RuntimeError as e:
+        raise common.VisuError(f"--size {size} is too small for conv{args.conv} of "
+                               f"{model.arch}: {str(e).splitlines()[0]}") from None
     dataset = data.IndexedImageFolder(args.data, transform=data.eval_transform(size))
     if args.count > len(dataset):
         raise common.VisuError(f"--count {args.count} is larger than the dataset ({len(dataset)} images)")

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import util  # noqa: E402

@@ -1,0 +1,592 @@
+"""Checkpoints: atomic files, safe loading, RNG state, and resuming a DeepCluster run.
+
+Checkpoints are dicts of plain types and tensors, loadable with
+``torch.load(path, weights_only=True)``, written to a temporary file and renamed, so a kill
+at any moment leaves either the old or the new file, never a torn one.
+
+Resuming (``main.py --resume PATH``) is done in two phases: everything is checked first
+(the file, the architecture, k, the input size, the number of images, the mid-epoch state,
+the run id), and only then are the logs of the epochs to redo dropped. An experiment folder
+records its invocations in ``args_history.jsonl``; the last line names the current run id,
+and only checkpoints carrying that id are candidates for ``--resume FOLDER``.
+
+``restart_from_checkpoint(path, run_variables=..., **objects)`` is the generic form used by
+the evaluation scripts: every object with ``load_state_dict`` is restored from the key of
+the same name, and ``run_variables`` receives the plain values.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import clustering
+
+log = logging.getLogger("deepcluster")
+
+FORMAT_VERSION = 3
+HISTORY = "args_history.jsonl"  # one line per invocation of main.py in an experiment folder
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not fit the requested model or run."""
+
+
+# ---------------------------------------------------------------------------------------
+# fault injection (tests): DEEPCLUSTER_FAULT="point:n" stops the process at the n-th hit of
+# `point`: SIGKILL by default, or raises FaultInjected when DEEPCLUSTER_FAULT_MODE=raise
+# (in-process tests). DEEPCLUSTER_FAULT=count only counts the hits of every point.
+# ---------------------------------------------------------------------------------------
+FAULT_HITS: dict[str, int] = {}
+# tests: when set, called as hook(point, hit) at every hit instead of the environment's fault
+# (e.g. to copy the experiment folder exactly as a kill there would leave it)
+FAULT_HOOK: Callable[[str, int], None] | None = None
+
+
+class FaultInjected(BaseException):
+    """Raised instead of SIGKILL at an injected fault (BaseException: nothing catches it)."""
+
+
+def fault_point(name: str) -> None:
+    """Die abruptly at the n-th time ``name`` is reached, when asked by the environment."""
+    if FAULT_HOOK is not None:
+        FAULT_HITS[name] = FAULT_HITS.get(name, 0) + 1
+        FAULT_HOOK(name, FAULT_HITS[name])
+        return
+    spec = os.environ.get("DEEPCLUSTER_FAULT")
+    if not spec:
+        return
+    FAULT_HITS[name] = FAULT_HITS.get(name, 0) + 1
+    point, _, count = spec.partition(":")
+    if point != name or FAULT_HITS[name] < int(count or 1):
+        return
+    if os.environ.get("DEEPCLUSTER_FAULT_MODE") == "raise":
+        raise FaultInjected(f"{name}:{FAULT_HITS[name]}")
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------
+# atomic files
+# ---------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable) -> None:
+    """Write ``path`` through ``write_fn(binary file)`` into a temporary file, then rename.
+
+    The file gets the mode a plain ``open`` would give (0666 minus the umask), not
+    mkstemp's 0600, so lab-mates can read checkpoints and cluster files.
+    """
+    path = str(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            # tests: die with the temp file written but not renamed
+            fault_point("save" if path.endswith(".pth.tar") else "write")
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except FaultInjected:  # a simulated kill leaves its temporary file, as a real one does
+        raise
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename durable
+        dfd = os.open(d, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_np_save(path: str | os.PathLike, arr: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, arr))
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------
+def torch_load(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load a checkpoint safely (``weights_only``), with clear errors.
+
+    Falls back to latin1 decoding for checkpoints pickled by Python 2 (the released ones).
+    ``mmap``: map the tensors instead of reading them (fast when only the small entries such
+    as the epoch are needed); files of the legacy format are then read normally.
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a directory, expected a file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
+    errors = []
+    for kwargs in ([{"mmap": True}] if mmap else []) + [{}, {"encoding": "latin1"}]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "pickle_load_args only works if..."
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+            break
+        except Exception as e:  # corrupt zip, truncated pickle, foreign file...
+            errors.append(str(e))
+    else:
+        # PyTorch's message advises weights_only=False, which is wrong for random bytes or an
+        # image; it is only relevant when the file is a real pickle of foreign objects.
+        if any("Unsupported global" in e or "Unsupported operand" in e for e in errors) \
+                and _is_torch_file(path):
+            raise CheckpointError(f"{path!r} is not a checkpoint of plain tensors: it holds pickled "
+                                  f"objects, which are not loaded for safety")
+        raise CheckpointError(f"{path!r} is not a checkpoint (corrupt, truncated, or another kind of file)")
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path!r} is not a checkpoint: it holds a {type(ckpt).__name__}, expected a dict")
+    return ckpt
+
+
+def _is_torch_file(path: str) -> bool:
+    """True for a zip (PyTorch >= 1.6) or a legacy pickle stream."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
+_MODULE_RE = re.compile(r"(^|\.)module\.")
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Normalise the key layouts of the released checkpoints to ours.
+
+    ``features.module.0.weight`` (DataParallel around features) and ``module.*`` become
+    ``features.0.weight``; everything else is kept.
+    """
+    return {_MODULE_RE.sub(r"\1", k): v for k, v in sd.items()}
+
+
+def restart_from_checkpoint(path: str | os.PathLike, run_variables: dict | None = None, *,
+                            loaded: dict | None = None, **objects) -> dict:
+    """Restore ``objects`` (anything with ``load_state_dict``) from the keys of the same name.
+
+    ``run_variables`` (a dict) gets the checkpoint's value of each of its keys that the
+    checkpoint holds. ``loaded``: the checkpoint already read from ``path`` (not read twice).
+    Returns the checkpoint.
+    """
+    ckpt = torch_load(path) if loaded is None else loaded
+    for key, obj in objects.items():
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint {str(path)!r} has no {key!r}")
+        try:
+            obj.load_state_dict(ckpt[key])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {str(path)!r}: {key!r} does not fit: "
+                                  f"{str(e).strip().splitlines()[-1]}") from None
+    if run_variables is not None:
+        for key in run_variables:
+            if key in ckpt:
+                run_variables[key] = ckpt[key]
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------
+# RNG state (plain types, so that checkpoints load with weights_only=True)
+# ---------------------------------------------------------------------------------------
+def get_rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def gather_rng_states(rt) -> list[dict] | None:
+    """Every rank's :func:`get_rng_state`, in rank order, on rank 0 (None elsewhere).
+
+    Each rank draws its own dropout masks (torch seeded with seed + rank), so a checkpoint
+    keeps all of them and each rank restores its own.
+    """
+    if not rt.distributed:
+        return [get_rng_state()]
+    import torch.distributed as dist
+    out = [None] * rt.world_size if rt.is_main else None
+    dist.gather_object(get_rng_state(), out, dst=0)
+    return out
+
+
+def restore_rank_rng(ckpt: dict, seed: int, rt) -> None:
+    """This rank's own torch (CPU and CUDA) generators from ``ckpt['rng_ranks'][rank]``.
+
+    ``resume`` has already restored ``ckpt['rng']`` (rank 0's state) on every rank: its numpy
+    and random streams are shared by all ranks. A rank the checkpoint has no state for (it
+    was written by fewer processes, or before states were kept per rank) starts a stream of
+    its own, distinct per rank and epoch.
+    """
+    states = ckpt.get("rng_ranks")
+    if states and rt.rank < len(states):
+        st = states[rt.rank]
+        torch.set_rng_state(st["torch"].cpu())
+        if rt.device.type == "cuda" and "cuda" in st and rt.device.index < len(st["cuda"]):
+            torch.cuda.set_rng_state(st["cuda"][rt.device.index].cpu(), rt.device)
+    elif rt.rank > 0:
+        seed = seed + rt.rank + 1_000_003 * (int(ckpt.get("epoch", 0)) + 1)
+        torch.manual_seed(seed)
+        torch.cuda.manual_seed_all(seed)
+
+
+# ---------------------------------------------------------------------------------------
+# the experiment folder: writability, run ids, invocation history
+# ---------------------------------------------------------------------------------------
+def check_exp_writable(exp: Path, rt) -> None:
+    """Fail before any work if the experiment folder cannot take files (read-only, full)."""
+    try:
+        exp.mkdir(parents=True, exist_ok=True)
+        (exp / "checkpoints").mkdir(exist_ok=True)
+        probe = exp / f".write_test.{os.getpid()}"  # one per process: ranks share the folder
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"experiment folder {str(exp)!r} is not writable: {e.strerror or e}") from None
+    if not rt.is_main:  # only rank 0 writes files, so only it cleans up
+        return
+    # temporary files of a save that was killed before its rename: never valid, remove them
+    for stale in list(exp.glob(".tmp-*")) + list((exp / "checkpoints").glob(".tmp-*")) \
+            + list((exp / "clusters").glob(".tmp-*")):
+        stale.unlink(missing_ok=True)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def read_history(exp: Path) -> list[dict]:
+    """The invocations recorded in ``exp/args_history.jsonl`` (oldest first)."""
+    path = Path(exp) / HISTORY
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill while appending
+            continue
+    return out
+
+
+def current_run_id(exp: Path) -> str | None:
+    """The run id of the folder's last invocation (None for a folder without history)."""
+    hist = [h for h in read_history(exp) if h.get("run_id")]
+    return hist[-1]["run_id"] if hist else None
+
+
+def record_invocation(exp: Path, args, run_id: str, start_epoch: int, iteration: int = 0,
+                      resumed_from: str | None = None) -> None:
+    """Append this invocation (all flags, run id, where it starts) to ``args_history.jsonl``.
+
+    The log's epochs from ``start_epoch`` on were trained with these flags (until the next
+    line). ``args.json`` keeps the flags the run was started with.
+    """
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": run_id, "start_epoch": int(start_epoch),
+             "iteration": int(iteration), "resumed_from": resumed_from,
+             "args": {k: v for k, v in vars(args).items()}}
+    with open(Path(exp) / HISTORY, "a") as f:
+        f.write(json.dumps(entry, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def exp_holds_run(exp: Path) -> list[str]:
+    """Files that show ``exp`` already holds a run (checkpoints, or logged epochs)."""
+    exp = Path(exp)
+    found = [p for p in [exp / "checkpoint.pth.tar", *sorted((exp / "checkpoints").glob("checkpoint_*.pth.tar"))]
+             if p.exists()]
+    logf = exp / "log.jsonl"
+    if logf.exists() and logf.stat().st_size > 0:
+        found.append(logf)
+    return [str(p) for p in found]
+
+
+def retire_run(exp: Path) -> None:
+    """``--overwrite``: remove the checkpoints, cluster files and log of the previous run."""
+    exp = Path(exp)
+    for p in [exp / "checkpoint.pth.tar", *(exp / "checkpoints").glob("checkpoint_*.pth.tar"),
+              *(exp / "clusters").glob("epoch_*.npy"), exp / "log.jsonl"]:
+        p.unlink(missing_ok=True)
+    shutil.rmtree(exp / "report", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# DeepCluster checkpoints
+# ---------------------------------------------------------------------------------------
+def checkpoint_state(model, opt: torch.optim.Optimizer, epoch: int, args, labels: np.ndarray | None,
+                     mid_epoch: dict | None = None, run_id: str | None = None,
+                     rng_ranks: list[dict] | None = None) -> dict:
+    """Everything a restart needs, as plain types and tensors (weights_only-loadable).
+
+    End of epoch: ``epoch`` is the next epoch to run. Inside an epoch (periodic copies),
+    ``epoch`` is the running one and ``mid_epoch`` holds its pseudo-labels, draws, position,
+    top-layer optimizer and partial loss, so that training continues exactly there.
+    ``rng_ranks``: every rank's RNG state (:func:`gather_rng_states`), restored by rank.
+    """
+    state = {
+        "epoch": epoch,
+        "iteration": 0 if mid_epoch is None else mid_epoch["iteration"],
+        "arch": args.arch,
+        "state_dict": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "model_config": model.config(),
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "rng": get_rng_state(),
+        "last_assignment": None if labels is None else torch.from_numpy(labels.astype(np.int64)),
+        "run_id": run_id,
+        "format_version": FORMAT_VERSION,
+    }
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
+    if mid_epoch is not None:
+        state["mid_epoch"] = mid_epoch
+    return state
+
+
+def save_checkpoint(state: dict, path: Path, rt) -> None:
+    """Write a checkpoint atomically (temporary file + rename), on rank 0 only.
+
+    A failed write (full disk, read-only folder) leaves the previous file intact and is
+    reported as a CheckpointError naming the path.
+    """
+    if not rt.is_main:
+        return
+    try:
+        atomic_torch_save(state, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {e.strerror or e}; "
+                              f"the previous checkpoint there is intact") from None
+
+
+def _candidates(folder: Path) -> list[Path]:
+    return [p for p in [folder / "checkpoint.pth.tar", *sorted((folder / "checkpoints").glob("checkpoint_*.pth.tar"))]
+            if p.exists()]
+
+
+def find_checkpoint(path: str, quiet: bool = False) -> str | None:
+    """``--resume`` target: a file, or an experiment folder whose newest valid checkpoint of
+    the folder's current run (exp/checkpoint.pth.tar or a periodic copy, by epoch and
+    iteration) is taken; corrupt files and other runs' files are skipped with a warning.
+    A folder with no checkpoint at all (a run stopped before its first save) gives None:
+    the run starts from the beginning."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    warn = (lambda *a: None) if quiet else log.warning
+    candidates = _candidates(p)
+    if not candidates:
+        warn("no checkpoint in %s yet: starting from the beginning", path)
+        return None
+    run_id = current_run_id(p)
+    best, best_key = None, None
+    for c in candidates:
+        try:
+            ck = torch_load(c, mmap=True)  # only the position and run id are read here
+        except CheckpointError as e:
+            warn("skipping %s", e)
+            continue
+        if run_id is not None and ck.get("run_id") != run_id:
+            warn("skipping %s: it belongs to an earlier run in this folder", c)
+            continue
+        # a periodic copy at iteration 0 of epoch e already holds epoch e's clustering
+        key = (int(ck.get("epoch", 0)), int(ck.get("iteration", 0)), "mid_epoch" in ck)
+        if best_key is None or key > best_key:
+            best, best_key = c, key
+    if best is None:
+        raise CheckpointError(f"no valid checkpoint in experiment folder {path!r}")
+    return str(best)
+
+
+_MID_KEYS = ("iteration", "assignment", "n_clusters", "draws", "top_optimizer", "clustering_loss",
+             "loss_sum", "loss_count", "prev_assignment", "time_features", "time_clustering")
+
+
+def check_checkpoint(ckpt: dict, path: str, args, n_images: int) -> None:
+    """Refuse a checkpoint that does not fit the flags or the data, naming the mismatch."""
+    if "state_dict" not in ckpt:
+        raise CheckpointError(f"checkpoint {path!r} has no 'state_dict'")
+    ck_arch = ckpt.get("arch")
+    if ck_arch is not None and ck_arch != args.arch:
+        raise CheckpointError(f"checkpoint {path!r} holds a {ck_arch} model but --arch is {args.arch}")
+    sd = ckpt["state_dict"]
+    has_sobel = any(k.endswith("sobel.0.weight") for k in sd)
+    if has_sobel != bool(args.sobel):
+        raise CheckpointError(f"checkpoint {path!r} was trained with sobel={has_sobel}, "
+                              f"but --sobel is {'on' if args.sobel else 'off'}")
+    size = (ckpt.get("model_config") or {}).get("input_size")
+    if size is not None and int(size) != args.size:
+        raise CheckpointError(f"checkpoint {path!r} was trained at --size {size}, not {args.size}")
+    ck_k = (ckpt.get("args") or {}).get("nmb_cluster")
+    if ck_k is not None and int(ck_k) != args.nmb_cluster and not getattr(args, "change_k", False):
+        raise CheckpointError(f"checkpoint {path!r} was trained with --k {ck_k}, not {args.nmb_cluster} "
+                              f"(add --change_k to cluster into {args.nmb_cluster} from the next epoch on)")
+    mid = ckpt.get("mid_epoch")
+    if mid is None:
+        return
+    missing = [k for k in _MID_KEYS if k not in mid]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r} has an incomplete mid-epoch state (no {missing})")
+    position = _position(mid, args.batch)
+    if position % args.batch:
+        raise CheckpointError(f"the checkpoint stopped after {position} draws of its epoch, not a multiple of "
+                              f"--batch {args.batch}: resume with the --batch of that run "
+                              f"({mid.get('batch', 'see its args.json')})")
+    n_ckpt = len(mid["assignment"])
+    if n_ckpt != n_images:
+        raise CheckpointError(f"the checkpoint's epoch was clustered on {n_ckpt} images but {args.data} "
+                              f"now has {n_images}: resume from an end-of-epoch checkpoint instead")
+    top = sd.get("top_layer.weight")
+    if top is None or top.shape[0] != int(mid["n_clusters"]):
+        raise CheckpointError(f"checkpoint {path!r}: its mid-epoch top layer does not match its "
+                              f"{int(mid['n_clusters'])} clusters")
+    draws = mid["draws"]
+    if len(draws) == 0 or int(draws.min()) < 0 or int(draws.max()) >= n_images:
+        raise CheckpointError(f"checkpoint {path!r}: its epoch's draws do not index {n_images} images")
+    if not 0 <= int(mid["iteration"]) or int(mid["loss_count"]) < 0:
+        raise CheckpointError(f"checkpoint {path!r}: invalid position in the epoch")
+
+
+def resume(path: str, model, opt: torch.optim.Optimizer, args, n_images: int) -> dict:
+    """Check, then restore model, optimizer and RNG; returns the checkpoint (epoch, last
+    assignment, mid-epoch state, ``"path"``), or ``{"epoch": --start_epoch}`` for a folder
+    without any checkpoint yet."""
+    found = find_checkpoint(path)
+    if found is None:
+        return {"epoch": args.start_epoch, "path": None}
+    ckpt = torch_load(found)
+    check_checkpoint(ckpt, found, args, n_images)
+    sd = clean_state_dict(ckpt["state_dict"])
+    top = {k[len("top_layer."):]: v for k, v in sd.items() if k.startswith("top_layer.")}
+    sd = {k: v for k, v in sd.items() if not k.startswith("top_layer.")}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {found!r} does not fit --arch {args.arch} --size {args.size}: "
+                              f"{str(e).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if not k.startswith("top_layer") and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {found!r} does not fit --arch {args.arch} --size {args.size}: "
+                              f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if "optimizer" in ckpt:
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            log.warning("optimizer state in %s not restored (%s): momentum restarts from zero", found, e)
+    if "mid_epoch" in ckpt and top:  # the running epoch's top layer comes back too
+        model.reset_top_layer(top["weight"].shape[0]).load_state_dict(top)
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    ckpt["path"] = found
+    return ckpt
+
+
+def restore_run(args, model, opt, history, clog, n_images: int,
+                rt) -> tuple[int, dict | None, np.ndarray | None, dict]:
+    """--resume: check the checkpoint and the folder, restore the model, then drop the logs
+    of the epochs to redo. Returns (start epoch, mid-epoch state or None, previous
+    assignment or None, the checkpoint). Nothing in the folder changes if a check fails."""
+    ckpt = resume(args.resume, model, opt, args, n_images)
+    restore_rank_rng(ckpt, args.seed, rt)
+    start_epoch, mid = int(ckpt.get("epoch", 0)), ckpt.get("mid_epoch")
+    prev = mid["prev_assignment"] if mid is not None else ckpt.get("last_assignment")
+    if prev is not None and len(prev) != n_images:  # the image set changed since
+        log.warning("the checkpoint was made on %d images, %s now has %d: NMI with the previous epoch "
+                    "restarts", len(prev), args.data, n_images)
+        prev = None
+    if start_epoch >= args.epochs:
+        return start_epoch, mid, None if prev is None else prev.numpy(), ckpt  # nothing to redo or drop
+    if rt.is_main:
+        history.truncate(sum(1 for r in history.data if r.get("epoch", 0) < start_epoch))
+        clog.truncate(start_epoch)
+    log.info("=> loaded checkpoint %r (epoch %d, iteration %d)", ckpt["path"], start_epoch, ckpt.get("iteration", 0))
+    return start_epoch, mid, None if prev is None else prev.numpy(), ckpt
+
+
+def _position(mid: dict, batch: int) -> int:
+    """Draws of the epoch already trained on (older checkpoints: iteration * batch)."""
+    return int(mid.get("position", int(mid["iteration"]) * batch))
+
+
+def restore_epoch(mid: dict, model, args, world_size: int = 1) -> dict:
+    """The plan of an epoch interrupted inside training, from a periodic checkpoint: a dict
+    with labels, draws, the top-layer SGD, the position and the partial loss sum/count.
+
+    Training continues at the same global position of the epoch's draws whatever the number
+    of processes now: step i covers draws [i * batch, (i + 1) * batch) for any W.
+    """
+    labels = mid["assignment"].numpy()
+    draws = mid["draws"].numpy()
+    position = _position(mid, args.batch)
+    if len(draws) % world_size:  # from a run on another W: every rank must run as many steps
+        cut = len(draws) // world_size * world_size
+        log.info("resuming on %d processes: the epoch's last %d draw(s) are dropped so that every rank runs "
+                 "the same number of steps", world_size, len(draws) - cut)
+        draws = draws[:cut]  # position is a multiple of batch, so of W: still <= cut
+    top_opt = torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, weight_decay=10 ** args.wd)
+    top_opt.load_state_dict(mid["top_optimizer"])
+    n_clusters = int(mid["n_clusters"])
+    return {"labels": labels, "images_lists": clustering.labels_to_lists(labels, n_clusters),
+            "clustering_loss": float(mid["clustering_loss"]), "draws": draws, "top_opt": top_opt,
+            "start_iter": position // args.batch, "loss_sum": float(mid["loss_sum"]),
+            "loss_count": int(mid["loss_count"]), "time_features": float(mid["time_features"]),
+            "time_clustering": float(mid["time_clustering"])}
+
+
+def mid_epoch_state(plan, i: int, meter, prev_labels: np.ndarray | None, args, rt) -> dict:
+    """What a periodic checkpoint needs to continue this epoch at step i, on any number of
+    processes: ``position`` = draws trained on so far (i * global batch), ``world_size``."""
+    return {"iteration": i, "position": i * args.batch, "batch": args.batch, "world_size": rt.world_size,
+            "assignment": torch.from_numpy(plan.labels), "n_clusters": len(plan.images_lists),
+            "draws": torch.from_numpy(plan.draws), "top_optimizer": plan.top_opt.state_dict(),
+            "clustering_loss": plan.clustering_loss, "loss_sum": meter.sum, "loss_count": meter.count,
+            "prev_assignment": None if prev_labels is None else torch.from_numpy(prev_labels),
+            "time_features": plan.time_features, "time_clustering": plan.time_clustering}
