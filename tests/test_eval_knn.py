@@ -225,3 +225,19 @@ def test_digits_split_is_stratified_and_stable(tmp_path):
     assert not set(map(lambda p: Path(p).name, a.train_paths)) & set(map(lambda p: Path(p).name, a.val_paths))
     b = eval_knn.load_knn_splits(data.export_digits_split(tmp_path / "t", size=8))
     assert [Path(p).name for p in a.val_paths] == [Path(p).name for p in b.val_paths]
+
+
+def test_report_draws_the_knn_curve(tmp_path):
+    from PIL import Image
+    from visu import report
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    recs = [{"epoch": -1, "knn_top1": 90.0, "knn_top5": 99.0, "time_knn": 1.0}]
+    recs += [{"epoch": e, "clustering_loss": 10.0 - e, "train_loss": 3.0 - e / 10, "nmi_prev": None if e == 0 else 0.6,
+              "nmi_labels": 0.5, "knn_top1": 80.0 + e, "knn_top5": 98.0, "time_knn": 1.0} for e in range(3)]
+    (exp / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    e, v = report.series(report.read_log(exp), "knn_top1")
+    assert list(e) == [-1, 0, 1, 2] and list(v) == [90.0, 80.0, 81.0, 82.0]
+    written = report.main(report.get_args_parser().parse_args([str(exp)]))
+    assert [p.name for p in written] == ["training_curves.png"]
+    assert Image.open(written[0]).size == (1500, 720)  # 5 panels: 3 columns x 2 rows (4 panels: 1000 wide)
