@@ -128,6 +128,14 @@ def knn_accuracy(rankings: dict[int, torch.Tensor], labels: torch.Tensor) -> dic
     return out
 
 
+def pca_whiten(train: torch.Tensor, val: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA-whitening to ``dim`` dims fitted on ``train`` and applied to both, then L2 (what the
+    clustering does to the features before k-means: clustering.pca_fit / pca_apply)."""
+    import clustering
+    mean, proj = clustering.pca_fit(train.float(), min(dim, train.shape[1]))
+    return clustering.pca_apply(train.float(), mean, proj), clustering.pca_apply(val.float(), mean, proj)
+
+
 # ---------------------------------------------------------------------------------------
 # data: DIR/train and DIR/val class folders
 # ---------------------------------------------------------------------------------------
@@ -250,13 +258,14 @@ class KnnMonitor:
     def __init__(self, root: str, train_size: int, val_size: int, seed: int = 0, size: int = 224,
                  k: int = DEFAULT_K, T: float = DEFAULT_T, batch: int = 256, workers: int = 0,
                  load: bool = True, cache_mb: float = 512, no_progress: bool = True, flag: str = "--knn_data",
-                 logger: logging.Logger = log):
+                 logger: logging.Logger = log, whiten: int = 0):
         splits = load_knn_splits(root, flag)
         rng = np.random.RandomState(seed)
         self.train_paths, self.train_labels = subset(splits.train_paths, splits.train_labels, train_size, rng)
         self.val_paths, self.val_labels = subset(splits.val_paths, splits.val_labels, val_size, rng)
         self.num_classes = len(splits.classes)
         self.ks = clamp_ks([k], len(self.train_paths), flag.replace("data", "k"), logger)
+        self.whiten = whiten
         self.T, self.size, self.batch, self.workers, self.no_progress = T, size, batch, workers, no_progress
         self.images: list[torch.Tensor] | None = None
         n = len(self.train_paths) + len(self.val_paths)
@@ -272,11 +281,13 @@ class KnnMonitor:
                                      "kNN features", self.no_progress)
 
     def evaluate(self, model: models.DeepClusterNet, device: torch.device) -> dict:
-        """``{"knn_top1", "knn_top5", "time_knn"}`` of the model's pre-ReLU fc7 features."""
+        """``{"knn_top1", "knn_top5", "time_knn"}`` of the model's pre-ReLU fc7 features
+        (PCA-whitened to ``whiten`` dims first when > 0)."""
         t0 = time.time()
         feats = extract(FeatureNet(model, "fc7"), self._batches(), device).to(device)  # (N_tr + N_val, 4096)
         n = len(self.train_paths)
-        ranks = knn_classify(feats[:n], torch.from_numpy(self.train_labels), feats[n:], self.ks, self.T,
+        train, val = pca_whiten(feats[:n], feats[n:], self.whiten) if self.whiten else (feats[:n], feats[n:])
+        ranks = knn_classify(train, torch.from_numpy(self.train_labels), val, self.ks, self.T,
                              num_classes=self.num_classes)
         acc = knn_accuracy(ranks, torch.from_numpy(self.val_labels))[self.ks[0]]
         return {"knn_top1": acc["top1"], "knn_top5": acc["top5"], "time_knn": time.time() - t0}
@@ -307,6 +318,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", "--T", dest="temperature", type=float, default=DEFAULT_T,
                    help="votes are weighted by exp(similarity / T)")
     g.add_argument("--chunk", type=int, default=256, help="val images per block of similarities")
+    g.add_argument("--whiten", type=int, default=0, metavar="DIM",
+                   help="PCA-whiten the features to DIM dims (fitted on train/, as the clustering does "
+                        "before k-means) before the kNN; 0: raw features")
 
     g = p.add_argument_group("run")
     g.add_argument("--exp", type=str, default="exp_knn", help="exp folder (feature cache, results.json)")
@@ -319,7 +333,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     for flag, ok in (("--nb_knn", min(args.nb_knn) >= 1),
                      ("--temperature", args.temperature > 0 and math.isfinite(args.temperature)),
-                     ("--chunk", args.chunk >= 1), ("--batch_size", args.batch_size >= 1),
+                     ("--chunk", args.chunk >= 1), ("--whiten", args.whiten >= 0), ("--batch_size", args.batch_size >= 1),
                      ("--workers", args.workers >= 0), ("--size", args.size >= 32)):
         if not ok:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
@@ -369,13 +383,16 @@ def main(args: argparse.Namespace) -> dict:
     train = cached_features("train", splits.train_paths, net, device, args)
     val = cached_features("val", splits.val_paths, net, device, args)
     t0 = time.time()
-    ranks = knn_classify(torch.from_numpy(train).to(device), torch.from_numpy(splits.train_labels),
-                         torch.from_numpy(val), ks, args.temperature, chunk=args.chunk,
-                         num_classes=len(splits.classes))
+    train_t, val_t = torch.from_numpy(train).to(device), torch.from_numpy(val).to(device)
+    if args.whiten:
+        train_t, val_t = pca_whiten(train_t, val_t, args.whiten)
+    ranks = knn_classify(train_t, torch.from_numpy(splits.train_labels), val_t, ks, args.temperature,
+                         chunk=args.chunk, num_classes=len(splits.classes))
     acc = knn_accuracy(ranks, torch.from_numpy(splits.val_labels))
-    log.info("weighted kNN on %s (%d dims), %.1fs:\n%s", args.layer, train.shape[1], time.time() - t0,
-             format_table(acc))
+    log.info("weighted kNN on %s (%d dims%s), %.1fs:\n%s", args.layer, train.shape[1],
+             f", PCA-whitened to {train_t.shape[1]}" if args.whiten else "", time.time() - t0, format_table(acc))
     out = {"model": str(args.model), "data": str(args.data), "layer": args.layer, "dim": int(train.shape[1]),
+           "whiten": int(train_t.shape[1]) if args.whiten else 0,
            "temperature": args.temperature, "n_train": len(splits.train_paths), "n_val": len(splits.val_paths),
            "n_classes": len(splits.classes), "results": {str(k): v for k, v in acc.items()}}
     util.atomic_write_text(exp / "results.json", json.dumps(out, indent=1))

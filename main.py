@@ -102,6 +102,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--knn_train_size", type=int, default=5000, help="train images of the kNN subset (at most)")
     g.add_argument("--knn_val_size", type=int, default=1000, help="val images of the kNN subset (at most)")
     g.add_argument("--knn_k", type=int, default=20, help="nearest train images voting (weights exp(sim/0.07))")
+    g.add_argument("--knn_whiten", type=int, default=0, metavar="DIM",
+                   help="PCA-whiten fc7 to DIM dims (fitted on the kNN train subset, as the clustering "
+                        "does) before the kNN; 0: raw fc7")
 
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
@@ -157,6 +160,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--knn_train_size", args.knn_train_size >= 1, args.knn_train_size, "must be >= 1"),
         ("--knn_val_size", args.knn_val_size >= 1, args.knn_val_size, "must be >= 1"),
         ("--knn_k", args.knn_k >= 1, args.knn_k, "must be >= 1"),
+        ("--knn_whiten", args.knn_whiten >= 0, args.knn_whiten, "must be >= 0 (0: off)"),
         ("--size", args.size >= (64 if args.arch == "alexnet" else 32), args.size,
          "is too small for the architecture (alexnet needs >= 64, vgg16 >= 32)"),
     ]
@@ -535,7 +539,8 @@ def setup_knn(args: argparse.Namespace, rt: util.Runtime):
     args.knn_data = os.path.abspath(args.knn_data)
     monitor = eval_knn.KnnMonitor(args.knn_data, args.knn_train_size, args.knn_val_size, seed=args.seed,
                                   size=args.size, k=args.knn_k, batch=args.batch, workers=args.workers,
-                                  load=rt.is_main, no_progress=args.no_progress, logger=log)
+                                  load=rt.is_main, no_progress=args.no_progress, logger=log,
+                                  whiten=args.knn_whiten)
     log.info("kNN monitor: %d train, %d val images of %s, k=%d", len(monitor.train_paths),
              len(monitor.val_paths), args.knn_data, monitor.ks[0])
     return monitor if rt.is_main else None

@@ -142,8 +142,9 @@ def test_cli_end_to_end_with_cache(knn_data, tmp_path, capsys):
     assert eval_knn.run(argv + ["--layer", "conv2"]) == 0
     import eval_linear  # conv layers are pooled as the linear probe pools them
     assert json.loads((tmp_path / "exp" / "results.json").read_text())["dim"] == eval_linear.pooled_dims("alexnet", 64)[2]
-    assert eval_knn.run(argv) == 0
+    assert eval_knn.run(argv + ["--whiten", "8"]) == 0
     assert "using cached features" in capsys.readouterr().out
+    assert json.loads((tmp_path / "exp" / "results.json").read_text())["whiten"] == 8
     for bad, msg in [(["--layer", "conv9"], "out of range"), (["--layer", "fc6"], "expected fc7 or conv1"),
                      (["--temperature", "0"], "--temperature")]:
         assert eval_knn.run(argv + bad) == 2
@@ -167,9 +168,8 @@ def test_monitor_draws_no_random_number_and_keeps_the_model(knn_data):
     model.train()
     before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    for workers in (0, 2):
-        monitor = eval_knn.KnnMonitor(str(knn_data), 10, 5, seed=3, size=64, batch=4, workers=workers,
-                                      load=workers == 0)  # workers 2: a DataLoader at every evaluation
+    for load in (True, False):  # images kept in memory, or a DataLoader at every evaluation
+        monitor = eval_knn.KnnMonitor(str(knn_data), 10, 5, seed=3, size=64, batch=4, load=load)
         first = monitor.evaluate(model, torch.device("cpu"))
         assert monitor.evaluate(model, torch.device("cpu"))["knn_top1"] == first["knn_top1"]
     assert torch.equal(before[0], torch.get_rng_state()) and np.array_equal(before[1], np.random.get_state()[1])
@@ -217,14 +217,17 @@ def test_main_refuses_bad_knn_data_before_training(tiny_image_folder, tmp_path, 
         main.parse_args([str(tiny_image_folder), "--knn_train_size", "0"])
 
 
-def test_digits_split_is_stratified_and_stable(tmp_path):
-    a = eval_knn.load_knn_splits(data.export_digits_split(tmp_path / "s", size=8))
+def test_digits_split_is_stratified_and_seeded(tmp_path):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    a = eval_knn.load_knn_splits(data.export_digits_split(tmp_path / "s", size=8, seed=5))
     assert len(a.train_paths) + len(a.val_paths) == 1797 and len(a.val_paths) == 360
     counts = np.bincount(a.val_labels) / np.bincount(np.r_[a.train_labels, a.val_labels])
     assert np.all(np.abs(counts - 0.2) < 0.01)
-    assert not set(map(lambda p: Path(p).name, a.train_paths)) & set(map(lambda p: Path(p).name, a.val_paths))
-    b = eval_knn.load_knn_splits(data.export_digits_split(tmp_path / "t", size=8))
-    assert [Path(p).name for p in a.val_paths] == [Path(p).name for p in b.val_paths]
+    y = load_digits().target
+    _, val = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=5)
+    assert sorted(int(Path(p).stem) for p in a.val_paths) == sorted(val)
+    assert data.export_digits_split(tmp_path / "s", size=8, seed=5) == str(tmp_path / "s")  # reused
 
 
 def test_report_draws_the_knn_curve(tmp_path):
