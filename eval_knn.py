@@ -60,7 +60,7 @@ def clamp_ks(ks: Iterable[int], n_train: int, what: str = "k", logger: logging.L
         raise ValueError(f"{what} must be >= 1, got {ks}")
     if ks[-1] > n_train:
         logger.warning("%s %s larger than the %d train images: clamped to %d", what,
-                    [k for k in ks if k > n_train], n_train, n_train)
+                       [k for k in ks if k > n_train], n_train, n_train)
         ks = sorted({min(k, n_train) for k in ks})
     return ks
 
@@ -101,7 +101,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
             if best_sim.shape[1] > kmax:
                 best_sim, pos = best_sim.topk(kmax, dim=1)
                 best_idx = best_idx.gather(1, pos)
-        if best_sim.shape[1] > 1:  # best first (a single block's topk is already sorted)
+        if best_sim.shape[1] > 1:  # best first, whatever the train blocks (at most 2 kmax values)
             best_sim, pos = best_sim.sort(dim=1, descending=True, stable=True)
             best_idx = best_idx.gather(1, pos)
         # exp(sim / T) divided by its value at the nearest neighbour (one factor per test image,
