@@ -309,12 +309,39 @@ def export_digits(root: str | os.PathLike, size: int = 32) -> str:
     if stamp.exists():
         return str(root)
     for i, (img, y) in enumerate(zip(digits.images, digits.target)):
-        d = root / str(int(y))
-        d.mkdir(parents=True, exist_ok=True)
-        arr = (img / 16.0 * 255.0).clip(0, 255).astype(np.uint8)  # values are 0..16
-        Image.fromarray(arr, mode="L").resize((size, size), Image.BILINEAR).save(d / f"{i:04d}.png")
+        _save_digit(img, root / str(int(y)) / f"{i:04d}.png", size)
     stamp.write_text(f"{len(digits.images)} images\n")
     return str(root)
+
+
+def export_digits_split(root: str | os.PathLike, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> str:
+    """The same digits split into ``root/train/<digit>/<index>.png`` and ``root/val/...``.
+
+    Stratified and seeded (``val_fraction`` of each class in val/), for the kNN evaluation of
+    the demo. Idempotent like :func:`export_digits`. Returns the folder path.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    root = Path(root)
+    stamp = root / ".complete"
+    if stamp.exists():
+        return str(root)
+    digits = load_digits()
+    idx = np.arange(len(digits.images))
+    train, val = train_test_split(idx, test_size=val_fraction, stratify=digits.target, random_state=seed)
+    for split, part in (("train", train), ("val", val)):
+        for i in sorted(part):
+            _save_digit(digits.images[i], root / split / str(int(digits.target[i])) / f"{i:04d}.png", size)
+    stamp.write_text(f"{len(train)} train, {len(val)} val images (seed {seed})\n")
+    return str(root)
+
+
+def _save_digit(img: np.ndarray, path: Path, size: int) -> None:
+    """An 8x8 digit (values 0..16) as a ``size`` px grey PNG, bilinear upscaling."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = (img / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
+    Image.fromarray(arr, mode="L").resize((size, size), Image.BILINEAR).save(path)
 
 
 def default_collate_indexed(batch):

@@ -6,6 +6,7 @@ seeding, logging and the CLI wrapper are ``util``'s, shared with ``main.py`` and
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -22,6 +23,15 @@ log = logging.getLogger("deepcluster.eval")
 
 class EvalError(util.ScriptError):
     """Bad input for an evaluation (missing files, wrong model...). The message says what."""
+
+
+# ---------------------------------------------------------------------------------------
+# feature caches
+# ---------------------------------------------------------------------------------------
+def model_key(path: str) -> str:
+    """Short key of a model file for cache names: its absolute path, size and mtime."""
+    st = os.stat(path)
+    return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------

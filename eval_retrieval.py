@@ -40,7 +40,7 @@ import checkpoint
 import data
 import models
 import util
-from eval_common import EvalError, log, require_dir
+from eval_common import EvalError, log, model_key, require_dir
 
 OVERLAP = 0.4
 STEPS = (2, 3, 4, 5, 6, 7)  # candidate numbers of l=1 regions along the long side (Tolias et al.)
@@ -337,11 +337,6 @@ def extract(net: models.Trunk, paths: list[str], boxes: list | None, names: list
         log.warning("%d unreadable image(s) skipped (never retrieved), e.g. %s", len(bad), bad[0])
     regions = np.concatenate(out).astype(np.float32) if out else np.zeros((0, 512), np.float32)
     return regions, np.asarray(offsets, dtype=np.int64)
-
-
-def model_key(path: str) -> str:
-    st = os.stat(path)
-    return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
 def cached_regions(kind: str, rset: RetrievalSet, net: models.Trunk, device: torch.device,

@@ -40,8 +40,11 @@ log = logging.getLogger("deepcluster")
 # Settings of the no-argument demo (scikit-learn's 1,797 digits, on a 2-core CPU).
 # Digits are 8x8 strokes: crops of 8% of the image (the paper's RandomResizedCrop) would
 # keep almost nothing of them, so the demo crops at least half of each image.
+# Its kNN curve uses a seeded, stratified train/val split of the same digits.
+DEMO_KNN_DATA = str(Path("data") / "digits_split")
 DEMO_DEFAULTS = dict(size=64, nmb_cluster=100, epochs=6, batch=64, workers=2, exp="exp_demo",
-                     sobel=True, lr=0.05, crop_min_scale=0.5)
+                     sobel=True, lr=0.05, crop_min_scale=0.5, knn_data=DEMO_KNN_DATA,
+                     knn_train_size=400, knn_val_size=200)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -95,6 +98,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="keep the feature matrix in host RAM (the original) or on the GPU, where the "
                         "PyTorch clustering backend then runs without a host copy (under torchrun rank 0 "
                         "gathers it on its device and keeps it there)")
+
+    g = p.add_argument_group("kNN monitor")
+    g.add_argument("--knn_data", type=str, default="", metavar="DIR",
+                   help="labelled DIR/train and DIR/val class folders: weighted-kNN top-1/top-5 of fc7 on "
+                        "a fixed seeded subset, at the random network and after every epoch (empty: off)")
+    g.add_argument("--knn_train_size", type=int, default=5000, help="train images of the kNN subset (at most)")
+    g.add_argument("--knn_val_size", type=int, default=1000, help="val images of the kNN subset (at most)")
+    g.add_argument("--knn_k", type=int, default=20, help="nearest train images voting (weights exp(sim/0.07))")
+    g.add_argument("--knn_whiten", type=int, default=0, metavar="DIM",
+                   help="PCA-whiten fc7 to DIM dims (fitted on the kNN train subset, as the clustering "
+                        "does) before the kNN; 0: raw fc7")
 
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
@@ -156,6 +170,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--crop_min_scale", 0 < args.crop_min_scale <= 1, args.crop_min_scale, "must be in (0, 1]"),
         ("--pca", args.pca >= 1, args.pca, "must be >= 1"),
         ("--kmeans_iters", args.kmeans_iters >= 1, args.kmeans_iters, "must be >= 1"),
+        ("--knn_train_size", args.knn_train_size >= 1, args.knn_train_size, "must be >= 1"),
+        ("--knn_val_size", args.knn_val_size >= 1, args.knn_val_size, "must be >= 1"),
+        ("--knn_k", args.knn_k >= 1, args.knn_k, "must be >= 1"),
+        ("--knn_whiten", args.knn_whiten >= 0, args.knn_whiten, "must be >= 0 (0: off)"),
         ("--size", args.size >= (64 if args.arch == "alexnet" else 32), args.size,
          "is too small for the architecture (alexnet needs >= 64, vgg16 and resnet50 >= 32)"),
     ]
@@ -486,6 +504,40 @@ def nmi(a: np.ndarray, b: np.ndarray) -> float:
     return float(normalized_mutual_info_score(a, b, average_method="geometric"))
 
 
+def setup_knn(args: argparse.Namespace, rt: util.Runtime):
+    """The --knn_data monitor (eval_knn.KnnMonitor) on rank 0, None when off or on other ranks.
+
+    Every rank checks the folders, so a bad --knn_data stops all of them before training; the
+    demo's split of the digits is exported on first use. The monitor has its own seeded
+    generator: enabling it changes nothing in training.
+    """
+    if not args.knn_data:
+        return None
+    import eval_knn
+    if args.demo and args.knn_data == DEMO_KNN_DATA:
+        if rt.is_main:
+            data.export_digits_split(args.knn_data)
+        _barrier(rt)
+    args.knn_data = os.path.abspath(args.knn_data)
+    monitor = eval_knn.KnnMonitor(args.knn_data, args.knn_train_size, args.knn_val_size, seed=args.seed,
+                                  size=args.size, k=args.knn_k, batch=args.batch, workers=args.workers,
+                                  load=rt.is_main, no_progress=args.no_progress, logger=log,
+                                  whiten=args.knn_whiten)
+    log.info("kNN monitor: %d train, %d val images of %s, k=%d", len(monitor.train_paths),
+             len(monitor.val_paths), args.knn_data, monitor.ks[0])
+    return monitor if rt.is_main else None
+
+
+def knn_stage(monitor, model: models.DeepClusterNet, rt: util.Runtime) -> dict:
+    """``{knn_top1, knn_top5, time_knn}`` of the current network ({} when the monitor is off)."""
+    return {} if monitor is None else monitor.evaluate(model, rt.device)
+
+
+def _knn_text(r: dict) -> str:
+    return f" knn {r['time_knn']:.1f}s | kNN top-1 {r['knn_top1']:.2f} top-5 {r['knn_top5']:.2f}" \
+        if "knn_top1" in r else ""
+
+
 # ---------------------------------------------------------------------------------------
 # orchestration
 # ---------------------------------------------------------------------------------------
@@ -640,6 +692,7 @@ def main(args: argparse.Namespace) -> dict:
     if not rt.is_main:  # one set of progress bars, rank 0's
         args.no_progress = True
     util.seed_everything(args.seed, rt.rank)
+    knn = setup_knn(args, rt)  # a bad --knn_data stops here, before any training
     dataset = check_dataset(dataset, args, exp, rt)
     N = len(dataset)
     targets = np.asarray(dataset.targets) if dataset.targets else None
@@ -659,6 +712,9 @@ def main(args: argparse.Namespace) -> dict:
     clusterer = make_clusterer(args, rt.device)
 
     record: dict = {}
+    if start_epoch == 0 and mid is None and (init := knn_stage(knn, model, rt)):
+        history.log({"epoch": -1, **init})  # epoch -1: the random network, before any training
+        log.info("random network |%s", _knn_text(init))
     for epoch in range(start_epoch, args.epochs):
         if mid is not None:  # resuming inside this epoch: its clustering is in the checkpoint
             plan, mid = resumed_plan(mid, model, args, rt), None
@@ -696,18 +752,21 @@ def main(args: argparse.Namespace) -> dict:
             checkpoint.save_checkpoint(state, exp / "checkpoints" / "checkpoint_stopped.pth.tar", rt)
             raise
         time_train = _now(rt.device) - t2
-        record = epoch_record(epoch, plan, loss, time_train, iters_per_epoch, prev_labels, targets, rt)
+        knn_record = knn_stage(knn, model, rt)  # before the history and the save: a kill here redoes the epoch
+        record = {**epoch_record(epoch, plan, loss, time_train, iters_per_epoch, prev_labels, targets, rt),
+                  **knn_record}
         if rt.is_main:
             # history before the checkpoint: killed in between, the resumed run redoes this
             # epoch from the previous checkpoint and writes these files again
             clog.save(epoch, plan.labels, len(plan.images_lists))
             history.log(record)
-        checkpoint.save_checkpoint(checkpoint.checkpoint_state(model, opt, epoch + 1, args, plan.labels, run_id=run_id),
-                                   exp / "checkpoint.pth.tar", rt)
+        rng = checkpoint.gather_rng_states(rt)  # a collective: every rank takes part
+        checkpoint.save_checkpoint(checkpoint.checkpoint_state(model, opt, epoch + 1, args, plan.labels, run_id=run_id,
+                                                               rng_ranks=rng), exp / "checkpoint.pth.tar", rt)
         log.info("epoch %3d | clustering loss %.3f | train loss %.3f | NMI prev %s | NMI labels %s | "
-                 "empty %d | time: features %.1fs cluster %.1fs train %.1fs",
+                 "empty %d | time: features %.1fs cluster %.1fs train %.1fs%s",
                  epoch, plan.clustering_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
-                 record["n_empty"], plan.time_features, plan.time_clustering, time_train)
+                 record["n_empty"], plan.time_features, plan.time_clustering, time_train, _knn_text(record))
         prev_labels = plan.labels
     _barrier(rt)
     if args.report and rt.is_main:

@@ -9,8 +9,10 @@ Usage:
 Pictures (``EXP/report/``):
   training_curves.png            the curves of the paper's Figure 2 that the log supports:
                                  NMI between consecutive assignments (t-1, t), NMI with the
-                                 labels (only when the dataset has class folders), clustering
-                                 loss and training loss, per epoch
+                                 labels (only when the dataset has class folders), kNN top-1
+                                 and top-5 on --knn_data (when trained with it; at the random
+                                 network, then after each epoch), clustering loss and training
+                                 loss, per epoch
   cluster_sizes_epoch_XXXXX.png  cluster sizes of one epoch, sorted, and their histogram
   clusters_epoch_XXXXX.png       sample images of the largest clusters, then of randomly
                                  chosen clusters, one row per cluster
@@ -129,6 +131,7 @@ def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 CURVES = [  # key, title, y label
     ("nmi_prev", "NMI t-1 / t (stability of the assignments)", "NMI"),
     ("nmi_labels", "NMI with the labels", "NMI"),
+    ("knn_top1", "weighted kNN accuracy on --knn_data (fc7)", "accuracy (%)"),
     ("clustering_loss", "Clustering loss (k-means objective)", "loss"),
     ("train_loss", "Training loss (pseudo-label cross-entropy)", "loss"),
 ]
@@ -140,13 +143,21 @@ def plot_curves(records: list[dict], out: Path, title: str, dpi: int = 100) -> P
     panels = [p for p in panels if len(p[3])]
     if not panels:
         raise ReportError("log.jsonl has none of nmi_prev, nmi_labels, clustering_loss, train_loss")
-    ncols = 2 if len(panels) == 4 else len(panels)
+    ncols = 2 if len(panels) == 4 else min(3, len(panels))
     nrows = (len(panels) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
     for ax, (key, ptitle, ylabel, e, v) in zip(axes.flat, panels):
-        ax.plot(e, v, marker="o" if len(e) <= 50 else None, ms=3, lw=1.5)
+        xlabel = "epoch"
+        if key == "knn_top1":  # measured after training epoch e (epoch -1: the random network)
+            e, xlabel = e + 1, "epochs of training done"
+            e5, v5 = series(records, "knn_top5")
+            ax.plot(e5 + 1, v5, ls="--", lw=1, color="tab:gray", label="top-5")
+        ax.plot(e, v, marker="o" if len(e) <= 50 else None, ms=3, lw=1.5,
+                label="top-1" if key == "knn_top1" else None)
+        if key == "knn_top1":
+            ax.legend(fontsize=8)
         ax.set_title(ptitle, fontsize=10)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if key.startswith("nmi"):
             ax.set_ylim(0, 1)
@@ -252,7 +263,8 @@ def main(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out) if args.out else exp / "report"
     out.mkdir(parents=True, exist_ok=True)
     desc = ", ".join(f"{k} {train_args[k]}" for k in ("arch", "nmb_cluster", "clustering") if k in train_args)
-    written = [plot_curves(records, out, f"{exp.resolve().name}: {len(records)} epoch{'s' if len(records) > 1 else ''}"
+    n = sum(1 for r in records if r["epoch"] >= 0)  # epoch -1: the random network's kNN record
+    written = [plot_curves(records, out, f"{exp.resolve().name}: {n} epoch{'s' if n != 1 else ''}"
                            + (f" ({desc})" if desc else ""), args.dpi)]
 
     clog_dir = exp / "clusters"
