@@ -407,6 +407,16 @@ def save_checkpoint(state: dict, path: Path, rt) -> None:
                               f"the previous checkpoint there is intact") from None
 
 
+def save_run(path: Path, model, opt: torch.optim.Optimizer, epoch: int, args, labels: np.ndarray | None,
+             run_id: str, rt, mid_epoch: dict | None = None) -> None:
+    """Gather every rank's RNG state (a collective: all ranks call this), then write the
+    checkpoint on rank 0 (:func:`checkpoint_state`, :func:`save_checkpoint`)."""
+    rng = gather_rng_states(rt)
+    if rt.is_main:
+        save_checkpoint(checkpoint_state(model, opt, epoch, args, labels, mid_epoch=mid_epoch, run_id=run_id,
+                                         rng_ranks=rng), path, rt)
+
+
 def _candidates(folder: Path) -> list[Path]:
     return [p for p in [folder / "checkpoint.pth.tar", *sorted((folder / "checkpoints").glob("checkpoint_*.pth.tar"))]
             if p.exists()]
@@ -551,6 +561,43 @@ def restore_run(args, model, opt, history, clog, n_images: int,
     return start_epoch, mid, None if prev is None else prev.numpy(), ckpt
 
 
+def start_or_resume(args, exp: Path, model, opt, history, clog, N: int,
+                    rt) -> tuple[str, int, dict | None, np.ndarray | None]:
+    """(run id, start epoch, mid-epoch state or None, previous assignment or None).
+
+    --resume: the checkpoint is checked, then the logs of the epochs to redo are dropped.
+    Without it, a folder that holds a run is refused unless --overwrite, which retires the
+    old checkpoints and logs. Every invocation is appended to EXP/args_history.jsonl.
+    """
+    if args.resume:
+        start, mid, prev, ckpt = restore_run(args, model, opt, history, clog, N, rt)
+        run_id = ckpt.get("run_id") or current_run_id(exp) or new_run_id()
+        if start >= args.epochs:
+            return run_id, start, mid, prev
+        if rt.is_main:
+            if not (exp / "args.json").exists():
+                atomic_write_text(exp / "args.json", json.dumps(vars(args), indent=1, default=str))
+            record_invocation(exp, args, run_id, start, ckpt.get("iteration", 0), ckpt["path"])
+        return run_id, start, mid, prev
+    used = exp_holds_run(exp)
+    if used and not args.overwrite:
+        raise CheckpointError(
+            f"{args.exp} already holds a run ({used[0]}): continue it with --resume {args.exp}, use a new "
+            f"--exp, or start over with --overwrite (deletes its checkpoints, log and cluster files)")
+    if args.start_epoch >= args.epochs:
+        return "", args.start_epoch, None, None
+    run_id = new_run_id()
+    if rt.is_main:
+        if used:
+            log.warning("--overwrite: deleting the checkpoints, log and cluster files of the run in %s", args.exp)
+            retire_run(exp)
+        history.truncate(0)
+        clog.truncate(0)
+        atomic_write_text(exp / "args.json", json.dumps(vars(args), indent=1, default=str))
+        record_invocation(exp, args, run_id, args.start_epoch)
+    return run_id, args.start_epoch, None, None
+
+
 def _position(mid: dict, batch: int) -> int:
     """Draws of the epoch already trained on (older checkpoints: iteration * batch)."""
     return int(mid.get("position", int(mid["iteration"]) * batch))
@@ -590,3 +637,14 @@ def mid_epoch_state(plan, i: int, meter, prev_labels: np.ndarray | None, args, r
             "clustering_loss": plan.clustering_loss, "loss_sum": meter.sum, "loss_count": meter.count,
             "prev_assignment": None if prev_labels is None else torch.from_numpy(prev_labels),
             "time_features": plan.time_features, "time_clustering": plan.time_clustering}
+
+
+def interrupted_hint(exp: str) -> str:
+    """What ``--resume EXP`` would load after an interruption, said plainly."""
+    try:
+        found = find_checkpoint(exp, quiet=True) if Path(exp).is_dir() else None
+    except CheckpointError:
+        found = None
+    if found is None:
+        return "interrupted before the first checkpoint: nothing to resume, run the same command again"
+    return f"interrupted; --resume {exp} continues from {found}"

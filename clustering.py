@@ -659,3 +659,31 @@ def arrange_clustering(images_lists: Sequence[Sequence[int]]) -> np.ndarray:
     out = np.empty(len(idx), dtype=np.int64)
     out[idx] = lab
     return out
+
+
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mutual information of two assignments, I(A;B) / sqrt(H(A) H(B)), over the
+    images that have a label in both (-1: no cluster)."""
+    from sklearn.metrics import normalized_mutual_info_score
+    keep = (np.asarray(a) >= 0) & (np.asarray(b) >= 0)
+    return float(normalized_mutual_info_score(np.asarray(a)[keep], np.asarray(b)[keep], average_method="geometric"))
+
+
+def cluster_readable(clusterer, features, verbose: bool = False) -> tuple[float, list[list[int]], np.ndarray]:
+    """Cluster the rows of ``features`` (N, D) that are not marked unreadable (NaN rows).
+
+    Returns (loss, images_lists in dataset indices, (N,) cluster id per image, -1 for the
+    unreadable ones)."""
+    col = features[:, 0]
+    nan = np.isnan(col) if isinstance(col, np.ndarray) else torch.isnan(col).cpu().numpy()
+    if not nan.any():
+        loss = float(clusterer.cluster(features, verbose=verbose))
+        return loss, clusterer.images_lists, arrange_clustering(clusterer.images_lists)
+    kept = np.flatnonzero(~nan)
+    rows = kept if isinstance(features, np.ndarray) else torch.as_tensor(kept, device=features.device)
+    loss = float(clusterer.cluster(features[rows], verbose=verbose))
+    lists = [kept[np.asarray(lst, dtype=np.int64)].tolist() for lst in clusterer.images_lists]
+    labels = np.full(len(features), -1, dtype=np.int64)
+    for c, lst in enumerate(lists):
+        labels[lst] = c
+    return loss, lists, labels

@@ -18,6 +18,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+import checkpoint
+
 _log = logging.getLogger("deepcluster")
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -348,3 +350,52 @@ def default_collate_indexed(batch):
     """Collate ``(tensor, index)`` pairs into ``(B, C, H, W)`` and ``(B,)`` int64."""
     imgs, idx = zip(*batch)
     return torch.stack(imgs), torch.as_tensor(idx, dtype=torch.long)
+
+
+def check_folder(dataset: "IndexedImageFolder", mode: str, on_bad: str, listing: Path, workers: int = 0,
+                 progress: bool = True, write: bool = True) -> None:
+    """Check the images of ``dataset`` before any training (no crash hours later).
+
+    ``mode``: ``full`` decodes every image, ``header`` reads headers only (a truncated file is
+    then met during the run), ``auto`` is full up to 20,000 images, ``off`` skips the check.
+    Unreadable images are listed in ``listing`` (when ``write``); ``on_bad='error'`` refuses
+    the folder naming the first one, ``'skip'`` drops them from ``dataset``.
+    """
+    if mode == "auto":
+        mode = "full" if len(dataset) <= 20000 else "header"
+    if mode == "off":
+        return
+    bad = check_images(dataset.paths, full=mode == "full", workers=workers, progress=progress)
+    if not bad:
+        return
+    if write:
+        checkpoint.atomic_write_text(listing, "".join(f"{dataset.paths[i]}\t{why}\n" for i, why in sorted(bad.items())))
+    first = dataset.paths[min(bad)]
+    if on_bad == "error":
+        raise DataError(f"{len(bad)} unreadable image(s) in {dataset.root}, first {first!r}: {bad[min(bad)]} "
+                        f"(all listed in {listing}; --bad_images skip trains without them)")
+    _log.warning("skipping %d unreadable image(s) (listed in %s), first %s: %s", len(bad), listing, first,
+                 bad[min(bad)])
+    dataset.drop(set(bad))
+
+
+def make_loader(dataset, batch: int, workers: int, device: torch.device, sampler=None,
+                seed: int = 0) -> torch.utils.data.DataLoader:
+    """Unshuffled loader (order from ``sampler``) with its own seeded generator: creating the
+    iterator draws nothing from the global RNG, so a resumed run's dropout masks stay in step
+    with an uninterrupted one."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, sampler=sampler,
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+
+
+def open_folder(args, rt) -> "IndexedImageFolder":
+    """The training images: DIR, or with no DIR (the demo) scikit-learn's digits exported once
+    to data/digits. ``args.data`` becomes absolute (args.json then points at it from anywhere)."""
+    if args.demo:
+        args.data = export_digits(Path("data") / "digits") if rt.is_main else str(Path("data") / "digits")
+        if rt.distributed:
+            torch.distributed.barrier()
+        _log.info("demo: no DIR given, training on scikit-learn's digits exported to %s", args.data)
+    args.data = os.path.abspath(args.data)
+    return IndexedImageFolder(args.data, transform=eval_transform(args.size))

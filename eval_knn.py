@@ -242,6 +242,30 @@ def image_batches(paths: list[str], size: int, batch: int, workers: int, desc: s
 # ---------------------------------------------------------------------------------------
 # the per-epoch monitor of main.py
 # ---------------------------------------------------------------------------------------
+def add_monitor_args(p: argparse.ArgumentParser) -> None:
+    """``main.py``'s flags of the per-epoch kNN monitor."""
+    g = p.add_argument_group("kNN monitor")
+    g.add_argument("--knn_data", type=str, default="", metavar="DIR",
+                   help="labelled DIR/train and DIR/val class folders: weighted-kNN top-1/top-5 of fc7 on "
+                        "a fixed seeded subset, at the random network and after every epoch (empty: off)")
+    g.add_argument("--knn_train_size", type=int, default=5000, help="train images of the kNN subset (at most)")
+    g.add_argument("--knn_val_size", type=int, default=1000, help="val images of the kNN subset (at most)")
+    g.add_argument("--knn_k", type=int, default=20, help="nearest train images voting (weights exp(sim/0.07))")
+    g.add_argument("--knn_whiten", type=int, default=0, metavar="DIM",
+                   help="PCA-whiten fc7 to DIM dims (fitted on the kNN train subset, as the clustering "
+                        "does) before the kNN; 0: raw fc7")
+
+
+def monitor_arg_rules(args: argparse.Namespace) -> list[tuple[str, bool, object, str]]:
+    """(flag, valid, value, why) checks of the monitor's flags, for ``main.check_args``."""
+    return [
+        ("--knn_train_size", args.knn_train_size >= 1, args.knn_train_size, "must be >= 1"),
+        ("--knn_val_size", args.knn_val_size >= 1, args.knn_val_size, "must be >= 1"),
+        ("--knn_k", args.knn_k >= 1, args.knn_k, "must be >= 1"),
+        ("--knn_whiten", args.knn_whiten >= 0, args.knn_whiten, "must be >= 0 (0: off)"),
+    ]
+
+
 class KnnMonitor:
     """kNN top-1/top-5 of fc7 on a fixed subset of ``root``'s train/ and val/ splits.
 
@@ -268,6 +292,31 @@ class KnnMonitor:
         if load and n * 3 * size * size * 4 <= cache_mb * 2 ** 20:
             self.images = list(image_batches(self.train_paths + self.val_paths, size, batch, workers,
                                              "kNN images", no_progress))
+
+    @classmethod
+    def for_training(cls, args, rt, logger: logging.Logger = log, demo: str = "") -> "KnnMonitor | None":
+        """``main.py --knn_data`` on rank 0 (None when off and on the other ranks). Every rank
+        reads the folders, so a bad --knn_data stops all of them before any training. The
+        demo's ``--knn_data`` (``demo``) is exported from scikit-learn's digits on first use."""
+        if not args.knn_data:
+            return None
+        if args.demo and args.knn_data == demo:
+            if rt.is_main:
+                data.export_digits_split(args.knn_data)
+            util.barrier(rt)
+        args.knn_data = os.path.abspath(args.knn_data)
+        monitor = cls(args.knn_data, args.knn_train_size, args.knn_val_size, seed=args.seed, size=args.size,
+                      k=args.knn_k, batch=args.batch, workers=args.workers, load=rt.is_main,
+                      no_progress=args.no_progress, logger=logger, whiten=args.knn_whiten)
+        logger.info("kNN monitor: %d train, %d val images of %s, k=%d", len(monitor.train_paths),
+                    len(monitor.val_paths), args.knn_data, monitor.ks[0])
+        return monitor if rt.is_main else None
+
+    @staticmethod
+    def text(r: dict) -> str:
+        """The console line's kNN part of a log record ('' when it has none)."""
+        return (f" knn {r['time_knn']:.1f}s | kNN top-1 {r['knn_top1']:.2f} top-5 {r['knn_top5']:.2f}"
+                if "knn_top1" in r else "")
 
     def _batches(self) -> Iterator[torch.Tensor]:
         if self.images is not None:

@@ -13,18 +13,14 @@ top layer), save a checkpoint. See README.md for the flags and the outputs under
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -32,6 +28,7 @@ from tqdm import tqdm
 import checkpoint
 import clustering
 import data
+import eval_knn
 import models
 import util
 
@@ -99,16 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "PyTorch clustering backend then runs without a host copy (under torchrun rank 0 "
                         "gathers it on its device and keeps it there)")
 
-    g = p.add_argument_group("kNN monitor")
-    g.add_argument("--knn_data", type=str, default="", metavar="DIR",
-                   help="labelled DIR/train and DIR/val class folders: weighted-kNN top-1/top-5 of fc7 on "
-                        "a fixed seeded subset, at the random network and after every epoch (empty: off)")
-    g.add_argument("--knn_train_size", type=int, default=5000, help="train images of the kNN subset (at most)")
-    g.add_argument("--knn_val_size", type=int, default=1000, help="val images of the kNN subset (at most)")
-    g.add_argument("--knn_k", type=int, default=20, help="nearest train images voting (weights exp(sim/0.07))")
-    g.add_argument("--knn_whiten", type=int, default=0, metavar="DIM",
-                   help="PCA-whiten fc7 to DIM dims (fitted on the kNN train subset, as the clustering "
-                        "does) before the kNN; 0: raw fc7")
+    eval_knn.add_monitor_args(p)
 
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
@@ -170,13 +158,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--crop_min_scale", 0 < args.crop_min_scale <= 1, args.crop_min_scale, "must be in (0, 1]"),
         ("--pca", args.pca >= 1, args.pca, "must be >= 1"),
         ("--kmeans_iters", args.kmeans_iters >= 1, args.kmeans_iters, "must be >= 1"),
-        ("--knn_train_size", args.knn_train_size >= 1, args.knn_train_size, "must be >= 1"),
-        ("--knn_val_size", args.knn_val_size >= 1, args.knn_val_size, "must be >= 1"),
-        ("--knn_k", args.knn_k >= 1, args.knn_k, "must be >= 1"),
-        ("--knn_whiten", args.knn_whiten >= 0, args.knn_whiten, "must be >= 0 (0: off)"),
         ("--size", args.size >= (64 if args.arch == "alexnet" else 32), args.size,
          "is too small for the architecture (alexnet needs >= 64, vgg16 and resnet50 >= 32)"),
-    ]
+    ] + eval_knn.monitor_arg_rules(args)
     for flag, ok, value, why in rules:
         if not ok:
             parser.error(f"argument {flag}: invalid value {value!r}: {why}")
@@ -185,23 +169,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 # ---------------------------------------------------------------------------------------
 # set-up
 # ---------------------------------------------------------------------------------------
-def setup_logging(exp: Path, verbose: bool, is_main: bool = True) -> None:
-    """Console + exp/train.log on rank 0; other ranks only print warnings."""
-    exp.mkdir(parents=True, exist_ok=True)
-    log.setLevel((logging.DEBUG if verbose else logging.INFO) if is_main else logging.WARNING)
-    for h in log.handlers:
-        h.close()
-    log.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if is_main:
-        handlers.append(logging.FileHandler(exp / "train.log"))
-    for h in handlers:
-        h.setFormatter(fmt)
-        log.addHandler(h)
-    log.propagate = False
-
-
 def build_model(args: argparse.Namespace, device: torch.device) -> models.DeepClusterNet:
     model = models.build_model(args.arch, sobel=args.sobel, bn=True, out=args.nmb_cluster, input_size=args.size)
     model = model.to(device)
@@ -219,43 +186,8 @@ def rank_batch(args: argparse.Namespace, rt: util.Runtime) -> int:
     return args.batch // rt.world_size
 
 
-def make_loader(dataset, args: argparse.Namespace, rt: util.Runtime, sampler=None,
-                seed: int = 0) -> DataLoader:
-    # An explicit generator: creating the iterator then draws nothing from the global RNG,
-    # so a resumed run's dropout masks stay in step with an uninterrupted one.
-    device = rt.device
-    return DataLoader(dataset, batch_size=rank_batch(args, rt), shuffle=False, sampler=sampler,
-                      num_workers=args.workers, pin_memory=device.type == "cuda",
-                      persistent_workers=False, generator=torch.Generator().manual_seed(seed))
-
-
-def load_dataset(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: Path,
-                 rt: util.Runtime) -> data.IndexedImageFolder:
-    """Check the images of DIR before any training (no crash hours later).
-
-    ``--check_images auto`` decodes every image when there are at most 20,000, else reads
-    headers only (a truncated file is then met during the run: see ``--bad_images``).
-    """
-    mode = args.check_images
-    if mode == "auto":
-        mode = "full" if len(dataset) <= 20000 else "header"
-    if mode == "off":
-        return dataset
-    bad = data.check_images(dataset.paths, full=mode == "full", workers=args.workers,
-                            progress=not args.no_progress)
-    if not bad:
-        return dataset
-    listing = "".join(f"{dataset.paths[i]}\t{why}\n" for i, why in sorted(bad.items()))
-    if rt.is_main:
-        checkpoint.atomic_write_text(exp / "bad_images.txt", listing)
-    first = dataset.paths[min(bad)]
-    if args.bad_images == "error":
-        raise data.DataError(f"{len(bad)} unreadable image(s) in {args.data}, first {first!r}: {bad[min(bad)]} "
-                             f"(all listed in {exp / 'bad_images.txt'}; --bad_images skip trains without them)")
-    log.warning("skipping %d unreadable image(s) (listed in %s), first %s: %s",
-                len(bad), exp / "bad_images.txt", first, bad[min(bad)])
-    dataset.drop(set(bad))
-    return dataset
+def make_loader(dataset, args: argparse.Namespace, rt: util.Runtime, sampler=None, seed: int = 0) -> DataLoader:
+    return data.make_loader(dataset, rank_batch(args, rt), args.workers, rt.device, sampler, seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,16 +212,9 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
     (where it is clustered: no round trip through the host); the other ranks return None.
     """
     model.eval()
-    fc = model.feature_dim
-    if rt.distributed:
-        n_local = len(loader.dataset)
-        store = util.FeatureStore(n_local, fc, rt.device, args.features_dtype)
-        local_idx = torch.empty(n_local, dtype=torch.long)  # (n_local,) dataset index of each row
-    else:
-        store_on = rt.device if args.features_on == "device" else torch.device("cpu")
-        store = util.FeatureStore(N, fc, store_on, args.features_dtype)
-    pos = 0
-    for imgs, idx in tqdm(loader, desc="features", leave=False, disable=_no_bar(args)):
+    store_on = rt.device if args.features_on == "device" else torch.device("cpu")
+    store = util.RunFeatures(N, len(loader.dataset), model.feature_dim, rt, store_on, args.features_dtype)
+    for imgs, idx in tqdm(loader, desc="features", leave=False, disable=util.progress(args.no_progress)):
         imgs = imgs.to(rt.device, non_blocking=True)  # host -> device: ordered on the stream, safe
         if args.channels_last:
             imgs = util.to_channels_last(imgs)
@@ -298,26 +223,8 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
         checkpoint.fault_point("features")
         if args.bad_images == "skip" and bool((idx < 0).any()):
             out, idx = data.mark_unreadable(out, idx, loader.dataset, args.exp)
-        if rt.distributed:
-            b = len(idx)
-            store.write(torch.arange(pos, pos + b), out.float())
-            local_idx[pos:pos + b] = idx
-            pos += b
-        else:
-            store.write(idx, out.float())
-    if rt.distributed:
-        full = util.gather_rows(store.tensor, local_idx, N, rt)
-        del store
-        if full is None:
-            return None
-    else:
-        full = store.tensor
-    # host float32 stays a numpy array (the original's representation, no copy)
-    return full.numpy() if full.device.type == "cpu" and full.dtype == torch.float32 else full
-
-
-def _no_bar(args: argparse.Namespace) -> bool | None:
-    return True if args.no_progress else None  # None: auto, off when not a TTY
+        store.write(idx, out.float())
+    return store.result()
 
 
 def make_clusterer(args: argparse.Namespace, device: torch.device):
@@ -336,22 +243,9 @@ def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
     """
     clusterer.seed = int(np.random.randint(1234))
     checkpoint.fault_point("clustering")
-    if rt.is_main:
-        n_rows = len(features)
-        kept = readable_rows(features) if args.bad_images == "skip" else None
-        if kept is not None:
-            features = features[kept if isinstance(features, np.ndarray) else torch.as_tensor(kept, device=features.device)]
-        loss = float(clusterer.cluster(features, verbose=args.verbose))
-        lists = clusterer.images_lists
-        if kept is None:
-            labels = clustering.arrange_clustering(lists)
-        else:  # back to dataset indices; unreadable images get no cluster (-1)
-            lists = [kept[np.asarray(lst, dtype=np.int64)].tolist() for lst in lists]
-            labels = np.full(n_rows, -1, dtype=np.int64)
-            for c, lst in enumerate(lists):
-                labels[lst] = c
-        k = len(lists)
-        meta = np.array([loss, k], dtype=np.float64)
+    if rt.is_main:  # unreadable images (NaN rows with --bad_images skip) get no cluster (-1)
+        loss, lists, labels = clustering.cluster_readable(clusterer, features, args.verbose)
+        meta = np.array([loss, len(lists)], dtype=np.float64)
     else:
         labels, meta = None, None
     if not rt.distributed:
@@ -359,13 +253,6 @@ def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
     labels = util.broadcast_array(labels, rt)
     loss, k = util.broadcast_array(meta, rt, dtype=torch.float64)
     return float(loss), clustering.labels_to_lists(labels, int(k)), labels
-
-
-def readable_rows(features: np.ndarray | torch.Tensor) -> np.ndarray | None:
-    """Indices of the rows not marked unreadable (NaN), or None when every row is readable."""
-    col = features[:, 0]
-    nan = np.isnan(col) if isinstance(col, np.ndarray) else torch.isnan(col).cpu().numpy()
-    return np.flatnonzero(~nan) if nan.any() else None
 
 
 def draw_samples(images_lists: list[list[int]], N: int, args: argparse.Namespace, rt: util.Runtime) -> np.ndarray:
@@ -401,13 +288,7 @@ def reset_top_layer(model: models.DeepClusterNet, k: int, args: argparse.Namespa
     return torch.optim.SGD(top.parameters(), lr=args.lr, weight_decay=10 ** args.wd)
 
 
-class DivergedError(RuntimeError):
-    """The training loss became NaN or inf."""
-
-
-# Steps between two host reads of the training loss. A read (loss.item(), a NaN test in
-# Python) waits for the GPU to finish the step, which stalls the pipeline if done every step.
-SYNC_EVERY = 50
+SYNC_EVERY = 50  # steps between two host reads of the training loss (util.DeviceLossMeter)
 
 
 def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
@@ -426,41 +307,20 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
     """
     model.train()
     losses = losses or util.AverageMeter()
-    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=_no_bar(args),
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=util.progress(args.no_progress),
                initial=start_iter, total=start_iter + len(loader))
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)   # sum of loss * batch since the last read
-    finite = torch.ones((), dtype=torch.bool, device=device)         # every loss since the last read finite
-    st = {"n": 0, "from": start_iter, "i": start_iter}               # images and first step since the last read
+    on_device = util.DeviceLossMeter(device, losses, epoch, start_iter)
 
-    def flush() -> util.AverageMeter:
-        if st["n"]:
-            ok = finite.to(torch.int32)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # every rank reads at the same steps: all stop together, none left waiting in a collective
-                torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-            if not bool(ok):
-                raise DivergedError(f"training loss is {float(loss_sum)} at epoch {epoch}, between iterations "
-                                    f"{st['from']} and {st['i'] - 1}: the run diverged (try a lower --lr); "
-                                    f"the last checkpoint is kept")
-            # raw sums (exact in float64: float32 losses times batch sizes), so the epoch's mean does
-            # not depend on where the reads fell (a resume reads at other steps than a straight run)
-            total = float(loss_sum)
-            losses.val = total / st["n"]
-            losses.sum += total
-            losses.count += st["n"]
-            losses.avg = losses.sum / losses.count
-            loss_sum.zero_()
-            st["n"] = 0
-            bar.set_postfix(loss=f"{losses.avg:.3f}")
-        st["from"] = st["i"]
+    def flush() -> util.AverageMeter:  # raises util.DivergedError on a NaN/inf loss since the last read
+        bar.set_postfix(loss=f"{on_device.read().avg:.3f}")
         return losses
 
     try:
         for i, (imgs, target, _) in enumerate(bar, start=start_iter):
-            st["i"] = i
+            on_device.step = i
             if on_iteration is not None:
                 on_iteration(i, flush)
-            if i - st["from"] >= SYNC_EVERY:
+            if i - on_device.first >= SYNC_EVERY:
                 flush()
             checkpoint.fault_point("train")
             # host -> device copies from pinned memory: ordered before the kernels that use them
@@ -474,68 +334,13 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
             loss.backward()
             opt.step()
             top_opt.step()
-            finite &= torch.isfinite(loss.detach())
-            loss_sum += loss.detach().double() * imgs.shape[0]
-            st["n"] += imgs.shape[0]
-            st["i"] = i + 1
+            on_device.add(loss, imgs.shape[0])
+            on_device.step = i + 1
     except data.BadImageError:  # --bad_images error: the steps done so far count in the meter
         flush()
         raise
     flush()
     return losses.avg
-
-
-def wrap_for_training(model: models.DeepClusterNet, rt: util.Runtime) -> nn.Module:
-    """DistributedDataParallel around the whole network under torchrun (rebuilt every epoch,
-    since the top layer is new each epoch); the bare network otherwise."""
-    if not rt.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-
-
-def nmi(a: np.ndarray, b: np.ndarray) -> float:
-    """Normalised mutual information, I(A;B) / sqrt(H(A) H(B)), over the images with a label
-    in both (-1: an unreadable image, left out of a clustering)."""
-    a, b = np.asarray(a), np.asarray(b)
-    keep = (a >= 0) & (b >= 0)
-    if not keep.all():
-        a, b = a[keep], b[keep]
-    return float(normalized_mutual_info_score(a, b, average_method="geometric"))
-
-
-def setup_knn(args: argparse.Namespace, rt: util.Runtime):
-    """The --knn_data monitor (eval_knn.KnnMonitor) on rank 0, None when off or on other ranks.
-
-    Every rank checks the folders, so a bad --knn_data stops all of them before training; the
-    demo's split of the digits is exported on first use. The monitor has its own seeded
-    generator: enabling it changes nothing in training.
-    """
-    if not args.knn_data:
-        return None
-    import eval_knn
-    if args.demo and args.knn_data == DEMO_KNN_DATA:
-        if rt.is_main:
-            data.export_digits_split(args.knn_data)
-        _barrier(rt)
-    args.knn_data = os.path.abspath(args.knn_data)
-    monitor = eval_knn.KnnMonitor(args.knn_data, args.knn_train_size, args.knn_val_size, seed=args.seed,
-                                  size=args.size, k=args.knn_k, batch=args.batch, workers=args.workers,
-                                  load=rt.is_main, no_progress=args.no_progress, logger=log,
-                                  whiten=args.knn_whiten)
-    log.info("kNN monitor: %d train, %d val images of %s, k=%d", len(monitor.train_paths),
-             len(monitor.val_paths), args.knn_data, monitor.ks[0])
-    return monitor if rt.is_main else None
-
-
-def knn_stage(monitor, model: models.DeepClusterNet, rt: util.Runtime) -> dict:
-    """``{knn_top1, knn_top5, time_knn}`` of the current network ({} when the monitor is off)."""
-    return {} if monitor is None else monitor.evaluate(model, rt.device)
-
-
-def _knn_text(r: dict) -> str:
-    return f" knn {r['time_knn']:.1f}s | kNN top-1 {r['knn_top1']:.2f} top-5 {r['knn_top5']:.2f}" \
-        if "knn_top1" in r else ""
 
 
 # ---------------------------------------------------------------------------------------
@@ -564,9 +369,9 @@ def plan_epoch(feature_loader: DataLoader, model: models.DeepClusterNet, cluster
     device synchronisation (CUDA kernels run asynchronously).
     """
     util.broadcast_module_state(model, rt)
-    t0 = _now(rt.device)
+    t0 = util.synced_time(rt.device)
     features = compute_features(feature_loader, model, N, rt, args)
-    t1 = _now(rt.device)
+    t1 = util.synced_time(rt.device)
     if rt.device.type == "cuda" and rt.is_main:  # to check against util.gather_peak_bytes
         log.debug("GPU memory peak after feature extraction: %.2f GiB",
                   torch.cuda.max_memory_allocated(rt.device) / 2 ** 30)
@@ -575,14 +380,7 @@ def plan_epoch(feature_loader: DataLoader, model: models.DeepClusterNet, cluster
     draws = draw_samples(images_lists, N, args, rt)
     top_opt = reset_top_layer(model, len(images_lists), args)
     return EpochPlan(labels, images_lists, clus_loss, draws, top_opt,
-                     time_features=t1 - t0, time_clustering=_now(rt.device) - t1)
-
-
-def _now(device: torch.device) -> float:
-    """Wall clock after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.time()
+                     time_features=t1 - t0, time_clustering=util.synced_time(rt.device) - t1)
 
 
 def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, iterations: int,
@@ -590,8 +388,8 @@ def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, it
     """One line of exp/log.jsonl."""
     return {
         "epoch": epoch, "clustering_loss": plan.clustering_loss, "train_loss": loss,
-        "nmi_prev": None if prev_labels is None else nmi(prev_labels, plan.labels),
-        "nmi_labels": None if targets is None else nmi(targets, plan.labels),  # images without a cluster left out
+        "nmi_prev": None if prev_labels is None else clustering.nmi(prev_labels, plan.labels),
+        "nmi_labels": None if targets is None else clustering.nmi(targets, plan.labels),  # images without a cluster left out
         "n_clusters": len(plan.images_lists),
         "n_empty": int(sum(1 for lst in plan.images_lists if len(lst) == 0)),
         "time_features": plan.time_features, "time_clustering": plan.time_clustering, "time_train": time_train,
@@ -600,68 +398,13 @@ def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, it
     }
 
 
-def open_dataset(args: argparse.Namespace, rt: util.Runtime) -> data.IndexedImageFolder:
-    """Scan DIR (the demo's digits when no DIR is given): a missing or empty folder is refused
-    before anything is written."""
-    if args.demo:
-        args.data = data.export_digits(Path("data") / "digits") if rt.is_main else str(Path("data") / "digits")
-        _barrier(rt)
-    args.data = os.path.abspath(args.data)  # args.json then points at the data from anywhere
-    return data.IndexedImageFolder(args.data, transform=data.eval_transform(args.size))
-
-
-def check_dataset(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: Path,
-                  rt: util.Runtime) -> data.IndexedImageFolder:
-    """Check the images and k against the data."""
-    if args.demo:
-        log.info("demo: no DIR given, training on scikit-learn's digits exported to %s", args.data)
-    dataset = load_dataset(dataset, args, exp, rt)
-    if args.clustering == "Kmeans" and args.nmb_cluster > len(dataset):
+def check_k(args: argparse.Namespace, n: int) -> None:
+    """k against the number of images."""
+    if args.clustering == "Kmeans" and args.nmb_cluster > n:
         raise clustering.ClusteringError(f"--nmb_cluster/--k {args.nmb_cluster} is larger than the number "
-                                         f"of images ({len(dataset)}) in {args.data}")
+                                         f"of images ({n}) in {args.data}")
     if args.clustering == "Kmeans" and args.nmb_cluster == 1:
         log.warning("--k 1 puts every image in one cluster: the training loss is 0 and nothing is learned")
-    log.info("%d images%s, %s%s at %d px, %d process(es) on %s", len(dataset),
-             f" in {len(dataset.classes)} class folders" if dataset.targets else "",
-             args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size, rt.device)
-    return dataset
-
-
-def start_or_resume(args: argparse.Namespace, exp: Path, model, opt, history: util.Logger,
-                    clog: util.ClusterLog, N: int, rt: util.Runtime) -> tuple[str, int, dict | None, np.ndarray | None]:
-    """(run id, start epoch, mid-epoch state or None, previous assignment or None).
-
-    --resume: the checkpoint is checked, then the logs of the epochs to redo are dropped.
-    Without it, a folder that holds a run is refused unless --overwrite, which retires the
-    old checkpoints and logs. Every invocation is appended to EXP/args_history.jsonl.
-    """
-    if args.resume:
-        start, mid, prev, ckpt = checkpoint.restore_run(args, model, opt, history, clog, N, rt)
-        run_id = ckpt.get("run_id") or checkpoint.current_run_id(exp) or checkpoint.new_run_id()
-        if start >= args.epochs:
-            return run_id, start, mid, prev
-        if rt.is_main:
-            if not (exp / "args.json").exists():
-                checkpoint.atomic_write_text(exp / "args.json", json.dumps(vars(args), indent=1, default=str))
-            checkpoint.record_invocation(exp, args, run_id, start, ckpt.get("iteration", 0), ckpt["path"])
-        return run_id, start, mid, prev
-    used = checkpoint.exp_holds_run(exp)
-    if used and not args.overwrite:
-        raise checkpoint.CheckpointError(
-            f"{args.exp} already holds a run ({used[0]}): continue it with --resume {args.exp}, use a new "
-            f"--exp, or start over with --overwrite (deletes its checkpoints, log and cluster files)")
-    if args.start_epoch >= args.epochs:
-        return "", args.start_epoch, None, None
-    run_id = checkpoint.new_run_id()
-    if rt.is_main:
-        if used:
-            log.warning("--overwrite: deleting the checkpoints, log and cluster files of the run in %s", args.exp)
-            checkpoint.retire_run(exp)
-        history.truncate(0)
-        clog.truncate(0)
-        checkpoint.atomic_write_text(exp / "args.json", json.dumps(vars(args), indent=1, default=str))
-        checkpoint.record_invocation(exp, args, run_id, args.start_epoch)
-    return run_id, args.start_epoch, None, None
 
 
 def resumed_plan(mid: dict, model: models.DeepClusterNet, args: argparse.Namespace,
@@ -686,14 +429,20 @@ def main(args: argparse.Namespace) -> dict:
                          f"processes {rt.world_size} (each takes batch / {rt.world_size} images per step)")
     util.configure_backends()
     exp = Path(args.exp)
-    dataset = open_dataset(args, rt)
+    dataset = data.open_folder(args, rt)  # a missing or empty DIR is refused before anything is written
     checkpoint.check_exp_writable(exp, rt)
-    setup_logging(exp, args.verbose, rt.is_main)
+    exp.mkdir(parents=True, exist_ok=True)
+    util.setup_logging(log, exp, "train.log", args.verbose, rt.is_main)
     if not rt.is_main:  # one set of progress bars, rank 0's
         args.no_progress = True
     util.seed_everything(args.seed, rt.rank)
-    knn = setup_knn(args, rt)  # a bad --knn_data stops here, before any training
-    dataset = check_dataset(dataset, args, exp, rt)
+    knn = eval_knn.KnnMonitor.for_training(args, rt, log, demo=DEMO_KNN_DATA)  # a bad --knn_data stops here
+    data.check_folder(dataset, args.check_images, args.bad_images, exp / "bad_images.txt", workers=args.workers,
+                      progress=not args.no_progress, write=rt.is_main)
+    check_k(args, len(dataset))
+    log.info("%d images%s, %s%s at %d px, %d process(es) on %s", len(dataset),
+             f" in {len(dataset.classes)} class folders" if dataset.targets else "",
+             args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size, rt.device)
     N = len(dataset)
     targets = np.asarray(dataset.targets) if dataset.targets else None
     dataset.mark_unreadable = args.bad_images == "skip"
@@ -702,7 +451,7 @@ def main(args: argparse.Namespace) -> dict:
     opt = build_optimizer(model, args)
     crit = nn.CrossEntropyLoss()
     clog, history = util.ClusterLog(exp / "clusters"), util.Logger(exp / "log.jsonl")
-    run_id, start_epoch, mid, prev_labels = start_or_resume(args, exp, model, opt, history, clog, N, rt)
+    run_id, start_epoch, mid, prev_labels = checkpoint.start_or_resume(args, exp, model, opt, history, clog, N, rt)
     if start_epoch >= args.epochs:
         log.warning("nothing to train: %s", f"the checkpoint is at epoch {start_epoch} and --epochs is "
                     f"{args.epochs} (the run is finished; raise --epochs to train further)" if args.resume
@@ -712,15 +461,16 @@ def main(args: argparse.Namespace) -> dict:
     clusterer = make_clusterer(args, rt.device)
 
     record: dict = {}
-    if start_epoch == 0 and mid is None and (init := knn_stage(knn, model, rt)):
+    if start_epoch == 0 and mid is None and knn is not None:
+        init = knn.evaluate(model, rt.device)
         history.log({"epoch": -1, **init})  # epoch -1: the random network, before any training
-        log.info("random network |%s", _knn_text(init))
+        log.info("random network |%s", eval_knn.KnnMonitor.text(init))
     for epoch in range(start_epoch, args.epochs):
         if mid is not None:  # resuming inside this epoch: its clustering is in the checkpoint
             plan, mid = resumed_plan(mid, model, args, rt), None
         else:
             plan = plan_epoch(feature_loader, model, clusterer, N, args, rt)
-        t2 = _now(rt.device)
+        t2 = util.synced_time(rt.device)
         # step i of the epoch covers draws [i * batch, (i + 1) * batch) on any number of processes
         train_loader = make_train_loader(dataset, plan.images_lists, plan.draws, epoch, args, rt,
                                          start=plan.start_iter * rank_batch(args, rt))
@@ -732,27 +482,23 @@ def main(args: argparse.Namespace) -> dict:
             seen[:] = [i]
             n = iters_per_epoch * epoch + i
             if n % args.checkpoints == 0:  # the same decision on every rank: all take part in the RNG gather
-                meter = flush()
-                rng = checkpoint.gather_rng_states(rt)
-                if rt.is_main:
-                    state = checkpoint.checkpoint_state(
-                        model, opt, epoch, args, plan.labels, rng_ranks=rng, run_id=run_id,
-                        mid_epoch=checkpoint.mid_epoch_state(plan, i, meter, prev_labels, args, rt))
-                    checkpoint.save_checkpoint(state, exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar", rt)
+                mid_state = checkpoint.mid_epoch_state(plan, i, flush(), prev_labels, args, rt)
+                checkpoint.save_run(exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar", model,
+                                    opt, epoch, args, plan.labels, run_id, rt, mid_state)
 
         try:
-            loss = train_one_epoch(train_loader, wrap_for_training(model, rt), crit, opt, plan.top_opt, rt.device,
+            loss = train_one_epoch(train_loader, util.wrap_ddp(model, rt), crit, opt, plan.top_opt, rt.device,
                                    epoch, args, on_iteration=periodic_checkpoint, start_iter=plan.start_iter,
                                    losses=plan.losses)
         except data.BadImageError:  # --bad_images error: stop where a resume can continue
             i = seen[0] + 1 if seen else plan.start_iter  # the batch that failed; steps before it are done
-            state = checkpoint.checkpoint_state(
-                model, opt, epoch, args, plan.labels, run_id=run_id, rng_ranks=checkpoint.gather_rng_states(rt),
-                mid_epoch=checkpoint.mid_epoch_state(plan, i, plan.losses, prev_labels, args, rt))
-            checkpoint.save_checkpoint(state, exp / "checkpoints" / "checkpoint_stopped.pth.tar", rt)
+            checkpoint.save_run(exp / "checkpoints" / "checkpoint_stopped.pth.tar", model, opt, epoch, args,
+                                plan.labels, run_id, rt,
+                                checkpoint.mid_epoch_state(plan, i, plan.losses, prev_labels, args, rt))
             raise
-        time_train = _now(rt.device) - t2
-        knn_record = knn_stage(knn, model, rt)  # before the history and the save: a kill here redoes the epoch
+        time_train = util.synced_time(rt.device) - t2
+        # before the history and the save: a kill here redoes the epoch
+        knn_record = {} if knn is None else knn.evaluate(model, rt.device)
         record = {**epoch_record(epoch, plan, loss, time_train, iters_per_epoch, prev_labels, targets, rt),
                   **knn_record}
         if rt.is_main:
@@ -760,81 +506,36 @@ def main(args: argparse.Namespace) -> dict:
             # epoch from the previous checkpoint and writes these files again
             clog.save(epoch, plan.labels, len(plan.images_lists))
             history.log(record)
-        rng = checkpoint.gather_rng_states(rt)  # a collective: every rank takes part
-        checkpoint.save_checkpoint(checkpoint.checkpoint_state(model, opt, epoch + 1, args, plan.labels, run_id=run_id,
-                                                               rng_ranks=rng), exp / "checkpoint.pth.tar", rt)
+        checkpoint.save_run(exp / "checkpoint.pth.tar", model, opt, epoch + 1, args, plan.labels, run_id, rt)
         log.info("epoch %3d | clustering loss %.3f | train loss %.3f | NMI prev %s | NMI labels %s | "
                  "empty %d | time: features %.1fs cluster %.1fs train %.1fs%s",
                  epoch, plan.clustering_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
-                 record["n_empty"], plan.time_features, plan.time_clustering, time_train, _knn_text(record))
+                 record["n_empty"], plan.time_features, plan.time_clustering, time_train, eval_knn.KnnMonitor.text(record))
         prev_labels = plan.labels
-    _barrier(rt)
+    util.barrier(rt)
     if args.report and rt.is_main:
-        draw_report(exp)
+        from visu import report  # matplotlib only when asked for
+        report.draw(exp)
     return record
-
-
-def draw_report(exp: Path) -> None:
-    """PNG curves, cluster sizes and cluster samples under exp/report (visu/report.py)."""
-    try:
-        from visu import report
-    except ImportError:
-        log.warning("training report unavailable (visu/report.py missing)")
-        return
-    report.main(report.get_args_parser().parse_args([str(exp)]))
-
-
-def _barrier(rt: util.Runtime) -> None:
-    if rt.distributed:
-        import torch.distributed as dist
-        dist.barrier()
 
 
 def _fmt(x: float | None) -> str:
     return "  -  " if x is None else f"{x:.3f}"
 
 
+def explain_error(e: BaseException, args: argparse.Namespace) -> str:
+    """The one error line; an unreadable image met mid-run also says how to go on."""
+    msg = util.one_line(e)
+    if isinstance(e, data.BadImageError):
+        msg += (f" (fix or remove it and continue with --resume {args.exp}, or go on without it "
+                f"with --bad_images skip)")
+    return msg
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Entry point: parse, run, turn known failures into one clear line and exit code 2."""
-    args = parse_args(argv)
-    try:
-        main(args)
-    except data.BadImageError as e:
-        # from a DataLoader worker the message carries the worker's traceback: keep its last line
-        return _fail(str(e).strip().splitlines()[-1].split("BadImageError: ")[-1]
-                     + f" (fix or remove it and continue with --resume {args.exp}, or go on without it "
-                       f"with --bad_images skip)")
-    except (data.DataError, checkpoint.CheckpointError, clustering.ClusteringError, DivergedError,
-            util.DeviceError, SetupError) as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return _fail(interrupted_hint(args.exp), 130)
-    finally:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-def interrupted_hint(exp: str) -> str:
-    """What ``--resume EXP`` would load after an interruption, said plainly."""
-    try:
-        found = checkpoint.find_checkpoint(exp, quiet=True) if Path(exp).is_dir() else None
-    except checkpoint.CheckpointError:
-        found = None
-    if found is None:
-        return "interrupted before the first checkpoint: nothing to resume, run the same command again"
-    return f"interrupted; --resume {exp} continues from {found}"
-
-
-def _fail(msg: str, code: int = 2) -> int:
-    """One line on stderr; the same line in EXP/train.log (not echoed a second time on the console)."""
-    print(f"error: {msg}", file=sys.stderr)
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, None, None)
-    for h in log.handlers:
-        if isinstance(h, logging.FileHandler):
-            h.handle(record)
-    return code
+    """Entry point: known failures become one ``error:`` line (also in EXP/train.log), exit 2."""
+    return util.run_cli(main, parse_args, argv, logger=log, explain=explain_error,
+                        on_interrupt=lambda args: checkpoint.interrupted_hint(args.exp))
 
 
 if __name__ == "__main__":

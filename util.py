@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -450,6 +451,95 @@ class FeatureStore:
         return self.tensor.float().cpu().numpy()
 
 
+class RunFeatures:
+    """The run's (N, D) feature matrix, written batch by batch by dataset index.
+
+    One process: rows go straight into an (N, D) :class:`FeatureStore` on ``on`` (the host,
+    or the GPU). Under torchrun each rank fills an (n_local, D) store of its share on its
+    device and :meth:`result` gathers the whole matrix on rank 0, where it stays on rank 0's
+    device (where it is clustered: no round trip through the host); the other ranks get None.
+    """
+
+    def __init__(self, n: int, n_local: int, dim: int, rt: "Runtime", on: torch.device,
+                 dtype: str | torch.dtype = "float32"):
+        self.n, self.rt = n, rt
+        if rt.distributed:
+            self.store = FeatureStore(n_local, dim, rt.device, dtype)
+            self.local_idx = torch.empty(n_local, dtype=torch.long)  # (n_local,) dataset index of each row
+        else:
+            self.store = FeatureStore(n, dim, on, dtype)
+        self.pos = 0
+
+    def write(self, idx: torch.Tensor, rows: torch.Tensor) -> None:
+        """Rows (B, D) of the images ``idx`` (B,)."""
+        if self.rt.distributed:
+            b = len(idx)
+            self.store.write(torch.arange(self.pos, self.pos + b), rows)
+            self.local_idx[self.pos:self.pos + b] = idx
+            self.pos += b
+        else:
+            self.store.write(idx, rows)
+
+    def result(self) -> np.ndarray | torch.Tensor | None:
+        """The (N, D) matrix (None on ranks other than 0); host float32 stays a numpy array
+        (the original's representation, no copy)."""
+        if self.rt.distributed:
+            full = gather_rows(self.store.tensor, self.local_idx, self.n, self.rt)
+            self.store = None
+            if full is None:
+                return None
+        else:
+            full = self.store.tensor
+        return full.numpy() if full.device.type == "cpu" and full.dtype == torch.float32 else full
+
+
+class DivergedError(ScriptError):
+    """The training loss became NaN or inf."""
+
+
+class DeviceLossMeter:
+    """Sum of the training loss and a finite flag kept on the device, read every few steps.
+
+    A host read (``loss.item()``, a NaN test in Python) waits for the GPU to finish the step,
+    which stalls the pipeline if done every step. :meth:`read` moves the device sums into
+    ``meter`` (raw sums, exact in float64 for float32 losses times batch sizes, so the mean
+    does not depend on where the reads fell) and raises :class:`DivergedError` when a loss since
+    the last read was NaN or inf; under torchrun the flag is combined over the ranks, so all
+    ranks stop together.
+    """
+
+    def __init__(self, device: torch.device, meter: AverageMeter, epoch: int = 0, start: int = 0):
+        self.meter, self.epoch = meter, epoch
+        self.first = self.step = start  # first step since the last read, step running
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of loss * batch since the last read
+        self.finite = torch.ones((), dtype=torch.bool, device=device)   # every loss since the last read finite
+        self.n = 0
+
+    def add(self, loss: torch.Tensor, batch: int) -> None:
+        self.finite &= torch.isfinite(loss.detach())
+        self.sum += loss.detach().double() * batch
+        self.n += batch
+
+    def read(self) -> AverageMeter:
+        """The meter with every step so far; :class:`DivergedError` when a loss was NaN or inf."""
+        if self.n:
+            ok = self.finite.to(torch.int32)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+            if not bool(ok):
+                raise DivergedError(f"training loss is {float(self.sum)} at epoch {self.epoch}, between iterations "
+                                    f"{self.first} and {self.step - 1}: the run diverged (try a lower --lr); "
+                                    f"the last checkpoint is kept")
+            total = float(self.sum)
+            m = self.meter
+            m.val, m.sum, m.count = total / self.n, m.sum + total, m.count + self.n
+            m.avg = m.sum / m.count
+            self.sum.zero_()
+            self.n = 0
+        self.first = self.step
+        return self.meter
+
+
 def gather_peak_bytes(n: int, d: int, counts: Sequence[int], element_size: int) -> int:
     """Bytes :func:`gather_rows` holds on rank 0 at its peak (world size > 1).
 
@@ -535,6 +625,28 @@ def broadcast_module_state(model: torch.nn.Module, rt: Runtime) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def barrier(rt: Runtime) -> None:
+    """Wait for every rank (nothing to do in one process)."""
+    if rt.distributed:
+        torch.distributed.barrier()
+
+
+def synced_time(device: torch.device) -> float:
+    """Wall clock after the device has finished its queued work (CUDA kernels are asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """DistributedDataParallel around the whole network under torchrun (rebuilt every epoch,
+    since the top layer is new each epoch); the bare network otherwise."""
+    if not rt.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
 def broadcast_array(arr: np.ndarray | None, rt: Runtime, dtype=torch.int64) -> np.ndarray:
     """Send a 1-d array from rank 0 to every rank (its length too)."""
     import torch.distributed as dist
@@ -570,30 +682,40 @@ def one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
-def fail(msg: str, code: int = 2) -> int:
-    """Print ``error: msg`` on stderr (once) and return the exit code."""
+def fail(msg: str, code: int = 2, logger: logging.Logger | None = None) -> int:
+    """Print ``error: msg`` on stderr (once), copy it to ``logger``'s log files (not to its
+    console handler: the line is not printed twice) and return the exit code."""
     print(f"error: {msg}", file=sys.stderr)
+    if logger is not None:
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, msg, None, None)
+        for h in logger.handlers:
+            if isinstance(h, logging.FileHandler):
+                h.handle(record)
     return code
 
 
-def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
-            argv: Sequence[str] | None = None,
-            on_interrupt: Callable[[argparse.Namespace], str] | None = None,
-            cleanup: Callable[[], None] | None = None) -> int:
-    """Parse ``argv`` and run ``main(args)``. Exit codes: 0 done, 2 a known error (one
-    ``error:`` line on stderr, no traceback), 130 Ctrl-C (with ``on_interrupt(args)``'s hint).
-    ``cleanup`` runs in every case (e.g. leaving the process group)."""
-    args = parser.parse_args(argv)
+def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser | Callable,
+            argv: Sequence[str] | None = None, *, logger: logging.Logger | None = None,
+            explain: Callable[[BaseException, argparse.Namespace], str] | None = None,
+            on_interrupt: Callable[[argparse.Namespace], str] | None = None) -> int:
+    """Parse ``argv`` (``parser.parse_args``, or ``parser(argv)`` when given a function) and run
+    ``main(args)``. Exit codes: 0 done, 2 a known error (one ``error:`` line on stderr, no
+    traceback; ``explain(e, args)`` may word it), 130 Ctrl-C (``on_interrupt(args)`` says what
+    to do next). A process group left open is closed in every case."""
+    args = parser(argv) if callable(parser) and not isinstance(parser, argparse.ArgumentParser) \
+        else parser.parse_args(argv)
     try:
         main(args)
     except known_errors() as e:
-        log.debug("error", exc_info=True)
-        return fail(one_line(e))
+        if logger is not None:
+            logger.debug("error", exc_info=True)
+        return fail(explain(e, args) if explain else one_line(e), 2, logger)
     except KeyboardInterrupt:
-        return fail(on_interrupt(args) if on_interrupt else "interrupted", 130)
+        return fail(on_interrupt(args) if on_interrupt else "interrupted", 130, logger)
     finally:
-        if cleanup is not None:
-            cleanup()
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

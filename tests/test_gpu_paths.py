@@ -203,7 +203,7 @@ def test_train_loop_reads_the_loss_every_few_dozen_steps(monkeypatch):
 
 def test_train_loop_divergence_names_the_iterations(monkeypatch):
     monkeypatch.setattr(main, "SYNC_EVERY", 10)
-    with pytest.raises(main.DivergedError, match="loss is nan at epoch 0, between iterations 10 and 19"):
+    with pytest.raises(util.DivergedError, match="loss is nan at epoch 0, between iterations 10 and 19"):
         _train(_batches(30, nan_at=13), monkeypatch)
 
 

@@ -254,6 +254,11 @@ def plot_cluster_samples(labels: np.ndarray, paths: list[str], targets: list[int
 
 
 # ---------------------------------------------------------------------------------------
+def draw(exp: str | Path) -> list[Path]:
+    """The report of ``exp`` with the default settings (what ``main.py --report`` draws)."""
+    return main(get_args_parser().parse_args([str(exp)]))
+
+
 def main(args: argparse.Namespace) -> list[Path]:
     """Write the report pictures; returns their paths. Raises :class:`ReportError` when the
     folder is not an experiment; missing cluster files or images only skip their pictures."""
