@@ -18,7 +18,7 @@ LR="${LR:-0.05}"
 WD="${WD:--5}"
 K="${K:-10000}"
 WORKERS="${WORKERS:-12}"
-EXP="${EXP:-exp}"
+EXP="${EXP:-}"
 SOBEL="${SOBEL:-1}"
 EPOCHS="${EPOCHS:-}"
 if [ -n "${NGPUS:-}" ]; then DEVICE="${DEVICE:-cuda}"; else DEVICE="${DEVICE:-auto}"; fi
@@ -30,11 +30,12 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 
 ARGS=(--device "$DEVICE")
 if [ -n "$DIR" ]; then
-    ARGS+=("$DIR" --exp "$EXP" --arch "$ARCH" --lr "$LR" --wd "$WD" --k "$K" --workers "$WORKERS" --verbose)
+    ARGS+=("$DIR" --exp "${EXP:-exp}" --arch "$ARCH" --lr "$LR" --wd "$WD" --k "$K" --workers "$WORKERS" --verbose)
     [ "$SOBEL" = "1" ] && ARGS+=(--sobel)
     [ -n "$EPOCHS" ] && ARGS+=(--epochs "$EPOCHS")
+elif [ -n "$EXP" ]; then
+    ARGS+=(--exp "$EXP")  # the demo writes to exp_demo unless EXP says otherwise
 fi
-mkdir -p "${EXP}"
 
 if [ "$NGPUS" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
     exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
