@@ -7,7 +7,7 @@ Public API kept from the original release::
     train_set = cluster_assign(km.images_lists, dataset)
     labels = arrange_clustering(km.images_lists)
 
-Two k-means backends with faiss semantics (SPEC 1.3):
+Two k-means backends with faiss semantics:
 
 * ``faiss``: ``faiss.Clustering`` (GPU flat index when faiss was built with GPU support and
   CUDA is present, else CPU).
@@ -432,7 +432,7 @@ class Kmeans:
 
 
 # ---------------------------------------------------------------------------------------
-# PIC: power iteration clustering on a kNN graph (SPEC 4)
+# PIC: power iteration clustering on a kNN graph
 # ---------------------------------------------------------------------------------------
 def make_graph(xb, nnn: int, device=None) -> tuple[np.ndarray, np.ndarray]:
     """Exact kNN graph: (N, d) -> I, D of shape (N, nnn + 1) (self first, squared L2)."""

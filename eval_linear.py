@@ -186,8 +186,6 @@ def train_epoch(loader: DataLoader, body: models.Trunk, reglog: RegLog, crit: nn
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=util.progress(args.no_progress))
     for i, (imgs, target) in enumerate(bar):
         util.learning_rate_decay(opt, len(loader) * epoch + i, args.lr)  # per-iteration decay
-        for g in opt.param_groups:  # np.float64 -> float: keeps checkpoints weights_only-loadable
-            g["lr"] = float(g["lr"])
         imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
         logits = reglog(body(imgs))                  # (B, classes)
         loss = crit(logits, target)

@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import Sampler
 
 import checkpoint
+import clustering
+import data
 import models
 
 log = logging.getLogger("deepcluster")
@@ -270,15 +272,6 @@ class ClusterLog:
                 self.path(e).unlink()
 
 
-def labels_to_images_lists(labels: np.ndarray, k: int | None = None) -> list[list[int]]:
-    k = int(labels.max()) + 1 if k is None else k
-    lists: list[list[int]] = [[] for _ in range(k)]
-    for i, c in enumerate(np.asarray(labels).tolist()):
-        if c >= 0:  # -1: an image left out of the clustering
-            lists[c].append(i)
-    return lists
-
-
 def export_clusters_pickle(exp: str | os.PathLike, out: str | os.PathLike, epoch: int | None = None,
                            image_paths: Sequence[str] | None = None) -> str:
     """Convert the stored assignments to the original pickle formats.
@@ -300,7 +293,7 @@ def export_clusters_pickle(exp: str | os.PathLike, out: str | os.PathLike, epoch
                              f"{Path(exp) / 'clusters'} cover {len(labels)} images")
         obj: Any = [(p, int(c)) for p, c in zip(image_paths, labels) if c >= 0]
     else:
-        obj = [labels_to_images_lists(clog.load(e)) for e in epochs]
+        obj = [clustering.labels_to_lists(lab, int(lab.max()) + 1) for lab in map(clog.load, epochs)]
     checkpoint.atomic_write(out, lambda f: pickle.dump(obj, f, protocol=2))
     return str(out)
 
@@ -666,8 +659,6 @@ def broadcast_array(arr: np.ndarray | None, rt: Runtime, dtype=torch.int64) -> n
 # ---------------------------------------------------------------------------------------
 def known_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that :func:`run_cli` reports as one ``error:`` line instead of a traceback."""
-    import clustering
-    import data
     return (ScriptError, checkpoint.CheckpointError, data.DataError, data.BadImageError,
             clustering.ClusteringError, models.StateDictError, models.ProbeError)
 

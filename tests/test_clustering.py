@@ -1,4 +1,4 @@
-"""Clustering step (SPEC 1.2-1.4, 4): PCA-whitening, k-means backends, splits, PIC, relabelling."""
+"""Clustering step: PCA-whitening, k-means backends, splits, PIC, relabelling."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,6 @@
-"""Models against SPEC 2: layer shapes, parameter counts, key names, init, Sobel, heads.
+"""Models against the original's architecture: layer shapes, parameter counts, key names, init, Sobel, heads.
 
-Expected values are computed here from the SPEC's layer lists, not from models/.
+Expected values are computed here from the layer lists of the paper and the original code, not from models/.
 """
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from torch import nn
 import models
 from models.common import DeepClusterNet
 
-# SPEC 2, written out independently of models/
+# the original layer lists, written out independently of models/
 ALEXNET_CONVS = [(96, 11), (256, 5), (384, 3), (384, 3), (256, 3)]   # (out, kernel)
 ALEXNET_POOL_AFTER = {0, 1, 4}                                       # maxpool(3,2) after conv i
 VGG_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
 def alexnet_conv_keys(bn: bool = True) -> list[int]:
-    """Index in ``features`` of each conv: conv, [BN], ReLU, then pool where the SPEC has one."""
+    """Index in ``features`` of each conv: conv, [BN], ReLU, then pool where the original has one."""
     idx, out = 0, []
     for i, _ in enumerate(ALEXNET_CONVS):
         out.append(idx)
@@ -43,7 +43,7 @@ def vgg_conv_keys(bn: bool = True) -> list[int]:
 
 
 def expected_shapes(arch: str, sobel: bool, k: int, fc6_in: int, bn: bool = True) -> dict:
-    """Every parameter/buffer shape the SPEC implies, keyed like the released checkpoints."""
+    """Every parameter/buffer shape the layer lists imply, keyed like the released checkpoints."""
     shapes: dict[str, tuple] = {}
     c = 2 if sobel else 3
     if sobel:
@@ -72,7 +72,7 @@ def expected_shapes(arch: str, sobel: bool, k: int, fc6_in: int, bn: bool = True
 
 
 def expected_param_count(arch: str, sobel: bool, k: int, fc6_in: int) -> tuple[int, int]:
-    """(all parameters, trainable parameters) from the SPEC's layer list."""
+    """(all parameters, trainable parameters) from the layer lists."""
     total = 0
     c = 2 if sobel else 3
     convs = ALEXNET_CONVS if arch == "alexnet" else [(v, 3) for v in VGG_CFG if v != "M"]
@@ -216,7 +216,7 @@ def test_build_model_rejects_unknown_arch():
 
 
 # ---------------------------------------------------------------------------------------
-# initialisation (SPEC 2): conv N(0, sqrt(2/(k*k*out))), linear N(0, 0.01), biases 0, BN 1/0
+# initialisation as the original: conv N(0, sqrt(2/(k*k*out))), linear N(0, 0.01), biases 0, BN 1/0
 # ---------------------------------------------------------------------------------------
 def _check_init(m: DeepClusterNet):
     n_conv = 0

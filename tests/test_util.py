@@ -117,7 +117,7 @@ class IndexDataset:
 
 
 def test_original_relabelled_dataset_is_not_balanced():
-    """SPEC 1.5: the original sampler returns dataset indices, but the original dataset is
+    """The original sampler returns dataset indices, but the original dataset is
     ordered by cluster, so the index serves a different image and labels track sizes."""
     lists, n = unbalanced_lists(sizes=(800, 150, 50))
     sampler = util.UnifLabelSampler(n, lists, rng=np.random.RandomState(0))
