@@ -389,7 +389,8 @@ def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, it
     return {
         "epoch": epoch, "clustering_loss": plan.clustering_loss, "train_loss": loss,
         "nmi_prev": None if prev_labels is None else clustering.nmi(prev_labels, plan.labels),
-        "nmi_labels": None if targets is None else clustering.nmi(targets, plan.labels),  # images without a cluster left out
+        # images without a cluster (-1) are left out of both NMIs
+        "nmi_labels": None if targets is None else clustering.nmi(targets, plan.labels),
         "n_clusters": len(plan.images_lists),
         "n_empty": int(sum(1 for lst in plan.images_lists if len(lst) == 0)),
         "time_features": plan.time_features, "time_clustering": plan.time_clustering, "time_train": time_train,
@@ -510,7 +511,8 @@ def main(args: argparse.Namespace) -> dict:
         log.info("epoch %3d | clustering loss %.3f | train loss %.3f | NMI prev %s | NMI labels %s | "
                  "empty %d | time: features %.1fs cluster %.1fs train %.1fs%s",
                  epoch, plan.clustering_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
-                 record["n_empty"], plan.time_features, plan.time_clustering, time_train, eval_knn.KnnMonitor.text(record))
+                 record["n_empty"], plan.time_features, plan.time_clustering, time_train,
+                 eval_knn.KnnMonitor.text(record))
         prev_labels = plan.labels
     util.barrier(rt)
     if args.report and rt.is_main:
