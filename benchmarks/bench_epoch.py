@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, write_json  # noqa: E402
+from _common import environment, pick_device, print_table, sync, write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -63,6 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--quick", action="store_true", help="tiny sizes (the test suite's smoke run)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="where the convnet and our clustering run (the original's PCA stays on the CPU)")
     g.add_argument("--cache", default=str(Path.home() / ".cache" / "deepcluster_bench"))
     g.add_argument("--out", default=None, help="write the tables as JSON here")
     return p
@@ -87,11 +89,12 @@ def check(args, parser) -> None:
 # ---------------------------------------------------------------------------------------
 def build_model(args, channels_last: bool) -> models.DeepClusterNet:
     torch.manual_seed(args.seed)
-    model = models.build_model("alexnet", sobel=True, bn=True, out=args.k, input_size=args.size)
+    model = models.build_model("alexnet", sobel=True, bn=True, out=args.k, input_size=args.size).to(args.dev)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def _fmt(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def _fmt(x: torch.Tensor, channels_last: bool, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -104,7 +107,7 @@ def feature_pass(args, root: str, model, channels_last: bool, draft: bool) -> np
     model.eval()
     out = np.zeros((len(ds), models.common.FC_DIM), np.float32)
     for imgs, idx in loader:
-        out[idx.numpy()] = model.forward_features(_fmt(imgs, channels_last)).numpy()
+        out[idx.numpy()] = model.forward_features(_fmt(imgs, channels_last, args.dev)).float().cpu().numpy()
     return out
 
 
@@ -113,7 +116,7 @@ def cluster_step(args, feats: np.ndarray, pca: str) -> np.ndarray:
     if pca == "faiss":
         xb = original_pca(feats, min(256, feats.shape[0] - 1, feats.shape[1]))
         return original_kmeans(xb, args.k, 20, args.seed)[0]
-    km = clustering.Kmeans(args.k, seed=args.seed, pca_solver=pca)
+    km = clustering.Kmeans(args.k, seed=args.seed, pca_solver=pca, device=args.dev)
     km.cluster(feats)
     return km.labels
 
@@ -131,7 +134,7 @@ def train_pass(args, root: str, model, labels: np.ndarray, channels_last: bool) 
     model.train()
     loss = torch.zeros(())
     for imgs, lab, _ in loader:
-        loss = crit(model(_fmt(imgs, channels_last)), lab)
+        loss = crit(model(_fmt(imgs, channels_last, args.dev)), lab.to(args.dev))
         opt.zero_grad(set_to_none=True)
         top.zero_grad(set_to_none=True)
         loss.backward()
@@ -150,6 +153,7 @@ def run_epoch(args, root: str, name: str) -> dict:
     labels = cluster_step(args, feats, cfg["pca"])
     t2 = time.perf_counter()
     train_pass(args, root, model, labels, cfg["channels_last"])
+    sync(args.dev)
     t3 = time.perf_counter()
     n = len(labels)
     return {"config": name, "features_s": t1 - t0, "clustering_s": t2 - t1, "training_s": t3 - t2,
@@ -195,7 +199,8 @@ def draft_agreement(args, root: str) -> dict:
 # ---------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    env = environment(torch.device("cpu"))
+    args.dev = pick_device(args.device)
+    env = environment(args.dev)
     peak = gemm_peak(512 if args.quick else 2048)
     print(f"epoch benchmark: AlexNet-Sobel@{args.size}, {args.n_images} JPEGs {args.jpeg_size}, k={args.k}, "
           f"batch {args.batch}, {args.workers} workers; {env['cpu']} ({env['cpu_cores']} cores), load "
@@ -234,7 +239,7 @@ def main(args: argparse.Namespace) -> dict:
                         f"{draft['nmi']:.3f} ({'MET' if draft['nmi'] >= 0.95 else 'MISSED'})")
     for v in verdicts:
         print(v)
-    payload = {"benchmark": "epoch", "config": vars(args), "env": env, "gemm_peak_gflops": peak, "rows": rows,
+    payload = {"benchmark": "epoch", "config": {k: v for k, v in vars(args).items() if k != "dev"}, "env": env, "gemm_peak_gflops": peak, "rows": rows,
                "draft": draft, "targets": verdicts, "table": text}
     write_json(args.out, payload)
     return payload
