@@ -84,6 +84,12 @@ def get_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.k is None:
         args.k = 100 if args.real else 500
+    if args.grid and args.grid != "quick":
+        try:
+            cells = [tuple(int(v) for v in c.lower().split("x")) for c in args.grid.split(",") if c]
+            assert cells and all(len(c) == 2 and 1 <= c[1] <= c[0] for c in cells)
+        except (ValueError, AssertionError):
+            p.error(f"argument --grid: invalid value {args.grid!r}: expected NxK[,NxK...] with 1 <= K <= N")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:

@@ -15,7 +15,7 @@ JPEGs): images/s of the feature pass's decode + Resize + CenterCrop with full de
 ``Image.draft``, and the agreement of the clusters: PCA + k-means fitted on the full-decode
 features, then both feature sets assigned to those fixed centroids (NMI, % same cluster).
 
-    python benchmarks/bench_epoch.py                          # 512 images, k=50: a few minutes
+    python benchmarks/bench_epoch.py                          # 256 images, k=25: a few minutes idle
     python benchmarks/bench_epoch.py --n_images 2048 --k 200 --out exp_bench/epoch.json
     python benchmarks/bench_epoch.py --quick                  # seconds: the tests' smoke run
 """
@@ -49,17 +49,17 @@ CONFIGS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("epoch")
-    g.add_argument("--n_images", type=int, default=512, help="images in the generated folder")
+    g.add_argument("--n_images", type=int, default=256, help="images in the generated folder")
     g.add_argument("--jpeg_size", default="500x375", help="WxH of the generated JPEGs")
     g.add_argument("--size", type=int, default=224, help="network input resolution")
-    g.add_argument("--k", type=int, default=50, help="clusters")
+    g.add_argument("--k", type=int, default=25, help="clusters")
     g.add_argument("--batch", type=int, default=64)
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     g.add_argument("--configs", default="original,ours", help=f"comma list of {','.join(CONFIGS)}")
     g = p.add_argument_group("large JPEG decoding")
-    g.add_argument("--draft_images", type=int, default=48, help="generated large JPEGs (0: skip this part)")
+    g.add_argument("--draft_images", type=int, default=24, help="generated large JPEGs (0: skip this part)")
     g.add_argument("--draft_size", default="4000x3000", help="WxH of the large JPEGs")
-    g.add_argument("--draft_k", type=int, default=6, help="clusters for the agreement check")
+    g.add_argument("--draft_k", type=int, default=4, help="clusters for the agreement check")
     g = p.add_argument_group("run")
     g.add_argument("--quick", action="store_true", help="tiny sizes (the test suite's smoke run)")
     g.add_argument("--seed", type=int, default=0)
