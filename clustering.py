@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 log = logging.getLogger("deepcluster")
 
-__all__ = ["preprocess_features", "pca_fit", "pca_apply", "Kmeans", "PIC", "run_kmeans",
+__all__ = ["preprocess_features", "pca_fit", "pca_apply", "top_eigh", "covariance", "PCA_SOLVERS", "Kmeans", "PIC", "run_kmeans",
            "kmeans_torch", "cluster_assign", "arrange_clustering", "ReassignedDataset",
            "OrderedReassignedDataset", "make_graph", "run_pic", "resolve_backend",
            "ClusteringError"]
@@ -94,7 +94,106 @@ PCA_BLOCK = 1 << 25
 # ---------------------------------------------------------------------------------------
 # PCA whitening + L2 normalisation
 # ---------------------------------------------------------------------------------------
-def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5) -> tuple[torch.Tensor, torch.Tensor]:
+PCA_SOLVERS = ("auto", "randomized", "exact")
+# Randomized top-k eigensolver: block of k + oversampling vectors, subspace iteration until
+# every wanted Ritz pair has ||C v - theta v|| <= EIG_TOL * theta (then theta is within
+# EIG_TOL of an eigenvalue, relatively), else the exact solver takes over.
+EIG_TOL = 1e-2
+EIG_MAX_ITER = 40
+EIG_CHECK_EVERY = 2  # Rayleigh-Ritz + residual check every 2nd iteration (it costs ~1/2 of one)
+
+
+def _oversampled(k: int, d: int) -> int:
+    """Block width of the subspace iteration: k plus max(k/2, 32) guard vectors."""
+    return min(d, k + max(k // 2, 32))
+
+
+def resolve_pca_solver(solver: str, d: int, k: int) -> str:
+    """'auto' -> 'randomized' when the block is at most half the matrix (where it pays off),
+    else 'exact'. Raises ValueError naming the value for an unknown solver."""
+    if solver not in PCA_SOLVERS:
+        raise ValueError(f"unknown PCA solver {solver!r}: expected one of {', '.join(PCA_SOLVERS)}")
+    if solver == "auto":
+        return "randomized" if 2 * _oversampled(k, d) <= d else "exact"
+    return solver
+
+
+def top_eigh(mat: torch.Tensor, k: int, solver: str = "auto", tol: float = EIG_TOL,
+             max_iter: int = EIG_MAX_ITER, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Top-``k`` eigenpairs of a symmetric PSD matrix (float64, (d, d)), largest first.
+
+    Returns ``evals`` (k,) float64, ``evecs`` (d, k) float64 and an info dict (solver used,
+    iterations, max relative residual, fallback flag). ``randomized``: subspace iteration
+    with float32 products (the matrix is small enough to be exact in float32 to ~1e-7 of its
+    norm) and float64 Rayleigh-Ritz; each iteration checks the residuals of the wanted pairs
+    and stops when all are below ``tol`` relative to their eigenvalue. Pairs whose eigenvalue
+    is numerical noise (<= NULL_EIG_REL of the largest, zeroed by the whitening anyway) are
+    held to an absolute ``tol * NULL_EIG_REL * theta_1`` only. Not converged after
+    ``max_iter``: falls back to ``torch.linalg.eigh`` and logs it.
+    """
+    d = mat.shape[0]
+    k = min(k, d)
+    used = resolve_pca_solver(solver, d, k)
+    info = {"solver": used, "iterations": 0, "residual": 0.0, "fallback": False}
+    if used == "randomized":
+        out = _randomized_eigh(mat, k, tol, max_iter, seed)
+        if out is not None:
+            evals, evecs, info["iterations"], info["residual"] = out
+            return evals, evecs, info
+        info["fallback"] = True
+        log.warning("PCA: the randomized eigensolver did not reach a relative residual of %.0e on the "
+                    "top %d axes in %d iterations: falling back to the exact eigendecomposition", tol, k, max_iter)
+    evals, evecs = torch.linalg.eigh(mat)           # ascending
+    info["solver"] = "exact"
+    return evals.flip(0)[:k], evecs.flip(1)[:, :k], info
+
+
+def _randomized_eigh(mat: torch.Tensor, k: int, tol: float, max_iter: int, seed: int):
+    """Subspace iteration; (evals, evecs, iterations, max residual) or None if not converged."""
+    d = mat.shape[0]
+    width = _oversampled(k, d)
+    m32 = mat.float()
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    q = torch.randn(d, width, generator=gen, dtype=torch.float32).to(mat.device)
+    q = torch.linalg.qr(m32 @ q).Q                   # (d, width)
+    worst = float("inf")
+    for it in range(1, max_iter + 1):
+        y = m32 @ q                                  # (d, width): one float32 GEMM per iteration
+        if it % EIG_CHECK_EVERY and it < max_iter:
+            q = torch.linalg.qr(y).Q
+            continue
+        # Rayleigh-Ritz in float64 on the block: B = Q^T C Q, (width, width)
+        q64, y64 = q.double(), y.double()
+        b = q64.T @ y64
+        theta, u = torch.linalg.eigh((b + b.T) / 2)
+        theta, u = theta.flip(0)[:k], u.flip(1)[:, :k]
+        v = q64 @ u                                  # Ritz vectors (d, k)
+        res = (y64 @ u - v * theta).norm(dim=0)      # ||C v - theta v||, C v = Y u
+        top = theta[:1].clamp_min(0)
+        scale = torch.maximum(theta.abs(), top * NULL_EIG_REL)
+        rel = res / scale.clamp_min(torch.finfo(torch.float64).tiny)
+        worst = float(rel.max())
+        if worst <= tol:
+            return theta, v, it, worst
+        q = torch.linalg.qr(y).Q
+    log.debug("randomized eigensolver: residual %.3g after %d iterations", worst, max_iter)
+    return None
+
+
+def covariance(x: torch.Tensor, mean: torch.Tensor, step: int) -> torch.Tensor:
+    """(D, D) float64 covariance of x (N, D) around ``mean`` (D,) float32: one float32 GEMM
+    per row block of ``step`` rows, accumulated in float64 (float16/bfloat16 rows upcast per
+    block), so the whole matrix is never copied to float64."""
+    n, d = x.shape
+    cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    for s in range(0, n, step):
+        xc = x[s:s + step].float() - mean
+        cov += (xc.T @ xc).double()
+    return cov / n
+
+
+def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5,
+            solver: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Fit a PCA like faiss ``PCAMatrix(d, dim, eigen_power)``.
 
     x: (N, D) float32 (float16/bfloat16 storage accepted: upcast block by block).
@@ -103,8 +202,12 @@ def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5) -> tuple[torch
     by ``eigenvalue ** eigen_power`` where eigenvalues are those of the covariance (scatter / N),
     so the output has identity covariance. faiss uses the scatter matrix itself, so its
     whitened output is ours divided by sqrt(N): the same after L2 normalisation.
+    ``solver``: 'exact' (full ``torch.linalg.eigh``), 'randomized' (top-``dim`` subspace
+    iteration with a residual check and exact fallback, see :func:`top_eigh`) or 'auto'
+    (randomized when ``dim`` is small beside D).
     """
     n, d = x.shape
+    resolve_pca_solver(solver, d, dim)  # unknown name: fail before the costly pass
     step = _row_chunk(max(d, n if n < d else 0), PCA_BLOCK)
     # Mean: float32 sums of row blocks accumulated in float64. ``x.sum(0, dtype=float64)``
     # on the whole matrix materialises a float64 copy of it (2x the features: 42 GB for
@@ -117,21 +220,14 @@ def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5) -> tuple[torch
     if n < d:
         # Fewer points than dims: eigen-decompose the (N, N) Gram matrix instead of the
         # (D, D) covariance (what faiss does too); G u = l u  =>  S (Xc^T u) = l (Xc^T u).
-        xc = x - mean32
+        xc = x.float() - mean32
         gram = (xc @ xc.T).double() / n
-        evals, u = torch.linalg.eigh(gram)
-        evals, u = evals.flip(0)[:dim], u.flip(1)[:, :dim]
+        evals, u, info = top_eigh(gram, dim, solver)
         evecs = xc.T.double() @ u                                    # (D, dim)
         evecs = evecs / evecs.norm(dim=0, keepdim=True).clamp_min(1e-30)
     else:
-        cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-        # (D, D) covariance accumulated over row blocks: fp32 products, fp64 running sum.
-        for s in range(0, n, step):
-            xc = x[s:s + step] - mean32
-            cov += (xc.T @ xc).double()
-        cov /= n
-        evals, evecs = torch.linalg.eigh(cov)           # ascending
-        evals, evecs = evals.flip(0)[:dim], evecs.flip(1)[:, :dim]
+        evals, evecs, info = top_eigh(covariance(x, mean32, step), dim, solver)
+    log.debug("PCA eigensolver: %s", info)
     # Sign convention: make the largest-magnitude coordinate of each axis positive, so
     # that repeated fits are reproducible (faiss's sign is arbitrary too).
     idx = evecs.abs().argmax(0)
@@ -199,7 +295,8 @@ def to_device_blocks(x, device: torch.device) -> torch.Tensor:
     return out
 
 
-def preprocess_features(npdata, pca: int = 256, backend: str = "auto", device=None):
+def preprocess_features(npdata, pca: int = 256, backend: str = "auto", device=None,
+                        pca_solver: str = "auto"):
     """PCA-reduce to ``pca`` dims with whitening (eigen power -0.5), then L2-normalise rows.
 
     npdata: (N, D) float32 numpy array or torch tensor (a float16/bfloat16 tensor is read
@@ -207,6 +304,7 @@ def preprocess_features(npdata, pca: int = 256, backend: str = "auto", device=No
     ((N, min(pca, D)) float32). The work runs on ``device`` (None: CUDA when available),
     never on the device the data happens to be on: host float16 features of a GPU run are
     moved there block by block (:func:`to_device_blocks`) and the result stays there.
+    ``pca_solver`` picks the eigensolver of the torch PCA (see :func:`pca_fit`).
     """
     is_tensor = isinstance(npdata, torch.Tensor)
     if npdata.ndim != 2:
@@ -234,7 +332,7 @@ def preprocess_features(npdata, pca: int = 256, backend: str = "auto", device=No
     dev = _default_device(device)
     xt = to_device_blocks(npdata, dev)
     _check_features(xt)
-    mean, proj = pca_fit(xt, dim)
+    mean, proj = pca_fit(xt, dim, solver=pca_solver)
     out = pca_apply(xt, mean, proj)
     return out if is_tensor else out.cpu().numpy()
 
@@ -393,11 +491,11 @@ class Kmeans:
     """k-means on PCA-whitened, L2-normalised features (the DeepCluster clustering step)."""
 
     def __init__(self, k: int, backend: str = "auto", niter: int = 20, pca: int = 256,
-                 device=None, seed: int | None = None):
+                 device=None, seed: int | None = None, pca_solver: str = "auto"):
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k, self.backend, self.niter, self.pca = int(k), backend, niter, pca
-        self.device, self.seed = device, seed
+        self.device, self.seed, self.pca_solver = device, seed, pca_solver
         self.images_lists: list[list[int]] = []
         self.labels: np.ndarray | None = None
         self.centroids: torch.Tensor | None = None
@@ -411,7 +509,8 @@ class Kmeans:
             raise ClusteringError(f"k={self.k} clusters requested but only {data.shape[0]} images "
                                   f"(k must be <= the number of images)")
         t0 = time.time()
-        xb = preprocess_features(data, self.pca, backend=self.backend, device=self.device)
+        xb = preprocess_features(data, self.pca, backend=self.backend, device=self.device,
+                                 pca_solver=self.pca_solver)
         n_distinct = count_distinct_rows(xb)
         if n_distinct < self.k:
             raise ClusteringError(

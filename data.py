@@ -99,12 +99,18 @@ def _walk_images(folder: Path) -> list[str]:
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
-def load_rgb(path: str) -> Image.Image:
+def load_rgb(path: str, draft: int | None = None) -> Image.Image:
     """Open an image as RGB, or raise :class:`BadImageError` naming the file.
 
     Grayscale, palette, CMYK, 16-bit and alpha images are converted to RGB (alpha is
     dropped); zero-byte, truncated, corrupt, non-image, unreadable and oversized
     (decompression-bomb) files are refused.
+
+    ``draft``: the shorter side the caller resizes to next. A JPEG at least twice that size
+    on both sides is then decoded at 1/2, 1/4 or 1/8 scale by libjpeg (DCT-domain scaling,
+    the decoder's own reduced-size mode), the smallest scale still >= ``draft`` on both
+    sides: a 4000x3000 photo for Resize(256) decodes as 500x375, 64x fewer pixels.
+    Other formats and smaller JPEGs decode in full.
     """
     try:
         with warnings.catch_warnings():
@@ -114,6 +120,8 @@ def load_rgb(path: str) -> Image.Image:
                 if img.width * img.height > MAX_PIXELS:
                     raise ValueError(f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS} limit "
                                      f"(decompression bomb?)")
+                if draft and img.format == "JPEG":
+                    img.draft("RGB", (int(draft), int(draft)))  # no-op below 2x the target
                 img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             img = img.point(lambda v: v / 256).convert("L")  # 16-bit gray -> 8-bit
@@ -169,12 +177,17 @@ class IndexedImageFolder(Dataset):
     """Images of a folder; item ``i`` is ``(transform(image_i), i)``.
 
     ``targets`` holds the class-folder labels when the folder has class folders, else None.
+    ``draft``: items (the feature pass) decode large JPEGs at reduced size for a resize to
+    this shorter side (see :func:`load_rgb`); :meth:`load` (the training crops) always
+    decodes in full.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
+                 draft: int | None = None):
         self.root = str(root)
         self.paths, self.targets, self.classes = scan_image_folder(root)
         self.transform = transform
+        self.draft = draft
         # True: an unreadable image gives a black stand-in and the index -1 - i (the caller
         # marks it and leaves it out) instead of raising BadImageError
         self.mark_unreadable = False
@@ -196,7 +209,7 @@ class IndexedImageFolder(Dataset):
 
     def __getitem__(self, idx: int):
         try:
-            img = self.load(idx)
+            img = load_rgb(self.paths[idx], self.draft)
         except BadImageError:
             if not self.mark_unreadable:
                 raise
@@ -204,6 +217,11 @@ class IndexedImageFolder(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, idx
+
+
+def eval_resize(size: int = 224) -> int:
+    """Shorter side of :func:`eval_transform`'s Resize: 256 for 224 crops, scaled alike."""
+    return int(round(size * 256 / 224))
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,7 +291,7 @@ class StandIns(Dataset):
 def eval_transform(size: int = 224) -> transforms.Compose:
     """Resize(256) -> CenterCrop(224) (scaled for other sizes) -> ToTensor -> Normalize."""
     return transforms.Compose([
-        transforms.Resize(int(round(size * 256 / 224))),
+        transforms.Resize(eval_resize(size)),
         transforms.CenterCrop(size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -398,4 +416,5 @@ def open_folder(args, rt) -> "IndexedImageFolder":
             torch.distributed.barrier()
         _log.info("demo: no DIR given, training on scikit-learn's digits exported to %s", args.data)
     args.data = os.path.abspath(args.data)
-    return IndexedImageFolder(args.data, transform=eval_transform(args.size))
+    return IndexedImageFolder(args.data, transform=eval_transform(args.size),
+                              draft=eval_resize(args.size) if args.jpeg_draft else None)

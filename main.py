@@ -69,6 +69,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="k-means implementation (auto: torch on CUDA, faiss on CPU when installed)")
     g.add_argument("--pca", type=int, default=256, help="PCA dimension before clustering")
     g.add_argument("--kmeans_iters", type=int, default=20, help="k-means iterations")
+    g.add_argument("--pca_solver", choices=["auto", "randomized", "exact"], default="auto",
+                   help="PCA eigensolver: exact (full eigendecomposition), randomized (top --pca axes by "
+                        "subspace iteration, checked, exact fallback), auto (randomized when --pca is small "
+                        "beside the feature dimension)")
     g.add_argument("--reassign", type=float, default=1.0,
                    help="how many epochs of training between two consecutive reassignments of clusters")
     g.add_argument("--sampler", choices=["uniform", "original"], default="uniform",
@@ -87,8 +91,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action="store_true",
                    help="bf16 autocast for feature extraction and training (changes numerics slightly; "
                         "slower on CPUs without bf16 support)")
-    g.add_argument("--channels_last", action="store_true",
-                   help="channels-last memory format for the convnet (same results within 1e-4)")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format for the convnet (same results within 1e-4, faster "
+                        "on CPU; --no-channels_last: the original contiguous NCHW)")
+    g.add_argument("--jpeg_draft", action=argparse.BooleanOptionalAction, default=True,
+                   help="feature pass: decode JPEGs at least twice the resize target at reduced size "
+                        "(libjpeg DCT scaling); --no-jpeg_draft decodes every image in full")
     g.add_argument("--features_dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage of the (N, 4096) feature matrix (float16 halves it; see README)")
     g.add_argument("--features_on", choices=["host", "device"], default="host",
@@ -231,7 +239,7 @@ def make_clusterer(args: argparse.Namespace, device: torch.device):
     if args.clustering == "PIC":
         return clustering.PIC(pca=args.pca, device=device)
     return clustering.Kmeans(args.nmb_cluster, backend=args.cluster_backend, niter=args.kmeans_iters,
-                             pca=args.pca, device=device)
+                             pca=args.pca, device=device, pca_solver=args.pca_solver)
 
 
 def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,

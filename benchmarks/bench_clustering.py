@@ -19,16 +19,30 @@ reference preprocessed matrix (torch PCA), so partitions compare on identical da
     python benchmarks/bench_clustering.py --N 100000 --D 4096 --k 10000 --methods torch,auto
     python benchmarks/bench_clustering.py --real                # AlexNet features of digits
     python benchmarks/bench_clustering.py --real --model exp/checkpoint.pth.tar
+
+Grid mode (``--grid``): fc7-shaped features (D=4096, eigenvalues decaying as 1/i, k blobs),
+for each N x k the original path (faiss PCAMatrix(4096, 256, -0.5) + faiss k-means) against
+ours (clustering.Kmeans defaults: randomized top-256 PCA + the auto k-means backend), plus
+the exact-PCA reference (torch.linalg.eigh) whose preprocessed matrix is the common one on
+which every partition's within-cluster sum of squares is recomputed. The original's PCA and
+the exact PCA are fitted once per N (their cost does not depend on k) and added to each k's
+k-means time. Also measured: the machine's GEMM peak, the covariance pass in seconds per
+million rows, the k-means FLOPs and the time they would take at GEMM peak.
+
+    python benchmarks/bench_clustering.py --grid 8000x100,8000x1000,50000x100,50000x1000 --D 4096
+    python benchmarks/bench_clustering.py --grid 8000x100 --D 4096      # ~5 min on 2 cores
+    python benchmarks/bench_clustering.py --grid quick                  # seconds (tests)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, environment, pick_device, print_table, write_json  # noqa: E402
+from _common import PeakRSS, environment, fmt, pick_device, print_table, write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -60,9 +74,22 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "deepcluster_bench"))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", default=None, help="write the table as JSON here")
+    p.add_argument("--grid", default=None,
+                   help="comma list of NxK (e.g. 8000x100,50000x1000): the grid mode described above; "
+                        "'quick' = a tiny grid for the tests")
+    p.add_argument("--pca_solver", choices=list(clustering.PCA_SOLVERS), default="auto",
+                   help="grid mode: our PCA eigensolver")
+    p.add_argument("--no_original", action="store_true",
+                   help="grid mode: skip the original path (its PCA is the slow part), keep ours vs exact")
     args = p.parse_args(argv)
     if args.k is None:
         args.k = 100 if args.real else 500
+    if args.grid and args.grid != "quick":
+        try:
+            cells = [tuple(int(v) for v in c.lower().split("x")) for c in args.grid.split(",") if c]
+            assert cells and all(len(c) == 2 and 1 <= c[1] <= c[0] for c in cells)
+        except (ValueError, AssertionError):
+            p.error(f"argument --grid: invalid value {args.grid!r}: expected NxK[,NxK...] with 1 <= K <= N")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
@@ -194,6 +221,8 @@ def partition_sse(xb_ref: np.ndarray, labels: np.ndarray, k: int) -> float:
 # ---------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     args = get_args(argv)
+    if args.grid:
+        return main_grid(args)
     device = pick_device(args.device)
     env = environment(device)
     if args.real:
@@ -305,6 +334,168 @@ def targets(ref: dict, device: torch.device) -> list[str]:
         out.append(f"GPU target '<= 15 s at N=1,281,167 D=4096 k=10,000': this run took {best['time_s']:.2f}s "
                    f"(meaningful only at that size)")
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# grid mode
+# ---------------------------------------------------------------------------------------
+def gemm_peak(n: int = 2048, reps: int = 3, dtype=torch.float32) -> float:
+    """Measured GFLOP/s of an (n x n) @ (n x n) product (best of ``reps``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def fc7_like_features(n: int, d: int, true_k: int, seed: int) -> np.ndarray:
+    """(n, d) float32: eigenvalues decaying as 1/i over all d axes, true_k blobs whose
+    centres follow the same spectrum, rotated by random orthogonal 512 x 512 blocks (so
+    axes are not the coordinates; a full d x d rotation would cost more than the benchmark)."""
+    g = torch.Generator().manual_seed(seed)
+    std = torch.arange(1, d + 1, dtype=torch.float32) ** -0.5
+    centres = torch.randn(true_k, d, generator=g) * std * 3
+    blk = min(512, d)
+    rots = [torch.linalg.qr(torch.randn(blk, blk, generator=g)).Q for _ in range(0, d, blk)]
+    out = np.empty((n, d), np.float32)
+    step = 8192
+    for s in range(0, n, step):
+        m = min(step, n - s)
+        z = torch.randn(m, d, generator=g) * std + centres[torch.randint(0, true_k, (m,), generator=g)]
+        for j, r in enumerate(rots):
+            c = slice(j * blk, min(d, (j + 1) * blk))
+            z[:, c] = z[:, c] @ r[: c.stop - c.start, : c.stop - c.start]
+        out[s:s + m] = z.numpy()
+    return out
+
+
+def original_pca(x: np.ndarray, pca: int) -> np.ndarray:
+    """The original release's preprocessing: faiss PCAMatrix(D, pca, -0.5), then L2."""
+    import faiss
+    mat = faiss.PCAMatrix(x.shape[1], pca, -0.5)
+    mat.train(x)
+    xb = mat.apply_py(x)
+    xb = xb / np.linalg.norm(xb, axis=1)[:, None]
+    return np.ascontiguousarray(xb, dtype=np.float32)
+
+
+def original_kmeans(xb: np.ndarray, k: int, niter: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+    clus = faiss.Clustering(xb.shape[1], k)
+    clus.seed, clus.niter, clus.max_points_per_centroid = seed, niter, 10_000_000
+    clus.min_points_per_centroid = 1  # silences faiss's "please provide more points" only
+    index = faiss.IndexFlatL2(xb.shape[1])
+    clus.train(xb, index)
+    _, labels = index.search(xb, 1)
+    return labels[:, 0].astype(np.int64), faiss.vector_float_to_array(clus.centroids).reshape(k, -1)
+
+
+def main_grid(args) -> dict:
+    """N x k grid, original path vs ours vs the exact-PCA reference, D=args.D."""
+    quick = args.grid == "quick"
+    if quick:
+        args.D, args.pca, args.niter = 96, 16, 5
+    grid = [(600, 8), (600, 16)] if quick else [tuple(int(v) for v in c.lower().split("x"))
+                                                 for c in args.grid.split(",") if c]
+    d, pca = args.D, min(args.pca, args.D)
+    env = environment(torch.device("cpu"))
+    peak32 = gemm_peak(512 if quick else 2048)
+    peak64 = gemm_peak(512 if quick else 2048, dtype=torch.float64)
+    print(f"clustering grid: D={d} -> PCA {pca}, {args.niter} k-means iterations, {env['cpu']} "
+          f"({env['cpu_cores']} cores), load {env['loadavg_1min_at_start']}; GEMM peak "
+          f"{peak32:.0f} GFLOP/s float32, {peak64:.0f} float64", flush=True)
+    if not args.no_warmup:
+        xw = fc7_like_features(2000, min(d, 256), 10, args.seed + 1)
+        original_kmeans(original_pca(xw, 16), 10, 2, 0)
+        clustering.Kmeans(10, pca=16, niter=2, seed=0).cluster(xw)
+    rows, limits = [], []
+    for n in sorted({n for n, _ in grid}):
+        ks = [k for nn, k in grid if nn == n]
+        x = fc7_like_features(n, d, max(ks), args.seed)
+        load0 = os.getloadavg()[0]
+        # the covariance pass alone (ours, float32 GEMM per block, float64 sum)
+        t = time.perf_counter()
+        xt = torch.from_numpy(x)
+        clustering.covariance(xt, xt[:1].mean(0), clustering._row_chunk(d, clustering.PCA_BLOCK))
+        cov_s = time.perf_counter() - t
+        t = time.perf_counter()
+        xb_orig = None if args.no_original else original_pca(x, pca)
+        orig_pca_s = None if args.no_original else time.perf_counter() - t
+        t = time.perf_counter()
+        xb_ref = clustering.preprocess_features(x, pca, backend="torch", pca_solver="exact")
+        exact_pca_s = time.perf_counter() - t
+        for k in ks:
+            seed = args.seed
+            t = time.perf_counter()
+            lab_o = None if args.no_original else original_kmeans(xb_orig, k, args.niter, seed)[0]
+            orig_km_s = None if args.no_original else time.perf_counter() - t
+            orig_s = None if args.no_original else orig_pca_s + orig_km_s
+            km = clustering.Kmeans(k, niter=args.niter, pca=pca, seed=seed, pca_solver=args.pca_solver)
+            t = time.perf_counter()
+            km.cluster(x)
+            ours_s = time.perf_counter() - t
+            # the exact-PCA result: same k-means (backend, seed) on the exact-PCA matrix
+            t = time.perf_counter()
+            lab_e = clustering._kmeans(xb_ref, k, backend=km.backend, seed=seed, niter=args.niter)["labels"].numpy()
+            exact_km_s = time.perf_counter() - t
+            # k-means' own run-to-run spread: the exact-PCA matrix with the next seed
+            lab_e2 = clustering._kmeans(xb_ref, k, backend=km.backend, seed=seed + 1, niter=args.niter)["labels"].numpy()
+            wcss = {name: partition_sse(xb_ref, lab, k) for name, lab in
+                    (("original", lab_o), ("ours", km.labels.astype(np.int64)), ("exact", lab_e),
+                                      ("exact_seed2", lab_e2)) if lab is not None}
+            kflops = 2.0 * n * k * pca * (args.niter + 1)  # distance GEMMs, + the final assignment
+            row = {"N": n, "k": k, "D": d, "original_s": orig_s, "original_pca_s": orig_pca_s,
+                   "original_kmeans_s": orig_km_s, "ours_s": ours_s, "ours_pca_s": km.timings["pca"],
+                   "ours_kmeans_s": km.timings["kmeans"], "exact_s": exact_pca_s + exact_km_s,
+                   "exact_pca_s": exact_pca_s, "speedup": orig_s / ours_s if orig_s else None,
+                   "speedup_vs_exact": (exact_pca_s + exact_km_s) / ours_s,
+                   "wcss_ours": wcss["ours"], "wcss_exact": wcss["exact"], "wcss_original": wcss.get("original"),
+                   "ours_vs_exact_pct": 100 * (wcss["ours"] / wcss["exact"] - 1),
+                   "seed_spread_pct": 100 * (wcss["exact_seed2"] / wcss["exact"] - 1),
+                   "original_vs_exact_pct": (100 * (wcss["original"] / wcss["exact"] - 1)
+                                             if "original" in wcss else None),
+                   "cov_s_per_Mrows": cov_s * 1e6 / n, "kmeans_gflop": kflops / 1e9,
+                   "kmeans_at_peak_s": kflops / (peak32 * 1e9), "load_start": round(load0, 1),
+                   "load_end": round(os.getloadavg()[0], 1)}
+            rows.append(row)
+            print(f"  N={n} k={k}: original {fmt(row['original_s'], 0)}s, ours {ours_s:.2f}s "
+                  f"(PCA {row['ours_pca_s']:.2f}) = {fmt(row['speedup'], 0)}x, exact-PCA {row['exact_s']:.1f}s; "
+                  f"WCSS vs exact-PCA {row['ours_vs_exact_pct']:+.3f}% (original {fmt(row['original_vs_exact_pct'], 0)}%)",
+                  flush=True)
+        cov_flops = 2.0 * n * d * d
+        limits.append(f"N={n}: covariance pass {cov_s:.2f}s = {cov_s * 1e6 / n:.0f} s per million rows at D={d} "
+                      f"({cov_flops / cov_s / 1e9:.0f} GFLOP/s, {100 * cov_flops / cov_s / 1e9 / peak32:.0f}% of "
+                      f"the float32 GEMM peak); exact eigh PCA {exact_pca_s:.1f}s, original faiss PCA "
+                      f"{fmt(orig_pca_s, 0)}s")
+        print(limits[-1], flush=True)
+        del x, xt, xb_orig, xb_ref
+    text = print_table(rows, [("N", "N"), ("k", "k"), ("original_s", "orig s"), ("original_pca_s", "orig PCA s"),
+                              ("ours_s", "ours s"), ("ours_pca_s", "ours PCA s"), ("ours_kmeans_s", "ours km s"),
+                              ("speedup", "x orig"), ("exact_s", "exact s"), ("speedup_vs_exact", "x exact"), ("ours_vs_exact_pct", "WCSS% exact"), ("seed_spread_pct", "seed+1 %"),
+                              ("original_vs_exact_pct", "orig WCSS%"), ("kmeans_gflop", "km GFLOP"),
+                              ("kmeans_at_peak_s", "km@peak s"), ("load_start", "load0"), ("load_end", "load1")],
+                       title=f"\nclustering step grid, D={d}, PCA {pca}, {args.niter} iterations")
+    limits.insert(0, f"GEMM peak measured: {peak32:.0f} GFLOP/s float32, {peak64:.0f} GFLOP/s float64 "
+                     f"({env['cpu_cores']} cores, shared)")
+    for line in limits:
+        print(line)
+    verdicts = []
+    for r in rows:
+        if r["N"] == 8000 and r["speedup"]:
+            verdicts.append(f"target '>= 20x the original at N=8,000' (k={r['k']}): {r['speedup']:.1f}x "
+                            f"({'MET' if r['speedup'] >= 20 else 'MISSED'})")
+        ok = abs(r["ours_vs_exact_pct"]) <= 0.5
+        verdicts.append(f"target 'WCSS within 0.5% of exact PCA' N={r['N']} k={r['k']}: "
+                        f"{r['ours_vs_exact_pct']:+.3f}% ({'MET' if ok else 'MISSED'})")
+    for v in verdicts:
+        print(v)
+    payload = {"benchmark": "clustering_grid", "config": vars(args), "env": env, "gemm_peak_gflops": peak32,
+               "gemm_peak_gflops_fp64": peak64, "rows": rows, "limits": limits, "targets": verdicts, "table": text}
+    write_json(args.out, payload)
+    return payload
 
 
 if __name__ == "__main__":

@@ -98,3 +98,38 @@ def test_bench_memory_smallest(tmp_path):
     import torch
     if not torch.cuda.is_available():
         assert "gpu_fp32" in res["skipped"]
+
+
+def test_bench_clustering_grid_quick(tmp_path):
+    out = tmp_path / "grid.json"
+    load("bench_clustering").main(["--grid", "quick", "--no_warmup", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "clustering_grid" and positive(res["gemm_peak_gflops"])
+    assert [(r["N"], r["k"]) for r in res["rows"]] == [(600, 8), (600, 16)]
+    for r in res["rows"]:
+        for key in ("original_s", "ours_s", "exact_s", "speedup", "wcss_ours", "wcss_exact", "cov_s_per_Mrows",
+                    "kmeans_gflop", "kmeans_at_peak_s"):
+            assert positive(r[key]), (key, r[key])
+        assert abs(r["ours_vs_exact_pct"]) < 1.0 and abs(r["original_vs_exact_pct"]) < 5.0
+    assert any("within 0.5% of exact PCA" in t for t in res["targets"])
+    assert any("per million rows" in line for line in res["limits"])
+
+
+def test_bench_epoch_quick(tmp_path):
+    out = tmp_path / "epoch.json"
+    mod = load("bench_epoch")
+    parser = mod.get_args_parser()
+    args = parser.parse_args(["--quick", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    mod.check(args, parser)
+    mod.main(args)
+    res = json.loads(out.read_text())
+    rows = {r["config"]: r for r in res["rows"]}
+    assert set(rows) == {"original", "ours"} and positive(res["gemm_peak_gflops"])
+    for r in rows.values():
+        for key in ("features_s", "clustering_s", "training_s", "epoch_s", "epoch_x"):
+            assert positive(r[key]), (r["config"], key, r[key])
+        assert r["epoch_s"] >= r["features_s"] + r["clustering_s"] + r["training_s"] - 1e-6
+    d = res["draft"]
+    assert d["images"] == 4 and positive(d["full_img_s"]) and positive(d["draft_img_s"])
+    assert 0.0 <= d["nmi"] <= 1.0 + 1e-9 and 0.0 <= d["same_cluster_pct"] <= 100.0
+    assert any("2x the original" in t for t in res["targets"])

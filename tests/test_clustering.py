@@ -1,6 +1,8 @@
 """Clustering step: PCA-whitening, k-means backends, splits, PIC, relabelling."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -409,3 +411,63 @@ def test_distribute_singletons():
     assert labels.tolist() == [0, 0, 1, 1, 1, 2, 3, 4]  # input untouched
     sizes = np.bincount(out)
     assert sizes[out[:7]].min() > 1
+
+
+# ---------------------------------------------------------------------------------------
+# randomized top-k PCA eigensolver vs the exact one
+# ---------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _decaying_spectrum_features(n: int = 2000, d: int = 512, k: int = 10, seed: int = 0) -> np.ndarray:
+    """(n, d) features with an fc7-like covariance: eigenvalues decaying as 1/i over all d
+    axes (randomly rotated), plus k cluster centres in the leading axes."""
+    rng = np.random.RandomState(seed)
+    std = np.arange(1, d + 1) ** -0.5
+    z = rng.randn(n, d) * std
+    centres = rng.randn(k, d) * std * 3
+    z += centres[rng.randint(0, k, n)]
+    rot, _ = np.linalg.qr(rng.randn(d, d))
+    return (z @ rot.T).astype(np.float32)
+
+
+def test_randomized_pca_matches_exact():
+    x = torch.from_numpy(_decaying_spectrum_features())
+    mean = x.double().mean(0)
+    cov = clustering.covariance(x, mean.float(), 512)
+    ev_r, v_r, info = clustering.top_eigh(cov, 64, "randomized")
+    ev_e, v_e, _ = clustering.top_eigh(cov, 64, "exact")
+    assert info["solver"] == "randomized" and not info["fallback"] and info["residual"] <= clustering.EIG_TOL
+    assert torch.allclose(cov, (x.double() - mean).T @ (x.double() - mean) / len(x), rtol=0, atol=1e-6)
+    assert ((ev_r - ev_e).abs() / ev_e).max() < 0.01
+    cos = torch.linalg.svdvals(v_r.T @ v_e)  # cosines of the principal angles of the subspaces
+    assert torch.rad2deg(torch.arccos(cos.min().clamp(max=1))) < 2.0
+    # the whitened, L2-normalised outputs: row by row the same points
+    out_r = clustering.preprocess_features(x, 64, pca_solver="randomized")
+    out_e = clustering.preprocess_features(x, 64, pca_solver="exact")
+    assert (out_r * out_e).sum(1).min() > 0.99
+    assert torch.allclose(out_r.T @ out_r, out_e.T @ out_e, atol=0.02 * len(x) / 64)
+
+
+def test_randomized_pca_same_clustering():
+    x = _decaying_spectrum_features()
+    kms = {s: clustering.Kmeans(10, backend="torch", pca=64, seed=3, pca_solver=s) for s in ("randomized", "exact")}
+    loss = {s: km.cluster(x) for s, km in kms.items()}
+    assert abs(loss["randomized"] / loss["exact"] - 1) < 0.005
+    assert normalized_mutual_info_score(kms["exact"].labels, kms["randomized"].labels) > 0.95
+
+
+def test_randomized_pca_falls_back_to_exact(caplog):
+    x = torch.from_numpy(_decaying_spectrum_features(n=300, d=64))
+    cov = clustering.covariance(x, x.mean(0), 256)
+    with caplog.at_level("WARNING", logger="deepcluster"):
+        ev, v, info = clustering.top_eigh(cov, 16, "randomized", tol=1e-12, max_iter=1)
+    assert info["fallback"] and info["solver"] == "exact"
+    assert "falling back to the exact" in caplog.text
+    ev_e, v_e, _ = clustering.top_eigh(cov, 16, "exact")
+    assert torch.equal(ev, ev_e) and torch.equal(v, v_e)
+
+
+def test_pca_solver_choice():
+    assert clustering.resolve_pca_solver("auto", 4096, 256) == "randomized"
+    assert clustering.resolve_pca_solver("auto", 300, 256) == "exact"  # block ~ matrix: no gain
+    with pytest.raises(ValueError, match="unknown PCA solver 'lobpcg'"):
+        clustering.pca_fit(torch.zeros(4, 3), 2, solver="lobpcg")

@@ -151,3 +151,21 @@ def test_main_refuses_then_skips_broken_files(tmp_path, broken_files, capsys):
     assert all(n in listed for n in ("zero.jpg", "truncated.jpg", "notes.jpg"))
     assert main.run(args + ["--bad_images", "skip"]) == 0
     assert len(util.ClusterLog(exp / "clusters").load(0)) == 12  # trained on the 12 good images
+
+
+def test_reduced_size_jpeg_decoding(tmp_path):
+    """draft: a JPEG >= 2x the resize target decodes smaller but still >= the target; smaller
+    JPEGs, PNGs and the training path (dataset.load) decode in full."""
+    rng = np.random.RandomState(0)
+    arr = rng.randint(0, 255, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "big.jpg", quality=90)
+    Image.fromarray(arr[:120, :160]).save(tmp_path / "small.jpg", quality=90)
+    Image.fromarray(arr).save(tmp_path / "big.png")
+    assert data.load_rgb(str(tmp_path / "big.jpg"), draft=73).size == (100, 75)  # 1/4 scale, >= 73
+    assert data.load_rgb(str(tmp_path / "big.jpg"), draft=140).size == (200, 150)  # 1/2
+    assert data.load_rgb(str(tmp_path / "small.jpg"), draft=73).size == (160, 120)  # < 2x: full
+    assert data.load_rgb(str(tmp_path / "big.png"), draft=73).size == (400, 300)
+    assert data.load_rgb(str(tmp_path / "big.jpg")).size == (400, 300)
+    ds = data.IndexedImageFolder(tmp_path, transform=lambda im: im.size, draft=73)
+    big = ds.paths.index(str(tmp_path / "big.jpg"))
+    assert ds[big] == ((100, 75), big) and ds.load(big).size == (400, 300)

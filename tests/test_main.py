@@ -164,6 +164,10 @@ def test_demo_defaults_apply_only_without_dir():
     assert paper.wd == -5 and paper.batch == 256 and paper.epochs == 200 and paper.seed == 31
     assert paper.checkpoints == 25000 and paper.reassign == 1 and paper.momentum == 0.9
     assert main.parse_args(["--k", "7"]).nmb_cluster == 7
+    # fast paths on by default, each with its way back to the original
+    assert paper.channels_last and paper.jpeg_draft and paper.pca_solver == "auto"
+    off = main.parse_args(["somewhere", "--no-channels_last", "--no-jpeg_draft", "--pca_solver", "exact"])
+    assert not off.channels_last and not off.jpeg_draft and off.pca_solver == "exact"
 
 
 def test_speed_flags_keep_the_clustering(tiny_image_folder, tmp_path):
@@ -171,7 +175,7 @@ def test_speed_flags_keep_the_clustering(tiny_image_folder, tmp_path):
     from sklearn.metrics import adjusted_rand_score
     base = [str(tiny_image_folder), "--size", "64", "--k", "3", "--pca", "8", "--batch", "8",
             "--workers", "0", "--epochs", "1", "--no_progress"]
-    assert main.run(base + ["--exp", str(tmp_path / "a")]) == 0
+    assert main.run(base + ["--exp", str(tmp_path / "a"), "--no-channels_last"]) == 0
     assert main.run(base + ["--exp", str(tmp_path / "b"), "--channels_last", "--features_dtype", "float16"]) == 0
     la, lb = (util.read_jsonl(tmp_path / x / "log.jsonl")[0] for x in "ab")
     assert lb["clustering_loss"] == pytest.approx(la["clustering_loss"], rel=0.01)

@@ -18,7 +18,7 @@ import main
 import models
 import util
 from conftest import make_image_folder
-from util import CheckpointError
+from checkpoint import CheckpointError
 
 TV_RESNET50_PARAMS = 25_557_032  # torchvision.models.resnet50(): 23,508,032 body + 2,049,000 fc
 

@@ -1,0 +1,252 @@
+"""End-to-end DeepCluster epoch: feature pass + clustering step + one training pass.
+
+Two configurations on the same generated JPEG folder (photo-like 500x375 images), timed in the
+same run, stage by stage:
+
+  original   the original release's configuration: contiguous NCHW float32 convnet, faiss
+             PCAMatrix(4096, 256, -0.5) + faiss k-means, every JPEG decoded in full
+  ours       main.py's defaults: channels-last convnet (float32), clustering.Kmeans with the
+             randomized top-256 PCA, reduced-size JPEG decoding in the feature pass
+
+Model: AlexNet-Sobel (batch norm) at 224, k clusters, SGD as main.py. bf16 stays off (opt-in).
+
+A second part measures the reduced-size JPEG decoding on large photos (generated 4000x3000
+JPEGs): images/s of the feature pass's decode + Resize + CenterCrop with full decoding and with
+``Image.draft``, and the agreement of the clusters: PCA + k-means fitted on the full-decode
+features, then both feature sets assigned to those fixed centroids (NMI, % same cluster).
+
+    python benchmarks/bench_epoch.py                          # 256 images, k=25: a few minutes idle
+    python benchmarks/bench_epoch.py --n_images 2048 --k 200 --out exp_bench/epoch.json
+    python benchmarks/bench_epoch.py --quick                  # seconds: the tests' smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, pick_device, print_table, sync, write_json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import clustering  # noqa: E402
+import data  # noqa: E402
+import models  # noqa: E402
+from bench_clustering import gemm_peak, original_kmeans, original_pca  # noqa: E402
+from bench_throughput import make_jpeg_folder  # noqa: E402
+
+CONFIGS = {
+    "original": dict(channels_last=False, pca="faiss", draft=False),
+    "ours": dict(channels_last=True, pca="auto", draft=True),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("epoch")
+    g.add_argument("--n_images", type=int, default=256, help="images in the generated folder")
+    g.add_argument("--jpeg_size", default="500x375", help="WxH of the generated JPEGs")
+    g.add_argument("--size", type=int, default=224, help="network input resolution")
+    g.add_argument("--k", type=int, default=25, help="clusters")
+    g.add_argument("--batch", type=int, default=64)
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    g.add_argument("--configs", default="original,ours", help=f"comma list of {','.join(CONFIGS)}")
+    g = p.add_argument_group("large JPEG decoding")
+    g.add_argument("--draft_images", type=int, default=24, help="generated large JPEGs (0: skip this part)")
+    g.add_argument("--draft_size", default="4000x3000", help="WxH of the large JPEGs")
+    g.add_argument("--draft_k", type=int, default=4, help="clusters for the agreement check")
+    g = p.add_argument_group("run")
+    g.add_argument("--quick", action="store_true", help="tiny sizes (the test suite's smoke run)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="where the convnet and our clustering run (the original's PCA stays on the CPU)")
+    g.add_argument("--cache", default=str(Path.home() / ".cache" / "deepcluster_bench"))
+    g.add_argument("--out", default=None, help="write the tables as JSON here")
+    return p
+
+
+def check(args, parser) -> None:
+    if args.quick:
+        args.n_images, args.jpeg_size, args.size, args.k, args.batch = 8, "96x72", 64, 2, 8
+        args.draft_images, args.draft_size, args.draft_k, args.workers = 4, "256x192", 2, 0
+    args.configs = [c for c in args.configs.split(",") if c]
+    bad = [c for c in args.configs if c not in CONFIGS]
+    if bad:
+        parser.error(f"argument --configs: unknown configuration(s) {bad}: choose from {list(CONFIGS)}")
+    if args.k > args.n_images:
+        parser.error(f"argument --k: {args.k} clusters exceed --n_images {args.n_images}")
+    if args.draft_images and args.draft_k > args.draft_images:
+        parser.error(f"argument --draft_k: {args.draft_k} exceeds --draft_images {args.draft_images}")
+
+
+# ---------------------------------------------------------------------------------------
+# one epoch
+# ---------------------------------------------------------------------------------------
+def build_model(args, channels_last: bool) -> models.DeepClusterNet:
+    torch.manual_seed(args.seed)
+    model = models.build_model("alexnet", sobel=True, bn=True, out=args.k, input_size=args.size).to(args.dev)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _fmt(x: torch.Tensor, channels_last: bool, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def feature_pass(args, root: str, model, channels_last: bool, draft: bool) -> np.ndarray:
+    """(N, 4096) fc7 features of the folder, as main.compute_features (eval transform)."""
+    ds = data.IndexedImageFolder(root, transform=data.eval_transform(args.size),
+                                 draft=data.eval_resize(args.size) if draft else None)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, num_workers=args.workers)
+    model.eval()
+    out = np.zeros((len(ds), models.common.FC_DIM), np.float32)
+    for imgs, idx in loader:
+        out[idx.numpy()] = model.forward_features(_fmt(imgs, channels_last, args.dev)).float().cpu().numpy()
+    return out
+
+
+def cluster_step(args, feats: np.ndarray, pca: str) -> np.ndarray:
+    """(N,) labels: the original's faiss PCA + faiss k-means, or clustering.Kmeans."""
+    if pca == "faiss":
+        xb = original_pca(feats, min(256, feats.shape[0] - 1, feats.shape[1]))
+        return original_kmeans(xb, args.k, 20, args.seed)[0]
+    km = clustering.Kmeans(args.k, seed=args.seed, pca_solver=pca, device=args.dev)
+    km.cluster(feats)
+    return km.labels
+
+
+def train_pass(args, root: str, model, labels: np.ndarray, channels_last: bool) -> float:
+    """One epoch of training on the pseudo-labels (main.py's step: SGD body + fresh top layer)."""
+    ds = data.IndexedImageFolder(root)
+    train = clustering.ReassignedDataset(labels, ds, data.train_transform(args.size))
+    g = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=args.batch, shuffle=True, generator=g,
+                                         num_workers=args.workers)
+    opt = torch.optim.SGD(model.body_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-5)
+    top = torch.optim.SGD(model.top_layer.parameters(), lr=0.05, weight_decay=1e-5)
+    crit = nn.CrossEntropyLoss()
+    model.train()
+    loss = torch.zeros(())
+    for imgs, lab, _ in loader:
+        loss = crit(model(_fmt(imgs, channels_last, args.dev)), lab.to(args.dev))
+        opt.zero_grad(set_to_none=True)
+        top.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        top.step()
+    return float(loss.detach())
+
+
+def run_epoch(args, root: str, name: str) -> dict:
+    cfg = CONFIGS[name]
+    model = build_model(args, cfg["channels_last"])
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    feats = feature_pass(args, root, model, cfg["channels_last"], cfg["draft"])
+    t1 = time.perf_counter()
+    labels = cluster_step(args, feats, cfg["pca"])
+    t2 = time.perf_counter()
+    train_pass(args, root, model, labels, cfg["channels_last"])
+    sync(args.dev)
+    t3 = time.perf_counter()
+    n = len(labels)
+    return {"config": name, "features_s": t1 - t0, "clustering_s": t2 - t1, "training_s": t3 - t2,
+            "epoch_s": t3 - t0, "features_img_s": n / (t1 - t0), "training_img_s": n / (t3 - t2),
+            "load_start": round(load0, 1), "load_end": round(os.getloadavg()[0], 1)}
+
+
+# ---------------------------------------------------------------------------------------
+# reduced-size decoding of large JPEGs
+# ---------------------------------------------------------------------------------------
+def decode_rate(paths: list[str], size: int, draft: bool) -> float:
+    """Images/s of load_rgb + eval transform (one process: the per-core decode cost)."""
+    tf = data.eval_transform(size)
+    t = time.perf_counter()
+    for p in paths:
+        tf(data.load_rgb(p, data.eval_resize(size) if draft else None))
+    return len(paths) / (time.perf_counter() - t)
+
+
+def draft_agreement(args, root: str) -> dict:
+    """Full vs reduced-size decoding of large JPEGs: decode speed, cluster agreement at fixed
+    centroids (PCA + k-means fitted on the full-decode features)."""
+    from sklearn.metrics import normalized_mutual_info_score
+    paths = data.IndexedImageFolder(root).paths
+    full_rate = decode_rate(paths, args.size, False)
+    draft_rate = decode_rate(paths, args.size, True)
+    model = build_model(args, True)
+    f_full = feature_pass(args, root, model, True, False)
+    f_draft = feature_pass(args, root, model, True, True)
+    dim = min(256, f_full.shape[0] - 1)
+    xf = torch.from_numpy(f_full)
+    mean, proj = clustering.pca_fit(xf, dim, solver="exact")
+    xb = clustering.pca_apply(xf, mean, proj)
+    cent = clustering.kmeans_torch(xb, args.draft_k, seed=args.seed)["centroids"]
+    lab_full = clustering.nearest_centroid(xb, cent)[0].numpy()
+    lab_draft = clustering.nearest_centroid(clustering.pca_apply(torch.from_numpy(f_draft), mean, proj), cent)[0].numpy()
+    rel = float(np.linalg.norm(f_draft - f_full) / max(np.linalg.norm(f_full), 1e-30))
+    return {"images": len(paths), "jpeg_size": args.draft_size, "full_img_s": full_rate, "draft_img_s": draft_rate,
+            "speedup": draft_rate / full_rate, "nmi": float(normalized_mutual_info_score(lab_full, lab_draft)),
+            "same_cluster_pct": 100.0 * float((lab_full == lab_draft).mean()), "feature_rel_diff": rel}
+
+
+# ---------------------------------------------------------------------------------------
+def main(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    args.dev = pick_device(args.device)
+    env = environment(args.dev)
+    peak = gemm_peak(512 if args.quick else 2048)
+    print(f"epoch benchmark: AlexNet-Sobel@{args.size}, {args.n_images} JPEGs {args.jpeg_size}, k={args.k}, "
+          f"batch {args.batch}, {args.workers} workers; {env['cpu']} ({env['cpu_cores']} cores), load "
+          f"{env['loadavg_1min_at_start']}; GEMM peak {peak:.0f} GFLOP/s float32", flush=True)
+    root = make_jpeg_folder(args.cache, args.n_images, args.jpeg_size, args.seed)
+    rows = []
+    for name in args.configs:
+        rows.append(run_epoch(args, root, name))
+        r = rows[-1]
+        print(f"  {name:9s} features {r['features_s']:.1f}s clustering {r['clustering_s']:.2f}s "
+              f"training {r['training_s']:.1f}s = epoch {r['epoch_s']:.1f}s", flush=True)
+    base = next((r for r in rows if r["config"] == "original"), None)
+    for r in rows:
+        for key in ("features", "clustering", "training", "epoch"):
+            r[f"{key}_x"] = base[f"{key}_s"] / r[f"{key}_s"] if base else None
+    text = print_table(rows, [("config", "config"), ("features_s", "features s"), ("features_x", "x"),
+                              ("clustering_s", "clustering s"), ("clustering_x", "x"),
+                              ("training_s", "training s"), ("training_x", "x"), ("epoch_s", "epoch s"),
+                              ("epoch_x", "x epoch"), ("features_img_s", "feat img/s"),
+                              ("training_img_s", "train img/s"), ("load_start", "load0"), ("load_end", "load1")],
+                       title=f"\none epoch, AlexNet-Sobel@{args.size}, {args.n_images} JPEGs {args.jpeg_size}, k={args.k}")
+    verdicts = []
+    ours = next((r for r in rows if r["config"] == "ours"), None)
+    if base and ours:
+        verdicts.append(f"target 'epoch >= 2x the original configuration on this CPU': {ours['epoch_x']:.2f}x "
+                        f"({'MET' if ours['epoch_x'] >= 2 else 'MISSED'})")
+    draft = None
+    if args.draft_images:
+        big = make_jpeg_folder(args.cache, args.draft_images, args.draft_size, args.seed + 1)
+        draft = draft_agreement(args, big)
+        print(f"\nlarge JPEGs ({draft['images']} x {draft['jpeg_size']}): decode + resize {draft['full_img_s']:.2f} "
+              f"img/s full, {draft['draft_img_s']:.2f} img/s reduced-size = {draft['speedup']:.1f}x; clusters at "
+              f"fixed centroids NMI {draft['nmi']:.3f}, {draft['same_cluster_pct']:.0f}% same cluster; fc7 relative "
+              f"difference {draft['feature_rel_diff']:.3f}", flush=True)
+        verdicts.append(f"reduced-size decoding default condition 'NMI >= 0.95 at fixed centroids': "
+                        f"{draft['nmi']:.3f} ({'MET' if draft['nmi'] >= 0.95 else 'MISSED'})")
+    for v in verdicts:
+        print(v)
+    payload = {"benchmark": "epoch", "config": {k: v for k, v in vars(args).items() if k != "dev"}, "env": env, "gemm_peak_gflops": peak, "rows": rows,
+               "draft": draft, "targets": verdicts, "table": text}
+    write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    a = parser.parse_args()
+    check(a, parser)
+    main(a)
