@@ -573,6 +573,8 @@ def start_or_resume(args, exp: Path, model, opt, history, clog, N: int,
         start, mid, prev, ckpt = restore_run(args, model, opt, history, clog, N, rt)
         run_id = ckpt.get("run_id") or current_run_id(exp) or new_run_id()
         if start >= args.epochs:
+            log.warning("nothing to train: the checkpoint is at epoch %d and --epochs is %d (the run is finished; "
+                        "raise --epochs to train further)", start, args.epochs)
             return run_id, start, mid, prev
         if rt.is_main:
             if not (exp / "args.json").exists():
@@ -585,6 +587,7 @@ def start_or_resume(args, exp: Path, model, opt, history, clog, N: int,
             f"{args.exp} already holds a run ({used[0]}): continue it with --resume {args.exp}, use a new "
             f"--exp, or start over with --overwrite (deletes its checkpoints, log and cluster files)")
     if args.start_epoch >= args.epochs:
+        log.warning("nothing to train: --epochs %d (start epoch %d)", args.epochs, args.start_epoch)
         return "", args.start_epoch, None, None
     run_id = new_run_id()
     if rt.is_main:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,8 @@ import util
 
 log = logging.getLogger("deepcluster")
 
-# Settings of the no-argument demo (scikit-learn's 1,797 digits, on a 2-core CPU).
-# Digits are 8x8 strokes: crops of 8% of the image (the paper's RandomResizedCrop) would
-# keep almost nothing of them, so the demo crops at least half of each image.
-# Its kNN curve uses a seeded, stratified train/val split of the same digits.
+# The no-argument demo: scikit-learn's 1,797 digits on a 2-core CPU. Digits are 8x8 strokes, of which the paper's
+# 8% crops keep almost nothing: the demo crops at least half. Its kNN curve uses a train/val split of the same digits.
 DEMO_KNN_DATA = str(Path("data") / "digits_split")
 DEMO_DEFAULTS = dict(size=64, nmb_cluster=100, epochs=6, batch=64, workers=2, exp="exp_demo",
                      sobel=True, lr=0.05, crop_min_scale=0.5, knn_data=DEMO_KNN_DATA,
@@ -45,90 +44,69 @@ DEMO_DEFAULTS = dict(size=64, nmb_cluster=100, epochs=6, batch=64, workers=2, ex
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="PyTorch Implementation of DeepCluster (unsupervised training)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="PyTorch Implementation of DeepCluster (unsupervised training)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data", metavar="DIR", nargs="?", default=None,
-                   help="path to dataset: an image folder, with or without class folders "
-                        "(class folders are only used to report NMI with the labels). "
-                        "Omit it to run the demo on scikit-learn's handwritten digits.")
-
+                   help="image folder, with or without class folders (only used to report NMI with the labels); "
+                        "omit it to run the demo on scikit-learn's handwritten digits")
     g = p.add_argument_group("model")
     g.add_argument("--arch", "-a", type=str, choices=models.ARCHS, default="alexnet", help="CNN architecture")
     g.add_argument("--sobel", action="store_true", help="Sobel filtering")
-    g.add_argument("--size", type=int, default=224,
-                   help="input resolution (224 reproduces the paper; smaller for small images)")
+    g.add_argument("--size", type=int, default=224, help="input resolution (224: the paper's)")
     g.add_argument("--crop_min_scale", type=float, default=0.08,
                    help="smallest area fraction of the training RandomResizedCrop (0.08: the paper's)")
-
     g = p.add_argument_group("clustering")
-    g.add_argument("--clustering", type=str, choices=["Kmeans", "PIC"], default="Kmeans",
-                   help="clustering algorithm")
+    g.add_argument("--clustering", type=str, choices=["Kmeans", "PIC"], default="Kmeans", help="clustering algorithm")
     g.add_argument("--nmb_cluster", "--k", type=int, default=10000, help="number of cluster for k-means")
     g.add_argument("--cluster_backend", choices=["auto", "faiss", "torch"], default="auto",
                    help="k-means implementation (auto: torch on CUDA, faiss on CPU when installed)")
     g.add_argument("--pca", type=int, default=256, help="PCA dimension before clustering")
-    g.add_argument("--kmeans_iters", type=int, default=20, help="k-means iterations")
     g.add_argument("--pca_solver", choices=["auto", "randomized", "exact"], default="auto",
-                   help="PCA eigensolver: exact (full eigendecomposition), randomized (top --pca axes by "
-                        "subspace iteration, checked, exact fallback), auto (randomized when --pca is small "
-                        "beside the feature dimension)")
+                   help="exact: full eigendecomposition; randomized: top --pca axes by checked subspace iteration "
+                        "(exact fallback); auto: randomized when --pca is small beside the feature dimension")
+    g.add_argument("--kmeans_iters", type=int, default=20, help="k-means iterations")
     g.add_argument("--reassign", type=float, default=1.0,
                    help="how many epochs of training between two consecutive reassignments of clusters")
     g.add_argument("--sampler", choices=["uniform", "original"], default="uniform",
-                   help="uniform: every cluster drawn equally often (the paper's intent); original: "
-                        "reproduce the original code, whose sampler indices pointed at other images")
-
+                   help="uniform: every cluster drawn equally often (the paper's intent); original: the original "
+                        "code's, whose indices pointed at other images")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=0.05, help="learning rate")
     g.add_argument("--wd", type=float, default=-5, help="weight decay pow")
     g.add_argument("--momentum", type=float, default=0.9, help="momentum")
     g.add_argument("--batch", type=int, default=256,
-                   help="mini-batch size of one SGD step; under torchrun the global one, each of the W "
-                        "processes taking batch / W images (batch must be a multiple of W)")
+                   help="mini-batch of one SGD step; under torchrun the global one: each of the W processes takes "
+                        "batch / W images")
     g.add_argument("--epochs", type=int, default=200, help="number of total epochs to run")
     g.add_argument("--start_epoch", type=int, default=0, help="manual epoch number (useful on restarts)")
-    g.add_argument("--amp", action="store_true",
-                   help="bf16 autocast for feature extraction and training (changes numerics slightly; "
-                        "slower on CPUs without bf16 support)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (changes numerics slightly)")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last memory format for the convnet (same results within 1e-4, faster "
-                        "on CPU; --no-channels_last: the original contiguous NCHW)")
+                   help="channels-last convnet (same results within 1e-4, faster on CPU; off: the original NCHW)")
     g.add_argument("--jpeg_draft", action=argparse.BooleanOptionalAction, default=True,
-                   help="feature pass: decode JPEGs at least twice the resize target at reduced size "
-                        "(libjpeg DCT scaling); --no-jpeg_draft decodes every image in full")
+                   help="feature pass: decode JPEGs at least twice the resize target at reduced size")
     g.add_argument("--features_dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="storage of the (N, 4096) feature matrix (float16 halves it; see README)")
+                   help="storage of the (N, D) feature matrix (float16 halves it)")
     g.add_argument("--features_on", choices=["host", "device"], default="host",
-                   help="keep the feature matrix in host RAM (the original) or on the GPU, where the "
-                        "PyTorch clustering backend then runs without a host copy (under torchrun rank 0 "
-                        "gathers it on its device and keeps it there)")
-
+                   help="feature matrix in host RAM (the original) or on the GPU, where it is clustered")
     eval_knn.add_monitor_args(p)
-
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
     g.add_argument("--exp", type=str, default="exp", help="path to exp folder")
     g.add_argument("--resume", default="", type=str, metavar="PATH",
-                   help="path to checkpoint, or an experiment folder (its newest valid checkpoint, "
-                        "periodic mid-epoch copies included)")
+                   help="checkpoint, or an experiment folder (its newest valid checkpoint, mid-epoch copies too)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start a new run in an --exp folder that holds one: deletes its checkpoints, "
-                        "log.jsonl and cluster files")
-    g.add_argument("--change_k", action="store_true",
-                   help="with --resume: allow a --k other than the checkpoint's (used from the next clustering)")
+                   help="start anew in an --exp that holds a run: deletes its checkpoints, log and cluster files")
+    g.add_argument("--change_k", action="store_true", help="with --resume: allow a --k other than the checkpoint's")
     g.add_argument("--checkpoints", type=int, default=25000, help="how many iterations between two checkpoints")
     g.add_argument("--seed", type=int, default=31, help="random seed")
     g.add_argument("--check_images", choices=["auto", "full", "header", "off"], default="auto",
-                   help="check every image before training: full decode, header only, or not "
-                        "(auto: full up to 20,000 images, else header)")
+                   help="check every image before training (auto: full decode up to 20,000 images, else header)")
     g.add_argument("--bad_images", choices=["error", "skip"], default="error",
-                   help="unreadable images: stop naming them (before training, or mid-run after a "
-                        "resumable checkpoint), or go on without them (listed in EXP/bad_images.txt)")
+                   help="unreadable images: stop naming them (mid-run after a resumable checkpoint), or go on "
+                        "without them (listed in EXP/bad_images.txt)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
     g.add_argument("--dist_timeout", type=float, default=60,
-                   help="minutes a torchrun process waits in a collective (the other ranks wait while rank 0 "
-                        "clusters) before the run is stopped")
+                   help="minutes a torchrun process waits in a collective (e.g. while rank 0 clusters)")
     g.add_argument("--report", action="store_true", help="draw the training report (PNG) at the end")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--verbose", action="store_true", help="chatty")
@@ -169,6 +147,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--size", args.size >= (64 if args.arch == "alexnet" else 32), args.size,
          "is too small for the architecture (alexnet needs >= 64, vgg16 and resnet50 >= 32)"),
     ] + eval_knn.monitor_arg_rules(args)
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes
+    rules.append(("--batch", args.batch % world == 0, args.batch, f"is the global mini-batch and must be a multiple "
+                  f"of the number of processes {world} (each takes batch / {world} images per step)"))
     for flag, ok, value, why in rules:
         if not ok:
             parser.error(f"argument {flag}: invalid value {value!r}: {why}")
@@ -194,10 +175,6 @@ def rank_batch(args: argparse.Namespace, rt: util.Runtime) -> int:
     return args.batch // rt.world_size
 
 
-def make_loader(dataset, args: argparse.Namespace, rt: util.Runtime, sampler=None, seed: int = 0) -> DataLoader:
-    return data.make_loader(dataset, rank_batch(args, rt), args.workers, rt.device, sampler, seed)
-
-
 # ---------------------------------------------------------------------------------------
 # the stages of one epoch
 # ---------------------------------------------------------------------------------------
@@ -205,20 +182,14 @@ def make_feature_loader(dataset: data.IndexedImageFolder, args: argparse.Namespa
                         rt: util.Runtime) -> DataLoader:
     """Fixed-order loader; under torchrun rank r reads images r, r + W, r + 2W, ..."""
     part = dataset if not rt.distributed else Subset(dataset, range(rt.rank, len(dataset), rt.world_size))
-    return make_loader(part, args, rt)
+    return data.make_loader(part, rank_batch(args, rt), args.workers, rt.device)
 
 
 @torch.no_grad()
 def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, rt: util.Runtime,
                      args: argparse.Namespace) -> np.ndarray | torch.Tensor | None:
-    """(N, D) features, row i = image i (written by index), in --features_dtype; D = 4096
-    pre-ReLU fc7 for AlexNet/VGG-16, 2048 global-average-pooled for ResNet-50.
-
-    One process: rows go straight into the (N, D) store (host, or the GPU with
-    --features_on device). Under torchrun each rank fills an (N / W, D) store of its
-    share on its device and rank 0 gathers the whole matrix, which stays on rank 0's device
-    (where it is clustered: no round trip through the host); the other ranks return None.
-    """
+    """(N, D) features in --features_dtype, row i = image i: D = 4096 pre-ReLU fc7 (AlexNet, VGG-16),
+    2048 average-pooled (ResNet-50). Under torchrun rank 0 gathers the matrix (util.RunFeatures)."""
     model.eval()
     store_on = rt.device if args.features_on == "device" else torch.device("cpu")
     store = util.RunFeatures(N, len(loader.dataset), model.feature_dim, rt, store_on, args.features_dtype)
@@ -264,11 +235,8 @@ def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
 
 
 def draw_samples(images_lists: list[list[int]], N: int, args: argparse.Namespace, rt: util.Runtime) -> np.ndarray:
-    """int(reassign * N) dataset indices, uniform over the non-empty clusters.
-
-    Under torchrun the count is cut to a multiple of W so every rank runs as many steps.
-    Drawn from the seeded global numpy RNG, identically on every rank.
-    """
+    """int(reassign * N) dataset indices, uniform over the non-empty clusters, from the seeded numpy RNG
+    (the same on every rank); under torchrun cut to a multiple of W, so every rank runs as many steps."""
     n_draws = max(rt.world_size, int(args.reassign * N) // rt.world_size * rt.world_size)
     return util.UnifLabelSampler(n_draws, images_lists).indexes
 
@@ -287,7 +255,7 @@ def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[
                                           data.train_transform(args.size, args.crop_min_scale), order=order)
     sampler = util.SeededShardSampler(draws, base_seed=args.seed * 100_003 + epoch, rank=rt.rank,
                                       world_size=rt.world_size, start=start)
-    return make_loader(train_set, args, rt, sampler=sampler, seed=args.seed + epoch)
+    return data.make_loader(train_set, rank_batch(args, rt), args.workers, rt.device, sampler, args.seed + epoch)
 
 
 def reset_top_layer(model: models.DeepClusterNet, k: int, args: argparse.Namespace) -> torch.optim.SGD:
@@ -303,16 +271,11 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
                     opt: torch.optim.Optimizer, top_opt: torch.optim.Optimizer, device: torch.device,
                     epoch: int, args: argparse.Namespace, on_iteration=None, start_iter: int = 0,
                     losses: util.AverageMeter | None = None) -> float:
-    """One pass over the pseudo-labelled loader; returns the average loss.
-
-    ``model`` may be the network or its DistributedDataParallel wrapper. The loss is summed
-    and tested for NaN/inf on the device; the host reads both every ``SYNC_EVERY`` steps,
-    before a checkpoint and at the end, so a diverged run still stops (naming the range of
-    iterations) before any checkpoint of its weights is written. ``on_iteration(i, flush)``
-    runs before step i (i counted from the start of the epoch, ``start_iter`` when resuming
-    inside it), where the periodic checkpoints are written; ``flush()`` reads the device
-    sums and returns the up-to-date meter.
-    """
+    """One pass over the pseudo-labelled loader (``model``: the network or its DDP wrapper);
+    returns the average loss. The loss is summed and checked on the device and read every
+    ``SYNC_EVERY`` steps, so a diverged run stops before any checkpoint of its weights.
+    ``on_iteration(i, flush)`` runs before step i (counted from the epoch's start), where the
+    periodic checkpoints are written; ``flush()`` returns the up-to-date meter."""
     model.train()
     losses = losses or util.AverageMeter()
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=util.progress(args.no_progress),
@@ -370,19 +333,15 @@ class EpochPlan:
 
 def plan_epoch(feature_loader: DataLoader, model: models.DeepClusterNet, clusterer, N: int,
                args: argparse.Namespace, rt: util.Runtime) -> EpochPlan:
-    """Features -> clustering -> pseudo-labels, draws and a fresh top layer.
-
-    Under torchrun every rank first takes rank 0's weights and BatchNorm statistics, so that
-    every share of the features comes from the same network. Stage times are read after a
-    device synchronisation (CUDA kernels run asynchronously).
-    """
+    """Features -> clustering -> pseudo-labels, draws and a fresh top layer. Under torchrun
+    every rank first takes rank 0's weights and BatchNorm statistics (one network for every
+    share of the features). Stage times are read after a device synchronisation."""
     util.broadcast_module_state(model, rt)
     t0 = util.synced_time(rt.device)
     features = compute_features(feature_loader, model, N, rt, args)
     t1 = util.synced_time(rt.device)
     if rt.device.type == "cuda" and rt.is_main:  # to check against util.gather_peak_bytes
-        log.debug("GPU memory peak after feature extraction: %.2f GiB",
-                  torch.cuda.max_memory_allocated(rt.device) / 2 ** 30)
+        log.debug("GPU memory peak after the features: %.2f GiB", torch.cuda.max_memory_allocated(rt.device) / 2**30)
     clus_loss, images_lists, labels = cluster(features, clusterer, args, rt)
     del features
     draws = draw_samples(images_lists, N, args, rt)
@@ -395,47 +354,42 @@ def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, it
                  prev_labels: np.ndarray | None, targets: np.ndarray | None, rt: util.Runtime) -> dict:
     """One line of exp/log.jsonl."""
     return {
-        "epoch": epoch, "clustering_loss": plan.clustering_loss, "train_loss": loss,
+        "epoch": epoch, "clustering_loss": plan.clustering_loss, "train_loss": loss,  # NMIs: images in a cluster
         "nmi_prev": None if prev_labels is None else clustering.nmi(prev_labels, plan.labels),
-        # images without a cluster (-1) are left out of both NMIs
         "nmi_labels": None if targets is None else clustering.nmi(targets, plan.labels),
-        "n_clusters": len(plan.images_lists),
-        "n_empty": int(sum(1 for lst in plan.images_lists if len(lst) == 0)),
+        "n_clusters": len(plan.images_lists), "n_empty": int(sum(1 for lst in plan.images_lists if len(lst) == 0)),
         "time_features": plan.time_features, "time_clustering": plan.time_clustering, "time_train": time_train,
         "time_epoch": plan.time_features + plan.time_clustering + time_train,
         "iterations": iterations, "world_size": rt.world_size,
     }
 
 
-def check_k(args: argparse.Namespace, n: int) -> None:
-    """k against the number of images."""
+def check_data(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: Path, rt: util.Runtime) -> None:
+    """Every image readable (--check_images, --bad_images) and k against the number of images."""
+    data.check_folder(dataset, args.check_images, args.bad_images, exp / "bad_images.txt", workers=args.workers,
+                      progress=not args.no_progress, write=rt.is_main)
+    n = len(dataset)
     if args.clustering == "Kmeans" and args.nmb_cluster > n:
         raise clustering.ClusteringError(f"--nmb_cluster/--k {args.nmb_cluster} is larger than the number "
                                          f"of images ({n}) in {args.data}")
     if args.clustering == "Kmeans" and args.nmb_cluster == 1:
         log.warning("--k 1 puts every image in one cluster: the training loss is 0 and nothing is learned")
+    log.info("%d images%s, %s%s at %d px, %d process(es) on %s", n, f" in {len(dataset.classes)} class folders"
+             if dataset.targets else "", args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size,
+             rt.device)
 
 
 def resumed_plan(mid: dict, model: models.DeepClusterNet, args: argparse.Namespace,
                  rt: util.Runtime) -> EpochPlan:
     """The plan of an epoch interrupted inside training, from a periodic checkpoint."""
     fields = checkpoint.restore_epoch(mid, model, args, rt.world_size)
-    losses = util.AverageMeter()  # the exact partial sum, so the epoch's mean is bitwise the same
-    losses.sum, losses.count = fields.pop("loss_sum"), fields.pop("loss_count")
-    losses.avg = losses.sum / losses.count if losses.count else 0.0
+    losses = util.AverageMeter.from_sum(fields.pop("loss_sum"), fields.pop("loss_count"))  # exact partial sum
     return EpochPlan(**fields, losses=losses)
-
-
-class SetupError(util.ScriptError):
-    """Flags that cannot work with this launch (e.g. --batch not divisible by the processes)."""
 
 
 def main(args: argparse.Namespace) -> dict:
     """Run DeepCluster; returns the last epoch's log record."""
     rt = util.init_runtime(args.device, timeout_min=args.dist_timeout)
-    if args.batch % rt.world_size:
-        raise SetupError(f"--batch {args.batch} is the global mini-batch and must be a multiple of the number of "
-                         f"processes {rt.world_size} (each takes batch / {rt.world_size} images per step)")
     util.configure_backends()
     exp = Path(args.exp)
     dataset = data.open_folder(args, rt)  # a missing or empty DIR is refused before anything is written
@@ -446,12 +400,7 @@ def main(args: argparse.Namespace) -> dict:
         args.no_progress = True
     util.seed_everything(args.seed, rt.rank)
     knn = eval_knn.KnnMonitor.for_training(args, rt, log, demo=DEMO_KNN_DATA)  # a bad --knn_data stops here
-    data.check_folder(dataset, args.check_images, args.bad_images, exp / "bad_images.txt", workers=args.workers,
-                      progress=not args.no_progress, write=rt.is_main)
-    check_k(args, len(dataset))
-    log.info("%d images%s, %s%s at %d px, %d process(es) on %s", len(dataset),
-             f" in {len(dataset.classes)} class folders" if dataset.targets else "",
-             args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size, rt.device)
+    check_data(dataset, args, exp, rt)
     N = len(dataset)
     targets = np.asarray(dataset.targets) if dataset.targets else None
     dataset.mark_unreadable = args.bad_images == "skip"
@@ -461,10 +410,7 @@ def main(args: argparse.Namespace) -> dict:
     crit = nn.CrossEntropyLoss()
     clog, history = util.ClusterLog(exp / "clusters"), util.Logger(exp / "log.jsonl")
     run_id, start_epoch, mid, prev_labels = checkpoint.start_or_resume(args, exp, model, opt, history, clog, N, rt)
-    if start_epoch >= args.epochs:
-        log.warning("nothing to train: %s", f"the checkpoint is at epoch {start_epoch} and --epochs is "
-                    f"{args.epochs} (the run is finished; raise --epochs to train further)" if args.resume
-                    else f"--epochs {args.epochs} (start epoch {start_epoch})")
+    if start_epoch >= args.epochs:  # said by start_or_resume
         return {}
     feature_loader = make_feature_loader(dataset, args, rt)
     clusterer = make_clusterer(args, rt.device)

@@ -128,6 +128,14 @@ class AverageMeter:
         self.sum = 0.0
         self.count = 0
 
+    @classmethod
+    def from_sum(cls, total: float, count: int) -> "AverageMeter":
+        """A meter holding ``count`` values of sum ``total`` (restored as is, no rounding)."""
+        m = cls()
+        m.sum, m.count = float(total), int(count)
+        m.avg = m.sum / m.count if m.count else 0.0
+        return m
+
     def update(self, val: float, n: int = 1) -> None:
         self.val = float(val)
         self.sum += float(val) * n

@@ -208,10 +208,11 @@ def test_train_loop_divergence_names_the_iterations(monkeypatch):
 
 
 def test_batch_not_divisible_by_processes_refused(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(util, "init_runtime", lambda device, timeout_min=60: util.Runtime(0, 2))
-    assert main.run(["x", "--batch", "7", "--exp", str(tmp_path / "e")]) == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    with pytest.raises(SystemExit) as e:
+        main.run(["x", "--batch", "7", "--exp", str(tmp_path / "e")])
     err = capsys.readouterr().err
-    assert "--batch 7" in err and "number of processes 2" in err
+    assert e.value.code == 2 and "--batch: invalid value 7" in err and "number of processes 2" in err
     assert not (tmp_path / "e").exists()  # refused before any work
 
 
