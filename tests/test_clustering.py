@@ -471,3 +471,14 @@ def test_pca_solver_choice():
     assert clustering.resolve_pca_solver("auto", 300, 256) == "exact"  # block ~ matrix: no gain
     with pytest.raises(ValueError, match="unknown PCA solver 'lobpcg'"):
         clustering.pca_fit(torch.zeros(4, 3), 2, solver="lobpcg")
+
+
+@pytest.mark.parametrize("n,d,step", [(200, 50, 64), (700, 1030, 256)])
+def test_covariance_upper_block_triangle_equals_float64_reference(n, d, step):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(n, d, generator=g) * torch.linspace(0.1, 3.0, d) + 5.0
+    mean = x.double().mean(0)
+    cov = clustering.covariance(x, mean.float(), step)
+    ref = (x.double() - mean).T @ (x.double() - mean) / n
+    assert torch.equal(cov, cov.T)  # the mirrored triangle is exact
+    assert float((cov - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
