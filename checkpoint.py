@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 import clustering
+import models
 
 log = logging.getLogger("deepcluster")
 
@@ -179,18 +179,6 @@ def _is_torch_file(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
     return head.startswith(b"PK") or head[:1] == b"\x80"
-
-
-_MODULE_RE = re.compile(r"(^|\.)module\.")
-
-
-def clean_state_dict(sd: dict) -> dict:
-    """Normalise the key layouts of the released checkpoints to ours.
-
-    ``features.module.0.weight`` (DataParallel around features) and ``module.*`` become
-    ``features.0.weight``; everything else is kept.
-    """
-    return {_MODULE_RE.sub(r"\1", k): v for k, v in sd.items()}
 
 
 def restart_from_checkpoint(path: str | os.PathLike, run_variables: dict | None = None, *,
@@ -514,7 +502,7 @@ def resume(path: str, model, opt: torch.optim.Optimizer, args, n_images: int) ->
         return {"epoch": args.start_epoch, "path": None}
     ckpt = torch_load(found)
     check_checkpoint(ckpt, found, args, n_images)
-    sd = clean_state_dict(ckpt["state_dict"])
+    sd = models.clean_state_dict(ckpt["state_dict"])
     top = {k[len("top_layer."):]: v for k, v in sd.items() if k.startswith("top_layer.")}
     sd = {k: v for k, v in sd.items() if not k.startswith("top_layer.")}
     try:
