@@ -48,6 +48,33 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def conv_stack(cfg: list, in_channels: int, bn: bool, pool: tuple[int, int]) -> nn.Sequential:
+    """Conv [+ BatchNorm] + ReLU per ``(out_channels, kernel, stride, padding)`` of ``cfg``;
+    ``"M"`` = MaxPool2d(``pool`` = (kernel, stride)). Module indices are the released keys'."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=pool[0], stride=pool[1]))
+            continue
+        out_c, k, s, p = v
+        layers.append(nn.Conv2d(c, out_c, kernel_size=k, stride=s, padding=p))
+        if bn:
+            layers.append(nn.BatchNorm2d(out_c))
+        layers.append(nn.ReLU(inplace=True))
+        c = out_c
+    return nn.Sequential(*layers)
+
+
+def fc_head(dim: int, dropout_before_fc6: bool) -> nn.Sequential:
+    """fc6 and fc7 (``dim`` -> 4096 -> 4096, ReLU after each, dropout before fc7; AlexNet also
+    has one before fc6). The last ReLU is the one bypassed by ``forward_features``."""
+    layers: list[nn.Module] = [nn.Dropout(0.5)] if dropout_before_fc6 else []
+    layers += [nn.Linear(dim, FC_DIM), nn.ReLU(inplace=True), nn.Dropout(0.5),
+               nn.Linear(FC_DIM, FC_DIM), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
 def new_top_layer(k: int, in_dim: int = FC_DIM) -> nn.Linear:
     """Linear(in_dim, k), weight ~ N(0, 0.01), bias 0."""
     top = nn.Linear(in_dim, k)

@@ -3,24 +3,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from .common import FC_DIM, DeepClusterNet, flat_dim
+from .common import DeepClusterNet, conv_stack, fc_head, flat_dim
 
-CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+# 3x3 convs, stride 1, padding 1; "M" = MaxPool2d(2, 2)
+CFG = [(c, 3, 1, 1) if c != "M" else c
+       for c in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]]
 
 
 def make_features(in_channels: int, bn: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    c = in_channels
-    for v in CFG:
-        if v == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            continue
-        layers.append(nn.Conv2d(c, v, kernel_size=3, padding=1))
-        if bn:
-            layers.append(nn.BatchNorm2d(v))
-        layers.append(nn.ReLU(inplace=True))
-        c = v
-    return nn.Sequential(*layers)
+    return conv_stack(CFG, in_channels, bn, pool=(2, 2))
 
 
 class VGG16(DeepClusterNet):
@@ -33,13 +24,7 @@ class VGG16(DeepClusterNet):
         in_channels = 2 if sobel else 3
         features = make_features(in_channels, bn)
         dim = flat_dim(features, in_channels, input_size)  # 512 x 7 x 7 = 25088 at 224
-        classifier = nn.Sequential(
-            nn.Linear(dim, FC_DIM),
-            nn.ReLU(inplace=True),
-            nn.Dropout(0.5),
-            nn.Linear(FC_DIM, FC_DIM),
-            nn.ReLU(inplace=True),
-        )
+        classifier = fc_head(dim, dropout_before_fc6=False)
         super().__init__(features, classifier, out, sobel, bn, input_size)
 
 
