@@ -320,7 +320,7 @@ def record_invocation(exp: Path, args, run_id: str, start_epoch: int, iteration:
     """
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": run_id, "start_epoch": int(start_epoch),
              "iteration": int(iteration), "resumed_from": resumed_from,
-             "args": {k: v for k, v in vars(args).items()}}
+             "args": dict(vars(args))}
     with open(Path(exp) / HISTORY, "a") as f:
         f.write(json.dumps(entry, default=str) + "\n")
         f.flush()

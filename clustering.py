@@ -300,6 +300,9 @@ def to_device_blocks(x, device: torch.device) -> torch.Tensor:
     copy is synchronous, so host memory is read before the call returns."""
     t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
     dtype = t.dtype if t.dtype in LOW_PRECISION else torch.float32
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" is the current GPU: compare as cuda:i,
+        device = torch.device("cuda", torch.cuda.current_device())  # not a second copy of the matrix
     if t.device == device and t.dtype == dtype:
         return t
     out = torch.empty(t.shape, dtype=dtype, device=device)

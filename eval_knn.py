@@ -35,7 +35,6 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoint
@@ -229,12 +228,11 @@ def extract(net: nn.Module, batches: Iterable[torch.Tensor], device: torch.devic
 
 
 def image_batches(paths: list[str], size: int, batch: int, workers: int, desc: str = "",
-                  no_progress: bool = True, pin: bool = False) -> Iterator[torch.Tensor]:
-    """(B, 3, S, S) normalised centre crops of ``paths``, in order. The loader has its own
-    generator, so iterating it draws nothing from the global RNG."""
-    loader = DataLoader(LabeledImages(paths, [0] * len(paths), data.eval_transform(size)), batch_size=batch,
-                        shuffle=False, num_workers=workers, pin_memory=pin,
-                        generator=torch.Generator().manual_seed(0))
+                  no_progress: bool = True, device: torch.device = torch.device("cpu")) -> Iterator[torch.Tensor]:
+    """(B, 3, S, S) normalised centre crops of ``paths``, in order (pinned for a CUDA
+    ``device``). The loader has its own generator: iterating it draws nothing from the global RNG."""
+    loader = data.make_loader(LabeledImages(paths, [0] * len(paths), data.eval_transform(size)), batch, workers,
+                              device)
     for imgs, _ in tqdm(loader, desc=desc, leave=False, disable=util.progress(no_progress)):
         yield imgs
 
@@ -394,7 +392,7 @@ def cached_features(split: str, paths: list[str], net: FeatureNet, device: torch
         log.info("using cached features %s", f)
         return np.load(f)
     feats = extract(net, image_batches(paths, args.size, args.batch_size, args.workers, f"{split} features",
-                                       args.no_progress, pin=device.type == "cuda"), device).numpy()
+                                       args.no_progress, device), device).numpy()
     f.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_np_save(f, feats)  # a crash never leaves a half-written cache
     return feats

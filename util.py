@@ -224,7 +224,7 @@ def load_model(path: str | os.PathLike | None, arch: str | None = None, purpose:
         sd = ckpt  # a bare state dict
     if not isinstance(sd, dict):
         raise checkpoint.CheckpointError(f"{where} has no 'state_dict' and is not a state dict of "
-                              f"{', '.join(models.ARCHS)}")
+                                         f"{', '.join(models.ARCHS)}")
     held = ckpt.get("arch") or (ckpt.get("model_config") or {}).get("arch") or \
         models.detect_arch(models.clean_state_dict(sd))
     if arch is not None and held is not None and held != arch:
@@ -346,6 +346,24 @@ def configure_backends() -> None:
     torch.backends.cudnn.benchmark = True
 
 
+def select_device(name: str = "auto") -> torch.device:
+    """The one device rule of every script. ``auto``: CUDA when torch sees a GPU, else the CPU
+    (one code path for both), loudly when the machine shows a GPU that torch cannot use;
+    ``cuda`` (or ``cuda:N``) without a usable GPU is a :class:`DeviceError`."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {name} requested but CUDA is not available to PyTorch (CUDA build "
+                          f"{torch.version.cuda or 'none'}): check the driver with nvidia-smi")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if system_sees_gpu():
+            log.warning("WARNING: this machine shows an NVIDIA GPU but PyTorch cannot use it (torch %s, CUDA build "
+                        "%s; driver too old for this build?): running on the CPU. Pass --device cuda to make this "
+                        "an error.", torch.__version__, torch.version.cuda or "none")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
 def init_runtime(device: str = "auto", timeout_min: float = 60.0) -> Runtime:
     """Decide device and distributed state.
 
@@ -361,14 +379,7 @@ def init_runtime(device: str = "auto", timeout_min: float = 60.0) -> Runtime:
 
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"--device must be auto, cuda or cpu, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("--device cuda requested but CUDA is not available to PyTorch (CUDA build "
-                          f"{torch.version.cuda or 'none'}): check the driver with nvidia-smi")
-    if device == "auto" and not torch.cuda.is_available() and system_sees_gpu():
-        log.warning("WARNING: this machine shows an NVIDIA GPU but PyTorch cannot use it (torch %s, CUDA build %s; "
-                    "driver too old for this build?): running on the CPU. Pass --device cuda to make this an error.",
-                    torch.__version__, torch.version.cuda or "none")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = select_device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -735,16 +746,6 @@ def setup_logging(logger: logging.Logger, exp: str | os.PathLike | None, filenam
         h.setFormatter(fmt)
         logger.addHandler(h)
     logger.propagate = False
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when torch sees a GPU, else CPU (one code path for both); ``cuda`` or
-    ``cuda:N`` without a GPU is a :class:`ScriptError`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ScriptError(f"--device {name}: torch sees no CUDA device")
-    return torch.device(name)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
