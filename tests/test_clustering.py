@@ -466,6 +466,62 @@ def test_randomized_pca_falls_back_to_exact(caplog):
     assert torch.equal(ev, ev_e) and torch.equal(v, v_e)
 
 
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_shifted_subspace_iteration_converges_faster_to_the_same_pairs(power):
+    d, k = 512, 64
+    g = torch.Generator().manual_seed(1)
+    rot = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+    ev = torch.arange(1, d + 1, dtype=torch.float64) ** -power
+    cov = (rot * ev) @ rot.T
+    out = {s: clustering._randomized_eigh(cov, k, clustering.EIG_TOL, 40, 0, shift=s) for s in (True, False)}
+    assert all(o is not None and o[3] <= clustering.EIG_TOL for o in out.values())
+    assert out[True][2] < out[False][2]                          # fewer iterations with the shift
+    for evals, evecs, _, _ in out.values():
+        assert ((evals - ev[:k]).abs() / ev[:k]).max() < 1e-3
+        assert torch.linalg.svdvals(evecs.T @ rot[:, :k]).min() > 0.99
+
+
+def test_randomized_solver_on_a_rank_deficient_matrix():
+    # dead units: only 40 of 256 axes carry variance; the null pairs are held to an
+    # absolute residual, and the whitening zeroes them
+    g = torch.Generator().manual_seed(2)
+    basis = torch.linalg.qr(torch.randn(256, 40, generator=g, dtype=torch.float64)).Q
+    cov = (basis * torch.linspace(2.0, 0.5, 40, dtype=torch.float64)) @ basis.T
+    evals, evecs, info = clustering.top_eigh(cov, 64, "randomized")
+    ev_e, _, _ = clustering.top_eigh(cov, 64, "exact")
+    assert torch.allclose(evals[:40], ev_e[:40], rtol=1e-3)
+    assert evals[40:].abs().max() < 1e-6 * evals[0]
+    assert torch.linalg.svdvals(evecs[:, :40].T @ basis).min() > 0.999
+
+
+@pytest.mark.parametrize("store", ["numpy", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("row", [0, 299])
+def test_check_features_finds_every_non_finite_value(monkeypatch, store, bad, row):
+    monkeypatch.setattr(clustering, "PCA_BLOCK", 64 * 8)          # 64-row blocks: 5 of them
+    a = np.ones((300, 8), np.float32)
+    a[row, 5] = bad
+    conv = {"numpy": lambda v: v, "float32": torch.from_numpy,
+            "float16": lambda v: torch.from_numpy(v).half(), "bfloat16": lambda v: torch.from_numpy(v).bfloat16()}
+    with pytest.raises(clustering.ClusteringError, match="NaN or inf"):
+        clustering._check_features(conv[store](a))
+    a[row, 5] = 1.0
+    big = {"float16": 6e4, "bfloat16": 3e38}.get(store, 3e38)      # finite values whose sum overflows
+    clustering._check_features(conv[store](np.full((300, 8), big, np.float32)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pca_apply_equals_centred_projection(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(700, 96, generator=g) * 3 + 10).to(dtype)
+    mean, proj = torch.randn(96, generator=g) + 10, torch.randn(96, 16, generator=g)
+    ref = (x.double() - mean.double()) @ proj.double()
+    ref = ref / ref.norm(dim=1, keepdim=True)
+    assert torch.allclose(clustering.pca_apply(x, mean, proj).double(), ref, atol=1e-5)
+    raw = (x.double() - mean.double()) @ proj.double()
+    assert torch.allclose(clustering.pca_apply(x, mean, proj, l2=False).double(), raw, rtol=1e-5, atol=1e-3)
+
+
 def test_pca_solver_choice():
     assert clustering.resolve_pca_solver("auto", 4096, 256) == "randomized"
     assert clustering.resolve_pca_solver("auto", 300, 256) == "exact"  # block ~ matrix: no gain
