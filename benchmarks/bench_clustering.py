@@ -79,6 +79,9 @@ def get_args(argv=None) -> argparse.Namespace:
                         "'quick' = a tiny grid for the tests")
     p.add_argument("--pca_solver", choices=list(clustering.PCA_SOLVERS), default="auto",
                    help="grid mode: our PCA eigensolver")
+    p.add_argument("--quality_seeds", type=int, default=3,
+                   help="grid mode: k-means seeds on which our partition is compared with the exact-PCA one "
+                        "(k-means at k ~ N/8 is chaotic: one seed measures mostly noise)")
     p.add_argument("--no_original", action="store_true",
                    help="grid mode: skip the original path (its PCA is the slow part), keep ours vs exact")
     args = p.parse_args(argv)
@@ -427,6 +430,8 @@ def main_grid(args) -> dict:
         t = time.perf_counter()
         xb_ref = clustering.preprocess_features(x, pca, backend="torch", pca_solver="exact")
         exact_pca_s = time.perf_counter() - t
+        # our whitened matrix once more, untimed, for the extra k-means seeds of the quality check
+        xb_ours = clustering.preprocess_features(x, pca, backend="torch", pca_solver=args.pca_solver)
         for k in ks:
             seed = args.seed
             t = time.perf_counter()
@@ -446,6 +451,13 @@ def main_grid(args) -> dict:
             wcss = {name: partition_sse(xb_ref, lab, k) for name, lab in
                     (("original", lab_o), ("ours", km.labels.astype(np.int64)), ("exact", lab_e),
                                       ("exact_seed2", lab_e2)) if lab is not None}
+            # the same comparison with further k-means seeds: our PCA vs the exact one, same seed
+            seed_pcts = [100 * (wcss["ours"] / wcss["exact"] - 1)]
+            for s2 in range(seed + 1, seed + args.quality_seeds):
+                lab_o2 = clustering._kmeans(xb_ours, k, backend=km.backend, seed=s2, niter=args.niter)["labels"].numpy()
+                lab_x2 = (lab_e2 if s2 == seed + 1 else
+                          clustering._kmeans(xb_ref, k, backend=km.backend, seed=s2, niter=args.niter)["labels"].numpy())
+                seed_pcts.append(100 * (partition_sse(xb_ref, lab_o2, k) / partition_sse(xb_ref, lab_x2, k) - 1))
             kflops = 2.0 * n * k * pca * (args.niter + 1)  # distance GEMMs, + the final assignment
             row = {"N": n, "k": k, "D": d, "original_s": orig_s, "original_pca_s": orig_pca_s,
                    "original_kmeans_s": orig_km_s, "ours_s": ours_s, "ours_pca_s": km.timings["pca"],
@@ -455,6 +467,8 @@ def main_grid(args) -> dict:
                    "wcss_ours": wcss["ours"], "wcss_exact": wcss["exact"], "wcss_original": wcss.get("original"),
                    "ours_vs_exact_pct": 100 * (wcss["ours"] / wcss["exact"] - 1),
                    "seed_spread_pct": 100 * (wcss["exact_seed2"] / wcss["exact"] - 1),
+                   "ours_vs_exact_pct_seeds": seed_pcts,
+                   "ours_vs_exact_pct_worst": max(seed_pcts, key=abs),
                    "original_vs_exact_pct": (100 * (wcss["original"] / wcss["exact"] - 1)
                                              if "original" in wcss else None),
                    "cov_s_per_Mrows": cov_s * 1e6 / n, "kmeans_gflop": kflops / 1e9,
@@ -472,10 +486,10 @@ def main_grid(args) -> dict:
                       f"the float32 GEMM peak); exact eigh PCA {exact_pca_s:.1f}s, original faiss PCA "
                       f"{fmt(orig_pca_s, 0)}s")
         print(limits[-1], flush=True)
-        del x, xt, xb_orig, xb_ref
+        del x, xt, xb_orig, xb_ref, xb_ours
     text = print_table(rows, [("N", "N"), ("k", "k"), ("original_s", "orig s"), ("original_pca_s", "orig PCA s"),
                               ("ours_s", "ours s"), ("ours_pca_s", "ours PCA s"), ("ours_kmeans_s", "ours km s"),
-                              ("speedup", "x orig"), ("exact_s", "exact s"), ("speedup_vs_exact", "x exact"), ("ours_vs_exact_pct", "WCSS% exact"), ("seed_spread_pct", "seed+1 %"),
+                              ("speedup", "x orig"), ("exact_s", "exact s"), ("speedup_vs_exact", "x exact"), ("ours_vs_exact_pct", "WCSS% exact"), ("ours_vs_exact_pct_worst", "worst seed %"), ("seed_spread_pct", "seed+1 %"),
                               ("original_vs_exact_pct", "orig WCSS%"), ("kmeans_gflop", "km GFLOP"),
                               ("kmeans_at_peak_s", "km@peak s"), ("load_start", "load0"), ("load_end", "load1")],
                        title=f"\nclustering step grid, D={d}, PCA {pca}, {args.niter} iterations")
@@ -488,9 +502,11 @@ def main_grid(args) -> dict:
         if r["N"] == 8000 and r["speedup"]:
             verdicts.append(f"target '>= 20x the original at N=8,000' (k={r['k']}): {r['speedup']:.1f}x "
                             f"({'MET' if r['speedup'] >= 20 else 'MISSED'})")
-        ok = abs(r["ours_vs_exact_pct"]) <= 0.5
-        verdicts.append(f"target 'WCSS within 0.5% of exact PCA' N={r['N']} k={r['k']}: "
-                        f"{r['ours_vs_exact_pct']:+.3f}% ({'MET' if ok else 'MISSED'})")
+        worst = r["ours_vs_exact_pct_worst"]
+        ok = abs(worst) <= 0.5
+        verdicts.append(f"target 'WCSS within 0.5% of exact PCA' N={r['N']} k={r['k']}: timed seed "
+                        f"{r['ours_vs_exact_pct']:+.3f}%, worst of {len(r['ours_vs_exact_pct_seeds'])} seeds "
+                        f"{worst:+.3f}% ({'MET' if ok else 'MISSED'})")
     for v in verdicts:
         print(v)
     payload = {"benchmark": "clustering_grid", "config": vars(args), "env": env, "gemm_peak_gflops": peak32,
