@@ -111,6 +111,10 @@ def test_bench_clustering_grid_quick(tmp_path):
                     "kmeans_gflop", "kmeans_at_peak_s"):
             assert positive(r[key]), (key, r[key])
         assert abs(r["ours_vs_exact_pct"]) < 1.0 and abs(r["original_vs_exact_pct"]) < 5.0
+        assert len(r["ours_vs_exact_pct_seeds"]) == len(r["noise_pct_seeds"]) == 4
+        assert 0 <= r["row_deviation_median"] <= r["row_deviation_max"] < 0.5
+        assert r["ours_vs_exact_pct_seeds"][0] == r["ours_vs_exact_pct"]
+        assert abs(r["ours_vs_exact_pct_mean"]) <= max(abs(v) for v in r["ours_vs_exact_pct_seeds"]) + 1e-9
     assert any("within 0.5% of exact PCA" in t for t in res["targets"])
     assert any("per million rows" in line for line in res["limits"])
 
@@ -124,7 +128,7 @@ def test_bench_epoch_quick(tmp_path):
     mod.main(args)
     res = json.loads(out.read_text())
     rows = {r["config"]: r for r in res["rows"]}
-    assert set(rows) == {"original", "ours"} and positive(res["gemm_peak_gflops"])
+    assert set(rows) == {"original", "ours", "ours_amp"} and positive(res["gemm_peak_gflops"])
     for r in rows.values():
         for key in ("features_s", "clustering_s", "training_s", "epoch_s", "epoch_x"):
             assert positive(r[key]), (r["config"], key, r[key])
@@ -133,3 +137,9 @@ def test_bench_epoch_quick(tmp_path):
     assert d["images"] == 4 and positive(d["full_img_s"]) and positive(d["draft_img_s"])
     assert 0.0 <= d["nmi"] <= 1.0 + 1e-9 and 0.0 <= d["same_cluster_pct"] <= 100.0
     assert any("2x the original" in t for t in res["targets"])
+    assert any("--amp" in t for t in res["targets"])
+    # the float32 limit: a training step (forward + backward) costs 2-3.5x the feature forward
+    b = res["bound"]
+    assert 2.0 < b["training_flop_per_img"] / b["features_flop_per_img"] < 3.5
+    assert b["epoch_at_peak_s"] == pytest.approx(b["features_at_peak_s"] + rows["ours"]["clustering_s"] + b["training_at_peak_s"])
+    assert b["best_possible_x_epoch_fp32"] == pytest.approx(rows["original"]["epoch_s"] / b["epoch_at_peak_s"])
