@@ -250,6 +250,8 @@ def main(args: argparse.Namespace) -> dict:
                               ("training_img_s", "train img/s"), ("load_start", "load0"), ("load_end", "load1")],
                        title=f"\none epoch, AlexNet-Sobel@{args.size}, {args.n_images} JPEGs {args.jpeg_size}, k={args.k}")
     # the float32 floor: every FLOP of the two convnet passes at the measured GEMM peak
+    # (measured again now, the larger value kept: the start's may be disturbed)
+    peak_start, peak = peak, max(peak, gemm_peak(512 if args.quick else 2048))
     fl = epoch_flops(args)
     n = args.n_images
     bound = {"features_at_peak_s": fl["features_flop_per_img"] * n / (peak * 1e9),
@@ -289,7 +291,7 @@ def main(args: argparse.Namespace) -> dict:
                         f"{draft['nmi']:.3f} ({'MET' if draft['nmi'] >= 0.95 else 'MISSED'})")
     for v in verdicts:
         print(v)
-    payload = {"benchmark": "epoch", "config": {k: v for k, v in vars(args).items() if k != "dev"}, "env": env, "gemm_peak_gflops": peak, "rows": rows, "bound": bound,
+    payload = {"benchmark": "epoch", "config": {k: v for k, v in vars(args).items() if k != "dev"}, "env": env, "gemm_peak_gflops": peak, "gemm_peak_gflops_at_start": peak_start, "rows": rows, "bound": bound,
                "draft": draft, "targets": verdicts, "table": text}
     write_json(args.out, payload)
     return payload

@@ -525,6 +525,9 @@ def test_pca_apply_equals_centred_projection(dtype):
 def test_pca_solver_choice():
     assert clustering.resolve_pca_solver("auto", 4096, 256) == "randomized"
     assert clustering.resolve_pca_solver("auto", 300, 256) == "exact"  # block ~ matrix: no gain
+    assert clustering.resolve_pca_solver("auto", 2047, 64) == "exact"  # small: the exact one is cheap
+    assert clustering.resolve_pca_solver("auto", 2048, 64) == "randomized"
+    assert clustering.resolve_pca_solver("randomized", 300, 64) == "randomized"
     with pytest.raises(ValueError, match="unknown PCA solver 'lobpcg'"):
         clustering.pca_fit(torch.zeros(4, 3), 2, solver="lobpcg")
 
