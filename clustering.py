@@ -301,14 +301,14 @@ def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5,
 def pca_apply(x: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor, l2: bool = True) -> torch.Tensor:
     """(N, D) -> (N, dim): project with a fitted PCA, then L2-normalise rows.
 
-    Computed as x @ proj - mean @ proj, one GEMM per row block written straight into the
-    output, so no centred (block, D) copy is made (1.4x faster at 8,000 x 4,096 -> 256).
+    Rows are centred before the product: x @ proj - mean @ proj would skip that copy but
+    loses float32 accuracy as |mean| / std grows (measured on ReLU features: 7e-5 per unit row
+    at mean / std = 34, against 1e-6 centred first).
     """
     out = torch.empty(x.shape[0], proj.shape[1], dtype=torch.float32, device=x.device)
-    offset = -(mean @ proj)                          # (dim,)
     step = _row_chunk(x.shape[1], PCA_BLOCK)
     for s in range(0, x.shape[0], step):
-        y = torch.addmm(offset, x[s:s + step].float(), proj, out=out[s:s + step])
+        y = torch.matmul(x[s:s + step].float() - mean, proj, out=out[s:s + step])
         if l2:
             y /= y.norm(dim=1, keepdim=True).clamp_min(1e-10)
     return out
