@@ -63,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pca", type=int, default=256, help="PCA dimension before clustering")
     g.add_argument("--pca_solver", choices=["auto", "randomized", "exact"], default="auto",
                    help="exact: full eigendecomposition; randomized: top --pca axes by checked subspace iteration "
-                        "(exact fallback); auto: randomized when --pca is small beside the feature dimension")
+                        "(exact fallback); auto: randomized for matrices of >= 2,048 rows, at least 3.5x --pca")
     g.add_argument("--kmeans_iters", type=int, default=20, help="k-means iterations")
     g.add_argument("--reassign", type=float, default=1.0,
                    help="how many epochs of training between two consecutive reassignments of clusters")
