@@ -481,6 +481,20 @@ def test_shifted_subspace_iteration_converges_faster_to_the_same_pairs(power):
         assert torch.linalg.svdvals(evecs.T @ rot[:, :k]).min() > 0.99
 
 
+def test_auto_solver_top_256_of_a_2048_covariance_matches_exact():
+    # the size where 'auto' switches to the iterative solver, fc7-like 1/i spectrum
+    d, k = clustering.RANDOMIZED_MIN_DIM, 256
+    g = torch.Generator().manual_seed(4)
+    rot = torch.linalg.qr(torch.randn(d, d, generator=g)).Q.double()
+    ev = torch.arange(1, d + 1, dtype=torch.float64) ** -1.0
+    cov = (rot * ev) @ rot.T
+    evals, evecs, info = clustering.top_eigh(cov, k)
+    assert info["solver"] == "randomized" and not info["fallback"]
+    assert ((evals - ev[:k]).abs() / ev[:k]).max() < 0.01
+    cos = torch.linalg.svdvals(evecs.T @ rot[:, :k])
+    assert torch.rad2deg(torch.arccos(cos.min().clamp(max=1))) < 2.0
+
+
 def test_randomized_solver_on_a_rank_deficient_matrix():
     # dead units: only 40 of 256 axes carry variance; the null pairs are held to an
     # absolute residual, and the whitening zeroes them
