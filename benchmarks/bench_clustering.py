@@ -94,6 +94,8 @@ def get_args(argv=None) -> argparse.Namespace:
             assert cells and all(len(c) == 2 and 1 <= c[1] <= c[0] for c in cells)
         except (ValueError, AssertionError):
             p.error(f"argument --grid: invalid value {args.grid!r}: expected NxK[,NxK...] with 1 <= K <= N")
+    if args.quality_seeds < 1:
+        p.error(f"argument --quality_seeds: invalid value {args.quality_seeds}: must be >= 1")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:

@@ -173,7 +173,8 @@ def run_epoch(args, root: str, name: str) -> dict:
 
 def epoch_flops(args) -> dict:
     """FLOPs per image of the feature pass (eval forward to fc7) and of a training step
-    (forward, cross-entropy, backward, SGD), counted by torch.utils.flop_counter on one batch."""
+    (forward and backward; the SGD update and the element-wise layers are not counted, so the
+    limit is a lower bound on the time), by torch.utils.flop_counter on one batch."""
     from torch.utils.flop_counter import FlopCounterMode
     model = build_model(args, False)
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.dev)

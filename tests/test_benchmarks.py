@@ -143,3 +143,13 @@ def test_bench_epoch_quick(tmp_path):
     assert 2.0 < b["training_flop_per_img"] / b["features_flop_per_img"] < 3.5
     assert b["epoch_at_peak_s"] == pytest.approx(b["features_at_peak_s"] + rows["ours"]["clustering_s"] + b["training_at_peak_s"])
     assert b["best_possible_x_epoch_fp32"] == pytest.approx(rows["original"]["epoch_s"] / b["epoch_at_peak_s"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--grid", "8000x0"], "argument --grid: invalid value '8000x0'"),
+    (["--grid", "quick", "--quality_seeds", "0"], "argument --quality_seeds: invalid value 0"),
+])
+def test_bench_clustering_refuses_bad_grid_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        load("bench_clustering").get_args(argv)
+    assert message in capsys.readouterr().err
