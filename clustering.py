@@ -207,6 +207,8 @@ def _randomized_eigh(mat: torch.Tensor, k: int, tol: float, max_iter: int, seed:
             worst = float(rel.max())
             if worst <= tol:
                 return theta[:k], v, it, worst
+            if not math.isfinite(worst):             # NaN/inf in the matrix: let the exact solver say so
+                break
             sigma = max(0.0, float(theta[-1]) / 2) if shift else 0.0
             # rate of the slowest wanted pair; unshifted: lambda_{w+1} / lambda_k ~ theta_w / theta_k
             rho = (sigma if shift else float(theta[-1])) / max(float(theta[k - 1]) - sigma, 1e-300)
