@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +22,30 @@ def digits_dir(tmp_path_factory) -> str:
     import data
 
     return data.export_digits(tmp_path_factory.mktemp("digits") / "digits", size=32)
+
+
+class ModuleTmp:
+    """``mktemp(name)`` for module-scoped fixtures; everything made is removed with the module.
+
+    The suite writes full-size AlexNet/VGG checkpoints (100-500 MB each). pytest.ini removes a
+    passed test's ``tmp_path`` at its teardown; this does the same for module-level data, so that
+    the disk used at any moment stays near one module's worth instead of the whole suite's.
+    """
+
+    def __init__(self, factory: pytest.TempPathFactory, name: str):
+        self.root = factory.mktemp(name)
+
+    def mktemp(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir()
+        return path
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    tmp = ModuleTmp(tmp_path_factory, request.module.__name__.rsplit(".", 1)[-1])
+    yield tmp
+    shutil.rmtree(tmp.root, ignore_errors=True)
 
 
 def make_image_folder(root: Path, n_classes: int = 3, per_class: int = 8, size: int = 40,

@@ -27,8 +27,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def digits100(tmp_path_factory, digits_dir) -> str:
-    return digits_subset(digits_dir, tmp_path_factory.mktemp("d100") / "digits", 10)
+def digits100(module_tmp, digits_dir) -> str:
+    return digits_subset(digits_dir, module_tmp.mktemp("d100") / "digits", 10)
 
 
 def train_argv(data: str, exp: Path, epochs: int) -> list[str]:

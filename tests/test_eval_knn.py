@@ -91,8 +91,8 @@ def test_k_larger_than_train_set_is_clamped(caplog):
 # data and end to end
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def knn_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("knn") / "data"
+def knn_data(module_tmp) -> Path:
+    root = module_tmp.mktemp("knn") / "data"
     make_image_folder(root / "train", n_classes=3, per_class=8, seed=0)
     make_image_folder(root / "val", n_classes=3, per_class=3, seed=0)
     return root

@@ -33,18 +33,18 @@ def make_texture_folder(root: Path, per_class: int, seed: int, size: int = 40) -
 
 
 @pytest.fixture(scope="module")
-def linear_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("linear") / "data"
+def linear_data(module_tmp) -> Path:
+    root = module_tmp.mktemp("linear") / "data"
     make_texture_folder(root / "train", per_class=10, seed=0)
     make_texture_folder(root / "val", per_class=4, seed=1)
     return root
 
 
 @pytest.fixture(scope="module")
-def alexnet_original(tmp_path_factory) -> tuple[Path, models.DeepClusterNet]:
+def alexnet_original(module_tmp) -> tuple[Path, models.DeepClusterNet]:
     torch.manual_seed(0)
     m = models.alexnet(sobel=True, out=10, input_size=64)
-    return save_original_format(m, tmp_path_factory.mktemp("models") / "alexnet_orig.pth.tar"), m
+    return save_original_format(m, module_tmp.mktemp("models") / "alexnet_orig.pth.tar"), m
 
 
 def args_for(data: Path, model: Path, exp: Path, *extra: str):

@@ -138,15 +138,15 @@ def test_load_revisited_protocols(tmp_path):
 # end to end
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def vgg_original(tmp_path_factory) -> Path:
+def vgg_original(module_tmp) -> Path:
     torch.manual_seed(0)
     m = models.vgg16(sobel=True, out=10, input_size=32)
-    return save_original_format(m, tmp_path_factory.mktemp("vgg") / "vgg16_orig.pth.tar")
+    return save_original_format(m, module_tmp.mktemp("vgg") / "vgg16_orig.pth.tar")
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("retrieval")
+def datasets(module_tmp) -> dict[str, Path]:
+    root = module_tmp.mktemp("retrieval")
     return {"oxford": make_oxford(root / "oxford5k", seed=0),
             "paris": make_oxford(root / "paris6k", prefix="", seed=1),
             "roxford": make_revisited(root / "roxford5k", seed=2)}
@@ -158,8 +158,8 @@ def r_args(data: Path, model: Path, exp: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def shared_exp(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("exp_retrieval")
+def shared_exp(module_tmp) -> Path:
+    return module_tmp.mktemp("exp_retrieval")
 
 
 def test_end_to_end_oxford_whitened_on_paris_and_cache(datasets, vgg_original, shared_exp, monkeypatch):

@@ -14,14 +14,14 @@ from test_eval_common import VOC_CLASSES, make_voc, save_original_format, save_o
 
 
 @pytest.fixture(scope="module")
-def voc(tmp_path_factory) -> Path:
-    return make_voc(tmp_path_factory.mktemp("voc"), n_per_split=8)
+def voc(module_tmp) -> Path:
+    return make_voc(module_tmp.mktemp("voc"), n_per_split=8)
 
 
 @pytest.fixture(scope="module")
-def alexnet_files(tmp_path_factory) -> dict[str, Path]:
+def alexnet_files(module_tmp) -> dict[str, Path]:
     torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("models")
+    d = module_tmp.mktemp("models")
     return {"original": save_original_format(models.alexnet(sobel=True, out=10, input_size=64), d / "orig.pth.tar"),
             "ours": save_our_format(models.alexnet(sobel=False, out=0, input_size=64), d / "ours.pth.tar")}
 

@@ -30,8 +30,8 @@ EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def digits80(tmp_path_factory, digits_dir) -> str:
-    return digits_subset(digits_dir, tmp_path_factory.mktemp("d80") / "digits", 8)
+def digits80(module_tmp, digits_dir) -> str:
+    return digits_subset(digits_dir, module_tmp.mktemp("d80") / "digits", 8)
 
 
 def argv(data: str, exp: Path, *extra: str) -> list[str]:
@@ -50,8 +50,8 @@ def run_main(args: list[str], fault: str | None = None) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def reference(digits80, tmp_path_factory) -> Path:
-    exp = tmp_path_factory.mktemp("ref") / "exp"
+def reference(digits80, module_tmp) -> Path:
+    exp = module_tmp.mktemp("ref") / "exp"
     res = run_main(argv(digits80, exp))
     assert res.returncode == 0, res.stderr[-3000:]
     return exp

@@ -106,7 +106,7 @@ def test_symlink_loop_and_empty_folders(tmp_path):
         data.scan_image_folder(tmp_path / "empty")
 
 
-def test_fuzzed_files_never_escape_as_other_errors():
+def test_fuzzed_files_never_escape_as_other_errors(tmp_path):
     """Random byte damage to real JPEG/PNG files: a decoded RGB image or a BadImageError."""
     rng = np.random.RandomState(1234)
     sources = [_jpeg_bytes(s) for s in range(3)] + [_png_bytes(s) for s in range(3)]
@@ -123,7 +123,7 @@ def test_fuzzed_files_never_escape_as_other_errors():
             pos = rng.randint(0, len(buf))
             buf[pos:pos] = rng.bytes(rng.randint(1, 64))
         f = io.BytesIO(bytes(buf))
-        path = f"/tmp/fuzz_{os.getpid()}.bin"
+        path = str(tmp_path / "fuzz_sample.bin")
         Path(path).write_bytes(f.getvalue())
         try:
             img = data.load_rgb(path)
@@ -132,7 +132,6 @@ def test_fuzzed_files_never_escape_as_other_errors():
         except data.BadImageError as e:
             assert "fuzz_" in str(e)
             outcomes["refused"] += 1
-    os.unlink(path)
     assert outcomes["refused"] > 50 and outcomes["ok"] > 10  # both paths exercised
 
 

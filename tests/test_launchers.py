@@ -72,3 +72,21 @@ def test_launcher_header_names_the_paper_number(script):
     header = "".join(ln for ln in (ROOT / script).read_text().splitlines(True)[1:8] if ln.startswith("#"))
     assert {"eval_linear.sh": "41.0", "eval_voc_classif_all.sh": "73.7",
             "eval_voc_classif_fc6_8.sh": "72.0"}[script] in header
+
+
+@pytest.mark.parametrize("case", ["enough", "too_little", "missing"])
+def test_disk_check_names_the_folder_and_its_space(tmp_path, case):
+    folder = tmp_path / "nope" if case == "missing" else tmp_path
+    need_gb = {"enough": "0", "too_little": "999999", "missing": "0"}[case]
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "check_disk.sh"), str(folder), need_gb,
+                        "the test suite", "HINT"], capture_output=True, text=True, timeout=30)
+    if case == "enough":
+        assert r.returncode == 0 and r.stderr == ""
+        return
+    assert r.returncode == 2
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("error: the test suite needs") and str(folder) in first
+    if case == "too_little":
+        assert "999999 GB" in first and " MB." in first and "HINT" in r.stderr
+    else:
+        assert "does not exist" in first and not folder.exists()

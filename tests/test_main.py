@@ -16,9 +16,9 @@ import util
 
 
 @pytest.fixture(scope="module")
-def small_digits(tmp_path_factory, digits_dir) -> str:
+def small_digits(module_tmp, digits_dir) -> str:
     """30 digits per class (300 images, 10 class folders) for fast end-to-end runs."""
-    return digits_subset(digits_dir, tmp_path_factory.mktemp("small") / "digits", 30)
+    return digits_subset(digits_dir, module_tmp.mktemp("small") / "digits", 30)
 
 
 def base_args(data: str, exp: Path, *extra: str) -> list[str]:

@@ -55,8 +55,8 @@ def small(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def images36(tmp_path_factory) -> str:
-    return str(make_image_folder(tmp_path_factory.mktemp("img36") / "images", n_classes=3, per_class=12, size=16))
+def images36(module_tmp) -> str:
+    return str(make_image_folder(module_tmp.mktemp("img36") / "images", n_classes=3, per_class=12, size=16))
 
 
 def argv(images: str, exp: Path, *extra: str) -> list[str]:
