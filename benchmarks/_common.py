@@ -57,6 +57,46 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _best_seconds(fn, reps: int) -> float:
+    fn()  # warm-up: first-call allocation and kernel selection
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def gemm_peak(n: int = 2048, reps: int = 10, dtype=torch.float32) -> float:
+    """GFLOP/s of an (n x n) @ (n x n) product, best of ``reps`` (on a shared VM a single product
+    can run at 3/4 of the machine's speed; the benchmarks measure again at the end of a run and
+    keep the larger value). This is the BLAS library's speed, not the machine's: on the AMD EPYC
+    of our measurements MKL's sgemm reached 134-182 GFLOP/s and oneDNN's convolutions 246."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / _best_seconds(lambda: a @ b, reps) / 1e9
+
+
+def conv_peak(quick: bool = False, reps: int = 10) -> float:
+    """GFLOP/s of a channels-last float32 3x3 convolution shaped like AlexNet's conv4 (batch 64,
+    384 -> 384 channels, 13 x 13, padding 1), forward only, best of ``reps``."""
+    b, c, hw = (8, 128, 13) if quick else (64, 384, 13)
+    x = torch.randn(b, c, hw, hw).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, c, 3, 3).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        sec = _best_seconds(lambda: torch.nn.functional.conv2d(x, w, padding=1), reps)
+    return 2 * b * hw * hw * c * c * 9 / sec / 1e9
+
+
+def fp32_peak(quick: bool = False) -> dict:
+    """The fastest float32 throughput measured on this machine, in GFLOP/s: the larger of a
+    square GEMM (n = 2048 and 4096) and a convolution (``conv_peak``). A limit derived from it is
+    a floor no float32 implementation beats; the GEMM alone understates it when the convolution
+    kernels are faster than the BLAS."""
+    gemm = max(gemm_peak(256 if quick else 2048), gemm_peak(512 if quick else 4096, reps=3))
+    conv = conv_peak(quick)
+    return {"gemm_gflops": gemm, "conv_gflops": conv, "peak_gflops": max(gemm, conv)}
+
+
 class PeakRSS:
     """Context manager sampling this process's RSS every ``interval`` s in a thread.
 

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, environment, fmt, pick_device, print_table, write_json  # noqa: E402
+from _common import PeakRSS, environment, fmt, gemm_peak, pick_device, print_table, write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -345,20 +345,6 @@ def targets(ref: dict, device: torch.device) -> list[str]:
 # ---------------------------------------------------------------------------------------
 # grid mode
 # ---------------------------------------------------------------------------------------
-def gemm_peak(n: int = 2048, reps: int = 10, dtype=torch.float32) -> float:
-    """Measured GFLOP/s of an (n x n) @ (n x n) product (best of ``reps``: on a shared VM a
-    single product can run at 3/4 of the machine's speed; the benchmarks measure it again at
-    the end of a run and keep the larger value)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-
 def fc7_like_features(n: int, d: int, true_k: int, seed: int) -> np.ndarray:
     """(n, d) float32: eigenvalues decaying as 1/i over all d axes, true_k blobs whose
     centres follow the same spectrum, rotated by random orthogonal 512 x 512 blocks (so

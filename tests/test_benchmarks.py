@@ -138,6 +138,13 @@ def test_bench_epoch_quick(tmp_path):
     assert 0.0 <= d["nmi"] <= 1.0 + 1e-9 and 0.0 <= d["same_cluster_pct"] <= 100.0
     assert any("2x the original" in t for t in res["targets"])
     assert any("--amp" in t for t in res["targets"])
+    b = res["bound"]
+    assert b["peak_gflops"] == max(b["gemm_gflops"], b["conv_gflops"]) == res["fp32_peak_gflops"]
+    assert b["epoch_floor_with_loading_s"] > b["epoch_at_peak_s"] > 0
+    assert positive(b["loader_features_s_per_img"]) and positive(b["loader_training_s_per_img"])
+    parts = b["step_conv_ms_per_img"] + b["step_gemm_ms_per_img"] + b["step_other_ms_per_img"]
+    assert positive(b["step_conv_gflops"]) and positive(b["step_gemm_gflops"])
+    assert abs(parts - b["step_ms_per_img"]) < 1e-6 and b["step_other_ms_per_img"] > 0
     # the float32 limit: a training step (forward + backward) costs 2-3.5x the feature forward
     b = res["bound"]
     assert 2.0 < b["training_flop_per_img"] / b["features_flop_per_img"] < 3.5
