@@ -194,9 +194,7 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
     store_on = rt.device if args.features_on == "device" else torch.device("cpu")
     store = util.RunFeatures(N, len(loader.dataset), model.feature_dim, rt, store_on, args.features_dtype)
     for imgs, idx in tqdm(loader, desc="features", leave=False, disable=util.progress(args.no_progress)):
-        imgs = imgs.to(rt.device, non_blocking=True)  # host -> device: ordered on the stream, safe
-        if args.channels_last:
-            imgs = util.to_channels_last(imgs)
+        imgs = data.to_model_input(imgs, rt.device, args.channels_last)  # uint8 -> normalised float32
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=args.amp):
             out = model.forward_features(imgs)  # (B, D)
         checkpoint.fault_point("features")
@@ -251,8 +249,8 @@ def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[
     order = "index" if args.sampler == "uniform" else "cluster"
     if args.bad_images == "skip":
         dataset = data.StandIns(dataset, images_lists, args.exp)
-    train_set = clustering.cluster_assign(images_lists, dataset,
-                                          data.train_transform(args.size, args.crop_min_scale), order=order)
+    transform = data.train_transform(args.size, args.crop_min_scale, normalize=False)  # see data.to_model_input
+    train_set = clustering.cluster_assign(images_lists, dataset, transform, order=order)
     sampler = util.SeededShardSampler(draws, base_seed=args.seed * 100_003 + epoch, rank=rt.rank,
                                       world_size=rt.world_size, start=start)
     return data.make_loader(train_set, rank_batch(args, rt), args.workers, rt.device, sampler, args.seed + epoch)
@@ -295,9 +293,7 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
                 flush()
             checkpoint.fault_point("train")
             # host -> device copies from pinned memory: ordered before the kernels that use them
-            imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            if args.channels_last:
-                imgs = util.to_channels_last(imgs)
+            imgs, target = data.to_model_input(imgs, device, args.channels_last), target.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 loss = crit(model(imgs), target)
             opt.zero_grad(set_to_none=True)

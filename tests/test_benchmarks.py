@@ -123,11 +123,15 @@ def test_bench_epoch_quick(tmp_path):
     out = tmp_path / "epoch.json"
     mod = load("bench_epoch")
     parser = mod.get_args_parser()
-    args = parser.parse_args(["--quick", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    args = parser.parse_args(["--quick", "--rounds", "2", "--cache", str(tmp_path / "cache"), "--out", str(out)])
     mod.check(args, parser)
     mod.main(args)
     res = json.loads(out.read_text())
     rows = {r["config"]: r for r in res["rows"]}
+    for r in rows.values():   # each stage: the shortest of the two interleaved rounds
+        assert len(r["rounds"]) == 2
+        for key in ("features_s", "clustering_s", "training_s"):
+            assert r[key] == min(x[key] for x in r["rounds"])
     assert set(rows) == {"original", "ours", "ours_amp"} and positive(res["gemm_peak_gflops"])
     for r in rows.values():
         for key in ("features_s", "clustering_s", "training_s", "epoch_s", "epoch_x"):
@@ -160,3 +164,12 @@ def test_bench_clustering_refuses_bad_grid_arguments(capsys, argv, message):
     with pytest.raises(SystemExit):
         load("bench_clustering").get_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_bench_epoch_refuses_zero_rounds(capsys):
+    mod = load("bench_epoch")
+    parser = mod.get_args_parser()
+    args = parser.parse_args(["--rounds", "0"])
+    with pytest.raises(SystemExit):
+        mod.check(args, parser)
+    assert "argument --rounds: must be >= 1, got 0" in capsys.readouterr().err

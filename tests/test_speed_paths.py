@@ -212,3 +212,33 @@ def test_cluster_pca_row_blocks_equivalent(monkeypatch):
     k2 = clustering.Kmeans(8, backend="torch", pca=16, seed=1)
     k2.cluster(x)
     assert (k1.labels == k2.labels).mean() > 0.99
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("which", ["eval", "train"])
+def test_uint8_batches_normalised_on_device_are_bitwise_equal(tmp_path, which, channels_last):
+    """Loader items as uint8 + data.to_model_input == ToTensor + Normalize per image, to the bit,
+    through a real DataLoader (workers, collate) on photo-like JPEGs and PNGs of odd sizes."""
+    from PIL import Image
+
+    import data
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "img", n_classes=2, per_class=5, size=83)
+    Image.fromarray(np.random.RandomState(3).randint(0, 256, (61, 97, 3), np.uint8)).save(root / "class0" / "odd.png")
+
+    def batches(normalize: bool) -> list[torch.Tensor]:
+        tf = (data.eval_transform(48, normalize=normalize) if which == "eval"
+              else data.train_transform(48, normalize=normalize))
+        ds = data.IndexedImageFolder(root, transform=tf)
+        torch.manual_seed(7)   # the train transform's random crops and flips: same draws in both runs
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=0)
+        return [data.to_model_input(x, torch.device("cpu"), channels_last) for x, _ in loader]
+
+    ref, ours = batches(True), batches(False)
+    assert len(ref) == len(ours) == 3
+    for a, b in zip(ref, ours):
+        assert b.dtype == torch.float32 and a.shape == b.shape
+        assert torch.equal(a, b)   # bitwise: same arithmetic element by element
+        assert b.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert data.eval_transform(48, normalize=False)(Image.new("RGB", (60, 50))).dtype == torch.uint8
