@@ -493,6 +493,19 @@ def check_checkpoint(ckpt: dict, path: str, args, n_images: int) -> None:
         raise CheckpointError(f"checkpoint {path!r}: invalid position in the epoch")
 
 
+_KERNEL_FLAGS = ("fused", "foreach")
+
+
+def load_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
+    """``opt.load_state_dict(state)``, keeping this run's kernel choice: the saved param_groups
+    carry the ``fused``/``foreach`` flags of the run that wrote them (none in the original's
+    checkpoints), which would otherwise replace the ones ``opt`` was built with."""
+    flags = [{k: g.get(k) for k in _KERNEL_FLAGS} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, kept in zip(opt.param_groups, flags):
+        group.update(kept)
+
+
 def resume(path: str, model, opt: torch.optim.Optimizer, args, n_images: int) -> dict:
     """Check, then restore model, optimizer and RNG; returns the checkpoint (epoch, last
     assignment, mid-epoch state, ``"path"``), or ``{"epoch": --start_epoch}`` for a folder
@@ -516,7 +529,7 @@ def resume(path: str, model, opt: torch.optim.Optimizer, args, n_images: int) ->
                               f"missing {missing[:4]}, unexpected {unexpected[:4]}")
     if "optimizer" in ckpt:
         try:
-            opt.load_state_dict(ckpt["optimizer"])
+            load_optimizer(opt, ckpt["optimizer"])
         except (ValueError, KeyError) as e:
             log.warning("optimizer state in %s not restored (%s): momentum restarts from zero", found, e)
     if "mid_epoch" in ckpt and top:  # the running epoch's top layer comes back too
@@ -609,8 +622,9 @@ def restore_epoch(mid: dict, model, args, world_size: int = 1) -> dict:
         log.info("resuming on %d processes: the epoch's last %d draw(s) are dropped so that every rank runs "
                  "the same number of steps", world_size, len(draws) - cut)
         draws = draws[:cut]  # position is a multiple of batch, so of W: still <= cut
-    top_opt = torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, weight_decay=10 ** args.wd)
-    top_opt.load_state_dict(mid["top_optimizer"])
+    top_opt = torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, weight_decay=10 ** args.wd,
+                              fused=getattr(args, "fused_sgd", False))
+    load_optimizer(top_opt, mid["top_optimizer"])
     n_clusters = int(mid["n_clusters"])
     return {"labels": labels, "images_lists": clustering.labels_to_lists(labels, n_clusters),
             "clustering_loss": float(mid["clustering_loss"]), "draws": draws, "top_opt": top_opt,

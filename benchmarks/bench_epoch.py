@@ -7,7 +7,7 @@ same run, stage by stage:
              PCAMatrix(4096, 256, -0.5) + faiss k-means, every JPEG decoded in full
   ours       main.py's defaults: channels-last convnet (float32), clustering.Kmeans with the
              randomized top-256 PCA, reduced-size JPEG decoding in the feature pass, uint8
-             batches normalised per batch (data.to_model_input, bitwise equal)
+             batches normalised per batch (data.to_model_input, bitwise equal), fused SGD
   ours_amp   ours + bf16 autocast (main.py --amp, opt-in: not a default)
 
 The physical limit is printed beside them: the FLOPs of one feature batch and one training
@@ -50,10 +50,10 @@ from bench_clustering import original_kmeans, original_pca  # noqa: E402
 from bench_throughput import make_jpeg_folder  # noqa: E402
 
 CONFIGS = {
-    "original": dict(channels_last=False, pca="faiss", draft=False, amp=False, uint8=False),
-    "ours": dict(channels_last=True, pca="auto", draft=True, amp=False, uint8=True),
+    "original": dict(channels_last=False, pca="faiss", draft=False, amp=False, uint8=False, fused_sgd=False),
+    "ours": dict(channels_last=True, pca="auto", draft=True, amp=False, uint8=True, fused_sgd=True),
     # opt-in, not a default: main.py --amp (bf16 autocast in both passes; changes numerics)
-    "ours_amp": dict(channels_last=True, pca="auto", draft=True, amp=True, uint8=True),
+    "ours_amp": dict(channels_last=True, pca="auto", draft=True, amp=True, uint8=True, fused_sgd=True),
 }
 
 
@@ -140,15 +140,15 @@ def cluster_step(args, feats: np.ndarray, pca: str) -> np.ndarray:
 
 
 def train_pass(args, root: str, model, labels: np.ndarray, channels_last: bool, amp: bool = False,
-               uint8: bool = False) -> float:
+               uint8: bool = False, fused_sgd: bool = False) -> float:
     """One epoch of training on the pseudo-labels (main.py's step: SGD body + fresh top layer)."""
     ds = data.IndexedImageFolder(root)
     train = clustering.ReassignedDataset(labels, ds, data.train_transform(args.size, normalize=not uint8))
     g = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch, shuffle=True, generator=g,
                                          num_workers=args.workers)
-    opt = torch.optim.SGD(model.body_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-5)
-    top = torch.optim.SGD(model.top_layer.parameters(), lr=0.05, weight_decay=1e-5)
+    opt = torch.optim.SGD(model.body_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-5, fused=fused_sgd)
+    top = torch.optim.SGD(model.top_layer.parameters(), lr=0.05, weight_decay=1e-5, fused=fused_sgd)
     crit = nn.CrossEntropyLoss()
     model.train()
     loss = torch.zeros(())
@@ -172,7 +172,7 @@ def run_epoch(args, root: str, name: str) -> dict:
     t1 = time.perf_counter()
     labels = cluster_step(args, feats, cfg["pca"])
     t2 = time.perf_counter()
-    train_pass(args, root, model, labels, cfg["channels_last"], cfg["amp"], cfg["uint8"])
+    train_pass(args, root, model, labels, cfg["channels_last"], cfg["amp"], cfg["uint8"], cfg["fused_sgd"])
     sync(args.dev)
     t3 = time.perf_counter()
     n = len(labels)
@@ -260,7 +260,8 @@ def time_by_kernel(args, channels_last: bool = True, steps: int = 2) -> dict:
     model.train()
     x = _fmt(torch.randn(args.batch, 3, args.size, args.size), channels_last, args.dev)
     y = torch.randint(0, args.k, (args.batch,), device=args.dev)
-    opt = torch.optim.SGD(model.body_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-5)
+    opt = torch.optim.SGD(model.body_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-5,
+                          fused=CONFIGS["ours"]["fused_sgd"])
     crit = nn.CrossEntropyLoss()
 
     def step():

@@ -331,3 +331,26 @@ def test_too_small_sizes_are_refused_with_the_reason(tmp_path, capsys):
     assert eval_linear.run(["--data", str(images), "--model", str(tmp_path / "m.pth.tar"), "--conv", "1",
                             "--size", "16", "--exp", str(tmp_path / "el")]) != 0
     assert "--size: 16 (must be >= 32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("saved_by", ["per_tensor", "fused", "original_release"])
+@pytest.mark.parametrize("now_fused", [True, False])
+def test_optimizer_state_restores_momentum_but_keeps_this_runs_kernel(saved_by, now_fused):
+    """The saved param_groups carry the writer's fused/foreach flags (none in the original's
+    checkpoints): the momentum comes back, the kernel stays the one this run chose."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(5))]
+    writer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-5, fused=saved_by == "fused")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    writer.step()
+    state = writer.state_dict()
+    if saved_by == "original_release":   # PyTorch 0.x wrote no kernel flags
+        for g in state["param_groups"]:
+            g.pop("fused", None), g.pop("foreach", None), g.pop("differentiable", None), g.pop("maximize", None)
+    reader = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-5, fused=now_fused)
+    checkpoint.load_optimizer(reader, state)
+    assert bool(reader.param_groups[0]["fused"]) == now_fused
+    for p in params:
+        assert torch.equal(reader.state[p]["momentum_buffer"], writer.state[p]["momentum_buffer"])
+    reader.step()   # runs with the kept flags
