@@ -321,7 +321,7 @@ def train_transform(size: int = 224, min_scale: float = 0.08, normalize: bool = 
     ])
 
 
-_NORM: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+_NORM: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def to_model_input(imgs: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
@@ -332,9 +332,10 @@ def to_model_input(imgs: torch.Tensor, device: torch.device, channels_last: bool
     scaled and normalised here in one pass over the batch instead of image by image in the
     workers, which share this machine's cores with the network. The arithmetic is ToTensor's
     and Normalize's, element by element (float(x) / 255, then - mean, then / std, each
-    correctly rounded), so the result is bitwise equal to the per-image transforms. A float
-    batch (already normalised) is only moved. ``channels_last`` converts the uint8 batch before
-    the float ops, which keep the layout.
+    correctly rounded), so the result is bitwise equal to the per-image transforms. The 255 is
+    a tensor on the device, not a Python number: CUDA divides by a Python scalar through its
+    reciprocal, which can differ in the last bit. A float batch (already normalised) is only
+    moved. ``channels_last`` converts the uint8 batch before the float ops, which keep the layout.
     """
     imgs = imgs.to(device, non_blocking=True)  # host -> device from pinned memory: ordered, safe
     if channels_last and imgs.dim() == 4:
@@ -343,10 +344,11 @@ def to_model_input(imgs: torch.Tensor, device: torch.device, channels_last: bool
         return imgs
     key = str(device)
     if key not in _NORM:
-        _NORM[key] = (torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1),
+        _NORM[key] = (torch.full((1, 1, 1, 1), 255.0, dtype=torch.float32, device=device),
+                      torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1),
                       torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1))
-    mean, std = _NORM[key]
-    return imgs.float().div_(255).sub_(mean).div_(std)
+    scale, mean, std = _NORM[key]
+    return imgs.float().div_(scale).sub_(mean).div_(std)
 
 
 # ---------------------------------------------------------------------------------------
