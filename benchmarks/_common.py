@@ -71,7 +71,7 @@ def gemm_peak(n: int = 2048, reps: int = 10, dtype=torch.float32) -> float:
     """GFLOP/s of an (n x n) @ (n x n) product, best of ``reps`` (on a shared VM a single product
     can run at 3/4 of the machine's speed; the benchmarks measure again at the end of a run and
     keep the larger value). This is the BLAS library's speed, not the machine's: on the AMD EPYC
-    of our measurements MKL's sgemm reached 134-182 GFLOP/s and oneDNN's convolutions 246."""
+    of our measurements MKL's sgemm reached 134-185 GFLOP/s and oneDNN's convolutions 245-248."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n ** 3 / _best_seconds(lambda: a @ b, reps) / 1e9
 
