@@ -607,9 +607,10 @@ def _position(mid: dict, batch: int) -> int:
     return int(mid.get("position", int(mid["iteration"]) * batch))
 
 
-def restore_epoch(mid: dict, model, args, world_size: int = 1) -> dict:
+def restore_epoch(mid: dict, top_opt: torch.optim.Optimizer, args, world_size: int = 1) -> dict:
     """The plan of an epoch interrupted inside training, from a periodic checkpoint: a dict
-    with labels, draws, the top-layer SGD, the position and the partial loss sum/count.
+    with labels, draws, the top-layer SGD (``top_opt``, built for the restored top layer, gets
+    its saved state), the position and the partial loss sum/count.
 
     Training continues at the same global position of the epoch's draws whatever the number
     of processes now: step i covers draws [i * batch, (i + 1) * batch) for any W.
@@ -622,8 +623,6 @@ def restore_epoch(mid: dict, model, args, world_size: int = 1) -> dict:
         log.info("resuming on %d processes: the epoch's last %d draw(s) are dropped so that every rank runs "
                  "the same number of steps", world_size, len(draws) - cut)
         draws = draws[:cut]  # position is a multiple of batch, so of W: still <= cut
-    top_opt = torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, weight_decay=10 ** args.wd,
-                              fused=getattr(args, "fused_sgd", False))
     load_optimizer(top_opt, mid["top_optimizer"])
     n_clusters = int(mid["n_clusters"])
     return {"labels": labels, "images_lists": clustering.labels_to_lists(labels, n_clusters),

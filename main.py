@@ -259,10 +259,11 @@ def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[
     return data.make_loader(train_set, rank_batch(args, rt), args.workers, rt.device, sampler, args.seed + epoch)
 
 
-def reset_top_layer(model: models.DeepClusterNet, k: int, args: argparse.Namespace) -> torch.optim.SGD:
-    """New Linear(4096, k) head (cluster ids have no meaning across epochs) and its own SGD."""
-    top = model.reset_top_layer(k)
-    return torch.optim.SGD(top.parameters(), lr=args.lr, weight_decay=10 ** args.wd, fused=args.fused_sgd)
+def top_layer_sgd(model: models.DeepClusterNet, args: argparse.Namespace) -> torch.optim.SGD:
+    """SGD of the current top layer (no momentum; a new head and SGD every epoch, as cluster ids
+    have no meaning across epochs)."""
+    return torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, weight_decay=10 ** args.wd,
+                           fused=args.fused_sgd)
 
 
 SYNC_EVERY = 50  # steps between two host reads of the training loss (util.DeviceLossMeter)
@@ -344,7 +345,8 @@ def plan_epoch(feature_loader: DataLoader, model: models.DeepClusterNet, cluster
     clus_loss, images_lists, labels = cluster(features, clusterer, args, rt)
     del features
     draws = draw_samples(images_lists, N, args, rt)
-    top_opt = reset_top_layer(model, len(images_lists), args)
+    model.reset_top_layer(len(images_lists))
+    top_opt = top_layer_sgd(model, args)
     return EpochPlan(labels, images_lists, clus_loss, draws, top_opt,
                      time_features=t1 - t0, time_clustering=util.synced_time(rt.device) - t1)
 
@@ -381,7 +383,7 @@ def check_data(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: 
 def resumed_plan(mid: dict, model: models.DeepClusterNet, args: argparse.Namespace,
                  rt: util.Runtime) -> EpochPlan:
     """The plan of an epoch interrupted inside training, from a periodic checkpoint."""
-    fields = checkpoint.restore_epoch(mid, model, args, rt.world_size)
+    fields = checkpoint.restore_epoch(mid, top_layer_sgd(model, args), args, rt.world_size)
     losses = util.AverageMeter.from_sum(fields.pop("loss_sum"), fields.pop("loss_count"))  # exact partial sum
     return EpochPlan(**fields, losses=losses)
 

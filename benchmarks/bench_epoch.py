@@ -108,11 +108,6 @@ def build_model(args, channels_last: bool) -> models.DeepClusterNet:
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def _fmt(x: torch.Tensor, channels_last: bool, device: torch.device) -> torch.Tensor:
-    """As main.py: a uint8 batch is normalised here, a float one only moved."""
-    return data.to_model_input(x, device, channels_last)
-
-
 @torch.no_grad()
 def feature_pass(args, root: str, model, channels_last: bool, draft: bool, amp: bool = False,
                  uint8: bool = False) -> np.ndarray:
@@ -124,7 +119,7 @@ def feature_pass(args, root: str, model, channels_last: bool, draft: bool, amp: 
     out = np.zeros((len(ds), models.common.FC_DIM), np.float32)
     for imgs, idx in loader:
         with torch.autocast(args.dev.type, dtype=torch.bfloat16, enabled=amp):
-            feats = model.forward_features(_fmt(imgs, channels_last, args.dev))
+            feats = model.forward_features(data.to_model_input(imgs, args.dev, channels_last))
         out[idx.numpy()] = feats.float().cpu().numpy()
     return out
 
@@ -154,7 +149,7 @@ def train_pass(args, root: str, model, labels: np.ndarray, channels_last: bool, 
     loss = torch.zeros(())
     for imgs, lab, _ in loader:
         with torch.autocast(args.dev.type, dtype=torch.bfloat16, enabled=amp):
-            loss = crit(model(_fmt(imgs, channels_last, args.dev)), lab.to(args.dev))
+            loss = crit(model(data.to_model_input(imgs, args.dev, channels_last)), lab.to(args.dev))
         opt.zero_grad(set_to_none=True)
         top.zero_grad(set_to_none=True)
         loss.backward()
@@ -258,7 +253,7 @@ def time_by_kernel(args, channels_last: bool = True, steps: int = 2) -> dict:
 
     model = build_model(args, channels_last)
     model.train()
-    x = _fmt(torch.randn(args.batch, 3, args.size, args.size), channels_last, args.dev)
+    x = data.to_model_input(torch.randn(args.batch, 3, args.size, args.size), args.dev, channels_last)
     y = torch.randint(0, args.k, (args.batch,), device=args.dev)
     opt = torch.optim.SGD(model.body_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-5,
                           fused=CONFIGS["ours"]["fused_sgd"])
