@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import clustering
 import main
@@ -171,7 +174,7 @@ def _train(batches, monkeypatch):
     top = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
     args = main.parse_args(["x", "--no_progress"])
     reads = []
-    for name in ("item", "__bool__", "__float__"):
+    for name in ("item", "__bool__", "__float__", "tolist"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, _r=real, _n=name: (reads.append(_n), _r(self))[1])
     try:
@@ -314,3 +317,121 @@ def test_resume_gives_momentum_the_parameters_layout(tmp_path, saved_by, now):
     for a, b in zip(after[True], after[False]):
         assert float((a - b).norm() / b.norm()) < 1e-6
     assert all(layouts)
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm and the logged loss under DDP (issue 23, item 2)
+# ---------------------------------------------------------------------------------------
+NCCL2 = distributed.Runtime(0, 2, device=torch.device("cuda", 0))  # a torchrun rank on a GPU (never used as one)
+GLOO2 = distributed.Runtime(0, 2)
+
+
+@pytest.mark.parametrize("flag,rt,expected", [
+    (None, NCCL2, True), (False, NCCL2, False), (True, NCCL2, True),
+    (None, GLOO2, False), (False, GLOO2, False), (True, GLOO2, "error"),
+    (None, distributed.Runtime(device=torch.device("cuda", 0)), False), (True, distributed.Runtime(), False)])
+def test_sync_bn_on_by_default_under_nccl_only(flag, rt, expected):
+    if expected == "error":
+        with pytest.raises(distributed.DeviceError, match="--sync_bn needs torchrun on GPUs.*--no-sync_bn"):
+            distributed.resolve_sync_bn(flag, rt)
+    else:
+        assert distributed.resolve_sync_bn(flag, rt) is expected
+    assert main.parse_args(["x"]).sync_bn is None and main.parse_args(["x", "--no-sync_bn"]).sync_bn is False
+
+
+def test_sync_bn_conversion_keeps_parameters_and_checkpoint_keys():
+    """Every BatchNorm becomes a SyncBatchNorm with the same parameter objects (an optimizer built
+    before still updates them) and the same state_dict, which the unsynced network loads strictly;
+    in one process (no process group) it computes what BatchNorm does, bitwise, on CPU."""
+    args = main.parse_args(["x", "--size", "64", "--k", "10", "--sobel"])
+    torch.manual_seed(0)
+    plain = main.build_model(args, torch.device("cpu"))
+    ref = main.build_model(args, torch.device("cpu"))
+    ref.load_state_dict(plain.state_dict())
+    params = {id(p) for p in plain.parameters()}
+    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
+    synced = distributed.sync_batchnorm(plain, None, NCCL2)
+    assert synced is plain and n_bn == 5  # one after each conv (AlexNet has none in its classifier)
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn
+    assert {id(p) for p in synced.parameters()} == params
+    assert list(synced.state_dict()) == list(ref.state_dict())
+    fresh = main.build_model(args, torch.device("cpu"))
+    fresh.load_state_dict(synced.state_dict(), strict=True)
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    synced.train(), ref.train()
+    torch.manual_seed(1)
+    a = synced(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, ref(x))
+    assert distributed.sync_batchnorm(ref, None, GLOO2) is ref  # gloo: unchanged
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in ref.modules())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loss_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    rt = distributed.init_runtime("cpu")
+    meter = distributed.DeviceLossMeter(rt.device, util.AverageMeter())
+    for step in range(3):  # rank r's losses: 1 + r + step, batches of 2 + r images
+        meter.add(torch.tensor(1.0 + rank + step), 2 + rank)
+        meter.step = step + 1
+    m = meter.read()
+    res = {"avg": m.avg, "count": m.count}
+    meter.add(torch.tensor(float("nan") if rank == 1 else 1.0), 2)  # one rank diverges: all stop
+    try:
+        meter.read()
+        res["diverged"] = False
+    except distributed.DivergedError:
+        res["diverged"] = True
+    torch.save(res, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_logged_loss_is_the_mean_over_ranks(tmp_path):
+    mp.spawn(_loss_worker, args=(2, _free_port(), str(tmp_path / "res")), nprocs=2)
+    got = [torch.load(tmp_path / f"res.{r}") for r in range(2)]
+    losses = [(1.0 + r + s, 2 + r) for r in range(2) for s in range(3)]
+    mean = sum(l * b for l, b in losses) / sum(b for _, b in losses)
+    for res in got:
+        assert res["avg"] == pytest.approx(mean, rel=1e-12) and res["count"] == 15 and res["diverged"]
+
+
+# ---------------------------------------------------------------------------------------
+# honest GPU claims (issue 23, item 4)
+# ---------------------------------------------------------------------------------------
+def test_deterministic_switches(monkeypatch):
+    """--deterministic: deterministic algorithms (warn-only where none exists), no autotuning,
+    TF32 off, cuBLAS workspace set; the default keeps the original's cuDNN autotuning."""
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.benchmark, cudnn.deterministic, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision,
+             torch.backends.cuda.matmul.fp32_precision)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        assert main.parse_args(["x"]).deterministic is False
+        distributed.configure_backends(main.parse_args(["x", "--deterministic"]).deterministic)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not cudnn.benchmark and cudnn.deterministic
+        assert cudnn.conv.fp32_precision == cudnn.rnn.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.benchmark, cudnn.deterministic = saved[2], saved[3]
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved[4], saved[5]
+        torch.backends.cuda.matmul.fp32_precision = saved[6]
+
+
+@pytest.mark.parametrize("flag,device,on", [(None, "cpu", True), (None, "cuda", False), (True, "cuda", True),
+                                            (False, "cpu", False)])
+def test_channels_last_auto_is_on_for_the_cpu_only(flag, device, on):
+    assert distributed.resolve_channels_last(flag, torch.device(device)) is on
+    argv = ["x", "--size", "64", "--k", "10"] + ({True: ["--channels_last"], False: ["--no-channels_last"]}.get(flag, []))
+    model = main.build_model(main.parse_args(argv), torch.device("cpu"))  # cpu: auto is on
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) == (flag is not False)
