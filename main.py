@@ -91,6 +91,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "off: the original's per-tensor update)")
     g.add_argument("--jpeg_draft", action=argparse.BooleanOptionalAction, default=True,
                    help="feature pass: decode JPEGs at least twice the resize target at reduced size")
+    g.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
+                   help="training images: cpu: PIL in the loader workers (the original); gpu: the workers read "
+                        "JPEG bytes and the run's device decodes (nvJPEG on CUDA), crops, resizes and flips them, "
+                        "same crop and flip law (other formats stay on the workers)")
     g.add_argument("--features_dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage of the (N, D) feature matrix (float16 halves it)")
     g.add_argument("--features_on", choices=["host", "device"], default="host",
@@ -260,13 +264,18 @@ def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[
     ``start``-th one on (mid-epoch resume); every draw carries its own augmentation seed.
     """
     order = "index" if args.sampler == "uniform" else "cluster"
+    transform = data.train_transform(args.size, args.crop_min_scale, normalize=False)  # see data.to_model_input
+    collate = None
+    if args.decode == "gpu":  # workers read bytes and draw the crops; data.to_model_input decodes on the device
+        dataset, transform = data.EncodedImages(dataset), data.EncodedCrop(args.size, args.crop_min_scale)
+        collate = data.CollateEncoded(args.size)
     if args.bad_images == "skip":
         dataset = data.StandIns(dataset, images_lists, args.exp)
-    transform = data.train_transform(args.size, args.crop_min_scale, normalize=False)  # see data.to_model_input
     train_set = clustering.cluster_assign(images_lists, dataset, transform, order=order)
     sampler = util.SeededShardSampler(draws, base_seed=args.seed * 100_003 + epoch, rank=rt.rank,
                                       world_size=rt.world_size, start=start)
-    return data.make_loader(train_set, rank_batch(args, rt), args.workers, rt.device, sampler, args.seed + epoch)
+    return data.make_loader(train_set, rank_batch(args, rt), args.workers, rt.device, sampler, args.seed + epoch,
+                            collate)
 
 
 def top_layer_sgd(model: models.DeepClusterNet, args: argparse.Namespace) -> torch.optim.SGD:

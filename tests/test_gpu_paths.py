@@ -294,8 +294,8 @@ def _saved_run(tmp_path: Path, saved_by: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("saved_by", ["nchw", "channels_last", "original_release"])
-@pytest.mark.parametrize("now", [[], ["--no-channels_last"]])
+@pytest.mark.parametrize("saved_by,now", [("nchw", []), ("original_release", []),
+                                          ("channels_last", ["--no-channels_last"])])
 def test_resume_gives_momentum_the_parameters_layout(tmp_path, saved_by, now):
     """A user's resume (main.build_model/build_optimizer, checkpoint.resume) of a checkpoint
     of either layout: the fused step equals the per-tensor step within 1e-6 in every tensor.
@@ -435,3 +435,118 @@ def test_channels_last_auto_is_on_for_the_cpu_only(flag, device, on):
     argv = ["x", "--size", "64", "--k", "10"] + ({True: ["--channels_last"], False: ["--no-channels_last"]}.get(flag, []))
     model = main.build_model(main.parse_args(argv), torch.device("cpu"))  # cpu: auto is on
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) == (flag is not False)
+
+
+def test_auto_backend_is_torch_on_cuda_even_with_faiss_gpu(monkeypatch):
+    """What --cluster_backend's help and docs/flags.md say: torch on CUDA, faiss on CPU when installed."""
+    monkeypatch.setattr(clustering, "faiss_has_gpu", lambda: True)
+    monkeypatch.setattr(clustering, "faiss", object())  # installed
+    assert clustering.resolve_backend("auto", torch.device("cuda", 0)) == "torch"
+    assert clustering.resolve_backend("auto", torch.device("cpu")) == "faiss"
+    assert clustering.resolve_backend("faiss", torch.device("cuda", 0)) == "faiss"
+    monkeypatch.setattr(clustering, "faiss", None)
+    assert clustering.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+# ---------------------------------------------------------------------------------------
+# --decode gpu: its CPU twin against the PIL path (issue 23, item 3)
+# ---------------------------------------------------------------------------------------
+def _photo(h: int, w: int, seed: int):
+    """A photo-like RGB image: smooth gradients, flat discs with sharp edges, mild noise."""
+    from PIL import Image
+
+    r = np.random.RandomState(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([np.sin(6 * x + r.rand() * 6), np.cos(9 * y * x + r.rand()), np.sin(4 * (x + y) * r.rand() * 3)], -1)
+    img = (img * 0.5 + 0.5) * 255
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(6):
+        cy, cx, rr = r.randint(0, h), r.randint(0, w), r.randint(5, max(6, h // 3))
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < rr ** 2] = r.randint(0, 255, 3)
+    return Image.fromarray(np.clip(img + r.randn(h, w, 3) * 4, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def photos(module_tmp) -> Path:
+    """Baseline JPEGs of odd sizes (device path) and a grey one; a progressive JPEG and a PNG
+    (worker path)."""
+    root = module_tmp.mktemp("photos") / "images"
+    for c, items in enumerate([[(61, 97), (150, 200)], [(333, 250), (48, 300)]]):
+        (root / f"c{c}").mkdir(parents=True)
+        for k, (h, w) in enumerate(items):
+            _photo(h, w, 10 * c + k).save(root / f"c{c}" / f"p{k}.jpg", quality=90)
+    _photo(120, 90, 5).convert("L").save(root / "c0" / "grey.jpg", quality=90)
+    _photo(100, 130, 6).save(root / "c1" / "prog.jpg", quality=90, progressive=True)
+    _photo(70, 80, 7).save(root / "c1" / "flat.png")
+    return root
+
+
+def test_decode_gpu_twin_draws_the_pil_boxes_and_pixels(photos):
+    """For a given seed, EncodedCrop draws RandomResizedCrop's box and the flip that the PIL
+    path draws (same torchvision code, same RNG order, size from the header): the same law.
+    Pixels: both decoders are libjpeg-turbo, so the only difference is the antialiased
+    bilinear resize's rounding (torchvision's uint8 kernel vs PIL's fixed point): at most 1
+    level, on average under 0.25."""
+    import data
+    from torchvision import transforms as T
+
+    ds = data.IndexedImageFolder(photos)
+    enc = data.EncodedImages(ds)
+    pil_tf, crop = data.train_transform(40, 0.08, normalize=False), data.EncodedCrop(40, 0.08)
+    flips, kinds = set(), []
+    for idx in range(len(ds)):
+        kinds.append(enc.load(idx).on_device)
+        for seed in range(8):
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(seed)
+                box = T.RandomResizedCrop.get_params(ds.load(idx), [0.08, 1.0], [3 / 4, 4 / 3])
+                flip = int(torch.rand(1) < 0.5)
+            ref = clustering._apply(pil_tf, ds.load(idx), seed)
+            sample = clustering._apply(crop, enc.load(idx), seed)
+            got = data.EncodedBatch([sample], 40).decode(torch.device("cpu"))[0]
+            if sample.box is not None:
+                assert sample.box == (*box, flip)
+            diff = (ref.int() - got.int()).abs()
+            assert got.shape == ref.shape == (3, 40, 40) and int(diff.max()) <= 1 and float(diff.float().mean()) < 0.25
+            flips.add(flip)
+    assert flips == {0, 1} and kinds.count(True) == 5 and kinds.count(False) == 2  # both paths exercised
+
+
+def test_decode_gpu_loader_serves_the_same_batches(photos, tmp_path):
+    """main.make_train_loader with --decode gpu (a worker process) and data.to_model_input on
+    the CPU: the same images, labels and order as --decode cpu, pixels within 1 level."""
+    import data
+
+    ds = data.IndexedImageFolder(photos)
+    lists = [[0, 1, 2], [3, 4, 5, 6]]
+    draws = np.array([6, 0, 3, 3, 5, 1, 2, 4])
+    batches = {}
+    for mode in ("cpu", "gpu"):
+        args = main.parse_args([str(photos), "--size", "64", "--batch", "4", "--workers", "1", "--decode", mode,
+                                "--exp", str(tmp_path)])
+        loader = main.make_train_loader(ds, lists, draws, 0, args, distributed.Runtime())
+        batches[mode] = [(data.to_model_input(x, torch.device("cpu")), y, i) for x, y, i in loader]
+    assert len(batches["gpu"]) == 2
+    for (a, ya, ia), (b, yb, ib) in zip(batches["cpu"], batches["gpu"]):
+        assert torch.equal(ya, yb) and torch.equal(ia, ib) and ia.tolist() != sorted(ia.tolist())
+        std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+        assert float(((a - b).abs() * std * 255).max()) <= 1 + 1e-3
+
+
+def test_decode_gpu_names_a_broken_jpeg(tmp_path):
+    """Header fine, data truncated: the device decoder's failure names the file."""
+    import data
+
+    root = tmp_path / "images" / "c"
+    root.mkdir(parents=True)
+    _photo(64, 64, 0).save(root / "ok.jpg", quality=90)
+    raw = (root / "ok.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(raw[: len(raw) // 3])
+    (root / "junk.jpg").write_bytes(b"not an image")
+    enc, crop = data.EncodedImages(data.IndexedImageFolder(tmp_path / "images")), data.EncodedCrop(32)
+    names = [Path(p).name for p in enc.paths]
+    with pytest.raises(data.BadImageError, match="junk.jpg"):
+        enc.load(names.index("junk.jpg"))
+    batch = data.EncodedBatch([crop(enc.load(names.index(n))) for n in ("ok.jpg", "cut.jpg")], 32)
+    with pytest.raises(data.BadImageError, match="cut.jpg"):
+        batch.decode(torch.device("cpu"))
