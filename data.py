@@ -412,19 +412,28 @@ def default_collate_indexed(batch):
 
 
 def check_folder(dataset: "IndexedImageFolder", mode: str, on_bad: str, listing: Path, workers: int = 0,
-                 progress: bool = True, write: bool = True) -> None:
+                 progress: bool = True, write: bool = True, rt=None) -> None:
     """Check the images of ``dataset`` before any training (no crash hours later).
 
     ``mode``: ``full`` decodes every image, ``header`` reads headers only (a truncated file is
     then met during the run), ``auto`` is full up to 20,000 images, ``off`` skips the check.
     Unreadable images are listed in ``listing`` (when ``write``); ``on_bad='error'`` refuses
-    the folder naming the first one, ``'skip'`` drops them from ``dataset``.
+    the folder naming the first one, ``'skip'`` drops them from ``dataset``. Under torchrun
+    (``rt``, a distributed.Runtime) rank r checks images r, r + W, ... and one all-gather
+    gives every rank the whole list, so all ranks decide (and drop) alike.
     """
     if mode == "auto":
         mode = "full" if len(dataset) <= 20000 else "header"
     if mode == "off":
         return
-    bad = check_images(dataset.paths, full=mode == "full", workers=workers, progress=progress)
+    if rt is not None and rt.distributed:
+        r, w = rt.rank, rt.world_size
+        mine = check_images(dataset.paths[r::w], full=mode == "full", workers=workers, progress=progress)
+        parts: list = [None] * w
+        torch.distributed.all_gather_object(parts, {r + w * i: why for i, why in mine.items()})
+        bad = {i: why for part in parts for i, why in part.items()}
+    else:
+        bad = check_images(dataset.paths, full=mode == "full", workers=workers, progress=progress)
     if not bad:
         return
     if write:

@@ -387,7 +387,7 @@ def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, it
 def check_data(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: Path, rt: distributed.Runtime) -> None:
     """Every image readable (--check_images, --bad_images) and k against the number of images."""
     data.check_folder(dataset, args.check_images, args.bad_images, exp / "bad_images.txt", workers=args.workers,
-                      progress=not args.no_progress, write=rt.is_main)
+                      progress=not args.no_progress, write=rt.is_main, rt=rt)
     n = len(dataset)
     if args.clustering == "Kmeans" and args.nmb_cluster > n:
         raise clustering.ClusteringError(f"--nmb_cluster/--k {args.nmb_cluster} is larger than the number "

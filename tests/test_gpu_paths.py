@@ -373,7 +373,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _loss_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ranks_worker(rank: int, world: int, port: int, out: str, folder: str) -> None:
+    """One gloo rank: the loss meter, then the sharded image check."""
+    import data
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     rt = distributed.init_runtime("cpu")
@@ -389,17 +392,32 @@ def _loss_worker(rank: int, world: int, port: int, out: str) -> None:
         res["diverged"] = False
     except distributed.DivergedError:
         res["diverged"] = True
+    checked, real = [], data.check_image
+    data.check_image = lambda path, full=True: (checked.append("/".join(Path(path).parts[-2:])), real(path, full))[1]
+    ds = data.IndexedImageFolder(folder)
+    data.check_folder(ds, "header", "skip", Path(out + ".bad.txt"), progress=False, write=rt.is_main, rt=rt)
+    res.update(checked=checked, kept=[Path(p).name for p in ds.paths])
     torch.save(res, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
-def test_logged_loss_is_the_mean_over_ranks(tmp_path):
-    mp.spawn(_loss_worker, args=(2, _free_port(), str(tmp_path / "res")), nprocs=2)
+def test_ranks_log_the_mean_loss_and_share_the_image_check(tmp_path, tiny_image_folder):
+    """Two gloo ranks: the logged loss is the mean over every rank's images, a NaN on one rank
+    stops both; the header check is split (each file checked by one rank) and every rank
+    drops the same unreadable files."""
+    bad = ["class0/img001.jpg", "class2/img007.jpg"]
+    for name in bad:
+        (tiny_image_folder / name).write_bytes(b"broken")
+    mp.spawn(_ranks_worker, args=(2, _free_port(), str(tmp_path / "res"), str(tiny_image_folder)), nprocs=2)
     got = [torch.load(tmp_path / f"res.{r}") for r in range(2)]
     losses = [(1.0 + r + s, 2 + r) for r in range(2) for s in range(3)]
     mean = sum(l * b for l, b in losses) / sum(b for _, b in losses)
     for res in got:
         assert res["avg"] == pytest.approx(mean, rel=1e-12) and res["count"] == 15 and res["diverged"]
+    assert len(got[0]["checked"]) == len(got[1]["checked"]) == 12  # 24 images, each checked once
+    assert not set(got[0]["checked"]) & set(got[1]["checked"])
+    assert got[0]["kept"] == got[1]["kept"] and len(got[0]["kept"]) == 22
+    assert len((tmp_path / "res.bad.txt").read_text().splitlines()) == 2  # written once, by rank 0
 
 
 # ---------------------------------------------------------------------------------------
