@@ -271,7 +271,7 @@ def _grads(model: torch.nn.Module, seed: int) -> None:
     """The same (seeded) gradient values for any memory format of the parameters."""
     g = torch.Generator().manual_seed(seed)
     for p in model.body_parameters():
-        p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g))
+        p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g).to(p.device))
 
 
 def _saved_run(tmp_path: Path, saved_by: str) -> Path:
@@ -294,9 +294,13 @@ def _saved_run(tmp_path: Path, saved_by: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("saved_by,now", [("nchw", []), ("original_release", []),
-                                          ("channels_last", ["--no-channels_last"])])
-def test_resume_gives_momentum_the_parameters_layout(tmp_path, saved_by, now):
+NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("saved_by,now,device", [("nchw", [], "cpu"), ("original_release", [], "cpu"),
+                                                 ("channels_last", ["--no-channels_last"], "cpu"),
+                                                 pytest.param("nchw", ["--channels_last"], "cuda", marks=NEEDS_CUDA)])
+def test_resume_gives_momentum_the_parameters_layout(tmp_path, saved_by, now, device):
     """A user's resume (main.build_model/build_optimizer, checkpoint.resume) of a checkpoint
     of either layout: the fused step equals the per-tensor step within 1e-6 in every tensor.
     Without the layout fix the fused step moves conv1 by ~10% (NCHW state, channels-last)."""
@@ -305,15 +309,15 @@ def test_resume_gives_momentum_the_parameters_layout(tmp_path, saved_by, now):
     for fused in (True, False):
         args = main.parse_args(["x", "--size", "64", "--k", "10", "--resume", str(path)] + now
                                + ([] if fused else ["--no-fused_sgd"]))
-        model = main.build_model(args, torch.device("cpu"))
+        model = main.build_model(args, torch.device(device))
         opt = main.build_optimizer(model, args)
-        checkpoint.resume(args.resume, model, opt, args, n_images=100)
+        checkpoint.resume(args.resume, model, opt, args, n_images=100)  # on CUDA: the fused step used to raise
         layouts += [opt.state[p]["momentum_buffer"].stride() == p.stride() for p in model.body_parameters()]
         assert bool(opt.param_groups[0]["fused"]) == fused
         _grads(model, 2)
         opt.step()
         after[fused] = [p.detach().clone() for p in model.body_parameters()]
-    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) == (now == [])
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) == ("--no-channels_last" not in now)
     for a, b in zip(after[True], after[False]):
         assert float((a - b).norm() / b.norm()) < 1e-6
     assert all(layouts)
