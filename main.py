@@ -412,6 +412,7 @@ def main(args: argparse.Namespace) -> dict:
     rt = distributed.init_runtime(args.device, timeout_min=args.dist_timeout)
     distributed.configure_backends(args.deterministic)
     args.channels_last = distributed.resolve_channels_last(args.channels_last, rt.device)
+    distributed.resolve_sync_bn(args.sync_bn, rt)  # an impossible --sync_bn stops before any work
     exp = Path(args.exp)
     dataset = data.open_folder(args, rt)  # a missing or empty DIR is refused before anything is written
     checkpoint.check_exp_writable(exp, rt)
