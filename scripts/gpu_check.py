@@ -249,7 +249,9 @@ def check_cuda_tests(work: Path, dry: bool):
         import pytest  # noqa: F401
     except ImportError:
         return "SKIP", "pytest is not installed in this python", {}
-    res = run_boxed([python_exe(), "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
+    # -o addopts=: pytest.ini's --timeout needs the pytest-timeout plugin, which the box may lack
+    res = run_boxed([python_exe(), "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-o", "addopts=",
+                     "tests"],
                     CHECKS["cuda_tests"][0] - 10, cwd=ROOT)
     last = (res.stdout.strip().splitlines() or ["no output"])[-1]
     status = "PASS" if res.returncode == 0 and "passed" in last else "FAIL"
