@@ -415,6 +415,25 @@ def load_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
     opt.load_state_dict(state)
     for group, kept in zip(opt.param_groups, flags):
         group.update(kept)
+    match_state_layout(opt)
+
+
+def match_state_layout(opt: torch.optim.Optimizer) -> None:
+    """Give every state buffer (SGD's momentum) its parameter's strides.
+
+    ``load_state_dict`` casts the saved buffers to the parameter's dtype and device but keeps
+    the strides they were saved with: an NCHW momentum (a ``--no-channels_last`` run, the
+    original release) next to a channels-last conv weight. The fused SGD kernel walks
+    parameter, gradient and buffer as flat arrays, so on CPU it adds the momentum of other
+    elements (conv1 moved by ~10% of its norm in one step) and on CUDA it refuses the step.
+    ``empty_like`` keeps the parameter's memory format; ``copy_`` moves values by index.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for name, buf in opt.state.get(p, {}).items():
+                if (torch.is_tensor(buf) and buf.shape == p.shape and buf.dim() > 0
+                        and buf.stride() != p.stride()):
+                    opt.state[p][name] = torch.empty_like(p, dtype=buf.dtype).copy_(buf)
 
 
 def resume(path: str, model, opt: torch.optim.Optimizer, args, n_images: int) -> dict:

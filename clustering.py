@@ -15,7 +15,8 @@ Two k-means backends with faiss semantics:
   clusters re-seeded by splitting a populated centroid with a symmetric 1/1024 perturbation).
   It runs on a CUDA GPU without faiss-gpu, and on CPU.
 
-``backend="auto"`` picks torch on CUDA, else faiss when installed, else torch.
+``backend="auto"`` picks torch on CUDA (even with faiss-gpu installed), else faiss when
+installed, else torch.
 """
 from __future__ import annotations
 
@@ -56,7 +57,11 @@ def faiss_has_gpu() -> bool:
 
 
 def resolve_backend(backend: str = "auto", device: torch.device | str | None = None) -> str:
-    """Return 'faiss' or 'torch' for a requested backend ('auto', 'faiss', 'torch')."""
+    """Return 'faiss' or 'torch' for a requested backend ('auto', 'faiss', 'torch').
+
+    ``auto``: torch on CUDA (whether or not faiss-gpu is installed: the features stay on the
+    GPU and the result does not depend on an optional package), else faiss when installed,
+    else torch. ``faiss`` on a CUDA machine uses faiss's GPU index when faiss has one."""
     if backend not in ("auto", "faiss", "torch"):
         raise ValueError(f"unknown clustering backend {backend!r}: expected auto, faiss or torch")
     if backend == "faiss" and faiss is None:
@@ -66,7 +71,7 @@ def resolve_backend(backend: str = "auto", device: torch.device | str | None = N
         return backend
     dev = torch.device(device) if device is not None else None
     on_cuda = (dev is not None and dev.type == "cuda") or (dev is None and torch.cuda.is_available())
-    if on_cuda and not faiss_has_gpu():
+    if on_cuda:
         return "torch"
     return "faiss" if faiss is not None else "torch"
 

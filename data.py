@@ -337,6 +337,8 @@ def to_model_input(imgs: torch.Tensor, device: torch.device, channels_last: bool
     reciprocal, which can differ in the last bit. A float batch (already normalised) is only
     moved. ``channels_last`` converts the uint8 batch before the float ops, which keep the layout.
     """
+    if isinstance(imgs, EncodedBatch):  # --decode gpu: JPEG bytes decoded and cropped on the device
+        imgs = imgs.decode(device)
     imgs = imgs.to(device, non_blocking=True)  # host -> device from pinned memory: ordered, safe
     if channels_last and imgs.dim() == 4:
         imgs = imgs.contiguous(memory_format=torch.channels_last)
@@ -410,19 +412,28 @@ def default_collate_indexed(batch):
 
 
 def check_folder(dataset: "IndexedImageFolder", mode: str, on_bad: str, listing: Path, workers: int = 0,
-                 progress: bool = True, write: bool = True) -> None:
+                 progress: bool = True, write: bool = True, rt=None) -> None:
     """Check the images of ``dataset`` before any training (no crash hours later).
 
     ``mode``: ``full`` decodes every image, ``header`` reads headers only (a truncated file is
     then met during the run), ``auto`` is full up to 20,000 images, ``off`` skips the check.
     Unreadable images are listed in ``listing`` (when ``write``); ``on_bad='error'`` refuses
-    the folder naming the first one, ``'skip'`` drops them from ``dataset``.
+    the folder naming the first one, ``'skip'`` drops them from ``dataset``. Under torchrun
+    (``rt``, a distributed.Runtime) rank r checks images r, r + W, ... and one all-gather
+    gives every rank the whole list, so all ranks decide (and drop) alike.
     """
     if mode == "auto":
         mode = "full" if len(dataset) <= 20000 else "header"
     if mode == "off":
         return
-    bad = check_images(dataset.paths, full=mode == "full", workers=workers, progress=progress)
+    if rt is not None and rt.distributed:
+        r, w = rt.rank, rt.world_size
+        mine = check_images(dataset.paths[r::w], full=mode == "full", workers=workers, progress=progress)
+        parts: list = [None] * w
+        torch.distributed.all_gather_object(parts, {r + w * i: why for i, why in mine.items()})
+        bad = {i: why for part in parts for i, why in part.items()}
+    else:
+        bad = check_images(dataset.paths, full=mode == "full", workers=workers, progress=progress)
     if not bad:
         return
     if write:
@@ -437,13 +448,14 @@ def check_folder(dataset: "IndexedImageFolder", mode: str, on_bad: str, listing:
 
 
 def make_loader(dataset, batch: int, workers: int, device: torch.device, sampler=None,
-                seed: int = 0) -> torch.utils.data.DataLoader:
+                seed: int = 0, collate_fn=None) -> torch.utils.data.DataLoader:
     """Unshuffled loader (order from ``sampler``) with its own seeded generator: creating the
     iterator draws nothing from the global RNG, so a resumed run's dropout masks stay in step
     with an uninterrupted one."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, sampler=sampler,
                                        num_workers=workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+                                       persistent_workers=False, generator=torch.Generator().manual_seed(seed),
+                                       collate_fn=collate_fn)
 
 
 def open_folder(args, rt) -> "IndexedImageFolder":
@@ -458,3 +470,156 @@ def open_folder(args, rt) -> "IndexedImageFolder":
     # uint8 items, normalised per batch by to_model_input
     return IndexedImageFolder(args.data, transform=eval_transform(args.size, normalize=False),
                               draft=eval_resize(args.size) if args.jpeg_draft else None)
+
+
+# ---------------------------------------------------------------------------------------
+# --decode gpu: the workers read bytes, the run's device decodes, crops, resizes and flips
+# ---------------------------------------------------------------------------------------
+# JPEGs that go to the device decoder: baseline (nvJPEG's batched GPU decode) in grey or RGB.
+# Everything else (PNG, CMYK, progressive, 16-bit...) is decoded in the worker by the PIL path.
+DEVICE_JPEG_MODES = ("L", "RGB")
+
+
+class EncodedImage:
+    """An image not decoded yet: its header opened (size, mode, format) and its path."""
+
+    def __init__(self, path: str, header: Image.Image):
+        self.path, self.header = path, header
+
+    @property
+    def on_device(self) -> bool:
+        h = self.header
+        return h.format == "JPEG" and h.mode in DEVICE_JPEG_MODES and not h.info.get("progressive")
+
+
+class EncodedImages(Dataset):
+    """``dataset`` whose :meth:`load` opens the header only (bad headers raise
+    :class:`BadImageError` as :func:`load_rgb` does); the pixels are decoded later, on the
+    run's device for JPEGs (:class:`EncodedBatch`) or in the worker for the other formats."""
+
+    def __init__(self, dataset: IndexedImageFolder):
+        self.dataset = dataset
+
+    @property
+    def paths(self) -> list[str]:
+        return self.dataset.paths
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, idx: int) -> EncodedImage:
+        path = self.dataset.paths[idx]
+        try:
+            header = Image.open(path)  # lazy: reads the header only; the file stays closed afterwards
+            header.close()
+            if header.width * header.height > MAX_PIXELS:
+                raise ValueError(f"{header.width}x{header.height} pixels exceeds the {MAX_PIXELS} limit")
+        except Exception as e:
+            raise BadImageError(f"cannot read image file {path!r}: {type(e).__name__}: {e}") from None
+        return EncodedImage(path, header)
+
+
+class EncodedSample:
+    """What a worker sends for one training image: the JPEG's bytes and its crop box and flip
+    (``data`` (n_bytes,) uint8, ``box`` (i, j, h, w, flip)), or for a non-JPEG the finished
+    (3, size, size) uint8 crop (``box`` None)."""
+
+    def __init__(self, path: str, data: torch.Tensor, box: tuple[int, int, int, int, int] | None):
+        self.path, self.data, self.box = path, data, box
+
+
+class EncodedCrop:
+    """The training transform of ``--decode gpu``, run in the worker on an :class:`EncodedImage`.
+
+    Draws RandomResizedCrop's box and RandomHorizontalFlip's coin from the (seeded) torch RNG
+    with torchvision's own code, in the order :func:`train_transform` draws them, from the
+    image's header size: for a given seed the box and the flip are those the PIL path draws.
+    """
+
+    def __init__(self, size: int = 224, min_scale: float = 0.08):
+        self.size, self.scale, self.ratio = int(size), (float(min_scale), 1.0), (3.0 / 4.0, 4.0 / 3.0)
+
+    def __call__(self, img: EncodedImage) -> EncodedSample:
+        i, j, h, w = transforms.RandomResizedCrop.get_params(img.header, list(self.scale), list(self.ratio))
+        flip = int(torch.rand(1) < 0.5)  # RandomHorizontalFlip(p=0.5)
+        if img.on_device:
+            with open(img.path, "rb") as f:
+                raw = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            return EncodedSample(img.path, raw, (i, j, h, w, flip))
+        pil = load_rgb(img.path)  # other formats: the PIL path, same box and flip
+        out = transforms.functional.resized_crop(pil, i, j, h, w, [self.size, self.size],
+                                                 transforms.InterpolationMode.BILINEAR, antialias=True)
+        if flip:
+            out = transforms.functional.hflip(out)
+        return EncodedSample(img.path, transforms.functional.pil_to_tensor(out), None)
+
+
+class EncodedBatch:
+    """A batch of :class:`EncodedSample`; :meth:`decode` makes the (B, 3, size, size) uint8 batch
+    on a device. ``pin_memory`` is a no-op (the decoder reads host bytes)."""
+
+    def __init__(self, samples: list[EncodedSample], size: int):
+        self.samples, self.size = samples, size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def pin_memory(self, device=None) -> "EncodedBatch":
+        return self
+
+    def decode(self, device: torch.device) -> torch.Tensor:
+        """(B, 3, size, size) uint8 on ``device``: JPEGs decoded in one batched call
+        (``torchvision.io.decode_jpeg``: nvJPEG on CUDA, libjpeg-turbo on CPU), then per image
+        the crop (a view), an antialiased bilinear resize (torchvision's, PIL's filter) and the flip."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        device = torch.device(device)
+        jpeg = [k for k, s in enumerate(self.samples) if s.box is not None]
+        out = torch.empty(len(self.samples), 3, self.size, self.size, dtype=torch.uint8, device=device)
+        if jpeg:
+            raws = [self.samples[k].data for k in jpeg]
+            try:
+                imgs = decode_jpeg(raws, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:
+                imgs = [self._decode_one(self.samples[k], device) for k in jpeg]  # names the bad file
+            for k, img in zip(jpeg, imgs):
+                out[k] = crop_resize_flip(img, self.samples[k].box, self.size)
+        for k, s in enumerate(self.samples):
+            if s.box is None:
+                out[k] = s.data.to(device, non_blocking=True)
+        return out
+
+    @staticmethod
+    def _decode_one(sample: EncodedSample, device: torch.device) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        try:
+            return decode_jpeg(sample.data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as e:
+            raise BadImageError(f"cannot read image file {sample.path!r}: {one_line_error(e)}") from None
+
+
+def one_line_error(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def crop_resize_flip(img: torch.Tensor, box: tuple[int, int, int, int, int], size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, size, size) uint8 on the same device: crop rows i..i+h, columns
+    j..j+w, bilinear resize with antialiasing (PIL's filter, as RandomResizedCrop on a PIL
+    image), then a horizontal flip when ``box[4]``."""
+    i, j, h, w, flip = box
+    out = transforms.functional.resize(img[:, i:i + h, j:j + w], [size, size],
+                                       transforms.InterpolationMode.BILINEAR, antialias=True)
+    return out.flip(-1) if flip else out
+
+
+class CollateEncoded:
+    """Collate ``(EncodedSample, pseudo_label, index)`` items of a training set into
+    ``(EncodedBatch, (B,) labels, (B,) indices)``."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, batch) -> tuple[EncodedBatch, torch.Tensor, torch.Tensor]:
+        samples, targets, idx = zip(*batch)
+        return (EncodedBatch(list(samples), self.size), torch.as_tensor(targets, dtype=torch.long),
+                torch.as_tensor(idx, dtype=torch.long))

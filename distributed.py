@@ -54,10 +54,37 @@ def system_sees_gpu() -> bool:
     return bool(glob.glob("/dev/nvidia[0-9]*")) or shutil.which("nvidia-smi") is not None
 
 
-def configure_backends() -> None:
-    """Per-run backend switches: cuDNN picks the fastest convolution algorithms for the
-    fixed input sizes of training and feature extraction (as the original did)."""
-    torch.backends.cudnn.benchmark = True
+def configure_backends(deterministic: bool = False) -> None:
+    """Per-run backend switches. Default: cuDNN picks the fastest convolution algorithms for
+    the fixed input sizes of training and feature extraction (as the original did), with
+    torch's TF32 convolutions on Ampere and later GPUs: fast, not bitwise reproducible.
+
+    ``deterministic`` (``--deterministic``, for exact resume on a GPU): deterministic
+    algorithms (``index_add_`` in k-means and the conv backward without atomics), no
+    autotuning, TF32 off for convolutions and matmuls, and the cuBLAS workspace setting
+    deterministic matmuls need. Ops with no deterministic CUDA kernel (ResNet-50's adaptive
+    average pool backward) warn instead of stopping the run and stay non-deterministic.
+    The CPU paths are deterministic either way."""
+    if not deterministic:
+        torch.backends.cudnn.benchmark = True
+        return
+    # read when cuBLAS creates its handle (the first CUDA matmul), i.e. after this
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    cudnn = torch.backends.cudnn
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9: mixing the two APIs is refused
+        cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:
+        cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def resolve_channels_last(flag: bool | None, device: torch.device) -> bool:
+    """``--channels_last`` auto (None): on for the CPU, where it is measured faster
+    (docs/performance), off on CUDA until scripts/gpu_check.sh has measured it there."""
+    return device.type == "cpu" if flag is None else bool(flag)
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -246,18 +273,25 @@ class DeviceLossMeter:
         self.n += batch
 
     def read(self) -> AverageMeter:
-        """The meter with every step so far; :class:`DivergedError` when a loss was NaN or inf."""
+        """The meter with every step so far; :class:`DivergedError` when a loss was NaN or inf.
+
+        Under torchrun the sums are added over the ranks in the one all-reduce that also
+        combines the finite flags, so every rank's meter holds the mean over all the images
+        of the global batches (what the log and the checkpoints record), not rank 0's share.
+        """
         if self.n:
-            ok = self.finite.to(torch.int32)
+            # (3,) float64: loss sum, images, non-finite count (exact: integers far below 2**53)
+            packed = torch.stack([self.sum, self.sum.new_tensor(float(self.n)), (~self.finite).double()])
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-            if not bool(ok):
-                raise DivergedError(f"training loss is {float(self.sum)} at epoch {self.epoch}, between iterations "
+                torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
+            total, n, bad = packed.tolist()
+            if bad:
+                raise DivergedError(f"training loss is {total} at epoch {self.epoch}, between iterations "
                                     f"{self.first} and {self.step - 1}: the run diverged (try a lower --lr); "
                                     f"the last checkpoint is kept")
-            total = float(self.sum)
+            n = int(n)
             m = self.meter
-            m.val, m.sum, m.count = total / self.n, m.sum + total, m.count + self.n
+            m.val, m.sum, m.count = total / n, m.sum + total, m.count + n
             m.avg = m.sum / m.count
             self.sum.zero_()
             self.n = 0
@@ -361,6 +395,30 @@ def synced_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.time()
+
+
+def resolve_sync_bn(flag: bool | None, rt: Runtime) -> bool:
+    """``--sync_bn``: None (auto) = on under NCCL (torchrun on GPUs), off otherwise.
+
+    With W processes each BatchNorm normalises over its rank's batch / W images; synced, over
+    the global batch, as one GPU training on --batch would. torch's SyncBatchNorm only runs on
+    GPUs (on CPU tensors it raises in training), so an explicit ``--sync_bn`` under gloo is a
+    :class:`DeviceError`; in one process there is nothing to sync (plain BatchNorm)."""
+    nccl = rt.distributed and rt.device.type == "cuda"
+    if flag and rt.distributed and not nccl:
+        raise DeviceError("--sync_bn needs torchrun on GPUs (NCCL): torch's SyncBatchNorm does not run on CPU; "
+                          "use --no-sync_bn (per-process BatchNorm statistics) on CPU")
+    return nccl if flag is None else bool(flag) and rt.distributed
+
+
+def sync_batchnorm(model: torch.nn.Module, flag: bool | None, rt: Runtime) -> torch.nn.Module:
+    """The network with its BatchNorm layers replaced by SyncBatchNorm when :func:`resolve_sync_bn`
+    says so (the same module object otherwise). The parameters are the same objects and the
+    state_dict keys do not change, so checkpoints load into the unsynced network and back."""
+    if not resolve_sync_bn(flag, rt):
+        return model
+    log.info("BatchNorm synchronised over the %d processes (--sync_bn)", rt.world_size)
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:

@@ -83,13 +83,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=200, help="number of total epochs to run")
     g.add_argument("--start_epoch", type=int, default=0, help="manual epoch number (useful on restarts)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (changes numerics slightly)")
-    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last convnet (same results within 1e-4, faster on CPU; off: the original NCHW)")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last convnet (same results within 1e-4; off: the original NCHW); default auto: on "
+                        "for the CPU (measured faster), off on CUDA (not measured there yet: scripts/gpu_check.sh)")
     g.add_argument("--fused_sgd", action=argparse.BooleanOptionalAction, default=True,
                    help="SGD update in one fused kernel (same arithmetic up to rounding, 5x faster on CPU; "
                         "off: the original's per-tensor update)")
     g.add_argument("--jpeg_draft", action=argparse.BooleanOptionalAction, default=True,
                    help="feature pass: decode JPEGs at least twice the resize target at reduced size")
+    g.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
+                   help="training images: cpu: PIL in the loader workers (the original); gpu: the workers read "
+                        "JPEG bytes and the run's device decodes (nvJPEG on CUDA), crops, resizes and flips them, "
+                        "same crop and flip law (other formats stay on the workers)")
     g.add_argument("--features_dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage of the (N, D) feature matrix (float16 halves it)")
     g.add_argument("--features_on", choices=["host", "device"], default="host",
@@ -111,6 +116,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="unreadable images: stop naming them (mid-run after a resumable checkpoint), or go on "
                         "without them (listed in EXP/bad_images.txt)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
+    g.add_argument("--deterministic", action="store_true",
+                   help="GPU: deterministic algorithms, no cuDNN autotuning, TF32 off (bitwise resume on the same "
+                        "GPU and software, slower); the CPU is deterministic without it")
+    g.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm; default: on "
+                        "with NCCL/GPUs, off on CPU where torch cannot sync); off: per-process statistics")
     g.add_argument("--dist_timeout", type=float, default=60,
                    help="minutes a torchrun process waits in a collective (e.g. while rank 0 clusters)")
     g.add_argument("--report", action="store_true", help="draw the training report (PNG) at the end")
@@ -167,7 +178,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 def build_model(args: argparse.Namespace, device: torch.device) -> models.DeepClusterNet:
     model = models.build_model(args.arch, sobel=args.sobel, bn=True, out=args.nmb_cluster, input_size=args.size)
     model = model.to(device)
-    return models.to_channels_last(model) if args.channels_last else model
+    return models.to_channels_last(model) if distributed.resolve_channels_last(args.channels_last, device) else model
 
 
 def build_optimizer(model: models.DeepClusterNet, args: argparse.Namespace) -> torch.optim.SGD:
@@ -253,13 +264,18 @@ def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[
     ``start``-th one on (mid-epoch resume); every draw carries its own augmentation seed.
     """
     order = "index" if args.sampler == "uniform" else "cluster"
+    transform = data.train_transform(args.size, args.crop_min_scale, normalize=False)  # see data.to_model_input
+    collate = None
+    if args.decode == "gpu":  # workers read bytes and draw the crops; data.to_model_input decodes on the device
+        dataset, transform = data.EncodedImages(dataset), data.EncodedCrop(args.size, args.crop_min_scale)
+        collate = data.CollateEncoded(args.size)
     if args.bad_images == "skip":
         dataset = data.StandIns(dataset, images_lists, args.exp)
-    transform = data.train_transform(args.size, args.crop_min_scale, normalize=False)  # see data.to_model_input
     train_set = clustering.cluster_assign(images_lists, dataset, transform, order=order)
     sampler = util.SeededShardSampler(draws, base_seed=args.seed * 100_003 + epoch, rank=rt.rank,
                                       world_size=rt.world_size, start=start)
-    return data.make_loader(train_set, rank_batch(args, rt), args.workers, rt.device, sampler, args.seed + epoch)
+    return data.make_loader(train_set, rank_batch(args, rt), args.workers, rt.device, sampler, args.seed + epoch,
+                            collate)
 
 
 def top_layer_sgd(model: models.DeepClusterNet, args: argparse.Namespace) -> torch.optim.SGD:
@@ -371,7 +387,7 @@ def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, it
 def check_data(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: Path, rt: distributed.Runtime) -> None:
     """Every image readable (--check_images, --bad_images) and k against the number of images."""
     data.check_folder(dataset, args.check_images, args.bad_images, exp / "bad_images.txt", workers=args.workers,
-                      progress=not args.no_progress, write=rt.is_main)
+                      progress=not args.no_progress, write=rt.is_main, rt=rt)
     n = len(dataset)
     if args.clustering == "Kmeans" and args.nmb_cluster > n:
         raise clustering.ClusteringError(f"--nmb_cluster/--k {args.nmb_cluster} is larger than the number "
@@ -394,7 +410,9 @@ def resumed_plan(mid: dict, model: models.DeepClusterNet, args: argparse.Namespa
 def main(args: argparse.Namespace) -> dict:
     """Run DeepCluster; returns the last epoch's log record."""
     rt = distributed.init_runtime(args.device, timeout_min=args.dist_timeout)
-    distributed.configure_backends()
+    distributed.configure_backends(args.deterministic)
+    args.channels_last = distributed.resolve_channels_last(args.channels_last, rt.device)
+    distributed.resolve_sync_bn(args.sync_bn, rt)  # an impossible --sync_bn stops before any work
     exp = Path(args.exp)
     dataset = data.open_folder(args, rt)  # a missing or empty DIR is refused before anything is written
     checkpoint.check_exp_writable(exp, rt)
@@ -409,7 +427,7 @@ def main(args: argparse.Namespace) -> dict:
     targets = np.asarray(dataset.targets) if dataset.targets else None
     dataset.mark_unreadable = args.bad_images == "skip"
 
-    model = build_model(args, rt.device)
+    model = distributed.sync_batchnorm(build_model(args, rt.device), args.sync_bn, rt)
     opt = build_optimizer(model, args)
     crit = nn.CrossEntropyLoss()
     clog, history = checkpoint.ClusterLog(exp / "clusters"), util.Logger(exp / "log.jsonl")

@@ -158,7 +158,7 @@ def test_cli_end_to_end_with_cache(knn_data, tmp_path, capsys):
 def train_args(images: Path, exp: Path, *extra: str) -> list[str]:
     # 24 images, batch 8: 3 iterations an epoch; a periodic copy every 2 iterations
     return [str(images), "--exp", str(exp), "--size", "64", "--k", "3", "--pca", "8", "--batch", "8",
-            "--workers", "0", "--epochs", "2", "--no_progress", "--sobel", "--checkpoints", "2", *extra]
+            "--workers", "0", "--epochs", "2", "--no_progress", "--sobel", "--checkpoints", "2", "--device", "cpu", *extra]
 
 
 def test_monitor_draws_no_random_number_and_keeps_the_model(knn_data):

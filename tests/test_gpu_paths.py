@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import clustering
 import main
@@ -171,7 +174,7 @@ def _train(batches, monkeypatch):
     top = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
     args = main.parse_args(["x", "--no_progress"])
     reads = []
-    for name in ("item", "__bool__", "__float__"):
+    for name in ("item", "__bool__", "__float__", "tolist"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, _r=real, _n=name: (reads.append(_n), _r(self))[1])
     try:
@@ -259,3 +262,313 @@ def test_mid_epoch_resume_on_another_number_of_processes():
     with pytest.raises(checkpoint.CheckpointError, match="after 24 draws.*--batch 16"):
         checkpoint.check_checkpoint({"state_dict": {"top_layer.weight": torch.zeros(3, 4)}, "mid_epoch": mid},
                                     "c.pth.tar", main.parse_args(["x", "--batch", "16"]), 50)
+
+
+# ---------------------------------------------------------------------------------------
+# resume across memory formats (issue 23, item 1)
+# ---------------------------------------------------------------------------------------
+def _grads(model: torch.nn.Module, seed: int) -> None:
+    """The same (seeded) gradient values for any memory format of the parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.body_parameters():
+        p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g).to(p.device))
+
+
+def _saved_run(tmp_path: Path, saved_by: str) -> Path:
+    """A checkpoint after one momentum step, written by a run of the given layout."""
+    flags = ["x", "--size", "64", "--k", "10"] + ([] if saved_by == "channels_last" else ["--no-channels_last"])
+    args = main.parse_args(flags)
+    torch.manual_seed(0)
+    model = main.build_model(args, torch.device("cpu"))
+    opt = main.build_optimizer(model, args)
+    _grads(model, 1)
+    opt.step()
+    state = {"epoch": 1, "arch": "alexnet", "state_dict": model.state_dict(), "optimizer": opt.state_dict()}
+    if saved_by == "original_release":  # features wrapped in DataParallel, PyTorch 0.x param_groups
+        state["state_dict"] = {k.replace("features.", "features.module.", 1): v for k, v in model.state_dict().items()}
+        for g in state["optimizer"]["param_groups"]:
+            for k in ("fused", "foreach", "differentiable", "maximize"):
+                g.pop(k, None)
+    path = tmp_path / f"{saved_by}.pth.tar"
+    torch.save(state, path)
+    return path
+
+
+NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("saved_by,now,device", [("nchw", [], "cpu"), ("original_release", [], "cpu"),
+                                                 ("channels_last", ["--no-channels_last"], "cpu"),
+                                                 pytest.param("nchw", ["--channels_last"], "cuda", marks=NEEDS_CUDA)])
+def test_resume_gives_momentum_the_parameters_layout(tmp_path, saved_by, now, device):
+    """A user's resume (main.build_model/build_optimizer, checkpoint.resume) of a checkpoint
+    of either layout: the fused step equals the per-tensor step within 1e-6 in every tensor.
+    Without the layout fix the fused step moves conv1 by ~10% (NCHW state, channels-last)."""
+    path = _saved_run(tmp_path, saved_by)
+    after, layouts = {}, []
+    for fused in (True, False):
+        args = main.parse_args(["x", "--size", "64", "--k", "10", "--resume", str(path)] + now
+                               + ([] if fused else ["--no-fused_sgd"]))
+        model = main.build_model(args, torch.device(device))
+        opt = main.build_optimizer(model, args)
+        checkpoint.resume(args.resume, model, opt, args, n_images=100)  # on CUDA: the fused step used to raise
+        layouts += [opt.state[p]["momentum_buffer"].stride() == p.stride() for p in model.body_parameters()]
+        assert bool(opt.param_groups[0]["fused"]) == fused
+        _grads(model, 2)
+        opt.step()
+        after[fused] = [p.detach().clone() for p in model.body_parameters()]
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) == ("--no-channels_last" not in now)
+    for a, b in zip(after[True], after[False]):
+        assert float((a - b).norm() / b.norm()) < 1e-6
+    assert all(layouts)
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm and the logged loss under DDP (issue 23, item 2)
+# ---------------------------------------------------------------------------------------
+NCCL2 = distributed.Runtime(0, 2, device=torch.device("cuda", 0))  # a torchrun rank on a GPU (never used as one)
+GLOO2 = distributed.Runtime(0, 2)
+
+
+@pytest.mark.parametrize("flag,rt,expected", [
+    (None, NCCL2, True), (False, NCCL2, False), (True, NCCL2, True),
+    (None, GLOO2, False), (False, GLOO2, False), (True, GLOO2, "error"),
+    (None, distributed.Runtime(device=torch.device("cuda", 0)), False), (True, distributed.Runtime(), False)])
+def test_sync_bn_on_by_default_under_nccl_only(flag, rt, expected):
+    if expected == "error":
+        with pytest.raises(distributed.DeviceError, match="--sync_bn needs torchrun on GPUs.*--no-sync_bn"):
+            distributed.resolve_sync_bn(flag, rt)
+    else:
+        assert distributed.resolve_sync_bn(flag, rt) is expected
+    assert main.parse_args(["x"]).sync_bn is None and main.parse_args(["x", "--no-sync_bn"]).sync_bn is False
+
+
+def test_sync_bn_conversion_keeps_parameters_and_checkpoint_keys():
+    """Every BatchNorm becomes a SyncBatchNorm with the same parameter objects (an optimizer built
+    before still updates them) and the same state_dict, which the unsynced network loads strictly;
+    in one process (no process group) it computes what BatchNorm does, bitwise, on CPU."""
+    args = main.parse_args(["x", "--size", "64", "--k", "10", "--sobel"])
+    torch.manual_seed(0)
+    plain = main.build_model(args, torch.device("cpu"))
+    ref = main.build_model(args, torch.device("cpu"))
+    ref.load_state_dict(plain.state_dict())
+    params = {id(p) for p in plain.parameters()}
+    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
+    synced = distributed.sync_batchnorm(plain, None, NCCL2)
+    assert synced is plain and n_bn == 5  # one after each conv (AlexNet has none in its classifier)
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn
+    assert {id(p) for p in synced.parameters()} == params
+    assert list(synced.state_dict()) == list(ref.state_dict())
+    fresh = main.build_model(args, torch.device("cpu"))
+    fresh.load_state_dict(synced.state_dict(), strict=True)
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    synced.train(), ref.train()
+    torch.manual_seed(1)
+    a = synced(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, ref(x))
+    assert distributed.sync_batchnorm(ref, None, GLOO2) is ref  # gloo: unchanged
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in ref.modules())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks_worker(rank: int, world: int, port: int, out: str, folder: str) -> None:
+    """One gloo rank: the loss meter, then the sharded image check."""
+    import data
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    rt = distributed.init_runtime("cpu")
+    meter = distributed.DeviceLossMeter(rt.device, util.AverageMeter())
+    for step in range(3):  # rank r's losses: 1 + r + step, batches of 2 + r images
+        meter.add(torch.tensor(1.0 + rank + step), 2 + rank)
+        meter.step = step + 1
+    m = meter.read()
+    res = {"avg": m.avg, "count": m.count}
+    meter.add(torch.tensor(float("nan") if rank == 1 else 1.0), 2)  # one rank diverges: all stop
+    try:
+        meter.read()
+        res["diverged"] = False
+    except distributed.DivergedError:
+        res["diverged"] = True
+    checked, real = [], data.check_image
+    data.check_image = lambda path, full=True: (checked.append("/".join(Path(path).parts[-2:])), real(path, full))[1]
+    ds = data.IndexedImageFolder(folder)
+    data.check_folder(ds, "header", "skip", Path(out + ".bad.txt"), progress=False, write=rt.is_main, rt=rt)
+    res.update(checked=checked, kept=[Path(p).name for p in ds.paths])
+    torch.save(res, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_log_the_mean_loss_and_share_the_image_check(tmp_path, tiny_image_folder):
+    """Two gloo ranks: the logged loss is the mean over every rank's images, a NaN on one rank
+    stops both; the header check is split (each file checked by one rank) and every rank
+    drops the same unreadable files."""
+    bad = ["class0/img001.jpg", "class2/img007.jpg"]
+    for name in bad:
+        (tiny_image_folder / name).write_bytes(b"broken")
+    mp.spawn(_ranks_worker, args=(2, _free_port(), str(tmp_path / "res"), str(tiny_image_folder)), nprocs=2)
+    got = [torch.load(tmp_path / f"res.{r}") for r in range(2)]
+    losses = [(1.0 + r + s, 2 + r) for r in range(2) for s in range(3)]
+    mean = sum(l * b for l, b in losses) / sum(b for _, b in losses)
+    for res in got:
+        assert res["avg"] == pytest.approx(mean, rel=1e-12) and res["count"] == 15 and res["diverged"]
+    assert len(got[0]["checked"]) == len(got[1]["checked"]) == 12  # 24 images, each checked once
+    assert not set(got[0]["checked"]) & set(got[1]["checked"])
+    assert got[0]["kept"] == got[1]["kept"] and len(got[0]["kept"]) == 22
+    assert len((tmp_path / "res.bad.txt").read_text().splitlines()) == 2  # written once, by rank 0
+
+
+# ---------------------------------------------------------------------------------------
+# honest GPU claims (issue 23, item 4)
+# ---------------------------------------------------------------------------------------
+def test_deterministic_switches(monkeypatch):
+    """--deterministic: deterministic algorithms (warn-only where none exists), no autotuning,
+    TF32 off, cuBLAS workspace set; the default keeps the original's cuDNN autotuning."""
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.benchmark, cudnn.deterministic, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision,
+             torch.backends.cuda.matmul.fp32_precision)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        assert main.parse_args(["x"]).deterministic is False
+        distributed.configure_backends(main.parse_args(["x", "--deterministic"]).deterministic)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not cudnn.benchmark and cudnn.deterministic
+        assert cudnn.conv.fp32_precision == cudnn.rnn.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.benchmark, cudnn.deterministic = saved[2], saved[3]
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved[4], saved[5]
+        torch.backends.cuda.matmul.fp32_precision = saved[6]
+
+
+@pytest.mark.parametrize("flag,device,on", [(None, "cpu", True), (None, "cuda", False), (True, "cuda", True),
+                                            (False, "cpu", False)])
+def test_channels_last_auto_is_on_for_the_cpu_only(flag, device, on):
+    assert distributed.resolve_channels_last(flag, torch.device(device)) is on
+    argv = ["x", "--size", "64", "--k", "10"] + ({True: ["--channels_last"], False: ["--no-channels_last"]}.get(flag, []))
+    model = main.build_model(main.parse_args(argv), torch.device("cpu"))  # cpu: auto is on
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) == (flag is not False)
+
+
+def test_auto_backend_is_torch_on_cuda_even_with_faiss_gpu(monkeypatch):
+    """What --cluster_backend's help and docs/flags.md say: torch on CUDA, faiss on CPU when installed."""
+    monkeypatch.setattr(clustering, "faiss_has_gpu", lambda: True)
+    monkeypatch.setattr(clustering, "faiss", object())  # installed
+    assert clustering.resolve_backend("auto", torch.device("cuda", 0)) == "torch"
+    assert clustering.resolve_backend("auto", torch.device("cpu")) == "faiss"
+    assert clustering.resolve_backend("faiss", torch.device("cuda", 0)) == "faiss"
+    monkeypatch.setattr(clustering, "faiss", None)
+    assert clustering.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+# ---------------------------------------------------------------------------------------
+# --decode gpu: its CPU twin against the PIL path (issue 23, item 3)
+# ---------------------------------------------------------------------------------------
+def _photo(h: int, w: int, seed: int):
+    """A photo-like RGB image: smooth gradients, flat discs with sharp edges, mild noise."""
+    from PIL import Image
+
+    r = np.random.RandomState(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([np.sin(6 * x + r.rand() * 6), np.cos(9 * y * x + r.rand()), np.sin(4 * (x + y) * r.rand() * 3)], -1)
+    img = (img * 0.5 + 0.5) * 255
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(6):
+        cy, cx, rr = r.randint(0, h), r.randint(0, w), r.randint(5, max(6, h // 3))
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < rr ** 2] = r.randint(0, 255, 3)
+    return Image.fromarray(np.clip(img + r.randn(h, w, 3) * 4, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def photos(module_tmp) -> Path:
+    """Baseline JPEGs of odd sizes (device path) and a grey one; a progressive JPEG and a PNG
+    (worker path)."""
+    root = module_tmp.mktemp("photos") / "images"
+    for c, items in enumerate([[(61, 97), (150, 200)], [(333, 250), (48, 300)]]):
+        (root / f"c{c}").mkdir(parents=True)
+        for k, (h, w) in enumerate(items):
+            _photo(h, w, 10 * c + k).save(root / f"c{c}" / f"p{k}.jpg", quality=90)
+    _photo(120, 90, 5).convert("L").save(root / "c0" / "grey.jpg", quality=90)
+    _photo(100, 130, 6).save(root / "c1" / "prog.jpg", quality=90, progressive=True)
+    _photo(70, 80, 7).save(root / "c1" / "flat.png")
+    return root
+
+
+def test_decode_gpu_twin_draws_the_pil_boxes_and_pixels(photos):
+    """For a given seed, EncodedCrop draws RandomResizedCrop's box and the flip that the PIL
+    path draws (same torchvision code, same RNG order, size from the header): the same law.
+    Pixels: both decoders are libjpeg-turbo, so the only difference is the antialiased
+    bilinear resize's rounding (torchvision's uint8 kernel vs PIL's fixed point): at most 1
+    level, on average under 0.25."""
+    import data
+    from torchvision import transforms as T
+
+    ds = data.IndexedImageFolder(photos)
+    enc = data.EncodedImages(ds)
+    pil_tf, crop = data.train_transform(40, 0.08, normalize=False), data.EncodedCrop(40, 0.08)
+    flips, kinds = set(), []
+    for idx in range(len(ds)):
+        kinds.append(enc.load(idx).on_device)
+        for seed in range(8):
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(seed)
+                box = T.RandomResizedCrop.get_params(ds.load(idx), [0.08, 1.0], [3 / 4, 4 / 3])
+                flip = int(torch.rand(1) < 0.5)
+            ref = clustering._apply(pil_tf, ds.load(idx), seed)
+            sample = clustering._apply(crop, enc.load(idx), seed)
+            got = data.EncodedBatch([sample], 40).decode(torch.device("cpu"))[0]
+            if sample.box is not None:
+                assert sample.box == (*box, flip)
+            diff = (ref.int() - got.int()).abs()
+            assert got.shape == ref.shape == (3, 40, 40) and int(diff.max()) <= 1 and float(diff.float().mean()) < 0.25
+            flips.add(flip)
+    assert flips == {0, 1} and kinds.count(True) == 5 and kinds.count(False) == 2  # both paths exercised
+
+
+def test_decode_gpu_loader_serves_the_same_batches(photos, tmp_path):
+    """main.make_train_loader with --decode gpu (a worker process) and data.to_model_input on
+    the CPU: the same images, labels and order as --decode cpu, pixels within 1 level."""
+    import data
+
+    ds = data.IndexedImageFolder(photos)
+    lists = [[0, 1, 2], [3, 4, 5, 6]]
+    draws = np.array([6, 0, 3, 3, 5, 1, 2, 4])
+    batches = {}
+    for mode in ("cpu", "gpu"):
+        args = main.parse_args([str(photos), "--size", "64", "--batch", "4", "--workers", "1", "--decode", mode,
+                                "--exp", str(tmp_path)])
+        loader = main.make_train_loader(ds, lists, draws, 0, args, distributed.Runtime())
+        batches[mode] = [(data.to_model_input(x, torch.device("cpu")), y, i) for x, y, i in loader]
+    assert len(batches["gpu"]) == 2
+    for (a, ya, ia), (b, yb, ib) in zip(batches["cpu"], batches["gpu"]):
+        assert torch.equal(ya, yb) and torch.equal(ia, ib) and ia.tolist() != sorted(ia.tolist())
+        std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+        assert float(((a - b).abs() * std * 255).max()) <= 1 + 1e-3
+
+
+def test_decode_gpu_names_a_broken_jpeg(tmp_path):
+    """Header fine, data truncated: the device decoder's failure names the file."""
+    import data
+
+    root = tmp_path / "images" / "c"
+    root.mkdir(parents=True)
+    _photo(64, 64, 0).save(root / "ok.jpg", quality=90)
+    raw = (root / "ok.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(raw[: len(raw) // 3])
+    (root / "junk.jpg").write_bytes(b"not an image")
+    enc, crop = data.EncodedImages(data.IndexedImageFolder(tmp_path / "images")), data.EncodedCrop(32)
+    names = [Path(p).name for p in enc.paths]
+    with pytest.raises(data.BadImageError, match="junk.jpg"):
+        enc.load(names.index("junk.jpg"))
+    batch = data.EncodedBatch([crop(enc.load(names.index(n))) for n in ("ok.jpg", "cut.jpg")], 32)
+    with pytest.raises(data.BadImageError, match="cut.jpg"):
+        batch.decode(torch.device("cpu"))

@@ -22,7 +22,7 @@ def small_digits(module_tmp, digits_dir) -> str:
 
 def base_args(data: str, exp: Path, *extra: str) -> list[str]:
     return [data, "--exp", str(exp), "--size", "64", "--k", "20", "--batch", "32", "--workers", "0",
-            "--sobel", "--no_progress", "--checkpoints", "5", *extra]
+            "--sobel", "--no_progress", "--checkpoints", "5", "--device", "cpu", *extra]
 
 
 @pytest.mark.slow
@@ -164,7 +164,7 @@ def test_demo_defaults_apply_only_without_dir():
     assert paper.checkpoints == 25000 and paper.reassign == 1 and paper.momentum == 0.9
     assert main.parse_args(["--k", "7"]).nmb_cluster == 7
     # fast paths on by default, each with its way back to the original
-    assert paper.channels_last and paper.jpeg_draft and paper.pca_solver == "auto"
+    assert paper.channels_last is None and paper.jpeg_draft and paper.pca_solver == "auto"
     off = main.parse_args(["somewhere", "--no-channels_last", "--no-jpeg_draft", "--pca_solver", "exact"])
     assert not off.channels_last and not off.jpeg_draft and off.pca_solver == "exact"
 

@@ -165,7 +165,7 @@ def test_train_one_epoch_then_resume_equals_two_epochs(tmp_path):
     folder = make_image_folder(tmp_path / "images", n_classes=2, per_class=4, size=36)
     a, b = tmp_path / "a", tmp_path / "b"
     args = [str(folder), "--arch", "resnet50", "--sobel", "--size", "32", "--k", "2", "--pca", "4",
-            "--lr", "0.01", "--batch", "4", "--workers", "0", "--no_progress", "--checkpoints", "1000"]
+            "--lr", "0.01", "--batch", "4", "--workers", "0", "--no_progress", "--checkpoints", "1000", "--device", "cpu"]
     assert main.run(args + ["--exp", str(b), "--epochs", "1"]) == 0
     ckpt = torch.load(b / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["arch"] == "resnet50" and ckpt["epoch"] == 1

@@ -216,11 +216,14 @@ def test_cluster_pca_row_blocks_equivalent(monkeypatch):
     assert (k1.labels == k2.labels).mean() > 0.99
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("which", ["eval", "train"])
-def test_uint8_batches_normalised_on_device_are_bitwise_equal(tmp_path, which, channels_last):
-    """Loader items as uint8 + data.to_model_input == ToTensor + Normalize per image, to the bit,
-    through a real DataLoader (workers, collate) on photo-like JPEGs and PNGs of odd sizes."""
+def test_uint8_batches_normalised_on_device_are_bitwise_equal(tmp_path, which, channels_last, device):
+    """Loader items as uint8 + data.to_model_input (on ``device``) == ToTensor + Normalize per
+    image on the CPU, to the bit, through a real DataLoader (workers, collate) on photo-like
+    JPEGs and PNGs of odd sizes."""
     from PIL import Image
 
     import data
@@ -235,7 +238,8 @@ def test_uint8_batches_normalised_on_device_are_bitwise_equal(tmp_path, which, c
         ds = data.IndexedImageFolder(root, transform=tf)
         torch.manual_seed(7)   # the train transform's random crops and flips: same draws in both runs
         loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=0)
-        return [data.to_model_input(x, torch.device("cpu"), channels_last) for x, _ in loader]
+        dev = torch.device("cpu" if normalize else device)  # the reference: per image, on the CPU
+        return [data.to_model_input(x, dev, channels_last).cpu() for x, _ in loader]
 
     ref, ours = batches(True), batches(False)
     assert len(ref) == len(ours) == 3
