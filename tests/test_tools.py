@@ -185,3 +185,132 @@ def test_tensorboard_missing_is_one_error_line(images36, tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "error: --tensorboard needs the tensorboard package" in err and "pip install tensorboard==" in err
     assert not (exp / "checkpoint.pth.tar").exists() and not (exp / "args.json").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# item 15: eval_linear / eval_voc_classif checkpoints and resume, --device everywhere
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def alexnet64(module_tmp) -> Path:
+    from test_eval_common import save_our_format
+    torch.manual_seed(0)
+    return save_our_format(models.alexnet(sobel=True, out=0, input_size=64), module_tmp.mktemp("m") / "a.pth.tar")
+
+
+@pytest.fixture(scope="module")
+def linear_data(module_tmp) -> Path:
+    root = module_tmp.mktemp("linear") / "data"
+    make_image_folder(root / "train", n_classes=3, per_class=4, size=40)
+    make_image_folder(root / "val", n_classes=3, per_class=2, size=40, seed=1)
+    return root
+
+
+def linear_argv(data: Path, model: Path, exp: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--model", str(model), "--exp", str(exp), "--conv", "5", "--size", "64",
+            "--workers", "0", "--batch_size", "4", "--epochs", "1", "--no_progress", "--device", "cpu", *extra]
+
+
+def test_eval_linear_folder_resume_overwrite_and_model_check(linear_data, alexnet64, tmp_path, capsys):
+    import eval_linear
+    exp = tmp_path / "exp"
+    assert eval_linear.run(linear_argv(linear_data, alexnet64, exp)) == 0
+    ck = torch.load(exp / "checkpoint.pth.tar", weights_only=True)
+    # the classifier and optimizer, not the frozen network: a few KB instead of the model's size
+    assert "state_dict" not in ck and ck["model"]["sha256"] and (exp / "checkpoint.pth.tar").stat().st_size < 200_000
+    before = {p.name: p.read_bytes() for p in exp.iterdir() if p.is_file() and p.suffix != ".log"}
+
+    # a second run into the same folder is refused, nothing changes
+    capsys.readouterr()
+    assert eval_linear.run(linear_argv(linear_data, alexnet64, exp)) == 2
+    err = capsys.readouterr().err
+    assert f"error: {exp} already holds a run" in err and f"--resume {exp}" in err and "--overwrite" in err
+    assert {n: (exp / n).read_bytes() for n in before} == before
+
+    # --resume EXP (the folder) continues: epoch 1 only
+    assert eval_linear.run(linear_argv(linear_data, alexnet64, exp, "--epochs", "2", "--resume", str(exp))) == 0
+    hist = json.loads((exp / "results.json").read_text())["history"]
+    assert [r["epoch"] for r in hist] == [0, 1]
+
+    # another frozen network (same architecture) is refused by its hash
+    other = tmp_path / "other.pth.tar"
+    m = models.alexnet(sobel=True, out=0, input_size=64)
+    torch.save({"arch": "alexnet", "state_dict": m.state_dict(), "model_config": m.config()}, other)
+    capsys.readouterr()
+    assert eval_linear.run(linear_argv(linear_data, other, exp, "--epochs", "3", "--resume", str(exp))) == 2
+    err = capsys.readouterr().err
+    assert "was trained on the model" in err and "is another file" in err
+    assert torch.load(exp / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2  # nothing lost
+
+    # --overwrite starts anew
+    assert eval_linear.run(linear_argv(linear_data, alexnet64, exp, "--overwrite")) == 0
+    assert [r["epoch"] for r in json.loads((exp / "results.json").read_text())["history"]] == [0]
+
+
+def test_eval_scripts_ctrl_c_hint_and_device(linear_data, alexnet64, tmp_path, monkeypatch, capsys):
+    import eval_knn
+    import eval_linear
+    import eval_retrieval
+    import eval_voc_classif
+    for mod in (eval_linear, eval_voc_classif, eval_knn, eval_retrieval):
+        assert "--device" in mod.get_args_parser().format_help(), mod.__name__
+    exp = tmp_path / "exp"
+    assert eval_linear.run(linear_argv(linear_data, alexnet64, exp)) == 0
+    calls = []
+
+    def interrupt(*a, **k):
+        calls.append(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(eval_linear, "train_epoch", interrupt)
+    capsys.readouterr()
+    assert eval_linear.run(linear_argv(linear_data, alexnet64, exp, "--epochs", "3", "--resume", str(exp))) == 130
+    assert calls and f"interrupted; --resume {exp} continues from {exp / 'checkpoint.pth.tar'}" in capsys.readouterr().err
+    assert eval_linear.run(linear_argv(linear_data, alexnet64, tmp_path / "new")) == 130
+    assert "interrupted before the first checkpoint" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def voc(module_tmp) -> Path:
+    from test_eval_common import make_voc
+    return make_voc(module_tmp.mktemp("voc"), n_per_split=6)
+
+
+def voc_argv(voc: Path, model: Path, exp: Path, *extra: str) -> list[str]:
+    return ["--vocdir", str(voc), "--model", str(model), "--exp", str(exp), "--size", "64", "--workers", "0",
+            "--batch_size", "4", "--fc6_8", "0", "--no_progress", "--device", "cpu", *extra]
+
+
+def test_eval_voc_classif_checkpoints_and_resume(voc, alexnet64, tmp_path, capsys, monkeypatch):
+    """Killed after iteration 3 of 5 (checkpoint every 3): the resume trains the last 2 from the
+    saved network, optimizer and schedule, on the rest of the interrupted pass."""
+    import eval_voc_classif as ev
+    exp = tmp_path / "exp"
+    seen = []
+    real = ev.masked_bce
+
+    def stop_at_4(logits, labels):
+        seen.append(len(labels))
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+        return real(logits, labels)
+    monkeypatch.setattr(ev, "masked_bce", stop_at_4)
+    assert ev.run(voc_argv(voc, alexnet64, exp, "--nit", "5", "--checkpoints", "3", "--stepsize", "2")) == 130
+    assert f"--resume {exp} continues from" in capsys.readouterr().err
+    ck = torch.load(exp / "checkpoint.pth.tar", weights_only=True)
+    assert ck["iteration"] == 3 and len(ck["losses"]) == 3 and ck["scheduler"]["last_epoch"] == 3
+    first_losses = ck["losses"].tolist()
+    resumed_sizes = []
+    monkeypatch.setattr(ev, "masked_bce", lambda lo, la: resumed_sizes.append(len(la)) or real(lo, la))
+    # a fresh run into that folder is refused; a resume with other flags too
+    assert ev.run(voc_argv(voc, alexnet64, exp, "--nit", "5")) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert ev.run(voc_argv(voc, alexnet64, exp, "--nit", "5", "--resume", str(exp), "--fc6_8", "1")) == 2
+    assert "was trained with --fc6_8 0, not 1" in capsys.readouterr().err
+    assert ev.run(voc_argv(voc, alexnet64, exp, "--nit", "5", "--checkpoints", "3", "--stepsize", "2",
+                           "--resume", str(exp))) == 0
+    ck = torch.load(exp / "checkpoint.pth.tar", weights_only=True)
+    assert ck["iteration"] == 5 and ck["losses"][:3].tolist() == first_losses and len(ck["losses"]) == 5
+    # 6 train images, batch 4: passes of 4 + 2; iteration 4 is the second batch of pass 2
+    assert resumed_sizes[:2] == [2, 4]
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.003 / 4)  # halved at 2 and 4
+    res = json.loads((exp / "results.json").read_text())
+    assert 0 <= res["mAP"] <= 100
