@@ -58,6 +58,15 @@ fetch() {
 
 size_of() { stat -c %s "$1" 2>/dev/null || echo 0; }
 
+# remote_size URL: the server's Content-Length (empty when it does not say)
+remote_size() {
+  if [ "${DOWNLOADER}" = curl ]; then
+    curl -fsSLI --connect-timeout 20 "$1" 2>/dev/null
+  else
+    wget -q -S --spider -T 20 -t 1 "$1" 2>&1
+  fi | tr -d '\r' | awk 'tolower($1) == "content-length:" {n = $2} END {if (n != "") print n}'
+}
+
 # verify FILE KIND ARCH REL: the file is what it should be (0) or not (1, reason on stderr)
 verify() {
   local want
@@ -102,13 +111,16 @@ export DC_ROOT="${ROOT}"
 # get URL DEST KIND ARCH: fetch into DEST.part with resume and retries, verify, rename
 failed=0
 get() {
-  local url="$1" dest="$2" kind="$3" arch="$4" part="$2.part" attempt=1 before reason
+  local url="$1" dest="$2" kind="$3" arch="$4" part="$2.part" attempt=1 before reason total
   if [ -f "${dest}" ]; then echo "ok (already there) ${dest}"; return 0; fi
   mkdir -p "$(dirname "${dest}")"
   while :; do
     before=$(size_of "${part}")
     [ "${before}" -gt 0 ] && echo "resuming ${url} at byte ${before}" || echo "fetching ${url}"
     if fetch "${url}" "${part}"; then break; fi
+    # a .part already complete (killed before its check) is answered 416 to a resume by some servers
+    total=$(remote_size "${url}")
+    if [ -n "${total}" ] && [ "$(size_of "${part}")" = "${total}" ]; then break; fi
     if [ "${attempt}" -ge "${RETRIES}" ]; then
       if [ "$(size_of "${part}")" -gt 0 ]; then
         echo "error: ${url}: transfer failed ${attempt} times; run again to resume from byte $(size_of "${part}") of ${part}" >&2

@@ -30,6 +30,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a):  # quiet
         pass
 
+    def do_HEAD(self):
+        body = self.server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+
     def do_GET(self):
         self.server.requests.append((self.path, self.headers.get("Range")))
         body = self.server.files.get(self.path)
@@ -134,6 +144,14 @@ def test_transfer_stopped_then_resumed_by_the_next_run(server, tmp_path, tool):
     assert [rng for p, rng in server.requests if p == ck] == ["bytes=4321-"]
     assert (root / "alexnet" / "checkpoint.pth.tar").read_bytes() == body
     assert not (root / "alexnet" / "model.caffemodel").exists()  # NO_CAFFE
+    # a .part already complete (killed before its check): the server answers the resume 416
+    (root / "vgg16").mkdir()
+    server.files["/vgg16/model.prototxt"] = server.files["/alexnet/model.prototxt"]
+    server.files["/vgg16/vgg16_cluster_assignment.pickle"] = server.files["/alexnet/alexnet_cluster_assignment.pickle"]
+    (root / "vgg16" / "model.prototxt.part").write_bytes(server.files["/vgg16/model.prototxt"])
+    r = download(server, root, "vgg16", DOWNLOADER=tool)  # no vgg16 checkpoint served: exit 1
+    assert (root / "vgg16" / "model.prototxt").read_bytes() == server.files["/vgg16/model.prototxt"]
+    assert "vgg16/checkpoint.pth.tar: cannot be fetched" in r.stderr and r.returncode == 1
 
 
 def test_corrupt_file_refused_and_missing_file_named(server, tmp_path):
