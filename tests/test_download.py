@@ -111,6 +111,7 @@ def download(srv, root: Path, *models_: str, **env) -> subprocess.CompletedProce
 needs = pytest.mark.parametrize("tool", [t for t in ("curl", "wget") if shutil.which(t)])
 
 
+@pytest.mark.slow
 @needs
 def test_fetch_interrupted_resumed_verified(server, tmp_path, tool):
     root = tmp_path / "models"
@@ -132,8 +133,8 @@ def test_fetch_interrupted_resumed_verified(server, tmp_path, tool):
     assert r.returncode == 0 and len(server.requests) == n and r.stdout.count("already there") == 4
 
 
-@needs
-def test_transfer_stopped_then_resumed_by_the_next_run(server, tmp_path, tool):
+@pytest.mark.slow
+def test_transfer_stopped_then_resumed_by_the_next_run(server, tmp_path, tool="curl"):
     root = tmp_path / "models"
     ck = "/alexnet/checkpoint.pth.tar"
     body = server.files[ck]
@@ -154,6 +155,7 @@ def test_transfer_stopped_then_resumed_by_the_next_run(server, tmp_path, tool):
     assert "vgg16/checkpoint.pth.tar: cannot be fetched" in r.stderr and r.returncode == 1
 
 
+@pytest.mark.slow
 def test_corrupt_file_refused_and_missing_file_named(server, tmp_path):
     root = tmp_path / "models"
     ck = "/alexnet/checkpoint.pth.tar"

@@ -127,6 +127,7 @@ def test_export_assignments_in_the_original_formats(trained, images36, tmp_path,
     assert not (tmp_path / "no").exists() and not (tmp_path / "nowhere").exists()
 
 
+@pytest.mark.slow
 def test_export_features(trained, tmp_path):
     """fc7 (before its ReLU) of every image, in the run's order, from a real AlexNet checkpoint."""
     import knn
@@ -210,6 +211,7 @@ def linear_argv(data: Path, model: Path, exp: Path, *extra: str) -> list[str]:
             "--workers", "0", "--batch_size", "4", "--epochs", "1", "--no_progress", "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_eval_linear_folder_resume_overwrite_and_model_check(linear_data, alexnet64, tmp_path, capsys):
     import eval_linear
     exp = tmp_path / "exp"
@@ -246,6 +248,7 @@ def test_eval_linear_folder_resume_overwrite_and_model_check(linear_data, alexne
     assert [r["epoch"] for r in json.loads((exp / "results.json").read_text())["history"]] == [0]
 
 
+@pytest.mark.slow
 def test_eval_scripts_ctrl_c_hint_and_device(linear_data, alexnet64, tmp_path, monkeypatch, capsys):
     import eval_knn
     import eval_linear
@@ -279,6 +282,7 @@ def voc_argv(voc: Path, model: Path, exp: Path, *extra: str) -> list[str]:
             "--batch_size", "4", "--fc6_8", "0", "--no_progress", "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_eval_voc_classif_checkpoints_and_resume(voc, alexnet64, tmp_path, capsys, monkeypatch):
     """Killed after iteration 3 of 5 (checkpoint every 3): the resume trains the last 2 from the
     saved network, optimizer and schedule, on the rest of the interrupted pass."""
