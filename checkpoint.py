@@ -257,6 +257,7 @@ def retire_run(exp: Path) -> None:
               exp / "log.jsonl"]:
         p.unlink(missing_ok=True)
     shutil.rmtree(exp / "report", ignore_errors=True)
+    shutil.rmtree(exp / "tensorboard", ignore_errors=True)  # --tensorboard's events of the old run
 
 
 # ---------------------------------------------------------------------------------------

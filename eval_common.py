@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -150,14 +151,16 @@ def resume_file(resume: str) -> str | None:
     return resume
 
 
-def claim_exp(exp: str | os.PathLike, resume: str, overwrite: bool, outputs: Sequence[str]) -> None:
+def claim_exp(exp: str | os.PathLike, resume: str, overwrite: bool, outputs: Sequence[str],
+              also: Sequence[str] = ()) -> None:
     """A folder that holds an evaluation's ``outputs`` is refused unless ``--resume`` (continue
-    it) or ``--overwrite`` (those files are deleted); nothing is written before this check."""
+    it) or ``--overwrite`` (those files, and the ``also`` ones such as tensorboard/, are
+    deleted); nothing is written before this check."""
     found = [Path(exp) / f for f in outputs if (Path(exp) / f).exists()]
     if not found or resume:
         return
     if not overwrite:
         raise EvalError(f"{exp} already holds a run ({found[0]}): continue it with --resume {exp}, use a new "
                         f"--exp, or start over with --overwrite (deletes {', '.join(p.name for p in found)})")
-    for p in found:
-        p.unlink()
+    for p in found + [Path(exp) / f for f in also]:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -276,7 +276,8 @@ def main(args: argparse.Namespace) -> dict:
     """Train the linear classifier; returns the last epoch's record plus ``best_top1``."""
     check_args(args)
     exp = Path(args.exp)
-    claim_exp(exp, args.resume, args.overwrite, ["checkpoint.pth.tar", "model_best.pth.tar", "results.json"])
+    claim_exp(exp, args.resume, args.overwrite, ["checkpoint.pth.tar", "model_best.pth.tar", "results.json"],
+              also=["tensorboard"])
     cli.setup_logging(log, exp, "eval_linear.log", args.verbose)
     distributed.seed_everything(args.seed)
     device = distributed.select_device(args.device)

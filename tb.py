@@ -6,7 +6,8 @@ main.py the cluster sizes (a histogram, ``clusters/size``) and a few images of t
 clusters (``clusters/top<r>``). View with ``tensorboard --logdir EXP/tensorboard``.
 
 A resumed run continues the same folder: events of the epochs it redoes are discarded
-(SummaryWriter's ``purge_step``), so each epoch has one value.
+(SummaryWriter's ``purge_step``), so each epoch has one value; main.py's --overwrite and
+eval_linear.py's --overwrite delete the folder.
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ class Board:
         if not self.on or self.writer is not None:
             return
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(self.logdir), purge_step=first_step if first_step > 0 else None)
+        # purge_step: TensorBoard drops the earlier events of steps >= first_step (a redone epoch,
+        # or what a run killed before its first checkpoint left), so each step has one value
+        self.writer = SummaryWriter(str(self.logdir), purge_step=first_step)
 
     def record(self, record: dict, step: int, prefix: str = "log") -> None:
         """Every finite number of ``record`` (a log.jsonl line) as ``prefix/<key>``."""

@@ -243,9 +243,16 @@ def test_eval_linear_folder_resume_overwrite_and_model_check(linear_data, alexne
     assert "was trained on the model" in err and "is another file" in err
     assert torch.load(exp / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2  # nothing lost
 
-    # --overwrite starts anew
-    assert eval_linear.run(linear_argv(linear_data, alexnet64, exp, "--overwrite")) == 0
-    assert [r["epoch"] for r in json.loads((exp / "results.json").read_text())["history"]] == [0]
+    # --overwrite starts anew (with --tensorboard when installed: the epoch's numbers, as results.json)
+    tbflag = ["--tensorboard"] if HAS_TB else []
+    assert eval_linear.run(linear_argv(linear_data, alexnet64, exp, "--overwrite", *tbflag)) == 0
+    hist = json.loads((exp / "results.json").read_text())["history"]
+    assert [r["epoch"] for r in hist] == [0]
+    if HAS_TB:
+        import tb
+        scalars = tb.read_scalars(exp / "tensorboard")
+        for key in ("top1", "top5", "train_loss", "val_loss", "lr"):
+            assert scalars[f"log/{key}"] == [(0, pytest.approx(hist[0][key], rel=1e-6))], key
 
 
 @pytest.mark.slow
@@ -318,3 +325,20 @@ def test_eval_voc_classif_checkpoints_and_resume(voc, alexnet64, tmp_path, capsy
     assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.003 / 4)  # halved at 2 and 4
     res = json.loads((exp / "results.json").read_text())
     assert 0 <= res["mAP"] <= 100
+
+
+@pytest.mark.skipif(not HAS_TB, reason="tensorboard not installed (requirements.txt pins it)")
+def test_tensorboard_resume_keeps_one_value_per_epoch(trained, images36, tmp_path, monkeypatch):
+    """Resumed inside epoch 1 (a periodic copy): epoch 1 is redone, its earlier events dropped."""
+    import shutil
+
+    import tb
+    exp = tmp_path / "exp"
+    shutil.copytree(trained, exp)
+    ck = exp / "checkpoints" / "checkpoint_4.pth.tar"
+    assert torch.load(ck, weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(main, "build_model", small_model)
+    assert main.run(train_argv(images36, exp, "--tensorboard", "--resume", str(ck))) == 0
+    recs = fileio.read_jsonl(exp / "log.jsonl")
+    scalars = tb.read_scalars(exp / "tensorboard")
+    assert scalars["log/train_loss"] == [(r["epoch"], pytest.approx(r["train_loss"], rel=1e-6)) for r in recs]
