@@ -253,9 +253,11 @@ def retire_run(exp: Path) -> None:
     """``--overwrite``: remove the checkpoints, cluster files and log of the previous run."""
     exp = Path(exp)
     for p in [exp / "checkpoint.pth.tar", *(exp / "checkpoints").glob("checkpoint_*.pth.tar"),
-              *(exp / "clusters").glob("epoch_*.npy"), exp / "log.jsonl"]:
+              *(exp / "checkpoints").glob("epoch_*.pth.tar"), *(exp / "clusters").glob("epoch_*.npy"),
+              exp / "log.jsonl"]:
         p.unlink(missing_ok=True)
     shutil.rmtree(exp / "report", ignore_errors=True)
+    shutil.rmtree(exp / "tensorboard", ignore_errors=True)  # --tensorboard's events of the old run
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,6 +355,56 @@ def find_checkpoint(path: str, quiet: bool = False) -> str | None:
     if best is None:
         raise CheckpointError(f"no valid checkpoint in experiment folder {path!r}")
     return str(best)
+
+
+def prune_periodic(folder: Path, keep: int, run_id: str, rt, protect: Path | None = None) -> list[str]:
+    """``--keep_checkpoints N``: after a periodic copy is safely written, delete this run's older
+    periodic copies (``folder/checkpoint_<n>.pth.tar``) beyond the newest ``keep`` (0: keep all).
+
+    "Newest" is the resume order of :func:`find_checkpoint` (epoch, iteration), read from the
+    files, not the number in the name (which changes meaning with ``--checkpoints``), so the
+    copy a ``--resume EXP`` would take is always kept. Files of other runs, unreadable files and
+    ``checkpoint_stopped.pth.tar`` are left alone. Rank 0 only. Returns the deleted paths.
+    """
+    if keep <= 0 or not rt.is_main:
+        return []
+    mine = []
+    for p in Path(folder).glob("checkpoint_*.pth.tar"):
+        if not p.name[len("checkpoint_"):-len(".pth.tar")].isdigit():
+            continue
+        try:
+            ck = torch_load(p, mmap=True)  # only the position and run id are read
+        except CheckpointError:
+            continue
+        if ck.get("run_id") != run_id:
+            continue
+        mine.append(((int(ck.get("epoch", 0)), int(ck.get("iteration", 0)), "mid_epoch" in ck), p))
+    mine.sort(key=lambda kp: kp[0])
+    deleted = []
+    for _, p in mine[:-keep]:
+        if protect is not None and p.resolve() == Path(protect).resolve():
+            continue
+        p.unlink(missing_ok=True)
+        deleted.append(str(p))
+    if deleted:
+        log.debug("--keep_checkpoints %d: deleted %s", keep, ", ".join(deleted))
+    return deleted
+
+
+def keep_epoch_copy(exp: Path, epoch: int, rt) -> Path | None:
+    """``--keep_epoch_checkpoints``: keep the end-of-epoch checkpoint just written as
+    ``exp/checkpoints/epoch_<epoch>.pth.tar`` (a hard link: no extra disk until the next save
+    replaces exp/checkpoint.pth.tar by a rename; a copy where links are not supported).
+    Never pruned, never a ``--resume EXP`` candidate (exp/checkpoint.pth.tar is)."""
+    if not rt.is_main:
+        return None
+    src, dst = Path(exp) / "checkpoint.pth.tar", Path(exp) / "checkpoints" / f"epoch_{epoch:05d}.pth.tar"
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        atomic_write(dst, lambda f: f.write(src.read_bytes()))
+    return dst
 
 
 _MID_KEYS = ("iteration", "assignment", "n_clusters", "draws", "top_optimizer", "clustering_loss",
@@ -601,6 +653,9 @@ def load_model(path: str | os.PathLike | None, arch: str | None = None, purpose:
     if not path:
         raise CheckpointError("no model given: pass --model PATH (a DeepCluster checkpoint)")
     where = f"checkpoint {str(path)!r}"
+    if not os.path.exists(path) and "deepcluster_models" in str(path):  # the launchers' default MODEL
+        raise CheckpointError(f"{where} does not exist: ./download_model.sh fetches the released models "
+                              f"(into $MODELROOT, default ~/deepcluster_models), or set MODEL to your checkpoint")
     ckpt = torch_load(path)
     sd = ckpt.get("state_dict")
     if sd is None and models.detect_arch(models.clean_state_dict(ckpt)) is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -110,3 +111,56 @@ def average_precision_voc07(scores: np.ndarray, labels: np.ndarray) -> float:
         p = precision[recall >= t]
         ap += (p.max() if p.size else 0.0) / 11
     return float(ap)
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints of the evaluations: which frozen model, which folder, which file to resume
+# ---------------------------------------------------------------------------------------
+def model_fingerprint(path: str | os.PathLike) -> dict:
+    """What identifies the model file an evaluation started from: absolute path, size and
+    SHA-256 (the checkpoints of eval_linear do not hold the frozen network again)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return {"path": os.path.abspath(path), "size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def check_same_model(saved: dict | None, current: dict, resume: str) -> None:
+    """Refuse to resume on another model file than the checkpoint's (a moved copy is fine)."""
+    if saved is None:
+        return  # a checkpoint written before the fingerprint was recorded
+    if saved.get("sha256") != current["sha256"]:
+        raise EvalError(f"--resume {resume!r} was trained on the model {saved.get('path')!r} "
+                        f"({saved.get('size')} bytes, sha256 {str(saved.get('sha256'))[:12]}...), but --model "
+                        f"{current['path']!r} is another file ({current['size']} bytes, sha256 "
+                        f"{current['sha256'][:12]}...): pass that model, or a new --exp without --resume")
+
+
+def resume_file(resume: str) -> str | None:
+    """``--resume``: a checkpoint file, or an evaluation folder (its checkpoint.pth.tar; None,
+    i.e. start from the beginning, when the run there stopped before its first checkpoint)."""
+    if not resume:
+        return None
+    p = Path(resume)
+    if p.is_dir():
+        if (p / "checkpoint.pth.tar").is_file():
+            return str(p / "checkpoint.pth.tar")
+        log.warning("no checkpoint in %s yet: starting from the beginning", resume)
+        return None
+    return resume
+
+
+def claim_exp(exp: str | os.PathLike, resume: str, overwrite: bool, outputs: Sequence[str],
+              also: Sequence[str] = ()) -> None:
+    """A folder that holds an evaluation's ``outputs`` is refused unless ``--resume`` (continue
+    it) or ``--overwrite`` (those files, and the ``also`` ones such as tensorboard/, are
+    deleted); nothing is written before this check."""
+    found = [Path(exp) / f for f in outputs if (Path(exp) / f).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise EvalError(f"{exp} already holds a run ({found[0]}): continue it with --resume {exp}, use a new "
+                        f"--exp, or start over with --overwrite (deletes {', '.join(p.name for p in found)})")
+    for p in found + [Path(exp) / f for f in also]:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

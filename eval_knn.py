@@ -71,6 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--exp", type=str, default="exp_knn", help="exp folder (feature cache, results.json)")
     g.add_argument("--no_cache", action="store_true", help="recompute features even when cached")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--verbose", action="store_true", help="chatty")
     return p
@@ -114,7 +115,7 @@ def main(args: argparse.Namespace) -> dict:
     cli.setup_logging(log, exp, "eval_knn.log", args.verbose)
     splits = knn.load_knn_splits(args.data)
     ks = knn.clamp_ks(args.nb_knn, len(splits.train_paths), "--nb_knn")
-    device = distributed.select_device()
+    device = distributed.select_device(args.device)
     model = checkpoint.load_model(args.model, purpose="eval_knn").to(device)
     net = knn.FeatureNet(model, args.layer, args.size)
     log.info("%s%s %s | %d classes, %d train, %d val images | k %s, T %g | %s", model.arch,

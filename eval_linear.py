@@ -3,7 +3,7 @@
 Usage:
     python eval_linear.py --data /path/to/imagenet --model exp/checkpoint.pth.tar --conv 3 --exp exp_linear
     python eval_linear.py --data DATA --model MODEL --conv 5 --tencrops --exp exp_linear
-    python eval_linear.py --data DATA --model MODEL --conv 3 --exp exp_linear --resume exp_linear/checkpoint.pth.tar
+    python eval_linear.py --data DATA --model MODEL --conv 3 --exp exp_linear --resume exp_linear
     python eval_linear.py --data tiny --model m.pth.tar --conv 2 --size 64 --epochs 2 --workers 0   # small images
     python eval_linear.py --data DATA --model resnet50.pth --conv layer4 --exp exp_linear   # ResNet-50
 
@@ -15,6 +15,8 @@ VGG-16 layers and ResNet-50's conv1, layer1..layer4 are adaptive-average-pooled 
 9,000 values (ResNet-50: 64x12x12, 256x6x6, 512x4x4, 1024x3x3, 2048x2x2, the standard
 ResNet-50 linear benchmark); ResNet-50's avgpool gives 2048 values (a BN-free linear head).
 Top-1/top-5 on val are reported each epoch; the paper quotes the best top-1.
+Checkpoints (EXP/checkpoint.pth.tar, model_best.pth.tar) hold the classifier and its optimizer,
+not the frozen network: they name the --model file (path, size, SHA-256), which a resume checks.
 """
 from __future__ import annotations
 
@@ -37,7 +39,9 @@ import distributed
 import fileio
 import models
 import util
-from eval_common import EvalError, LabeledImages, log, require_dir
+import tb
+from eval_common import EvalError, LabeledImages, check_same_model, claim_exp, log, model_fingerprint, require_dir, \
+    resume_file
 
 
 
@@ -72,7 +76,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--exp", type=str, default="exp_linear", help="exp folder")
-    g.add_argument("--resume", type=str, default="", metavar="PATH", help="checkpoint to resume from")
+    g.add_argument("--resume", type=str, default="", metavar="PATH",
+                   help="checkpoint to resume from, or the --exp folder of the run (its checkpoint.pth.tar)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start anew in an --exp that holds a run (deletes its checkpoints and results)")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="TensorBoard events in EXP/tensorboard: each epoch's losses, accuracies and lr")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--verbose", action="store_true", help="chatty")
     return p
@@ -208,12 +218,15 @@ def validate(loader: DataLoader, body: models.Trunk, reglog: RegLog, crit: nn.Mo
 
 
 def checkpoint_state(model: models.DeepClusterNet, reglog: RegLog, opt: torch.optim.Optimizer, epoch: int,
-                     best: float, history: list, args: argparse.Namespace, classes: list[str]) -> dict:
-    """Body + linear classifier + optimizer: enough to evaluate or resume (weights_only-loadable)."""
+                     best: float, history: list, args: argparse.Namespace, classes: list[str],
+                     fingerprint: dict) -> dict:
+    """Linear classifier + optimizer + the frozen model's file (``fingerprint``: path, size,
+    SHA-256), not its weights again: with that file, enough to evaluate or resume
+    (weights_only-loadable)."""
     return {
         "epoch": epoch,  # next epoch to run
         "arch": model.arch,
-        "state_dict": {k: v for k, v in model.state_dict().items() if not k.startswith("top_layer")},
+        "model": fingerprint,
         "model_config": {**model.config(), "k": 0},
         "conv": args.conv,
         "reglog": reglog.state_dict(),
@@ -227,11 +240,14 @@ def checkpoint_state(model: models.DeepClusterNet, reglog: RegLog, opt: torch.op
     }
 
 
-def resume(path: str, reglog: RegLog, opt: torch.optim.Optimizer, args: argparse.Namespace) -> tuple[int, float, list]:
-    """Restore the classifier, its optimizer and the RNG; returns (next epoch, best top-1, history)."""
+def resume(path: str, reglog: RegLog, opt: torch.optim.Optimizer, args: argparse.Namespace,
+           fingerprint: dict) -> tuple[int, float, list]:
+    """Restore the classifier, its optimizer and the RNG; returns (next epoch, best top-1, history).
+    The checkpoint must come from the same frozen model file (``fingerprint``)."""
     ckpt = checkpoint.torch_load(path)
     if "reglog" not in ckpt:
         raise EvalError(f"--resume {path!r} is not an eval_linear checkpoint (no 'reglog')")
+    check_same_model(ckpt.get("model"), fingerprint, path)
     if ckpt.get("conv") != args.conv:
         raise EvalError(f"--resume {path!r} was trained on conv{ckpt.get('conv')}, not conv{args.conv}")
     run = {"epoch": 0, "best_prec1": -1.0, "history": "[]"}
@@ -260,9 +276,11 @@ def main(args: argparse.Namespace) -> dict:
     """Train the linear classifier; returns the last epoch's record plus ``best_top1``."""
     check_args(args)
     exp = Path(args.exp)
+    claim_exp(exp, args.resume, args.overwrite, ["checkpoint.pth.tar", "model_best.pth.tar", "results.json"],
+              also=["tensorboard"])
     cli.setup_logging(log, exp, "eval_linear.log", args.verbose)
     distributed.seed_everything(args.seed)
-    device = distributed.select_device()
+    device = distributed.select_device(args.device)
     model = checkpoint.load_model(args.model, purpose="eval_linear")
     if args.conv is None:
         raise EvalError(f"--conv is required ({model.arch}: 1..{len(model.probe_points())})")
@@ -282,8 +300,12 @@ def main(args: argparse.Namespace) -> dict:
                           weight_decay=10 ** args.weight_decay)
     crit = nn.CrossEntropyLoss()
     start, best, history = 0, -1.0, []
-    if args.resume:
-        start, best, history = resume(args.resume, reglog, opt, args)
+    fingerprint = model_fingerprint(args.model)
+    resume_from = resume_file(args.resume)
+    if resume_from:
+        start, best, history = resume(resume_from, reglog, opt, args, fingerprint)
+    board = tb.Board(exp / "tensorboard" if args.tensorboard else None)
+    board.start(start)
     pin = device.type == "cuda"
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                               pin_memory=pin)
@@ -299,13 +321,15 @@ def main(args: argparse.Namespace) -> dict:
         is_best = record["top1"] > best
         best = max(best, record["top1"])
         history.append(record)
-        state = checkpoint_state(model, reglog, opt, epoch + 1, best, history, args, classes)
+        board.record(record, epoch)
+        state = checkpoint_state(model, reglog, opt, epoch + 1, best, history, args, classes, fingerprint)
         fileio.atomic_torch_save(state, exp / "checkpoint.pth.tar")
         if is_best:
             fileio.atomic_torch_save(state, exp / "model_best.pth.tar")
         log.info("epoch %3d | train loss %.3f | val loss %.3f | top-1 %.2f | top-5 %.2f | best top-1 %.2f | %.1fs",
                  epoch, record["train_loss"], record["val_loss"], record["top1"], record["top5"], best,
                  record["time"])
+    board.close()
     if not history:
         log.info("nothing to train (start epoch %d >= --epochs %d)", start, args.epochs)
     result = {**record, "best_top1": best, "history": history, "dim": reglog.linear.in_features}
@@ -315,7 +339,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def run(argv: list[str] | None = None) -> int:
-    return cli.run_cli(main, get_args_parser(), argv)
+    return cli.run_cli(main, get_args_parser(), argv, on_interrupt=lambda args: checkpoint.interrupted_hint(args.exp))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--exp", type=str, default="exp_retrieval", help="exp folder (feature cache, results)")
     g.add_argument("--no_cache", action="store_true", help="recompute features even when cached")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--verbose", action="store_true", help="chatty")
     return p
@@ -435,7 +436,7 @@ def main(args: argparse.Namespace) -> dict:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
     exp = Path(args.exp)
     cli.setup_logging(log, exp, "eval_retrieval.log", args.verbose)
-    device = distributed.select_device()
+    device = distributed.select_device(args.device)
     rset = load_dataset(args.data, args.gnd)
     wset = load_dataset(args.whiten_data, None) if args.whiten_data else None
     if wset is None:

@@ -4,6 +4,7 @@ Usage:
     python eval_voc_classif.py --vocdir /data/VOCdevkit/VOC2007 --model MODEL --split trainval --fc6_8 1
     python eval_voc_classif.py --vocdir VOC2007 --model MODEL --split trainval --fc6_8 0      # all layers
     python eval_voc_classif.py --vocdir VOC2007 --model MODEL --split train --nit 200 --size 64 --workers 0
+    python eval_voc_classif.py --vocdir VOC2007 --model MODEL --fc6_8 0 --exp exp_voc --resume exp_voc   # continue
 
 ``--split train`` trains on train and tests on val; ``trainval`` trains on trainval and tests
 on test (the paper's numbers). The top layer becomes a new Linear(4096, 20) with bias 0.1 and
@@ -14,6 +15,9 @@ training (running statistics, never updated). Training: masked BCE-with-logits (
 labels ignored), SGD, lr halved every ``--stepsize`` iterations, batch 16, the images in one
 seeded order every pass. Test: 10 random crops (or TenCrop) with summed logits; per-class AP
 ignoring difficult images (positives' scores lowered by 1e-5 first), and their mean.
+EXP/checkpoint.pth.tar (the trained network, optimizer, schedule, RNG and the --model file's
+SHA-256) is rewritten every ``--checkpoints`` iterations and after the last one; ``--resume EXP``
+continues from it (the same data order, from the next batch).
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ import data
 import distributed
 import fileio
 import models
-from eval_common import EvalError, LabeledImages, average_precision, average_precision_voc07, log, require_dir
+from eval_common import EvalError, LabeledImages, average_precision, average_precision_voc07, check_same_model, \
+    claim_exp, log, model_fingerprint, require_dir, resume_file
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -84,7 +89,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="AP definition: area under the PR curve, or the devkit's 11-point interpolation")
 
     g = p.add_argument_group("run")
-    g.add_argument("--exp", type=str, default="exp_voc", help="exp folder (log, results.json)")
+    g.add_argument("--exp", type=str, default="exp_voc", help="exp folder (log, checkpoint, results.json)")
+    g.add_argument("--checkpoints", type=int, default=5000,
+                   help="iterations between two saves of EXP/checkpoint.pth.tar (0: only after the last)")
+    g.add_argument("--resume", type=str, default="", metavar="PATH",
+                   help="checkpoint to continue from, or the --exp folder of the run (its checkpoint.pth.tar)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start anew in an --exp that holds a run (deletes its checkpoint and results)")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--verbose", action="store_true", help="chatty")
     return p
@@ -227,16 +239,25 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def train(model: models.DeepClusterNet, params: list[nn.Parameter], loader: DataLoader, device: torch.device,
-          args: argparse.Namespace) -> list[float]:
-    """``--nit`` SGD iterations cycling over the loader; returns the loss per iteration."""
+          args: argparse.Namespace, resumed: dict | None = None, rest_of_pass=None, save=None) -> list[float]:
+    """``--nit`` SGD iterations cycling over the loader; returns the loss per iteration.
+
+    ``resumed``: a checkpoint's optimizer, scheduler, iteration and losses, training then goes on
+    with ``rest_of_pass`` (the batches of the interrupted pass after the saved iteration).
+    ``save(it, opt, sched, losses)`` runs every ``--checkpoints`` iterations and after the last."""
     opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.stepsize, gamma=0.5)  # per iteration
     set_train_mode(model, args)
     losses: list[float] = []
-    bar = tqdm(total=args.nit, desc="train", disable=cli.progress(args.no_progress))
     it = 0
+    if resumed is not None:
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        it, losses = int(resumed["iteration"]), [float(x) for x in resumed["losses"]]
+    bar = tqdm(total=args.nit, initial=it, desc="train", disable=cli.progress(args.no_progress))
+    first = rest_of_pass
     while it < args.nit:
-        for imgs, labels in loader:
+        for imgs, labels in (first if first is not None else loader):
             if it >= args.nit:
                 break
             imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -251,9 +272,12 @@ def train(model: models.DeepClusterNet, params: list[nn.Parameter], loader: Data
             losses.append(loss.item())
             it += 1
             bar.update(1)
+            if save is not None and (it == args.nit or (args.checkpoints and it % args.checkpoints == 0)):
+                save(it, opt, sched, losses)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
             if args.verbose and it % 100 == 0:
                 log.debug("iteration %d loss %.4f lr %.2e", it, np.mean(losses[-100:]), opt.param_groups[0]["lr"])
+        first = None
     bar.close()
     return losses
 
@@ -298,18 +322,40 @@ def format_table(aps: np.ndarray) -> str:
 def check_args(args: argparse.Namespace) -> None:
     for flag, ok in (("--nit", args.nit >= 0), ("--batch_size", args.batch_size >= 1), ("--lr", args.lr > 0),
                      ("--stepsize", args.stepsize >= 1), ("--wd", args.wd >= 0), ("--workers", args.workers >= 0),
+                     ("--checkpoints", args.checkpoints >= 0),
                      ("--min_scale", 0 < args.min_scale <= args.max_scale <= 1), ("--size", args.size >= 32)):
         if not ok:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
+
+
+RESUME_FLAGS = ("split", "fc6_8", "train_batchnorm", "size", "batch_size", "seed", "lr", "stepsize", "momentum", "wd")
+
+
+def load_resume(path: str, model: models.DeepClusterNet, fingerprint: dict, args: argparse.Namespace) -> dict:
+    """A checkpoint of this script for the same --model file and flags; the network's weights are
+    restored, the rest (optimizer, schedule, iteration, losses, RNG) is returned for training."""
+    ckpt = checkpoint.torch_load(path)
+    if "scheduler" not in ckpt or "iteration" not in ckpt:
+        raise EvalError(f"--resume {path!r} is not an eval_voc_classif checkpoint")
+    check_same_model(ckpt.get("model"), fingerprint, path)
+    for k in RESUME_FLAGS:
+        if k in ckpt.get("args", {}) and ckpt["args"][k] != getattr(args, k):
+            raise EvalError(f"--resume {path!r} was trained with --{k} {ckpt['args'][k]}, not {getattr(args, k)}")
+    if int(ckpt["iteration"]) > args.nit:
+        raise EvalError(f"--resume {path!r} is at iteration {ckpt['iteration']}, beyond --nit {args.nit}")
+    checkpoint.restart_from_checkpoint(path, loaded=ckpt, state_dict=model)  # the whole trained network
+    log.info("=> resumed from %s (iteration %d of %d)", path, ckpt["iteration"], args.nit)
+    return ckpt
 
 
 def main(args: argparse.Namespace) -> dict:
     """Train on ``--split``, test on the matching split; returns per-class AP and mAP (percent)."""
     check_args(args)
     exp = Path(args.exp)
+    claim_exp(exp, args.resume, args.overwrite, ["checkpoint.pth.tar", "results.json"])
     cli.setup_logging(log, exp, "eval_voc_classif.log", args.verbose)
     distributed.seed_everything(args.seed)
-    device = distributed.select_device()
+    device = distributed.select_device(args.device)
     voc = find_voc2007(args.vocdir)
     test_split = TEST_SPLIT[args.split]
     train_set = voc_dataset(voc, args.split, train_transform(args))
@@ -317,6 +363,9 @@ def main(args: argparse.Namespace) -> dict:
     model = checkpoint.load_model(args.model, purpose="eval_voc_classif")
     check_input_size(model, args.size, args.model)
     params = prepare_model(model, args)
+    fingerprint = model_fingerprint(args.model)
+    resume_from = resume_file(args.resume)
+    resumed = load_resume(resume_from, model, fingerprint, args) if resume_from else None
     model.to(device)
     log.info("%s%s | %s: %d images, %s: %d images | %s | trainable tensors %d | %s",
              model.arch, " + Sobel" if model.sobel is not None else "", args.split, len(train_set),
@@ -328,10 +377,23 @@ def main(args: argparse.Namespace) -> dict:
     order = np.random.permutation(len(train_set)).tolist()
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=order, num_workers=args.workers,
                               pin_memory=pin)
+    rest_of_pass = None
+    if resumed is not None:  # the interrupted pass goes on from the batch after the saved iteration
+        checkpoint.set_rng_state(resumed["rng"])
+        done = int(resumed["iteration"]) % len(train_loader) * args.batch_size
+        rest_of_pass = DataLoader(train_set, batch_size=args.batch_size, sampler=order[done:],
+                                  num_workers=args.workers, pin_memory=pin)
+
+    def save(it: int, opt: torch.optim.Optimizer, sched, losses: list[float]) -> None:
+        fileio.atomic_torch_save({
+            "iteration": it, "arch": model.arch, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "losses": torch.tensor(losses, dtype=torch.float64),
+            "rng": checkpoint.get_rng_state(), "model": fingerprint,
+            "args": {k: getattr(args, k) for k in RESUME_FLAGS}}, exp / "checkpoint.pth.tar")
     test_loader = DataLoader(test_set, batch_size=max(1, args.batch_size // 4), shuffle=False,
                              num_workers=args.workers, pin_memory=pin)
     t0 = time.time()
-    losses = train(model, params, train_loader, device, args)
+    losses = train(model, params, train_loader, device, args, resumed, rest_of_pass, save)
     t1 = time.time()
     scores, labels = predict(model, test_loader, device, args)
     aps = per_class_ap(scores, labels, args.ap)
@@ -346,7 +408,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def run(argv: list[str] | None = None) -> int:
-    return cli.run_cli(main, get_args_parser(), argv)
+    return cli.run_cli(main, get_args_parser(), argv, on_interrupt=lambda args: checkpoint.interrupted_hint(args.exp))
 
 
 if __name__ == "__main__":

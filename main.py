@@ -34,6 +34,7 @@ import distributed
 import fileio
 import knn
 import models
+import tb
 import util
 
 log = logging.getLogger("deepcluster")
@@ -109,6 +110,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="start anew in an --exp that holds a run: deletes its checkpoints, log and cluster files")
     g.add_argument("--change_k", action="store_true", help="with --resume: allow a --k other than the checkpoint's")
     g.add_argument("--checkpoints", type=int, default=25000, help="how many iterations between two checkpoints")
+    g.add_argument("--keep_checkpoints", type=int, default=3,
+                   help="periodic copies (EXP/checkpoints/checkpoint_N.pth.tar) kept: the newest N (0: all, as "
+                        "the original)")
+    g.add_argument("--keep_epoch_checkpoints", action="store_true",
+                   help="also keep every epoch's end checkpoint as EXP/checkpoints/epoch_N.pth.tar (N epochs done)")
     g.add_argument("--seed", type=int, default=31, help="random seed")
     g.add_argument("--check_images", choices=["auto", "full", "header", "off"], default="auto",
                    help="check every image before training (auto: full decode up to 20,000 images, else header)")
@@ -125,6 +131,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist_timeout", type=float, default=60,
                    help="minutes a torchrun process waits in a collective (e.g. while rank 0 clusters)")
     g.add_argument("--report", action="store_true", help="draw the training report (PNG) at the end")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="TensorBoard events in EXP/tensorboard: log.jsonl's numbers, lr, cluster sizes, top clusters")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--verbose", action="store_true", help="chatty")
     return p
@@ -158,6 +166,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--workers", args.workers >= 0, args.workers, "must be >= 0"),
         ("--dist_timeout", args.dist_timeout > 0, args.dist_timeout, "must be > 0 (minutes)"),
         ("--checkpoints", args.checkpoints >= 1, args.checkpoints, "must be >= 1 (iterations)"),
+        ("--keep_checkpoints", args.keep_checkpoints >= 0, args.keep_checkpoints, "must be >= 0 (0: keep all)"),
         ("--crop_min_scale", 0 < args.crop_min_scale <= 1, args.crop_min_scale, "must be in (0, 1]"),
         ("--pca", args.pca >= 1, args.pca, "must be >= 1"),
         ("--kmeans_iters", args.kmeans_iters >= 1, args.kmeans_iters, "must be >= 1"),
@@ -427,6 +436,7 @@ def main(args: argparse.Namespace) -> dict:
     targets = np.asarray(dataset.targets) if dataset.targets else None
     dataset.mark_unreadable = args.bad_images == "skip"
 
+    board = tb.Board(exp / "tensorboard" if args.tensorboard and rt.is_main else None)  # no package: stops here
     model = distributed.sync_batchnorm(build_model(args, rt.device), args.sync_bn, rt)
     opt = build_optimizer(model, args)
     crit = nn.CrossEntropyLoss()
@@ -434,6 +444,7 @@ def main(args: argparse.Namespace) -> dict:
     run_id, start_epoch, mid, prev_labels = checkpoint.start_or_resume(args, exp, model, opt, history, clog, N, rt)
     if start_epoch >= args.epochs:  # said by start_or_resume
         return {}
+    board.start(start_epoch)
     feature_loader = make_feature_loader(dataset, args, rt)
     clusterer = make_clusterer(args, rt.device)
 
@@ -441,6 +452,7 @@ def main(args: argparse.Namespace) -> dict:
     if start_epoch == 0 and mid is None and monitor is not None:
         init = monitor.evaluate(model, rt.device)
         history.log({"epoch": -1, **init})  # epoch -1: the random network, before any training
+        board.record(init, -1)
         log.info("random network |%s", knn.KnnMonitor.text(init))
     for epoch in range(start_epoch, args.epochs):
         if mid is not None:  # resuming inside this epoch: its clustering is in the checkpoint
@@ -460,8 +472,9 @@ def main(args: argparse.Namespace) -> dict:
             n = iters_per_epoch * epoch + i
             if n % args.checkpoints == 0:  # the same decision on every rank: all take part in the RNG gather
                 mid_state = checkpoint.mid_epoch_state(plan, i, flush(), prev_labels, args, rt)
-                checkpoint.save_run(exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar", model,
-                                    opt, epoch, args, plan.labels, run_id, rt, mid_state)
+                path = exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar"
+                checkpoint.save_run(path, model, opt, epoch, args, plan.labels, run_id, rt, mid_state)
+                checkpoint.prune_periodic(exp / "checkpoints", args.keep_checkpoints, run_id, rt, protect=path)
 
         try:
             loss = train_one_epoch(train_loader, distributed.wrap_ddp(model, rt), crit, opt, plan.top_opt, rt.device,
@@ -483,13 +496,19 @@ def main(args: argparse.Namespace) -> dict:
             # epoch from the previous checkpoint and writes these files again
             clog.save(epoch, plan.labels, len(plan.images_lists))
             history.log(record)
+            board.record(record, epoch)
+            board.learning_rates({"body": opt, "top_layer": plan.top_opt}, epoch)
+            board.clusters(plan.labels, len(plan.images_lists), epoch, dataset.load)
         checkpoint.save_run(exp / "checkpoint.pth.tar", model, opt, epoch + 1, args, plan.labels, run_id, rt)
+        if args.keep_epoch_checkpoints:
+            checkpoint.keep_epoch_copy(exp, epoch + 1, rt)
         log.info("epoch %3d | clustering loss %.3f | train loss %.3f | NMI prev %s | NMI labels %s | "
                  "empty %d | time: features %.1fs cluster %.1fs train %.1fs%s",
                  epoch, plan.clustering_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
                  record["n_empty"], plan.time_features, plan.time_clustering, time_train,
                  knn.KnnMonitor.text(record))
         prev_labels = plan.labels
+    board.close()
     distributed.barrier(rt)
     if args.report and rt.is_main:
         from visu import training_report  # matplotlib only when asked for

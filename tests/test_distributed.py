@@ -35,7 +35,8 @@ def digits100(module_tmp, digits_dir) -> str:
 
 def train_argv(data: str, exp: Path, epochs: int) -> list[str]:
     return [data, "--exp", str(exp), "--size", "64", "--k", "10", "--pca", "32", "--batch", "8",
-            "--workers", "0", "--epochs", str(epochs), "--sobel", "--no_progress", "--checkpoints", "1000", "--device", "cpu"]
+            "--workers", "0", "--epochs", str(epochs), "--sobel", "--no_progress", "--checkpoints", "1000",
+            "--keep_checkpoints", "0", "--device", "cpu"]  # every periodic copy kept: the tests resume from chosen ones
 
 
 def run_torchrun(nproc: int, argv: list[str]) -> subprocess.CompletedProcess:

@@ -38,7 +38,7 @@ def argv(data: str, exp: Path, *extra: str) -> list[str]:
     # 80 images, batch 16: 5 iterations an epoch; a periodic copy every 3 iterations
     return [data, "--exp", str(exp), "--size", "64", "--k", "8", "--pca", "32", "--batch", "16",
             "--workers", "0", "--epochs", str(EPOCHS), "--sobel", "--no_progress", "--checkpoints", "3",
-            "--device", "cpu", *extra]
+            "--keep_checkpoints", "0", "--device", "cpu", *extra]  # every periodic copy kept: the tests compare them
 
 
 def run_main(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:

@@ -38,9 +38,9 @@ def test_train_then_resume(small_digits, tmp_path):
     clog = checkpoint.ClusterLog(exp / "clusters")
     assert clog.epochs() == [0, 1]
     np.testing.assert_array_equal(ckpt["last_assignment"].numpy(), clog.load(1))
-    # periodic copies: 10 iterations per epoch (300 / 32), one every 5
+    # periodic copies: 10 iterations per epoch (300 / 32), one every 5; the newest 3 are kept (--keep_checkpoints)
     assert sorted(p.name for p in (exp / "checkpoints").iterdir()) == [
-        f"checkpoint_{i}.pth.tar" for i in range(4)]
+        f"checkpoint_{i}.pth.tar" for i in range(1, 4)]
 
     assert main.run(base_args(small_digits, exp, "--epochs", "3", "--resume",
                               str(exp / "checkpoint.pth.tar"))) == 0

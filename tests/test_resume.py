@@ -63,7 +63,9 @@ def images36(module_tmp) -> str:
 def argv(images: str, exp: Path, *extra: str) -> list[str]:
     # 36 images, batch 8: 5 iterations an epoch; a periodic copy every 3 iterations
     return [images, "--exp", str(exp), "--size", "64", "--k", "6", "--pca", "16", "--batch", "8",
-            "--workers", "0", "--epochs", "2", "--checkpoints", "3", "--no_progress", "--device", "cpu", *extra]
+            "--workers", "0", "--epochs", "2", "--checkpoints", "3", "--no_progress", "--keep_checkpoints", "0",
+            "--device", "cpu",
+            *extra]  # every periodic copy kept: the tests resume from chosen ones
 
 
 def run(args: list[str], fault: str | None = None) -> bool:
