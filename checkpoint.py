@@ -222,6 +222,33 @@ def current_run_id(exp: Path) -> str | None:
     return hist[-1]["run_id"] if hist else None
 
 
+# flags a --resume never takes from the recorded run: where it writes, how it resumes, how it talks
+NOT_INHERITED = ("resume", "exp", "overwrite", "start_epoch", "change_k", "verbose", "no_progress")
+
+
+def recorded_run(resume: str) -> tuple[Path | None, dict]:
+    """The experiment folder a ``--resume`` target belongs to and the flags its run last ran with.
+
+    ``resume`` is a folder written by main.py, or a checkpoint in one (``EXP/checkpoint.pth.tar``,
+    ``EXP/checkpoints/checkpoint_N.pth.tar``). The flags are those of the folder's last recorded
+    invocation (``args_history.jsonl``), else ``args.json``'s; ``(None, {})`` for anything else
+    (a released checkpoint, a missing path: the resume itself says what is wrong).
+    """
+    p = Path(resume)
+    cands = [p] if p.is_dir() else [p.parent] + ([p.parent.parent] if p.parent.name == "checkpoints" else [])
+    for folder in cands:
+        hist = [h for h in read_history(folder) if isinstance(h.get("args"), dict)]
+        if hist:
+            return folder, dict(hist[-1]["args"])
+        try:
+            flags = json.loads((folder / "args.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(flags, dict):
+            return folder, flags
+    return None, {}
+
+
 def record_invocation(exp: Path, args, run_id: str, start_epoch: int, iteration: int = 0,
                       resumed_from: str | None = None) -> None:
     """Append this invocation (all flags, run id, where it starts) to ``args_history.jsonl``.

@@ -95,3 +95,12 @@ def setup_logging(logger: logging.Logger, exp: str | os.PathLike | None, filenam
 def progress(disable: bool) -> bool | None:
     """tqdm's ``disable`` value: None shows bars on a terminal only, True hides them."""
     return True if disable else None
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> dict:
+    """The options given on the command line (dest -> value), without any default: ``argv``
+    parsed a second time with every default suppressed. ``parser`` is changed: pass a fresh one."""
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=256, help="mini-batch size")
     g.add_argument("--lr", type=float, default=0.01, help="learning rate")
     g.add_argument("--momentum", type=float, default=0.9, help="momentum")
-    g.add_argument("--weight_decay", "--wd", type=float, default=-4, help="weight decay pow")
+    g.add_argument("--weight_decay", "--wd", type=float, default=-4,
+                   help="weight decay exponent: decay = 10**wd (-4: 1e-4)")
     g.add_argument("--seed", type=int, default=31, help="random seed")
 
     g = p.add_argument_group("run")
@@ -251,7 +253,10 @@ def check_args(args: argparse.Namespace) -> None:
                           ("--lr", args.lr > 0, "must be > 0"), ("--workers", args.workers >= 0, "must be >= 0"),
                           ("--size", args.size >= 32, "must be >= 32: smaller inputs vanish before the "
                                                       "last conv layers"),
-                          ("--momentum", 0 <= args.momentum < 1, "must be in [0, 1)")):
+                          ("--momentum", 0 <= args.momentum < 1, "must be in [0, 1)"),
+                          ("--weight_decay", math.isfinite(args.weight_decay) and args.weight_decay < 0,
+                           "is an exponent (weight decay = 10**wd) and must be < 0: --wd -4 is a decay of 1e-4"),
+                          ("--seed", 0 <= args.seed < 2**32, "must be in [0, 2**32)")):
         if not ok:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r} ({why})")
 

@@ -298,7 +298,8 @@ def format_table(aps: np.ndarray) -> str:
 def check_args(args: argparse.Namespace) -> None:
     for flag, ok in (("--nit", args.nit >= 0), ("--batch_size", args.batch_size >= 1), ("--lr", args.lr > 0),
                      ("--stepsize", args.stepsize >= 1), ("--wd", args.wd >= 0), ("--workers", args.workers >= 0),
-                     ("--min_scale", 0 < args.min_scale <= args.max_scale <= 1), ("--size", args.size >= 32)):
+                     ("--min_scale", 0 < args.min_scale <= args.max_scale <= 1), ("--size", args.size >= 32),
+                     ("--seed", 0 <= args.seed < 2**32)):
         if not ok:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
 
