@@ -104,3 +104,21 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None =
         if action.dest != "help":
             action.default = argparse.SUPPRESS
     return vars(parser.parse_args(argv))
+
+
+def check_writable(folder: str | os.PathLike, flag: str = "--exp") -> None:
+    """Refuse an output folder that cannot take files (ScriptError naming ``flag``), before any
+    work and creating nothing: a probe folder is made, then removed, in ``folder`` or in its
+    nearest existing parent."""
+    import tempfile
+
+    p = Path(folder).absolute()
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    try:
+        if not anc.is_dir():
+            raise NotADirectoryError(20, f"{str(anc)!r} is a file")
+        os.rmdir(tempfile.mkdtemp(prefix=".write_test.", dir=anc))
+    except OSError as e:
+        raise ScriptError(f"{flag} {str(folder)!r} is not writable: {e.strerror or e}") from None

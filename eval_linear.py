@@ -264,6 +264,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> dict:
     """Train the linear classifier; returns the last epoch's record plus ``best_top1``."""
     check_args(args)
+    cli.check_writable(args.exp)
     exp = Path(args.exp)
     cli.setup_logging(log, exp, "eval_linear.log", args.verbose)
     distributed.seed_everything(args.seed)
@@ -277,6 +278,9 @@ def main(args: argparse.Namespace) -> dict:
         raise EvalError(f"--conv {e}") from None
     body = model.trunk(args.conv).freeze().to(device)
     train_set, val_set, classes = load_splits(args.data, args)
+    data.check_eval_images(train_set.paths + val_set.paths, "--data", workers=args.workers,
+                           progress=not args.no_progress, listing=exp / "bad_images.txt",
+                           hint="fix or remove them (a linear probe is scored on every image)")
     reglog = build_reglog(body.cpu(), model.arch, args.conv, len(classes), args.size).to(device)
     body.to(device)
     log.info("%s%s %s -> %s -> %d dims -> %d classes | %d train, %d val images | %s",

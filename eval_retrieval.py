@@ -433,6 +433,7 @@ def main(args: argparse.Namespace) -> dict:
     for flag, ok in (("--S", args.S >= 32), ("--L", args.L >= 1), ("--dim", args.dim >= 1)):
         if not ok:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
+    cli.check_writable(args.exp)
     exp = Path(args.exp)
     cli.setup_logging(log, exp, "eval_retrieval.log", args.verbose)
     device = distributed.select_device()

@@ -36,7 +36,8 @@ import data
 import distributed
 import fileio
 import models
-from eval_common import EvalError, LabeledImages, average_precision, average_precision_voc07, log, require_dir
+from eval_common import (EvalError, LabeledImages, average_precision, average_precision_voc07, check_input_size, log,
+                         require_dir)
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -200,21 +201,6 @@ def set_train_mode(model: models.DeepClusterNet, args: argparse.Namespace) -> No
             m.eval()
 
 
-def check_input_size(model: models.DeepClusterNet, size: int, path: str) -> None:
-    """fc6 fixes the input size: the conv output at ``size`` must match its width."""
-    fc6 = next((m for m in model.classifier if isinstance(m, nn.Linear)), None)
-    if fc6 is None:  # no fc6 (ResNet-50: global pooling takes any size)
-        return
-    try:
-        with torch.no_grad():
-            dim = model.forward_conv(torch.zeros(1, 3, size, size)).numel()  # C * h * w
-    except RuntimeError:  # the conv body cannot even run at this size
-        dim = -1
-    if dim != fc6.in_features:
-        raise EvalError(f"{path!r} takes {model.input_size} px inputs (fc6 has {fc6.in_features} inputs), "
-                        f"but --size is {size}")
-
-
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """BCE-with-logits over non-difficult labels, summed and divided by the batch size.
 
@@ -307,6 +293,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> dict:
     """Train on ``--split``, test on the matching split; returns per-class AP and mAP (percent)."""
     check_args(args)
+    cli.check_writable(args.exp)
     exp = Path(args.exp)
     cli.setup_logging(log, exp, "eval_voc_classif.log", args.verbose)
     distributed.seed_everything(args.seed)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -280,6 +281,7 @@ def top_layer_sgd(model: models.DeepClusterNet, args: argparse.Namespace) -> tor
 
 MIN_PER_CLUSTER = 3  # images per cluster below which main.py warns (ImageNet at k = 10,000: 128)
 SYNC_EVERY = 50  # steps between two host reads of the training loss (distributed.DeviceLossMeter)
+SHOW_EVERY_S = 1.0  # seconds between two reads of the loss shown on a progress bar (one sync each)
 
 
 def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
@@ -296,6 +298,8 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=cli.progress(args.no_progress),
                initial=start_iter, total=start_iter + len(loader))
     on_device = distributed.DeviceLossMeter(device, losses, epoch, start_iter)
+    bar.set_postfix(loss=f"{losses.avg:.3f}" if losses.count else "-")  # "-" until a loss is read, not 0.000
+    shown = time.monotonic()
 
     def flush() -> util.AverageMeter:  # raises distributed.DivergedError on a NaN/inf loss since the last read
         bar.set_postfix(loss=f"{on_device.read().avg:.3f}")
@@ -320,6 +324,9 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
             top_opt.step()
             on_device.add(loss, imgs.shape[0])
             on_device.step = i + 1
+            if not bar.disable and time.monotonic() - shown >= SHOW_EVERY_S:  # a shown bar: one read a second
+                bar.set_postfix(loss=f"{on_device.peek():.3f}", refresh=False)
+                shown = time.monotonic()
     except data.BadImageError:  # --bad_images error: the steps done so far count in the meter
         flush()
         raise

@@ -196,6 +196,7 @@ def main(args: argparse.Namespace) -> dict:
                      ("--step", args.step >= 0), ("--sig", args.sig >= 0), ("--batch", args.batch >= 1), ("--seed", 0 <= args.seed < 2**32)):
         if not ok:
             raise common.VisuError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
+    cli.check_writable(args.exp)
     device = distributed.select_device(args.device)
     model, trunk = common.load_trunk(args.model, args.arch, args.conv, relu=not args.pre_relu)
     trunk.to(device)
