@@ -392,7 +392,7 @@ def check_checkpoint(ckpt: dict, path: str, args, n_images: int) -> None:
         raise CheckpointError(f"checkpoint {path!r} has no 'state_dict'")
     ck_arch = ckpt.get("arch")
     if ck_arch is not None and ck_arch != args.arch:
-        raise CheckpointError(f"checkpoint {path!r} holds a {ck_arch} model but --arch is {args.arch}")
+        raise CheckpointError(f"checkpoint {path!r} holds {models.article(ck_arch)} model but --arch is {args.arch}")
     sd = ckpt["state_dict"]
     has_sobel = any(k.endswith("sobel.0.weight") for k in sd)
     if has_sobel != bool(args.sobel):
@@ -619,7 +619,7 @@ def load_model(path: str | os.PathLike | None, arch: str | None = None, purpose:
     held = ckpt.get("arch") or (ckpt.get("model_config") or {}).get("arch") or \
         models.detect_arch(models.clean_state_dict(sd))
     if arch is not None and held is not None and held != arch:
-        raise CheckpointError(f"{purpose or 'this run'} needs a {arch} model, but {where} holds a {held}")
+        raise CheckpointError(f"{purpose or 'this run'} needs {models.article(arch)} model, but {where} holds {models.article(held)}")
     try:
         model, ignored = models.from_state_dict(sd, arch or held, ckpt.get("model_config"))
     except models.StateDictError as e:

@@ -122,3 +122,15 @@ def check_writable(folder: str | os.PathLike, flag: str = "--exp") -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".write_test.", dir=anc))
     except OSError as e:
         raise ScriptError(f"{flag} {str(folder)!r} is not writable: {e.strerror or e}") from None
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every default, "(required)" on required flags, and no "(default: None)"
+    or "(default: )" where a flag has no default value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required and action.option_strings:
+            return f"{action.help or ''} (required)"
+        if action.default is None or action.default == "":
+            return action.help or ""
+        return super()._get_help_string(action)

@@ -47,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Weighted k-nearest-neighbour classification on the frozen features of a DeepCluster "
                     "model. Expects --data DIR holding DIR/train/<class>/* and DIR/val/<class>/*.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", type=str, required=True, help="dataset with train/ and val/ class folders")
     g.add_argument("--size", type=int, default=0,

@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "(or VGG-16, ResNet-50). Expects --data DIR holding DIR/train/<class>/*.jpg and "
                     "DIR/val/<class>/*.jpg (ImageFolder layout, same class folders in both; "
                     "e.g. ImageNet or Places).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", type=str, required=True, help="path to dataset (with train/ and val/)")
     g.add_argument("--tencrops", action="store_true", help="validation accuracy averaged over 10 crops")

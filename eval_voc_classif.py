@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "VOC2007/JPEGImages/<id>.jpg and VOC2007/ImageSets/Main/<class>_<split>.txt "
                     "(lines '<id> <label>', label 1 positive, -1 negative, 0 difficult); "
                     "the VOCdevkit folder above it is accepted too.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--vocdir", type=str, required=True, help="VOC2007 folder (or the VOCdevkit above it)")
     g.add_argument("--split", type=str, choices=["train", "trainval"], default="train",

@@ -49,7 +49,7 @@ DEMO_DEFAULTS = dict(size=64, nmb_cluster=100, epochs=6, batch=64, workers=2, ex
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="PyTorch Implementation of DeepCluster (unsupervised training)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("data", metavar="DIR", nargs="?", default=None,
                    help="image folder, with or without class folders (only used to report NMI with the labels); "
                         "omit it to run the demo on scikit-learn's handwritten digits")
@@ -100,7 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
     g.add_argument("--exp", type=str, default="exp", help="path to exp folder")
     g.add_argument("--resume", default="", type=str, metavar="PATH",
-                   help="checkpoint, or an experiment folder (its newest valid checkpoint, mid-epoch copies too)")
+                   help="checkpoint, or an experiment folder (its newest valid checkpoint, mid-epoch copies too); "
+                        "a run's folder: --exp and every flag not given default to that run's")
     g.add_argument("--overwrite", action="store_true",
                    help="start anew in an --exp that holds a run: deletes its checkpoints, log and cluster files")
     g.add_argument("--change_k", action="store_true", help="with --resume: allow a --k other than the checkpoint's")
@@ -302,7 +303,8 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
     shown = time.monotonic()
 
     def flush() -> util.AverageMeter:  # raises distributed.DivergedError on a NaN/inf loss since the last read
-        bar.set_postfix(loss=f"{on_device.read().avg:.3f}")
+        m = on_device.read()
+        bar.set_postfix(loss=f"{m.avg:.3f}" if m.count else "-")
         return losses
 
     try:
@@ -435,7 +437,8 @@ def main(args: argparse.Namespace) -> dict:
     monitor = knn.KnnMonitor.for_training(args, rt, log, demo=DEMO_KNN_DATA)  # a bad --knn_data stops here
     check_data(dataset, args, exp, rt)
     N = len(dataset)
-    targets = np.asarray(dataset.targets) if dataset.targets else None
+    # NMI with the labels: with class folders, at least two of them (one class: no information)
+    targets = np.asarray(dataset.targets) if dataset.targets and len(dataset.classes) > 1 else None
     dataset.mark_unreadable = args.bad_images == "skip"
 
     model = build_model(args, rt.device)

@@ -39,7 +39,7 @@ import distributed  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Retrieve the images that maximally activate each filter",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     common.add_model_args(p, "show")
 
     g = p.add_argument_group("data")
@@ -120,7 +120,7 @@ def main(args: argparse.Namespace) -> dict:
         raise common.VisuError(f"--count {args.count} is larger than the dataset ({len(dataset)} images)")
     loader = DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
                         collate_fn=data.default_collate_indexed, pin_memory=device.type == "cuda")
-    batches = tqdm(loader, desc=f"conv{args.conv} activations", disable=args.no_progress)
+    batches = tqdm(loader, desc=f"conv{args.conv} activations", disable=cli.progress(args.no_progress))
     scores, indices = top_images(trunk, batches, args.count, device)
 
     out = Path(args.exp)
@@ -130,7 +130,7 @@ def main(args: argparse.Namespace) -> dict:
     cache: dict[int, object] = {}
     result: dict = {}
     blocks = []
-    for f in tqdm(filters, desc="pictures", disable=args.no_progress):
+    for f in tqdm(filters, desc="pictures", disable=cli.progress(args.no_progress)):
         pics = []
         for i in indices[f].tolist():
             if i not in cache:

@@ -47,7 +47,7 @@ import distributed  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Gradient ascent visualisation",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     g = common.add_model_args(p, "draw")
     g.add_argument("--pre_relu", action="store_true",
                    help="always climb the layer's responses before its ReLU (after BatchNorm) "
@@ -220,7 +220,7 @@ def main(args: argparse.Namespace) -> dict:
     pictures = []
     batches = [filters[i:i + args.batch] for i in range(0, len(filters), args.batch)]
     bar = tqdm(total=len(batches) * args.niter, desc=f"conv{args.conv}: {len(filters)} filters",
-               unit="it", disable=args.no_progress)
+               unit="it", disable=cli.progress(args.no_progress))
     for fb in batches:
         x0 = torch.randn(len(fb), 3, args.idim, args.idim, generator=gen) * args.init_std + args.init_mean
         start = target_stats(trunk, x0.to(device), fb)

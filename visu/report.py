@@ -32,7 +32,7 @@ import cli  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Draw the training report of a DeepCluster experiment",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("exp", metavar="EXP", help="experiment folder written by main.py (holds log.jsonl)")
 
     g = p.add_argument_group("clusters")
