@@ -619,7 +619,8 @@ def load_model(path: str | os.PathLike | None, arch: str | None = None, purpose:
     held = ckpt.get("arch") or (ckpt.get("model_config") or {}).get("arch") or \
         models.detect_arch(models.clean_state_dict(sd))
     if arch is not None and held is not None and held != arch:
-        raise CheckpointError(f"{purpose or 'this run'} needs {models.article(arch)} model, but {where} holds {models.article(held)}")
+        raise CheckpointError(f"{purpose or 'this run'} needs {models.article(arch)} model, but {where} holds "
+                              f"{models.article(held)}")
     try:
         model, ignored = models.from_state_dict(sd, arch or held, ckpt.get("model_config"))
     except models.StateDictError as e:

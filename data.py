@@ -479,6 +479,7 @@ def check_eval_images(paths: list[str], flag: str, skip: bool = False, mode: str
     more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
     where = f" (all listed in {listing})" if listing is not None else ""
     if not skip:
-        raise DataError(f"{len(bad)} unreadable image(s) in {flag}: {shown}{more}{where}" + (f"; {hint}" if hint else ""))
+        raise DataError(f"{len(bad)} unreadable image(s) in {flag}: {shown}{more}{where}"
+                        + (f"; {hint}" if hint else ""))
     _log.warning("skipping %d unreadable image(s) of %s%s: %s%s", len(bad), flag, where, shown, more)
     return set(bad)

@@ -206,7 +206,8 @@ def validate(loader: DataLoader, body: models.Trunk, reglog: RegLog, crit: nn.Mo
         losses.update(loss.item(), imgs.shape[0])
         top1.update(a1, imgs.shape[0])
         top5.update(a5, imgs.shape[0])
-    return {"val_loss": losses.avg, "top1": top1.avg, "top5": top5.avg}
+    top5_avg = top5.avg if reglog.linear.out_features > 5 else None  # 5 classes or fewer: always 100, none
+    return {"val_loss": losses.avg, "top1": top1.avg, "top5": top5_avg}
 
 
 def checkpoint_state(model: models.DeepClusterNet, reglog: RegLog, opt: torch.optim.Optimizer, epoch: int,
@@ -312,8 +313,9 @@ def main(args: argparse.Namespace) -> dict:
         fileio.atomic_torch_save(state, exp / "checkpoint.pth.tar")
         if is_best:
             fileio.atomic_torch_save(state, exp / "model_best.pth.tar")
-        log.info("epoch %3d | train loss %.3f | val loss %.3f | top-1 %.2f | top-5 %.2f | best top-1 %.2f | %.1fs",
-                 epoch, record["train_loss"], record["val_loss"], record["top1"], record["top5"], best,
+        log.info("epoch %3d | train loss %.3f | val loss %.3f | top-1 %.2f | top-5 %s | best top-1 %.2f | %.1fs",
+                 epoch, record["train_loss"], record["val_loss"], record["top1"],
+                 "-" if record["top5"] is None else f"{record['top5']:.2f}", best,
                  record["time"])
     if not history:
         log.info("nothing to train (start epoch %d >= --epochs %d)", start, args.epochs)
