@@ -136,15 +136,17 @@ def main(args: argparse.Namespace) -> dict:
     """Features (or the cache) -> weighted kNN for every k -> table and EXP/results.json."""
     check_args(args)
     cli.check_writable(args.exp)
-    exp = Path(args.exp)
-    cli.setup_logging(log, exp, "eval_knn.log", args.verbose)
-    splits = drop_unreadable(knn.load_knn_splits(args.data), args)
-    ks = knn.clamp_ks(args.nb_knn, len(splits.train_paths), "--nb_knn")
-    device = distributed.select_device()
+    # model, size and folders checked before EXP is made: a refused run leaves no folder behind
     model = checkpoint.load_model(args.model, purpose="eval_knn")
     args.size = args.size or model.input_size
     if args.layer == "fc7":  # fc6 fixes the input size; pooled conv layers take any
         check_input_size(model, args.size, args.model)
+    splits = knn.load_knn_splits(args.data)
+    exp = Path(args.exp)
+    cli.setup_logging(log, exp, "eval_knn.log", args.verbose)
+    splits = drop_unreadable(splits, args)
+    ks = knn.clamp_ks(args.nb_knn, len(splits.train_paths), "--nb_knn")
+    device = distributed.select_device()
     model = model.to(device)
     net = knn.FeatureNet(model, args.layer, args.size)
     log.info("%s%s %s | %d classes, %d train, %d val images | k %s, T %g | %s", model.arch,
