@@ -324,7 +324,7 @@ def test_too_small_sizes_are_refused_with_the_reason(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("activ_retrieval", script)
     ar = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ar)
-    assert ar.util.run_cli(ar.main, ar.get_args_parser(), [
+    assert ar.cli.run_cli(ar.main, ar.get_args_parser(), [
         "--model", str(tmp_path / "m.pth.tar"), "--data", str(images), "--conv", "5", "--size", "16",
         "--exp", str(tmp_path / "ar"), "--workers", "0"]) != 0
     err = capsys.readouterr().err
