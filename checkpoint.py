@@ -222,6 +222,33 @@ def current_run_id(exp: Path) -> str | None:
     return hist[-1]["run_id"] if hist else None
 
 
+# flags a --resume never takes from the recorded run: where it writes, how it resumes, how it talks
+NOT_INHERITED = ("resume", "exp", "overwrite", "start_epoch", "change_k", "verbose", "no_progress")
+
+
+def recorded_run(resume: str) -> tuple[Path | None, dict]:
+    """The experiment folder a ``--resume`` target belongs to and the flags its run last ran with.
+
+    ``resume`` is a folder written by main.py, or a checkpoint in one (``EXP/checkpoint.pth.tar``,
+    ``EXP/checkpoints/checkpoint_N.pth.tar``). The flags are those of the folder's last recorded
+    invocation (``args_history.jsonl``), else ``args.json``'s; ``(None, {})`` for anything else
+    (a released checkpoint, a missing path: the resume itself says what is wrong).
+    """
+    p = Path(resume)
+    cands = [p] if p.is_dir() else [p.parent] + ([p.parent.parent] if p.parent.name == "checkpoints" else [])
+    for folder in cands:
+        hist = [h for h in read_history(folder) if isinstance(h.get("args"), dict)]
+        if hist:
+            return folder, dict(hist[-1]["args"])
+        try:
+            flags = json.loads((folder / "args.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(flags, dict):
+            return folder, flags
+    return None, {}
+
+
 def record_invocation(exp: Path, args, run_id: str, start_epoch: int, iteration: int = 0,
                       resumed_from: str | None = None) -> None:
     """Append this invocation (all flags, run id, where it starts) to ``args_history.jsonl``.
@@ -417,7 +444,7 @@ def check_checkpoint(ckpt: dict, path: str, args, n_images: int) -> None:
         raise CheckpointError(f"checkpoint {path!r} has no 'state_dict'")
     ck_arch = ckpt.get("arch")
     if ck_arch is not None and ck_arch != args.arch:
-        raise CheckpointError(f"checkpoint {path!r} holds a {ck_arch} model but --arch is {args.arch}")
+        raise CheckpointError(f"checkpoint {path!r} holds {models.article(ck_arch)} model but --arch is {args.arch}")
     sd = ckpt["state_dict"]
     has_sobel = any(k.endswith("sobel.0.weight") for k in sd)
     if has_sobel != bool(args.sobel):
@@ -666,7 +693,8 @@ def load_model(path: str | os.PathLike | None, arch: str | None = None, purpose:
     held = ckpt.get("arch") or (ckpt.get("model_config") or {}).get("arch") or \
         models.detect_arch(models.clean_state_dict(sd))
     if arch is not None and held is not None and held != arch:
-        raise CheckpointError(f"{purpose or 'this run'} needs a {arch} model, but {where} holds a {held}")
+        raise CheckpointError(f"{purpose or 'this run'} needs {models.article(arch)} model, but {where} holds "
+                              f"{models.article(held)}")
     try:
         model, ignored = models.from_state_dict(sd, arch or held, ckpt.get("model_config"))
     except models.StateDictError as e:

@@ -95,3 +95,42 @@ def setup_logging(logger: logging.Logger, exp: str | os.PathLike | None, filenam
 def progress(disable: bool) -> bool | None:
     """tqdm's ``disable`` value: None shows bars on a terminal only, True hides them."""
     return True if disable else None
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> dict:
+    """The options given on the command line (dest -> value), without any default: ``argv``
+    parsed a second time with every default suppressed. ``parser`` is changed: pass a fresh one."""
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def check_writable(folder: str | os.PathLike, flag: str = "--exp") -> None:
+    """Refuse an output folder that cannot take files (ScriptError naming ``flag``), before any
+    work and creating nothing: a probe folder is made, then removed, in ``folder`` or in its
+    nearest existing parent."""
+    import tempfile
+
+    p = Path(folder).absolute()
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    try:
+        if not anc.is_dir():
+            raise NotADirectoryError(20, f"{str(anc)!r} is a file")
+        os.rmdir(tempfile.mkdtemp(prefix=".write_test.", dir=anc))
+    except OSError as e:
+        raise ScriptError(f"{flag} {str(folder)!r} is not writable: {e.strerror or e}") from None
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every default, "(required)" on required flags, and no "(default: None)"
+    or "(default: )" where a flag has no default value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required and action.option_strings:
+            return f"{action.help or ''} (required)"
+        if action.default is None or action.default == "":
+            return action.help or ""
+        return super()._get_help_string(action)

@@ -623,3 +623,28 @@ class CollateEncoded:
         samples, targets, idx = zip(*batch)
         return (EncodedBatch(list(samples), self.size), torch.as_tensor(targets, dtype=torch.long),
                 torch.as_tensor(idx, dtype=torch.long))
+
+
+def check_eval_images(paths: list[str], flag: str, skip: bool = False, mode: str = "auto", workers: int = 0,
+                      progress: bool = True, listing: Path | None = None, hint: str = "") -> set[int]:
+    """Check the images of an evaluation set before any work; returns the indices of the
+    unreadable ones (to drop, with ``skip``). Without ``skip`` any unreadable image is refused
+    (DataError naming ``flag``, how many, the first few files and why, then ``hint``); with a
+    ``listing`` path all of them are written there. ``mode`` as main.py's --check_images."""
+    if mode == "auto":
+        mode = "full" if len(paths) <= 20000 else "header"
+    if mode == "off":
+        return set()
+    bad = check_images(paths, full=mode == "full", workers=workers, progress=progress)
+    if not bad:
+        return set()
+    if listing is not None:
+        fileio.atomic_write_text(listing, "".join(f"{paths[i]}\t{why}\n" for i, why in sorted(bad.items())))
+    shown = "; ".join(f"{paths[i]!r}: {why}" for i, why in sorted(bad.items())[:3])
+    more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+    where = f" (all listed in {listing})" if listing is not None else ""
+    if not skip:
+        raise DataError(f"{len(bad)} unreadable image(s) in {flag}: {shown}{more}{where}"
+                        + (f"; {hint}" if hint else ""))
+    _log.warning("skipping %d unreadable image(s) of %s%s: %s%s", len(bad), flag, where, shown, more)
+    return set(bad)

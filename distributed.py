@@ -272,6 +272,12 @@ class DeviceLossMeter:
         self.sum += loss.detach().double() * batch
         self.n += batch
 
+    def peek(self) -> float:
+        """Mean loss of every step so far on this process, for display: one device read, no
+        collective, no finiteness check, the sums left in place (NaN before any step)."""
+        n = self.meter.count + self.n
+        return (self.meter.sum + float(self.sum)) / n if n else float("nan")
+
     def read(self) -> AverageMeter:
         """The meter with every step so far; :class:`DivergedError` when a loss was NaN or inf.
 

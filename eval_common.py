@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 import data
@@ -63,6 +65,22 @@ def require_dir(path: str | os.PathLike, what: str) -> Path:
     if not p.is_dir():
         raise EvalError(f"{what} {str(p)!r} does not exist or is not a directory")
     return p
+
+
+def check_input_size(model, size: int, path: str) -> None:
+    """fc6 fixes the input size: the conv output at ``size`` must match its width (a model with
+    no fc6, ResNet-50, takes any size)."""
+    fc6 = next((m for m in getattr(model, "classifier", []) if isinstance(m, nn.Linear)), None)
+    if fc6 is None:
+        return
+    try:
+        with torch.no_grad():
+            dim = model.forward_conv(torch.zeros(1, 3, size, size, device=fc6.weight.device)).numel()  # C * h * w
+    except RuntimeError:  # the conv body cannot even run at this size
+        dim = -1
+    if dim != fc6.in_features:
+        raise EvalError(f"{path!r} takes {model.input_size} px inputs (fc6 has {fc6.in_features} inputs), "
+                        f"but --size is {size}: leave --size out to use the model's")
 
 
 # ---------------------------------------------------------------------------------------

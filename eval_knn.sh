@@ -12,6 +12,5 @@ LAYER="${LAYER:-fc7}"
 EXP="${EXP:-exp_knn_${LAYER}}"
 WORKERS="${WORKERS:-12}"
 
-mkdir -p "${EXP}"
 exec "$PYTHON" eval_knn.py --data "$DATA" --model "$MODEL" --layer "$LAYER" --exp "$EXP" --workers "$WORKERS" \
     --nb_knn 10 20 100 200 --temperature 0.07 "$@"

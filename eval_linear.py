@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "(or VGG-16, ResNet-50). Expects --data DIR holding DIR/train/<class>/*.jpg and "
                     "DIR/val/<class>/*.jpg (ImageFolder layout, same class folders in both; "
                     "e.g. ImageNet or Places).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", type=str, required=True, help="path to dataset (with train/ and val/)")
     g.add_argument("--tencrops", action="store_true", help="validation accuracy averaged over 10 crops")
@@ -71,7 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=256, help="mini-batch size")
     g.add_argument("--lr", type=float, default=0.01, help="learning rate")
     g.add_argument("--momentum", type=float, default=0.9, help="momentum")
-    g.add_argument("--weight_decay", "--wd", type=float, default=-4, help="weight decay pow")
+    g.add_argument("--weight_decay", "--wd", type=float, default=-4,
+                   help="weight decay exponent: decay = 10**wd (-4: 1e-4)")
     g.add_argument("--seed", type=int, default=31, help="random seed")
 
     g = p.add_argument_group("run")
@@ -214,7 +216,8 @@ def validate(loader: DataLoader, body: models.Trunk, reglog: RegLog, crit: nn.Mo
         losses.update(loss.item(), imgs.shape[0])
         top1.update(a1, imgs.shape[0])
         top5.update(a5, imgs.shape[0])
-    return {"val_loss": losses.avg, "top1": top1.avg, "top5": top5.avg}
+    top5_avg = top5.avg if reglog.linear.out_features > 5 else None  # 5 classes or fewer: always 100, none
+    return {"val_loss": losses.avg, "top1": top1.avg, "top5": top5_avg}
 
 
 def checkpoint_state(model: models.DeepClusterNet, reglog: RegLog, opt: torch.optim.Optimizer, epoch: int,
@@ -267,7 +270,10 @@ def check_args(args: argparse.Namespace) -> None:
                           ("--lr", args.lr > 0, "must be > 0"), ("--workers", args.workers >= 0, "must be >= 0"),
                           ("--size", args.size >= 32, "must be >= 32: smaller inputs vanish before the "
                                                       "last conv layers"),
-                          ("--momentum", 0 <= args.momentum < 1, "must be in [0, 1)")):
+                          ("--momentum", 0 <= args.momentum < 1, "must be in [0, 1)"),
+                          ("--weight_decay", math.isfinite(args.weight_decay) and args.weight_decay < 0,
+                           "is an exponent (weight decay = 10**wd) and must be < 0: --wd -4 is a decay of 1e-4"),
+                          ("--seed", 0 <= args.seed < 2**32, "must be in [0, 2**32)")):
         if not ok:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r} ({why})")
 
@@ -275,6 +281,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> dict:
     """Train the linear classifier; returns the last epoch's record plus ``best_top1``."""
     check_args(args)
+    cli.check_writable(args.exp)
     exp = Path(args.exp)
     claim_exp(exp, args.resume, args.overwrite, ["checkpoint.pth.tar", "model_best.pth.tar", "results.json"],
               also=["tensorboard"])
@@ -290,6 +297,9 @@ def main(args: argparse.Namespace) -> dict:
         raise EvalError(f"--conv {e}") from None
     body = model.trunk(args.conv).freeze().to(device)
     train_set, val_set, classes = load_splits(args.data, args)
+    data.check_eval_images(train_set.paths + val_set.paths, "--data", workers=args.workers,
+                           progress=not args.no_progress, listing=exp / "bad_images.txt",
+                           hint="fix or remove them (a linear probe is scored on every image)")
     reglog = build_reglog(body.cpu(), model.arch, args.conv, len(classes), args.size).to(device)
     body.to(device)
     log.info("%s%s %s -> %s -> %d dims -> %d classes | %d train, %d val images | %s",
@@ -326,8 +336,9 @@ def main(args: argparse.Namespace) -> dict:
         fileio.atomic_torch_save(state, exp / "checkpoint.pth.tar")
         if is_best:
             fileio.atomic_torch_save(state, exp / "model_best.pth.tar")
-        log.info("epoch %3d | train loss %.3f | val loss %.3f | top-1 %.2f | top-5 %.2f | best top-1 %.2f | %.1fs",
-                 epoch, record["train_loss"], record["val_loss"], record["top1"], record["top5"], best,
+        log.info("epoch %3d | train loss %.3f | val loss %.3f | top-1 %.2f | top-5 %s | best top-1 %.2f | %.1fs",
+                 epoch, record["train_loss"], record["val_loss"], record["top1"],
+                 "-" if record["top5"] is None else f"{record['top5']:.2f}", best,
                  record["time"])
     board.close()
     if not history:

@@ -23,7 +23,6 @@ PYTHON="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 flags=()
 [ "${TENCROPS}" = 1 ] && flags+=(--tencrops)
 [ "${VERBOSE}" = 1 ] && flags+=(--verbose)
-mkdir -p "${EXP}"
 "${PYTHON}" eval_linear.py --data "${DATA}" --model "${MODEL}" --conv "${CONV}" --exp "${EXP}" \
   --epochs "${EPOCHS}" --lr "${LR}" --wd "${WD}" --batch_size "${BATCH}" --workers "${WORKERS}" \
   ${flags[@]+"${flags[@]}"} "$@"

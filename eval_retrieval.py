@@ -66,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "or a revisited gnd_<name>.pkl (dict with 'imlist', 'qimlist', 'gnd': "
                     "[{'bbx', 'easy', 'hard', 'junk'}]) in DIR or given by --gnd. --whiten_data "
                     "is the other dataset (DIR/jpg/*.jpg), whose regions the PCA-whitening is learned on.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", type=str, required=True, help="dataset folder (jpg/ and gt/ or gnd_*.pkl)")
     g.add_argument("--gnd", type=str, default=None,
@@ -434,6 +434,7 @@ def main(args: argparse.Namespace) -> dict:
     for flag, ok in (("--S", args.S >= 32), ("--L", args.L >= 1), ("--dim", args.dim >= 1)):
         if not ok:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
+    cli.check_writable(args.exp)
     exp = Path(args.exp)
     cli.setup_logging(log, exp, "eval_retrieval.log", args.verbose)
     device = distributed.select_device(args.device)

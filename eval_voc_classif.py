@@ -40,8 +40,8 @@ import data
 import distributed
 import fileio
 import models
-from eval_common import EvalError, LabeledImages, average_precision, average_precision_voc07, check_same_model, \
-    claim_exp, log, model_fingerprint, require_dir, resume_file
+from eval_common import EvalError, LabeledImages, average_precision, average_precision_voc07, check_input_size, \
+    check_same_model, claim_exp, log, model_fingerprint, require_dir, resume_file
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "VOC2007/JPEGImages/<id>.jpg and VOC2007/ImageSets/Main/<class>_<split>.txt "
                     "(lines '<id> <label>', label 1 positive, -1 negative, 0 difficult); "
                     "the VOCdevkit folder above it is accepted too.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--vocdir", type=str, required=True, help="VOC2007 folder (or the VOCdevkit above it)")
     g.add_argument("--split", type=str, choices=["train", "trainval"], default="train",
@@ -212,21 +212,6 @@ def set_train_mode(model: models.DeepClusterNet, args: argparse.Namespace) -> No
             m.eval()
 
 
-def check_input_size(model: models.DeepClusterNet, size: int, path: str) -> None:
-    """fc6 fixes the input size: the conv output at ``size`` must match its width."""
-    fc6 = next((m for m in model.classifier if isinstance(m, nn.Linear)), None)
-    if fc6 is None:  # no fc6 (ResNet-50: global pooling takes any size)
-        return
-    try:
-        with torch.no_grad():
-            dim = model.forward_conv(torch.zeros(1, 3, size, size)).numel()  # C * h * w
-    except RuntimeError:  # the conv body cannot even run at this size
-        dim = -1
-    if dim != fc6.in_features:
-        raise EvalError(f"{path!r} takes {model.input_size} px inputs (fc6 has {fc6.in_features} inputs), "
-                        f"but --size is {size}")
-
-
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """BCE-with-logits over non-difficult labels, summed and divided by the batch size.
 
@@ -323,7 +308,8 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, ok in (("--nit", args.nit >= 0), ("--batch_size", args.batch_size >= 1), ("--lr", args.lr > 0),
                      ("--stepsize", args.stepsize >= 1), ("--wd", args.wd >= 0), ("--workers", args.workers >= 0),
                      ("--checkpoints", args.checkpoints >= 0),
-                     ("--min_scale", 0 < args.min_scale <= args.max_scale <= 1), ("--size", args.size >= 32)):
+                     ("--min_scale", 0 < args.min_scale <= args.max_scale <= 1), ("--size", args.size >= 32),
+                     ("--seed", 0 <= args.seed < 2**32)):
         if not ok:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
 
@@ -351,6 +337,7 @@ def load_resume(path: str, model: models.DeepClusterNet, fingerprint: dict, args
 def main(args: argparse.Namespace) -> dict:
     """Train on ``--split``, test on the matching split; returns per-class AP and mAP (percent)."""
     check_args(args)
+    cli.check_writable(args.exp)
     exp = Path(args.exp)
     claim_exp(exp, args.resume, args.overwrite, ["checkpoint.pth.tar", "results.json"])
     cli.setup_logging(log, exp, "eval_voc_classif.log", args.verbose)

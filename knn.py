@@ -99,14 +99,18 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return {k: torch.cat(v) if v else empty for k, v in out.items()}
 
 
-def knn_accuracy(rankings: dict[int, torch.Tensor], labels: torch.Tensor) -> dict[int, dict[str, float]]:
-    """``{k: {"top1": %, "top5": %}}`` from :func:`knn_classify`'s rankings and the true labels."""
+def knn_accuracy(rankings: dict[int, torch.Tensor], labels: torch.Tensor,
+                 num_classes: int | None = None) -> dict[int, dict[str, float | None]]:
+    """``{k: {"top1": %, "top5": %}}`` from :func:`knn_classify`'s rankings and the true labels;
+    top-5 is None with ``num_classes`` <= 5 (always 100 there: no information)."""
     out = {}
     for k, r in rankings.items():
         hit = r.eq(labels.to(r.device, torch.long)[:, None])             # (N, topn)
         n = max(1, len(labels))
         out[k] = {"top1": 100.0 * hit[:, 0].sum().item() / n if r.shape[1] else 0.0,
                   "top5": 100.0 * hit[:, :TOPN].any(1).sum().item() / n}
+        if num_classes is not None and num_classes <= TOPN:
+            out[k]["top5"] = None
     return out
 
 
@@ -266,6 +270,10 @@ class KnnMonitor:
         self.val_paths, self.val_labels = subset(splits.val_paths, splits.val_labels, val_size, rng)
         self.num_classes = len(splits.classes)
         self.ks = clamp_ks([k], len(self.train_paths), flag.replace("data", "k"), logger)
+        # every image checked now: a bad one named before any training, not mid-run (where the
+        # hints are about the training data)
+        data.check_eval_images(self.train_paths + self.val_paths, flag, progress=not no_progress,
+                               hint=f"fix or remove them, or train without {flag}")
         self.whiten = whiten
         self.T, self.size, self.batch, self.workers, self.no_progress = T, size, batch, workers, no_progress
         self.images: list[torch.Tensor] | None = None
@@ -296,8 +304,8 @@ class KnnMonitor:
     @staticmethod
     def text(r: dict) -> str:
         """The console line's kNN part of a log record ('' when it has none)."""
-        return (f" knn {r['time_knn']:.1f}s | kNN top-1 {r['knn_top1']:.2f} top-5 {r['knn_top5']:.2f}"
-                if "knn_top1" in r else "")
+        top5 = "-" if r.get("knn_top5") is None else f"{r['knn_top5']:.2f}"
+        return f" knn {r['time_knn']:.1f}s | kNN top-1 {r['knn_top1']:.2f} top-5 {top5}" if "knn_top1" in r else ""
 
     def _batches(self) -> Iterator[torch.Tensor]:
         if self.images is not None:
@@ -315,5 +323,5 @@ class KnnMonitor:
         train, val = pca_whiten(feats[:n], feats[n:], self.whiten) if self.whiten else (feats[:n], feats[n:])
         ranks = knn_classify(train, torch.from_numpy(self.train_labels), val, self.ks, self.T,
                              num_classes=self.num_classes)
-        acc = knn_accuracy(ranks, torch.from_numpy(self.val_labels))[self.ks[0]]
+        acc = knn_accuracy(ranks, torch.from_numpy(self.val_labels), self.num_classes)[self.ks[0]]
         return {"knn_top1": acc["top1"], "knn_top5": acc["top5"], "time_knn": time.time() - t0}

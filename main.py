@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,7 @@ DEMO_DEFAULTS = dict(size=64, nmb_cluster=100, epochs=6, batch=64, workers=2, ex
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="PyTorch Implementation of DeepCluster (unsupervised training)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("data", metavar="DIR", nargs="?", default=None,
                    help="image folder, with or without class folders (only used to report NMI with the labels); "
                         "omit it to run the demo on scikit-learn's handwritten digits")
@@ -76,7 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "code's, whose indices pointed at other images")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=0.05, help="learning rate")
-    g.add_argument("--wd", type=float, default=-5, help="weight decay pow")
+    g.add_argument("--wd", type=float, default=-5, help="weight decay exponent: decay = 10**wd (-5: 1e-5)")
     g.add_argument("--momentum", type=float, default=0.9, help="momentum")
     g.add_argument("--batch", type=int, default=256,
                    help="mini-batch of one SGD step; under torchrun the global one: each of the W processes takes "
@@ -105,7 +106,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
     g.add_argument("--exp", type=str, default="exp", help="path to exp folder")
     g.add_argument("--resume", default="", type=str, metavar="PATH",
-                   help="checkpoint, or an experiment folder (its newest valid checkpoint, mid-epoch copies too)")
+                   help="checkpoint, or an experiment folder (its newest valid checkpoint, mid-epoch copies too); "
+                        "a run's folder: --exp and every flag not given default to that run's")
     g.add_argument("--overwrite", action="store_true",
                    help="start anew in an --exp that holds a run: deletes its checkpoints, log and cluster files")
     g.add_argument("--change_k", action="store_true", help="with --resume: allow a --k other than the checkpoint's")
@@ -142,12 +144,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags; with no DIR, the demo's defaults replace the paper's where not given."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.data is None:
+    # --resume EXP continues that run: its folder and its recorded flags, unless given here
+    given = cli.explicit_flags(get_args_parser(), argv)
+    folder, recorded = checkpoint.recorded_run(args.resume) if args.resume else (None, {})
+    recorded = {k: v for k, v in recorded.items() if k in vars(args) and k not in checkpoint.NOT_INHERITED}
+    if (given["data"] if "data" in given else recorded.get("data")) is None:
         parser.set_defaults(**DEMO_DEFAULTS)
-        args = parser.parse_args(argv)
-        args.demo = True
-    else:
-        args.demo = False
+    parser.set_defaults(**recorded, **({"exp": str(folder)} if folder is not None and "exp" not in given else {}))
+    args = parser.parse_args(argv)
+    args.demo = args.data is None
+    changed = [f"--{k} {getattr(args, k)} (the run's: {v})" for k, v in recorded.items()
+               if k in given and k != "data" and getattr(args, k) != v]
+    if folder is not None:  # said by main() once logging is set up; not a flag of the run
+        args.resume_note = f"flags of the run in {folder}" + (f", except {', '.join(changed)}" if changed else "")
     check_args(args, parser)
     return args
 
@@ -157,7 +166,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     rules = [
         ("--nmb_cluster/--k", args.nmb_cluster >= 1, args.nmb_cluster, "must be >= 1"),
         ("--lr", args.lr > 0 and math.isfinite(args.lr), args.lr, "must be a positive number"),
-        ("--wd", math.isfinite(args.wd), args.wd, "must be a finite exponent (weight decay = 10**wd)"),
+        ("--wd", math.isfinite(args.wd) and args.wd < 0, args.wd,
+         "is an exponent (weight decay = 10**wd) and must be < 0: --wd -5 is a decay of 1e-5"),
         ("--momentum", 0 <= args.momentum < 1, args.momentum, "must be in [0, 1)"),
         ("--batch", args.batch >= 1, args.batch, "must be >= 1"),
         ("--epochs", args.epochs >= 0, args.epochs, "must be >= 0"),
@@ -167,6 +177,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--dist_timeout", args.dist_timeout > 0, args.dist_timeout, "must be > 0 (minutes)"),
         ("--checkpoints", args.checkpoints >= 1, args.checkpoints, "must be >= 1 (iterations)"),
         ("--keep_checkpoints", args.keep_checkpoints >= 0, args.keep_checkpoints, "must be >= 0 (0: keep all)"),
+        ("--seed", 0 <= args.seed < 2**32, args.seed, "must be in [0, 2**32)"),
         ("--crop_min_scale", 0 < args.crop_min_scale <= 1, args.crop_min_scale, "must be in (0, 1]"),
         ("--pca", args.pca >= 1, args.pca, "must be >= 1"),
         ("--kmeans_iters", args.kmeans_iters >= 1, args.kmeans_iters, "must be >= 1"),
@@ -294,7 +305,9 @@ def top_layer_sgd(model: models.DeepClusterNet, args: argparse.Namespace) -> tor
                            fused=args.fused_sgd)
 
 
+MIN_PER_CLUSTER = 3  # images per cluster below which main.py warns (ImageNet at k = 10,000: 128)
 SYNC_EVERY = 50  # steps between two host reads of the training loss (distributed.DeviceLossMeter)
+SHOW_EVERY_S = 1.0  # seconds between two reads of the loss shown on a progress bar (one sync each)
 
 
 def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
@@ -311,9 +324,12 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=cli.progress(args.no_progress),
                initial=start_iter, total=start_iter + len(loader))
     on_device = distributed.DeviceLossMeter(device, losses, epoch, start_iter)
+    bar.set_postfix(loss=f"{losses.avg:.3f}" if losses.count else "-")  # "-" until a loss is read, not 0.000
+    shown = time.monotonic()
 
     def flush() -> util.AverageMeter:  # raises distributed.DivergedError on a NaN/inf loss since the last read
-        bar.set_postfix(loss=f"{on_device.read().avg:.3f}")
+        m = on_device.read()
+        bar.set_postfix(loss=f"{m.avg:.3f}" if m.count else "-")
         return losses
 
     try:
@@ -335,6 +351,9 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
             top_opt.step()
             on_device.add(loss, imgs.shape[0])
             on_device.step = i + 1
+            if not bar.disable and time.monotonic() - shown >= SHOW_EVERY_S:  # a shown bar: one read a second
+                bar.set_postfix(loss=f"{on_device.peek():.3f}", refresh=False)
+                shown = time.monotonic()
     except data.BadImageError:  # --bad_images error: the steps done so far count in the meter
         flush()
         raise
@@ -403,6 +422,16 @@ def check_data(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: 
                                          f"of images ({n}) in {args.data}")
     if args.clustering == "Kmeans" and args.nmb_cluster == 1:
         log.warning("--k 1 puts every image in one cluster: the training loss is 0 and nothing is learned")
+    elif args.clustering == "Kmeans" and n < MIN_PER_CLUSTER * args.nmb_cluster:
+        log.warning("--k %d for %d images: %.1f images per cluster, too few to group (--k %d: one image each, "
+                    "training loss 0); use --k %d or less", args.nmb_cluster, n, n / args.nmb_cluster, n,
+                    max(1, n // MIN_PER_CLUSTER))
+    if args.pca > max(1, n // 2):  # whitened, N points in >= N - 1 dims are all equidistant (measured: the
+        # spread of their distances falls from 0.33 at N/8 dims to 0.23 at N/4, 0.02 at N - 2 and 0 at N - 1)
+        log.warning("--pca %d is more than half the %d images: PCA-whitened to that many dims they are "
+                    "all nearly equidistant (flat clustering loss); clustering at --pca %d instead (give --pca "
+                    "N with N <= %d to choose)", args.pca, n, max(1, n // 4), max(1, n // 4))
+        args.pca = max(1, n // 4)
     log.info("%d images%s, %s%s at %d px, %d process(es) on %s", n, f" in {len(dataset.classes)} class folders"
              if dataset.targets else "", args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size,
              rt.device)
@@ -427,13 +456,16 @@ def main(args: argparse.Namespace) -> dict:
     checkpoint.check_exp_writable(exp, rt)
     exp.mkdir(parents=True, exist_ok=True)
     cli.setup_logging(log, exp, "train.log", args.verbose, rt.is_main)
+    if getattr(args, "resume_note", None):
+        log.info("--resume: %s", vars(args).pop("resume_note"))
     if not rt.is_main:  # one set of progress bars, rank 0's
         args.no_progress = True
     distributed.seed_everything(args.seed, rt.rank)
     monitor = knn.KnnMonitor.for_training(args, rt, log, demo=DEMO_KNN_DATA)  # a bad --knn_data stops here
     check_data(dataset, args, exp, rt)
     N = len(dataset)
-    targets = np.asarray(dataset.targets) if dataset.targets else None
+    # NMI with the labels: with class folders, at least two of them (one class: no information)
+    targets = np.asarray(dataset.targets) if dataset.targets and len(dataset.classes) > 1 else None
     dataset.mark_unreadable = args.bad_images == "skip"
 
     board = tb.Board(exp / "tensorboard" if args.tensorboard and rt.is_main else None)  # no package: stops here

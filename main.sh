@@ -7,6 +7,7 @@
 # Asking for GPUs (NGPUS set) runs with --device cuda: a CUDA build that cannot see the GPUs
 # (e.g. a driver too old for it) stops with an error instead of training on the CPU.
 # Several CPU processes (gloo): DEVICE=cpu NGPUS=2 ./main.sh
+# VERBOSE=1 adds --verbose (tracebacks of known errors, every k-means iteration).
 # --batch (BATCH) is the global mini-batch: each of the NGPUS processes takes BATCH / NGPUS.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,6 +22,7 @@ WORKERS="${WORKERS:-12}"
 EXP="${EXP:-}"
 SOBEL="${SOBEL:-1}"
 EPOCHS="${EPOCHS:-}"
+VERBOSE="${VERBOSE:-0}"  # 1: --verbose (the original's main.sh always passed it: debug lines, tracebacks)
 if [ -n "${NGPUS:-}" ]; then DEVICE="${DEVICE:-cuda}"; else DEVICE="${DEVICE:-auto}"; fi
 NGPUS="${NGPUS:-1}"
 NNODES="${NNODES:-1}"
@@ -30,8 +32,9 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 
 ARGS=(--device "$DEVICE")
 if [ -n "$DIR" ]; then
-    ARGS+=("$DIR" --exp "${EXP:-exp}" --arch "$ARCH" --lr "$LR" --wd "$WD" --k "$K" --workers "$WORKERS" --verbose)
+    ARGS+=("$DIR" --exp "${EXP:-exp}" --arch "$ARCH" --lr "$LR" --wd "$WD" --k "$K" --workers "$WORKERS")
     [ "$SOBEL" = "1" ] && ARGS+=(--sobel)
+    [ "$VERBOSE" = "1" ] && ARGS+=(--verbose)
     [ -n "$EPOCHS" ] && ARGS+=(--epochs "$EPOCHS")
 elif [ -n "$EXP" ]; then
     ARGS+=(--exp "$EXP")  # the demo writes to exp_demo unless EXP says otherwise

@@ -28,6 +28,12 @@ __all__ = ["AlexNet", "VGG16", "ResNet50", "DeepClusterNet", "Trunk", "ProbeErro
            "ALEXNET_POOL", "TARGET_DIM"]
 
 
+def article(name: str | None) -> str:
+    """``name`` with its indefinite article: "an alexnet", "a vgg16"."""
+    name = str(name)
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+
+
 def build_model(arch: str, sobel: bool = False, bn: bool = True, out: int = 1000,
                 input_size: int = 224) -> nn.Module:
     """Build a model by architecture name (one of :data:`ARCHS`)."""
@@ -56,7 +62,7 @@ def from_state_dict(sd: dict, arch: str | None = None, config: dict | None = Non
     sd = clean_state_dict(sd)
     cfg_arch = (config or {}).get("arch")
     if cfg_arch and arch and cfg_arch != arch:
-        raise StateDictError(f"state dict holds a {cfg_arch} model, not a {arch}")
+        raise StateDictError(f"state dict holds {article(cfg_arch)} model, not {article(arch)}")
     arch = arch or cfg_arch or detect_arch(sd)
     if arch is None:
         w0 = sd.get("features.0.weight")

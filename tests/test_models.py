@@ -358,5 +358,5 @@ def test_from_state_dict_reads_each_arch(small):
     for arch, m in small.items():
         built, ignored = models.from_state_dict(m.state_dict())
         assert built.config() == m.config() and ignored == []
-        with pytest.raises(models.StateDictError, match=f"holds a {arch}"):
+        with pytest.raises(models.StateDictError, match=f"holds {models.article(arch)}"):
             models.from_state_dict(m.state_dict(), arch="resnet50", config=m.config())

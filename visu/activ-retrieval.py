@@ -39,12 +39,14 @@ import distributed  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Retrieve the images that maximally activate each filter",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     common.add_model_args(p, "show")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", type=str, default="", help="path to dataset (an image folder)")
     g.add_argument("--count", type=int, default=9, help="number of images per filter")
+    g.add_argument("--bad_images", choices=["error", "skip"], default="error",
+                   help="unreadable images (all checked first): stop naming them, or rank without them")
     g.add_argument("--size", type=int, default=0,
                    help="network input size (0: the model's training size, 224 for released models)")
 
@@ -96,6 +98,7 @@ def main(args: argparse.Namespace) -> dict:
         raise common.VisuError(f"invalid value for --count: {args.count!r} (must be >= 1)")
     if not args.data:
         raise common.VisuError("no dataset given: pass --data DIR (an image folder)")
+    cli.check_writable(args.exp)  # before the pass over the whole dataset
     device = distributed.select_device(args.device)
     model, trunk = common.load_trunk(args.model, args.arch, args.conv)
     trunk.to(device)
@@ -108,11 +111,16 @@ def main(args: argparse.Namespace) -> dict:
         raise common.VisuError(f"--size {size} is too small for conv{args.conv} of "
                                f"{model.arch}: {str(e).splitlines()[0]}") from None
     dataset = data.IndexedImageFolder(args.data, transform=data.eval_transform(size))
+    bad = data.check_eval_images(dataset.paths, "--data", args.bad_images == "skip", workers=args.workers,
+                                 progress=not args.no_progress,
+                                 hint="fix or remove them, or add --bad_images skip to rank without them")
+    if bad:
+        dataset.drop(bad)
     if args.count > len(dataset):
         raise common.VisuError(f"--count {args.count} is larger than the dataset ({len(dataset)} images)")
     loader = DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
                         collate_fn=data.default_collate_indexed, pin_memory=device.type == "cuda")
-    batches = tqdm(loader, desc=f"conv{args.conv} activations", disable=args.no_progress)
+    batches = tqdm(loader, desc=f"conv{args.conv} activations", disable=cli.progress(args.no_progress))
     scores, indices = top_images(trunk, batches, args.count, device)
 
     out = Path(args.exp)
@@ -122,7 +130,7 @@ def main(args: argparse.Namespace) -> dict:
     cache: dict[int, object] = {}
     result: dict = {}
     blocks = []
-    for f in tqdm(filters, desc="pictures", disable=args.no_progress):
+    for f in tqdm(filters, desc="pictures", disable=cli.progress(args.no_progress)):
         pics = []
         for i in indices[f].tolist():
             if i not in cache:

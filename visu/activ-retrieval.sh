@@ -5,11 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL="${MODEL:-exp/checkpoint.pth.tar}"   # checkpoint (ours or a released DeepCluster one)
-ARCH="${ARCH:-alexnet}"                      # alexnet or vgg16
+ARCH="${ARCH:-}"                             # alexnet or vgg16 (empty: the checkpoint's)
 CONV="${CONV:-5}"                            # conv layer, 1-based (alexnet 1..5, vgg16 1..13)
 DATA="${DATA:-data/digits}"                  # image folder (e.g. the ImageNet val set)
 EXP="${EXP:-visu_activ_retrieval}"           # output folder
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 
-"$PYTHON" visu/activ-retrieval.py --model "$MODEL" --arch "$ARCH" --conv "$CONV" --data "$DATA" \
+"$PYTHON" visu/activ-retrieval.py --model "$MODEL" ${ARCH:+--arch "$ARCH"} --conv "$CONV" --data "$DATA" \
     --exp "$EXP" --count 9 "$@"

@@ -47,7 +47,7 @@ import distributed  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Gradient ascent visualisation",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     g = common.add_model_args(p, "draw")
     g.add_argument("--pre_relu", action="store_true",
                    help="always climb the layer's responses before its ReLU (after BatchNorm) "
@@ -193,9 +193,11 @@ def target_stats(trunk: torch.nn.Module, x: torch.Tensor, filters: list[int]) ->
 def main(args: argparse.Namespace) -> dict:
     """Draw the filters of ``args.conv``; returns the summary written next to the images."""
     for flag, ok in (("--niter", args.niter >= 0), ("--idim", args.idim >= 16), ("--lr", args.lr > 0),
-                     ("--step", args.step >= 0), ("--sig", args.sig >= 0), ("--batch", args.batch >= 1)):
+                     ("--step", args.step >= 0), ("--sig", args.sig >= 0), ("--batch", args.batch >= 1),
+                     ("--seed", 0 <= args.seed < 2**32)):
         if not ok:
             raise common.VisuError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
+    cli.check_writable(args.exp)
     device = distributed.select_device(args.device)
     model, trunk = common.load_trunk(args.model, args.arch, args.conv, relu=not args.pre_relu)
     trunk.to(device)
@@ -219,7 +221,7 @@ def main(args: argparse.Namespace) -> dict:
     pictures = []
     batches = [filters[i:i + args.batch] for i in range(0, len(filters), args.batch)]
     bar = tqdm(total=len(batches) * args.niter, desc=f"conv{args.conv}: {len(filters)} filters",
-               unit="it", disable=args.no_progress)
+               unit="it", disable=cli.progress(args.no_progress))
     for fb in batches:
         x0 = torch.randn(len(fb), 3, args.idim, args.idim, generator=gen) * args.init_std + args.init_mean
         start = target_stats(trunk, x0.to(device), fb)

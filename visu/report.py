@@ -32,7 +32,7 @@ import cli  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Draw the training report of a DeepCluster experiment",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("exp", metavar="EXP", help="experiment folder written by main.py (holds log.jsonl)")
 
     g = p.add_argument_group("clusters")
@@ -54,6 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> list[Path]:
     """Write the report pictures of ``args.exp``; returns their paths."""
+    if args.out or Path(args.exp).is_dir():  # a missing EXP: training_report says what it expects
+        cli.check_writable(args.out or Path(args.exp) / "report", "--out" if args.out else "EXP")
     return training_report.draw(args.exp, epoch=args.epoch, n_largest=args.n_largest, n_random=args.n_random,
                                 per_cluster=args.per_cluster, seed=args.seed, data_dir=args.data, tile=args.tile,
                                 out=args.out, dpi=args.dpi)
