@@ -517,8 +517,9 @@ def start_or_resume(args, exp: Path, model, opt, history, clog, N: int,
     old checkpoints and logs. Every invocation is appended to EXP/args_history.jsonl.
     """
     if not args.resume and restarted_own_run(exp, rt):  # torchrun --max-restarts: continue this run
-        log.warning("restart %s of this torchrun launch: continuing its run in %s",
-                    os.environ.get("TORCHELASTIC_RESTART_COUNT"), exp)
+        if rt.is_main:
+            log.warning("restart %s of this torchrun launch: continuing its run in %s",
+                        os.environ.get("TORCHELASTIC_RESTART_COUNT"), exp)
         args.resume = str(exp)
     if args.resume:
         start, mid, prev, ckpt = restore_run(args, model, opt, history, clog, N, rt)

@@ -55,9 +55,8 @@ if [ "$NNODES" -gt 1 ]; then  # c10d rendezvous: node ranks are assigned, the sa
         --max-restarts="$MAX_RESTARTS" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
         --rdzv-id="$RDZV_ID" main.py "${ARGS[@]}" "$@"
 fi
-if [ "$NGPUS" -gt 1 ]; then
-    exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPUS" --nnodes=1 \
-        --max-restarts="$MAX_RESTARTS" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-        main.py "${ARGS[@]}" "$@"
+if [ "$NGPUS" -gt 1 ]; then  # one node: c10d rendezvous on a free local port (a restart meets afresh)
+    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPUS" \
+        --max-restarts="$MAX_RESTARTS" main.py "${ARGS[@]}" "$@"
 fi
 exec "$PYTHON" main.py "${ARGS[@]}" "$@"
