@@ -106,8 +106,8 @@ def _outcome(e: BaseException, args, logger, explain, on_interrupt, hint, world:
         more = hint(args) if hint is not None and world > 1 else ""
         return f"{msg}; {more}" if more and "--resume" not in msg else msg
     if isinstance(e, preempt.Preempted):
-        where = hint(args) if hint is not None else "run the same command with --resume to continue"
-        return preempt.EXIT_PREEMPTED, f"stopped by {e.signame}{e.where}: {where}"
+        where = f": {hint(args)}" if hint is not None else ""
+        return preempt.EXIT_PREEMPTED, f"stopped by {e.signame}{e.where}{where}"
     if isinstance(e, preempt.PeerFailed):
         return 2, None  # the failed rank reports
     if isinstance(e, known_errors()) or (isinstance(e, RuntimeError) and "DataLoader worker" in str(e)):
