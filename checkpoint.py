@@ -34,6 +34,7 @@ import torch
 
 import clustering
 import models
+import preempt
 from fileio import atomic_np_save, atomic_torch_save, atomic_write, atomic_write_text
 
 log = logging.getLogger("deepcluster")
@@ -165,6 +166,8 @@ def restore_rank_rng(ckpt: dict, seed: int, rt) -> None:
     was written by fewer processes, or before states were kept per rank) starts a stream of
     its own, distinct per rank and epoch.
     """
+    if ckpt.get("path", "") is None:  # no checkpoint yet: the run starts afresh, seeded as a fresh run is
+        return
     states = ckpt.get("rng_ranks")
     if states and rt.rank < len(states):
         st = states[rt.rank]
@@ -257,12 +260,42 @@ def record_invocation(exp: Path, args, run_id: str, start_epoch: int, iteration:
     line). ``args.json`` keeps the flags the run was started with.
     """
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": run_id, "start_epoch": int(start_epoch),
-             "iteration": int(iteration), "resumed_from": resumed_from,
+             "iteration": int(iteration), "resumed_from": resumed_from, "launch": launch_id(),
              "args": dict(vars(args))}
     with open(Path(exp) / HISTORY, "a") as f:
         f.write(json.dumps(entry, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def launch_id() -> str | None:
+    """The torchrun launch this process belongs to, the same in all its restarts (None outside
+    torchrun): its rendezvous id when set (``--rdzv-id``, ``--standalone``), else the launcher's
+    host and pid (static rendezvous: rank 0 always runs under the first node's launcher)."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run and run != "none":
+        return f"rdzv:{run}"
+    import socket
+    return f"{socket.gethostname()}:{os.getppid()}"
+
+
+def restarted_own_run(exp: Path, rt) -> bool:
+    """True in a torchrun restart (``TORCHELASTIC_RESTART_COUNT`` > 0) whose folder's last
+    invocation is this same launch: the command continues its own run (``--resume EXP``).
+    A first launch, or a restart of a launch that never started its run there (a fresh command
+    refused in a used folder), returns False. Rank 0 decides for all ranks."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) <= 0:
+        return False
+    hist = read_history(exp) if rt.is_main else []
+    own = bool(hist) and hist[-1].get("launch") is not None and hist[-1].get("launch") == launch_id()
+    if rt.distributed:
+        import torch.distributed as dist
+        flag = [own]
+        dist.broadcast_object_list(flag, src=0)
+        own = bool(flag[0])
+    return own
 
 
 def exp_holds_run(exp: Path) -> list[str]:
@@ -329,7 +362,8 @@ def save_checkpoint(state: dict, path: Path, rt) -> None:
     if not rt.is_main:
         return
     try:
-        atomic_torch_save(state, path)
+        with preempt.deferred_signals():  # Ctrl-C or SIGTERM mid-write acts after the rename
+            atomic_torch_save(state, path)
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {e.strerror or e}; "
                               f"the previous checkpoint there is intact") from None
@@ -564,8 +598,9 @@ def restore_run(args, model, opt, history, clog, n_images: int,
         prev = None
     if start_epoch >= args.epochs:
         return start_epoch, mid, None if prev is None else prev.numpy(), ckpt  # nothing to redo or drop
-    if rt.is_main:
-        history.truncate(sum(1 for r in history.data if r.get("epoch", 0) < start_epoch))
+    if rt.is_main:  # no checkpoint yet: the record of the random network (epoch -1) is redone too
+        history.truncate(0 if ckpt["path"] is None else
+                         sum(1 for r in history.data if r.get("epoch", 0) < start_epoch))
         clog.truncate(start_epoch)
     log.info("=> loaded checkpoint %r (epoch %d, iteration %d)", ckpt["path"], start_epoch, ckpt.get("iteration", 0))
     return start_epoch, mid, None if prev is None else prev.numpy(), ckpt
@@ -579,6 +614,11 @@ def start_or_resume(args, exp: Path, model, opt, history, clog, N: int,
     Without it, a folder that holds a run is refused unless --overwrite, which retires the
     old checkpoints and logs. Every invocation is appended to EXP/args_history.jsonl.
     """
+    if not args.resume and restarted_own_run(exp, rt):  # torchrun --max-restarts: continue this run
+        if rt.is_main:
+            log.warning("restart %s of this torchrun launch: continuing its run in %s",
+                        os.environ.get("TORCHELASTIC_RESTART_COUNT"), exp)
+        args.resume = str(exp)
     if args.resume:
         start, mid, prev, ckpt = restore_run(args, model, opt, history, clog, N, rt)
         run_id = ckpt.get("run_id") or current_run_id(exp) or new_run_id()
@@ -652,15 +692,23 @@ def mid_epoch_state(plan, i: int, meter, prev_labels: np.ndarray | None, args, r
             "time_features": plan.time_features, "time_clustering": plan.time_clustering}
 
 
-def interrupted_hint(exp: str) -> str:
-    """What ``--resume EXP`` would load after an interruption, said plainly."""
+def resume_hint(exp: str) -> str:
+    """What ``--resume EXP`` would load now, said plainly."""
     try:
         found = find_checkpoint(exp, quiet=True) if Path(exp).is_dir() else None
     except CheckpointError:
         found = None
     if found is None:
+        return "no checkpoint yet: nothing to resume, run the same command again"
+    return f"--resume {exp} continues from {found}"
+
+
+def interrupted_hint(exp: str) -> str:
+    """What ``--resume EXP`` would load after an interruption, said plainly."""
+    hint = resume_hint(exp)
+    if hint.startswith("no checkpoint"):
         return "interrupted before the first checkpoint: nothing to resume, run the same command again"
-    return f"interrupted; --resume {exp} continues from {found}"
+    return f"interrupted; {hint}"
 
 
 # ---------------------------------------------------------------------------------------

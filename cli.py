@@ -3,9 +3,12 @@ line and exit 2 for known errors, logging set-up, progress-bar switch."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -13,6 +16,7 @@ import checkpoint
 import clustering
 import data
 import models
+import preempt
 from errors import ScriptError
 
 log = logging.getLogger("deepcluster")
@@ -49,26 +53,72 @@ def fail(msg: str, code: int = 2, logger: logging.Logger | None = None) -> int:
 def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser | Callable,
             argv: Sequence[str] | None = None, *, logger: logging.Logger | None = None,
             explain: Callable[[BaseException, argparse.Namespace], str] | None = None,
-            on_interrupt: Callable[[argparse.Namespace], str] | None = None) -> int:
+            on_interrupt: Callable[[argparse.Namespace], str] | None = None,
+            hint: Callable[[argparse.Namespace], str] | None = None) -> int:
     """Parse ``argv`` (``parser.parse_args``, or ``parser(argv)`` when given a function) and run
     ``main(args)``. Exit codes: 0 done, 2 a known error (one ``error:`` line on stderr, no
     traceback; ``explain(e, args)`` may word it), 130 Ctrl-C (``on_interrupt(args)`` says what
-    to do next). A process group left open is closed in every case."""
-    args = parser(argv) if callable(parser) and not isinstance(parser, argparse.ArgumentParser) \
-        else parser.parse_args(argv)
+    to do next), 75 (:data:`preempt.EXIT_PREEMPTED`) stopped by SIGTERM/SIGUSR1 (``hint(args)``
+    says what ``--resume`` loads; it is also added to errors under torchrun).
+
+    Under torchrun (``WORLD_SIZE`` > 1) only rank 0 prints usage errors; a failed rank prints
+    one line naming itself (the first to fail only: the others stay quiet) and leaves at once
+    (``os._exit``, no ``destroy_process_group``, see :mod:`preempt`); torchrun then stops the
+    other ranks. A process group left open after a success is closed."""
+    world = preempt.world_size()
+    if world > 1 and preempt.rank() > 0:  # one usage message per job, rank 0's
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            args = _parse(parser, argv)
+    else:
+        args = _parse(parser, argv)
+    signals = preempt.install()
     try:
         main(args)
-    except known_errors() as e:
+    except SystemExit:
+        raise
+    except BaseException as e:
+        code, msg = _outcome(e, args, logger, explain, on_interrupt, hint, world)
+        if world > 1:
+            if msg is not None and preempt.first_report():
+                if code == 1 and not preempt.is_lost_peer(e):  # a bug: its traceback, once
+                    traceback.print_exc()
+                fail(f"rank {preempt.rank()}: {msg}", code, logger)
+            preempt.hard_exit(code)
+        if code == 1:
+            raise
+        return fail(msg, code, logger)
+    finally:
+        preempt.uninstall(signals)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def _parse(parser, argv):
+    return parser(argv) if callable(parser) and not isinstance(parser, argparse.ArgumentParser) \
+        else parser.parse_args(argv)
+
+
+def _outcome(e: BaseException, args, logger, explain, on_interrupt, hint, world: int) -> tuple[int, str | None]:
+    """(exit code, the line to print or None for silence) of the exception ``e``."""
+    def then(msg: str) -> str:
+        more = hint(args) if hint is not None and world > 1 else ""
+        return f"{msg}; {more}" if more and "--resume" not in msg else msg
+    if isinstance(e, preempt.Preempted):
+        where = f": {hint(args)}" if hint is not None else ""
+        return preempt.EXIT_PREEMPTED, f"stopped by {e.signame}{e.where}{where}"
+    if isinstance(e, preempt.PeerFailed):
+        return 2, None  # the failed rank reports
+    if isinstance(e, known_errors()) or (isinstance(e, RuntimeError) and "DataLoader worker" in str(e)):
         if logger is not None:
             logger.debug("error", exc_info=True)
-        return fail(explain(e, args) if explain else one_line(e), 2, logger)
-    except KeyboardInterrupt:
-        return fail(on_interrupt(args) if on_interrupt else "interrupted", 130, logger)
-    finally:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        return 2, then(explain(e, args) if explain else one_line(e))
+    if isinstance(e, KeyboardInterrupt):
+        return 130, on_interrupt(args) if on_interrupt else "interrupted"
+    if world > 1 and preempt.is_lost_peer(e):
+        return 1, f"lost contact with another process (it failed or was stopped first): {one_line(e)}"
+    return 1, then(f"{type(e).__name__}: {one_line(e)}")
 
 
 def setup_logging(logger: logging.Logger, exp: str | os.PathLike | None, filename: str,

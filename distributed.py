@@ -135,9 +135,15 @@ def init_runtime(device: str = "auto", timeout_min: float = 60.0) -> Runtime:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_min)
+        store = None
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:  # keys of this attempt only: torchrun keeps its store
+            # across restarts, where a restarted group would read the dead attempt's addresses
+            # ("connectFullMesh failed ... Connection refused")
+            store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+            store = dist.PrefixStore(f"deepcluster/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_min),
-                                device_id=dev if use_cuda else None)
+                                timeout=timeout, device_id=dev if use_cuda else None, store=store)
     return Runtime(rank, world_size, local_rank, dev)
 
 

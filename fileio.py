@@ -23,6 +23,8 @@ log = logging.getLogger("deepcluster")
 # fault injection (tests): DEEPCLUSTER_FAULT="point:n" stops the process at the n-th hit of
 # `point`: SIGKILL by default, or raises FaultInjected when DEEPCLUSTER_FAULT_MODE=raise
 # (in-process tests). DEEPCLUSTER_FAULT=count only counts the hits of every point.
+# "point:n@r" fires on torchrun rank r only (RANK; the other ranks run on), and only in the
+# first launch of a torchrun job (TORCHELASTIC_RESTART_COUNT 0): its restarts run clean.
 # ---------------------------------------------------------------------------------------
 FAULT_HITS: dict[str, int] = {}
 # tests: when set, called as hook(point, hit) at every hit instead of the environment's fault
@@ -44,8 +46,12 @@ def fault_point(name: str) -> None:
     if not spec:
         return
     FAULT_HITS[name] = FAULT_HITS.get(name, 0) + 1
+    spec, _, rank = spec.partition("@")
     point, _, count = spec.partition(":")
     if point != name or FAULT_HITS[name] < int(count or 1):
+        return
+    if rank and (int(os.environ.get("RANK", "0")) != int(rank)
+                 or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0):
         return
     if os.environ.get("DEEPCLUSTER_FAULT_MODE") == "raise":
         raise FaultInjected(f"{name}:{FAULT_HITS[name]}")

@@ -13,6 +13,7 @@ top layer), save a checkpoint. See README.md for the flags and the outputs under
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ import distributed
 import fileio
 import knn
 import models
+import preempt
 import tb
 import util
 
@@ -117,6 +119,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the original)")
     g.add_argument("--keep_epoch_checkpoints", action="store_true",
                    help="also keep every epoch's end checkpoint as EXP/checkpoints/epoch_N.pth.tar (N epochs done)")
+    g.add_argument("--checkpoint_minutes", type=float, default=0,
+                   help="also a checkpoint (checkpoints/checkpoint_latest.pth.tar) at the first step after this many "
+                        "minutes since the last one, by rank 0's clock: bounds the work a hard kill loses (0: off)")
     g.add_argument("--seed", type=int, default=31, help="random seed")
     g.add_argument("--check_images", choices=["auto", "full", "header", "off"], default="auto",
                    help="check every image before training (auto: full decode up to 20,000 images, else header)")
@@ -178,6 +183,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--checkpoints", args.checkpoints >= 1, args.checkpoints, "must be >= 1 (iterations)"),
         ("--keep_checkpoints", args.keep_checkpoints >= 0, args.keep_checkpoints, "must be >= 0 (0: keep all)"),
         ("--seed", 0 <= args.seed < 2**32, args.seed, "must be in [0, 2**32)"),
+        ("--checkpoint_minutes", args.checkpoint_minutes >= 0 and math.isfinite(args.checkpoint_minutes),
+         args.checkpoint_minutes, "must be >= 0 (minutes; 0: off)"),
         ("--crop_min_scale", 0 < args.crop_min_scale <= 1, args.crop_min_scale, "must be in (0, 1]"),
         ("--pca", args.pca >= 1, args.pca, "must be >= 1"),
         ("--kmeans_iters", args.kmeans_iters >= 1, args.kmeans_iters, "must be >= 1"),
@@ -310,15 +317,21 @@ SYNC_EVERY = 50  # steps between two host reads of the training loss (distribute
 SHOW_EVERY_S = 1.0  # seconds between two reads of the loss shown on a progress bar (one sync each)
 
 
+class LoaderError(data.DataError):
+    """The training loader failed other than on an unreadable image (e.g. a killed worker)."""
+
+
 def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
                     opt: torch.optim.Optimizer, top_opt: torch.optim.Optimizer, device: torch.device,
                     epoch: int, args: argparse.Namespace, on_iteration=None, start_iter: int = 0,
-                    losses: util.AverageMeter | None = None) -> float:
+                    losses: util.AverageMeter | None = None, control: preempt.StepControl | None = None) -> float:
     """One pass over the pseudo-labelled loader (``model``: the network or its DDP wrapper);
     returns the average loss. The loss is summed and checked on the device and read every
     ``SYNC_EVERY`` steps, so a diverged run stops before any checkpoint of its weights.
     ``on_iteration(i, flush)`` runs before step i (counted from the epoch's start), where the
-    periodic checkpoints are written; ``flush()`` returns the up-to-date meter."""
+    periodic checkpoints are written; ``flush()`` returns the up-to-date meter. Before each step the
+    ranks agree (``control``, :class:`preempt.StepControl`): a batch that failed to load on any rank
+    or a stop signal raises :class:`preempt.StopTraining` on every rank at that step."""
     model.train()
     losses = losses or util.AverageMeter()
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=cli.progress(args.no_progress),
@@ -332,8 +345,19 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
         bar.set_postfix(loss=f"{m.avg:.3f}" if m.count else "-")
         return losses
 
+    control = control or preempt.StepControl(distributed.Runtime(device=device))
+    batches = iter(bar)
     try:
-        for i, (imgs, target, _) in enumerate(bar, start=start_iter):
+        for i in itertools.count(start_iter):
+            try:
+                imgs, target, _ = next(batches)
+                failure = None
+            except StopIteration:
+                break
+            except Exception as e:  # an unreadable image, a dead loader worker: stop where a resume can go on
+                failure = e if isinstance(e, data.BadImageError) else LoaderError(
+                    f"loading the training batch of epoch {epoch}, step {i} failed: {cli.one_line(e)}")
+            control.check(i, failure)  # every rank together, before anything else of step i
             on_device.step = i
             if on_iteration is not None:
                 on_iteration(i, flush)
@@ -354,7 +378,7 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
             if not bar.disable and time.monotonic() - shown >= SHOW_EVERY_S:  # a shown bar: one read a second
                 bar.set_postfix(loss=f"{on_device.peek():.3f}", refresh=False)
                 shown = time.monotonic()
-    except data.BadImageError:  # --bad_images error: the steps done so far count in the meter
+    except preempt.StopTraining:  # the steps done so far count in the meter (a collective: all ranks are here)
         flush()
         raise
     flush()
@@ -481,12 +505,15 @@ def main(args: argparse.Namespace) -> dict:
     clusterer = make_clusterer(args, rt.device)
 
     record: dict = {}
+    control = preempt.StepControl(rt, args.checkpoint_minutes)  # the ranks' per-step agreement
     if start_epoch == 0 and mid is None and monitor is not None:
         init = monitor.evaluate(model, rt.device)
         history.log({"epoch": -1, **init})  # epoch -1: the random network, before any training
         board.record(init, -1)
         log.info("random network |%s", knn.KnnMonitor.text(init))
     for epoch in range(start_epoch, args.epochs):
+        preempt.raise_if_requested(f" before epoch {epoch}")  # a stop asked for at the end of the last one
+        clustered = mid is None  # a new clustering: saved before its first step (never redone after a crash)
         if mid is not None:  # resuming inside this epoch: its clustering is in the checkpoint
             plan, mid = resumed_plan(mid, model, args, rt), None
         else:
@@ -497,27 +524,29 @@ def main(args: argparse.Namespace) -> dict:
                                          start=plan.start_iter * rank_batch(args, rt))
         iters_per_epoch = math.ceil(len(plan.draws) / args.batch)
 
-        seen: list[int] = []  # the last step started
-
         def periodic_checkpoint(i: int, flush) -> None:
-            seen[:] = [i]
             n = iters_per_epoch * epoch + i
-            if n % args.checkpoints == 0:  # the same decision on every rank: all take part in the RNG gather
+            # the same decision on every rank (control.due: rank 0's clock): all take part in the RNG gather
+            name = f"checkpoint_{n // args.checkpoints}" if n % args.checkpoints == 0 else \
+                "checkpoint_latest" if control.due or (clustered and i == 0) else None
+            if name is not None:
                 mid_state = checkpoint.mid_epoch_state(plan, i, flush(), prev_labels, args, rt)
-                path = exp / "checkpoints" / f"checkpoint_{n // args.checkpoints}.pth.tar"
+                path = exp / "checkpoints" / f"{name}.pth.tar"
                 checkpoint.save_run(path, model, opt, epoch, args, plan.labels, run_id, rt, mid_state)
-                checkpoint.prune_periodic(exp / "checkpoints", args.keep_checkpoints, run_id, rt, protect=path)
+                if name != "checkpoint_latest":  # the numbered copies are pruned (--keep_checkpoints)
+                    checkpoint.prune_periodic(exp / "checkpoints", args.keep_checkpoints, run_id, rt, protect=path)
+                control.saved()
 
         try:
-            loss = train_one_epoch(train_loader, distributed.wrap_ddp(model, rt), crit, opt, plan.top_opt, rt.device,
-                                   epoch, args, on_iteration=periodic_checkpoint, start_iter=plan.start_iter,
-                                   losses=plan.losses)
-        except data.BadImageError:  # --bad_images error: stop where a resume can continue
-            i = seen[0] + 1 if seen else plan.start_iter  # the batch that failed; steps before it are done
+            with preempt.training_phase():
+                loss = train_one_epoch(train_loader, distributed.wrap_ddp(model, rt), crit, opt, plan.top_opt,
+                                       rt.device, epoch, args, on_iteration=periodic_checkpoint,
+                                       start_iter=plan.start_iter, losses=plan.losses, control=control)
+        except preempt.StopTraining as stop:  # on every rank at once: a failure on one, or a stop signal
             checkpoint.save_run(exp / "checkpoints" / "checkpoint_stopped.pth.tar", model, opt, epoch, args,
                                 plan.labels, run_id, rt,
-                                checkpoint.mid_epoch_state(plan, i, plan.losses, prev_labels, args, rt))
-            raise
+                                checkpoint.mid_epoch_state(plan, stop.step, plan.losses, prev_labels, args, rt))
+            raise stop.cause from None
         time_train = distributed.synced_time(rt.device) - t2
         # before the history and the save: a kill here redoes the epoch
         knn_record = {} if monitor is None else monitor.evaluate(model, rt.device)
@@ -534,6 +563,7 @@ def main(args: argparse.Namespace) -> dict:
         checkpoint.save_run(exp / "checkpoint.pth.tar", model, opt, epoch + 1, args, plan.labels, run_id, rt)
         if args.keep_epoch_checkpoints:
             checkpoint.keep_epoch_copy(exp, epoch + 1, rt)
+        control.saved()
         log.info("epoch %3d | clustering loss %.3f | train loss %.3f | NMI prev %s | NMI labels %s | "
                  "empty %d | time: features %.1fs cluster %.1fs train %.1fs%s",
                  epoch, plan.clustering_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
@@ -564,7 +594,8 @@ def explain_error(e: BaseException, args: argparse.Namespace) -> str:
 def run(argv: list[str] | None = None) -> int:
     """Entry point: known failures become one ``error:`` line (also in EXP/train.log), exit 2."""
     return cli.run_cli(main, parse_args, argv, logger=log, explain=explain_error,
-                        on_interrupt=lambda args: checkpoint.interrupted_hint(args.exp))
+                       on_interrupt=lambda args: checkpoint.interrupted_hint(args.exp),
+                       hint=lambda args: checkpoint.resume_hint(args.exp))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,242 @@
+"""Stopping a run cleanly on many machines: preemption signals, Ctrl-C deferred across
+checkpoint writes, the per-step agreement of all ranks, and one report per failed job.
+
+* **Signals.** SIGTERM or SIGUSR1 (SLURM's warning before a kill, torchrun's shutdown) asks the
+  run to stop. Inside training the request waits for the next step, where every rank stops
+  together and a mid-epoch checkpoint is written; elsewhere (feature pass, clustering) it raises
+  :class:`Preempted` at once: the last checkpoint is where the next launch resumes. The process
+  then exits with :data:`EXIT_PREEMPTED`. SIGINT and these signals wait for the end of a
+  checkpoint write (:func:`deferred_signals`): a write is never torn by Ctrl-C.
+* **One decision per step** (:class:`StepControl`). Before each training step the ranks
+  all-reduce a few integers on the host (a gloo group; under NCCL a side group, so the GPU
+  stream is not synchronised): which ranks failed to load their batch (an unreadable image, a
+  dead loader worker), whether a stop was requested, whether rank 0's clock says a checkpoint
+  is due (``--checkpoint_minutes``). Every rank gets the same answer, so no collective is ever
+  called by a subset of them: they write ``checkpoint_stopped`` together, then stop.
+* **Any other error on one rank** (full disk on rank 0, a clustering error, a bug): that rank
+  prints one line naming itself and leaves at once with ``os._exit`` (no
+  ``destroy_process_group``, which waits for the others under NCCL). torchrun sees the dead
+  worker within its monitor interval (0.1 s) and stops the others (SIGTERM, then SIGKILL 30 s
+  later); under gloo their next collective already fails. The first rank to report takes a
+  counter in torchrun's store (:func:`first_report`): the others stay quiet.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request, --resume EXP continues
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+
+class Preempted(BaseException):
+    """A stop signal (SIGTERM, SIGUSR1) ended the run; a BaseException, as KeyboardInterrupt,
+    so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signame: str, where: str = ""):
+        super().__init__(f"{signame}{where}")
+        self.signame, self.where = signame, where
+
+
+class PeerFailed(Exception):
+    """Another rank failed; this one stopped with it (after the shared checkpoint). Not reported."""
+
+
+class StopTraining(Exception):
+    """Every rank stops before step ``step`` of the epoch; ``cause`` is what each re-raises."""
+
+    def __init__(self, step: int, cause: BaseException):
+        super().__init__(str(cause))
+        self.step, self.cause = step, cause
+
+
+class _State:
+    requested: str | None = None  # name of the stop signal received, if any
+    training = False              # inside the training loop: requests wait for the next step
+    defer = 0                     # inside a checkpoint write
+
+
+_state = _State()
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _on_stop_signal(signum, frame) -> None:
+    _state.requested = signal.Signals(signum).name
+    if not _state.training and _state.defer == 0:
+        raise Preempted(_state.requested)
+
+
+def install() -> dict:
+    """Route SIGTERM and SIGUSR1 to a clean stop (main thread only; else nothing). Returns the
+    previous handlers, for :func:`uninstall`."""
+    if not _main_thread():
+        return {}
+    _state.requested, _state.training, _state.defer = None, False, 0
+    return {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
+
+
+def uninstall(previous: dict) -> None:
+    """Put back the handlers :func:`install` replaced."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def requested() -> str | None:
+    """The stop signal received (its name), or None."""
+    return _state.requested
+
+
+def raise_if_requested(where: str = "") -> None:
+    """Raise :class:`Preempted` when a stop was asked for while it could not act (end of an epoch)."""
+    if _state.requested:
+        raise Preempted(_state.requested, where)
+
+
+@contextlib.contextmanager
+def training_phase():
+    """While inside: a stop signal is only recorded, and acted on at the next step."""
+    _state.training = True
+    try:
+        yield
+    finally:
+        _state.training = False
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Ctrl-C and stop signals take effect after the block (a checkpoint write), not inside it:
+    a KeyboardInterrupt inside ``torch.save`` tears its zip writer (``enforce fail at
+    inline_container.cc``). Nothing changes outside the main thread."""
+    if not _main_thread():
+        yield
+        return
+    pending: list[int] = []
+    before = _state.requested  # a request already pending is acted on by its owner (the training loop)
+    prev = signal.getsignal(signal.SIGINT)
+    if prev is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, lambda s, f: pending.append(s))
+    _state.defer += 1
+    try:
+        yield
+    finally:
+        _state.defer -= 1
+        if prev is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, prev)
+    if pending:
+        raise KeyboardInterrupt
+    if _state.requested and before is None and not _state.training and _state.defer == 0:
+        raise Preempted(_state.requested)
+
+
+# ---------------------------------------------------------------------------------------
+# the per-step agreement
+# ---------------------------------------------------------------------------------------
+class StepControl:
+    """What every rank does before a training step, decided together (see the module doc).
+
+    ``checkpoint_minutes`` > 0: :attr:`due` turns true on every rank at the first step after
+    that many minutes of rank 0's clock since the last :meth:`saved`.
+    """
+
+    def __init__(self, rt, checkpoint_minutes: float = 0.0):
+        self.rt = rt
+        self.period = 60.0 * checkpoint_minutes
+        self.last_save = time.monotonic()
+        self.due = False
+        self._group = None
+
+    def _reduce(self, flags: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if self._group is None:  # host-side group: the decision never waits for the GPU stream
+            gloo = dist.get_backend() == "gloo"
+            self._group = dist.group.WORLD if gloo else dist.new_group(backend="gloo")
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        return flags
+
+    def check(self, step: int, failure: BaseException | None = None) -> None:
+        """Agree on step ``step``: raise :class:`StopTraining` on every rank when a rank failed
+        (``failure``: its exception) or a stop signal arrived on any rank; set :attr:`due`."""
+        w = self.rt.world_size
+        clock = self.rt.is_main and self.period > 0 and time.monotonic() - self.last_save >= self.period
+        # (W + 2,): failed flag per rank, stop requested, checkpoint due by rank 0's clock
+        flags = torch.zeros(w + 2, dtype=torch.int64)
+        flags[self.rt.rank] = failure is not None
+        flags[w] = _state.requested is not None
+        flags[w + 1] = bool(clock)
+        if self.rt.distributed:
+            flags = self._reduce(flags)
+        failed = [r for r in range(w) if flags[r]]
+        self.due = bool(flags[w + 1])
+        if failure is not None:
+            raise StopTraining(step, failure)
+        if failed:
+            raise StopTraining(step, PeerFailed(f"rank {failed[0]} failed"))
+        if flags[w]:
+            raise StopTraining(step, Preempted(_state.requested or "a stop signal on another rank",
+                                               f" at step {step}"))
+
+    def saved(self) -> None:
+        """A checkpoint was written: the clock of ``--checkpoint_minutes`` restarts."""
+        self.last_save = time.monotonic()
+        self.due = False
+
+
+# ---------------------------------------------------------------------------------------
+# leaving a multi-process run after an error
+# ---------------------------------------------------------------------------------------
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def first_report() -> bool:
+    """True for the first rank of this launch to report a failure (a counter in torchrun's
+    store); True as well when the store cannot be reached (better twice than never)."""
+    import torch.distributed as dist
+
+    if world_size() <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return True
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return store.add(f"deepcluster/reports/{attempt}", 1) == 1
+    except Exception:
+        return True
+
+
+def hard_exit(code: int) -> None:
+    """Leave now: flush the output and exit without Python's teardown (no
+    ``destroy_process_group``, which waits for the other ranks under NCCL)."""
+    import logging
+
+    for h in logging.getLogger("deepcluster").handlers:
+        with contextlib.suppress(Exception):
+            h.flush()
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    os._exit(code)
+
+
+def is_lost_peer(e: BaseException) -> bool:
+    """An error of a collective whose peer is gone (it died or was stopped first)."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Gloo", "gloo", "NCCL", "Broken pipe"))

@@ -1,0 +1,263 @@
+"""A torchrun job that survives its machines (CPU, gloo, 2 processes): a worker killed at each
+stage and restarted by ``torchrun --max-restarts 1``, an image that goes bad on one rank only,
+and SIGTERM to the launcher. Each ends bitwise equal to the uninterrupted 2-process run.
+
+The faults are placed, not timed: ``DEEPCLUSTER_FAULT=point:n@rank`` (fileio.fault_point) kills
+rank ``rank`` at its n-th hit of ``point``; the other two scenarios run main.py through a small
+entry file that installs a fileio.FAULT_HOOK on rank 1 (truncate the next image it reads, or
+SIGTERM the launcher) and then calls main.run().
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import fileio
+import preempt
+from conftest import digits_subset
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD_KEYS = ("epoch", "clustering_loss", "train_loss", "nmi_prev", "nmi_labels", "n_clusters", "iterations")
+HANG = 240  # seconds: far below --dist_timeout (60 minutes), far above a run (20 s)
+
+ENTRY = '''
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import data, fileio, main
+mode, _, hit = os.environ.get("SURVIVAL_HOOK", ":").partition(":")
+if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and mode:
+    real = data.load_rgb
+    armed = []
+    def load_rgb(path, *a, **kw):  # the first image rank 1 reads once armed goes bad under its feet
+        if armed == [True]:
+            armed.append(path)
+            with open(os.environ["SURVIVAL_OUT"], "w") as f:
+                f.write(path)
+            with open(path, "rb") as f:
+                keep = f.read()
+            with open(os.environ["SURVIVAL_OUT"] + ".bytes", "wb") as f:
+                f.write(keep)
+            with open(path, "wb") as f:
+                f.write(keep[:200])  # truncated
+        return real(path, *a, **kw)
+    def hook(point, n):
+        if point == "train" and n == int(hit):
+            if mode == "badimage":
+                armed.append(True)
+            elif mode == "sigterm":
+                os.kill(os.getppid(), signal.SIGTERM)  # the launcher: it forwards SIGTERM to every worker
+    data.load_rgb, fileio.FAULT_HOOK = load_rgb, hook
+sys.exit(main.run())
+'''
+
+
+@pytest.fixture(scope="module")
+def digits50(module_tmp, digits_dir) -> str:
+    return digits_subset(digits_dir, module_tmp.mktemp("d50") / "digits", 5)
+
+
+def argv(data: str, exp: Path, *extra: str) -> list[str]:
+    # 50 images, global batch 10 (5 per rank): 5 steps an epoch; periodic copies every 3 steps
+    return [data, "--exp", str(exp), "--size", "64", "--k", "5", "--pca", "16", "--batch", "10",
+            "--workers", "0", "--epochs", "2", "--sobel", "--no_progress", "--checkpoints", "3", *extra]
+
+
+def torchrun(args: list[str], restarts: int = 0, entry: Path | None = None,
+             **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    """main.py (or ``entry``) under 2 gloo processes; (result, seconds)."""
+    # c10d rendezvous (--standalone: a free port, a fresh run id): a restart meets in a new round,
+    # with fresh store keys (under the static rendezvous a restarted gloo group can read the dead
+    # attempt's addresses: "connectFullMesh failed ... Connection refused")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}", "--monitor-interval=0.1", str(entry or "main.py"), *args]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    if "DEEPCLUSTER_FAULT" not in env:
+        full_env.pop("DEEPCLUSTER_FAULT", None)
+    t = time.monotonic()
+    res = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=HANG)
+    return res, time.monotonic() - t
+
+
+def outcome(exp: Path) -> tuple[dict, list[dict], list[np.ndarray]]:
+    ck = torch.load(exp / "checkpoint.pth.tar", weights_only=True)
+    recs = [{k: r[k] for k in RECORD_KEYS} for r in fileio.read_jsonl(exp / "log.jsonl")]
+    clog = checkpoint.ClusterLog(exp / "clusters")
+    return ck, recs, [clog.load(e) for e in clog.epochs()]
+
+
+def assert_same_run(ref: Path, exp: Path) -> None:
+    ref_ck, ref_recs, ref_clusters = outcome(ref)
+    ck, recs, clusters = outcome(exp)
+    assert ck["epoch"] == ref_ck["epoch"] == 2
+    for k, v in ref_ck["state_dict"].items():
+        assert torch.equal(v, ck["state_dict"][k]), k
+    assert recs == ref_recs
+    assert len(clusters) == len(ref_clusters) == 2
+    for a, b in zip(ref_clusters, clusters):
+        np.testing.assert_array_equal(a, b)
+    assert not list(exp.rglob(".tmp-*"))
+
+
+def out(res: subprocess.CompletedProcess) -> str:
+    return res.stdout[-3000:] + res.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def reference(digits50, module_tmp) -> Path:
+    exp = module_tmp.mktemp("ref") / "exp"
+    res, _ = torchrun(argv(digits50, exp))
+    assert res.returncode == 0, out(res)
+    return exp
+
+
+@pytest.fixture(scope="module")
+def entry(module_tmp) -> Path:
+    path = module_tmp.mktemp("entry") / "entry.py"
+    path.write_text(ENTRY.format(root=str(ROOT)))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", [
+    "features:2@1",    # epoch 0, before any checkpoint: the restart starts afresh (seeded as a fresh run)
+    "clustering:2@0",  # epoch 1's k-means on rank 0
+    "train:8@1",       # epoch 1, step 2 on rank 1: after the post-clustering and a periodic copy
+    "save:3@0",        # epoch 0's end-of-epoch checkpoint, temporary file written, not renamed
+])
+def test_killed_worker_restarts_and_ends_equal(reference, digits50, tmp_path, fault):
+    exp = tmp_path / "exp"
+    res, _ = torchrun(argv(digits50, exp), restarts=1, DEEPCLUSTER_FAULT=fault)
+    assert res.returncode == 0, out(res)
+    launches = [h.get("launch") for h in checkpoint.read_history(exp)]
+    assert len(launches) == 2 and launches[0] == launches[1] is not None  # attempt 0, then its restart
+    assert_same_run(reference, exp)
+    # a fresh command (not a restart) still refuses the folder that now holds a run
+    res, _ = torchrun(argv(digits50, exp)) if fault == "clustering:2@0" else (None, 0)
+    if res is not None:
+        assert res.returncode != 0 and res.stderr.count("error:") == 1 and "already holds a run" in res.stderr
+
+
+@pytest.mark.slow
+def test_image_gone_bad_on_one_rank_stops_both_then_resumes_equal(reference, digits50, entry, tmp_path):
+    images = tmp_path / "digits"
+    shutil.copytree(digits50, images)
+    exp, spy = tmp_path / "exp", tmp_path / "bad"
+    # armed at rank 1's step 1 of epoch 1 (train hit 7): its next batch (step 2) holds the bad image
+    res, took = torchrun(argv(str(images), exp), entry=entry, SURVIVAL_HOOK="badimage:7", SURVIVAL_OUT=str(spy))
+    bad = spy.read_text()
+    assert res.returncode != 0 and took < HANG
+    err = res.stderr
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1: cannot read image file") and bad in lines[0]
+    # no worker traceback (torchrun's own ChildFailedError report remains), no collective error
+    assert f"--resume {exp}" in lines[0] and "Connection closed" not in err and "main.py" not in err.split("Traceback")[0]
+    stopped = torch.load(exp / "checkpoints" / "checkpoint_stopped.pth.tar", weights_only=True)
+    assert (stopped["epoch"], stopped["iteration"]) == (1, 2)
+    Path(bad).write_bytes((tmp_path / "bad.bytes").read_bytes())  # fixed: the run continues exactly
+    res, _ = torchrun(argv(str(images), exp, "--resume", str(exp)))
+    assert res.returncode == 0, out(res)
+    assert_same_run(reference, exp)
+
+
+@pytest.mark.slow
+def test_image_gone_bad_on_one_rank_is_skipped(digits50, entry, tmp_path):
+    images = tmp_path / "digits"
+    shutil.copytree(digits50, images)
+    exp, spy = tmp_path / "exp", tmp_path / "bad"
+    res, _ = torchrun(argv(str(images), exp, "--bad_images", "skip"), entry=entry,
+                      SURVIVAL_HOOK="badimage:2", SURVIVAL_OUT=str(spy))
+    assert res.returncode == 0, out(res)
+    bad = spy.read_text()
+    listing = (exp / "bad_images.txt").read_text().splitlines()
+    assert [ln.split("\t")[0] for ln in listing] == [bad]  # listed once (rank 1 in training, then epoch 1)
+    paths = sorted(str(p) for p in images.rglob("*.png")) or sorted(str(p) for p in images.rglob("*.*"))
+    labels1 = checkpoint.ClusterLog(exp / "clusters").load(1)
+    assert (labels1 == -1).sum() == 1  # left out of epoch 1's clustering, whichever rank extracted it
+    assert [r["epoch"] for r in fileio.read_jsonl(exp / "log.jsonl")] == [0, 1] and paths
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_with_a_checkpoint_then_resumes_equal(reference, digits50, entry, tmp_path):
+    exp = tmp_path / "exp"
+    res, _ = torchrun(argv(digits50, exp), entry=entry, SURVIVAL_HOOK="sigterm:6")  # epoch 1, step 0
+    assert res.returncode != 0
+    assert f"exitcode  : {preempt.EXIT_PREEMPTED}" in res.stderr or "SignalException" in res.stderr \
+        or res.returncode == preempt.EXIT_PREEMPTED, out(res)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and f"--resume {exp}" in lines[0], out(res)
+    found = checkpoint.find_checkpoint(str(exp), quiet=True)
+    assert found.endswith("checkpoint_stopped.pth.tar") or found.endswith("checkpoint.pth.tar")
+    res, _ = torchrun(argv(digits50, exp, "--resume", str(exp)))
+    assert res.returncode == 0, out(res)
+    assert_same_run(reference, exp)
+
+
+# ---------------------------------------------------------------------------------------
+# one process, in this process: the same signal paths without torchrun
+# ---------------------------------------------------------------------------------------
+def test_fault_point_takes_a_rank(monkeypatch):
+    monkeypatch.setenv("DEEPCLUSTER_FAULT", "features:2@1")
+    monkeypatch.setenv("DEEPCLUSTER_FAULT_MODE", "raise")
+    monkeypatch.setattr(fileio, "FAULT_HITS", {})
+    for rank, restart, fires in (("0", "0", False), ("1", "1", False), ("1", "0", True)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restart)
+        fileio.FAULT_HITS.clear()
+        fileio.fault_point("features")  # hit 1: never
+        if fires:
+            with pytest.raises(fileio.FaultInjected):
+                fileio.fault_point("features")
+        else:
+            fileio.fault_point("features")
+
+
+def test_signals_in_one_process_stop_cleanly_and_resume_exactly(digits50, tmp_path, monkeypatch, capsys):
+    import main
+
+    monkeypatch.delenv("DEEPCLUSTER_FAULT", raising=False)
+    one = ["--epochs", "1", "--checkpoints", "1000"]
+    ref, exp, ctrl_c = tmp_path / "ref", tmp_path / "exp", tmp_path / "ctrl_c"
+    assert main.run(argv(digits50, ref, *one)) == 0
+
+    def signal_at(point: str, hit: int, sig: int):
+        def hook(p, n):
+            if (p, n) == (point, hit):
+                os.kill(os.getpid(), sig)
+        monkeypatch.setattr(fileio, "FAULT_HOOK", hook)
+        fileio.FAULT_HITS.clear()
+
+    # SIGTERM inside step 2: the run stops before step 3 with a checkpoint there, exit 75; a copy
+    # every step by the clock (--checkpoint_minutes) was written before each step up to 2
+    signal_at("train", 3, signal.SIGTERM)
+    assert main.run(argv(digits50, exp, *one, "--checkpoint_minutes", "1e-9")) == preempt.EXIT_PREEMPTED
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "stopped by SIGTERM at step 3" in err and f"--resume {exp}" in err
+    stopped = torch.load(exp / "checkpoints" / "checkpoint_stopped.pth.tar", weights_only=True)
+    latest = torch.load(exp / "checkpoints" / "checkpoint_latest.pth.tar", weights_only=True)
+    assert (stopped["iteration"], latest["iteration"]) == (3, 2)
+    assert signal.getsignal(signal.SIGTERM) is not preempt._on_stop_signal  # handlers put back
+    monkeypatch.setattr(fileio, "FAULT_HOOK", None)
+    assert main.run(argv(digits50, exp, *one, "--resume", str(exp))) == 0
+    a, b = torch.load(ref / "checkpoint.pth.tar", weights_only=True), torch.load(exp / "checkpoint.pth.tar",
+                                                                                 weights_only=True)
+    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+    assert fileio.read_jsonl(ref / "log.jsonl")[0]["train_loss"] == fileio.read_jsonl(exp / "log.jsonl")[0]["train_loss"]
+
+    # Ctrl-C while the first checkpoint's temporary file is written: the write completes, then the hint
+    signal_at("save", 1, signal.SIGINT)
+    assert main.run(argv(digits50, ctrl_c, *one)) == 130
+    err = capsys.readouterr().err
+    first = ctrl_c / "checkpoints" / "checkpoint_0.pth.tar"
+    assert err.count("error:") == 1 and f"interrupted; --resume {ctrl_c} continues from {first}" in err
+    assert "inline_container" not in err and not list(ctrl_c.rglob(".tmp-*"))
+    assert torch.load(first, weights_only=True)["iteration"] == 0
