@@ -52,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DIR", nargs="?", default=None,
                    help="image folder, with or without class folders (only used to report NMI with the labels); "
                         "omit it to run the demo on scikit-learn's handwritten digits")
+    p.add_argument("--file_list", metavar="FILE", default=None,
+                   help="the images listed in FILE, one path per line (optionally PATH<TAB>LABEL), relative to DIR "
+                        "when given, else to FILE's folder: the folder is never walked (for datasets too big to list)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", "-a", type=str, choices=models.ARCHS, default="alexnet", help="CNN architecture")
     g.add_argument("--sobel", action="store_true", help="Sobel filtering")
@@ -130,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags; with no DIR, the demo's defaults replace the paper's where not given."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.data is None:
+    if args.data is None and args.file_list is None:
         parser.set_defaults(**DEMO_DEFAULTS)
         args = parser.parse_args(argv)
         args.demo = True
@@ -393,7 +396,7 @@ def check_data(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: 
     if args.clustering == "Kmeans" and args.nmb_cluster == 1:
         log.warning("--k 1 puts every image in one cluster: the training loss is 0 and nothing is learned")
     log.info("%d images%s, %s%s at %d px, %d process(es) on %s", n, f" in {len(dataset.classes)} class folders"
-             if dataset.targets else "", args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size,
+             if dataset.targets is not None and len(dataset.targets) else "", args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size,
              rt.device)
 
 
@@ -420,7 +423,7 @@ def main(args: argparse.Namespace) -> dict:
     monitor = knn.KnnMonitor.for_training(args, rt, log, demo=DEMO_KNN_DATA)  # a bad --knn_data stops here
     check_data(dataset, args, exp, rt)
     N = len(dataset)
-    targets = np.asarray(dataset.targets) if dataset.targets else None
+    targets = np.asarray(dataset.targets) if dataset.targets is not None and len(dataset.targets) else None
     dataset.mark_unreadable = args.bad_images == "skip"
 
     model = build_model(args, rt.device)

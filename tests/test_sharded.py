@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 import clustering
 import distributed
-from test_distributed import free_port
+from test_distributed import digits100, free_port  # noqa: F401 (fixture)
 
 N, D, K, PCA = 600, 64, 8, 16  # N >= D: the covariance path, no rank ever holds (N, D)
 
@@ -63,3 +63,63 @@ def test_sharded_kmeans_matches_one_process(tmp_path, world):
         s = r["stats"]
         assert s["peak_bytes"] == clustering.cluster_peak_bytes(N, r["n_local"], D, K, PCA, 4)
         assert s["shard"] == r["n_local"] * D * 4 and s["pca"] == D * D * 8
+
+
+SPY_MAIN = """import sys
+sys.path.insert(0, {root!r})
+import distributed
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("distributed.gather_rows called: the k-means features were gathered")
+
+
+distributed.gather_rows = refuse  # k-means is sharded: no rank ever receives another rank's rows
+import main
+sys.exit(main.run(sys.argv[1:]))
+"""
+
+
+def run_spied(nproc: int, argv: list[str], tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from test_distributed import ROOT
+    spy = tmp_path / "spy_main.py"
+    spy.write_text(SPY_MAIN.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(spy), *argv]
+    res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_main_sharded_epoch_equals_one_process_and_resumes_on_three(digits100, tmp_path):
+    import shutil
+
+    import checkpoint
+    import fileio
+    import main
+    from test_distributed import train_argv
+
+    # the same feature batches in every process (4 images), so the features are the same; the torch k-means
+    # (faiss on one process is the original's faiss.Clustering, whose own draws no shard can replay);
+    # 24 draws (2 steps of 12, a multiple of 2 and 3) of training: the test is about the clustering
+    argv = lambda exp, epochs: train_argv(digits100, exp, epochs) + [  # noqa: E731
+        "--extract_batch", "4", "--cluster_backend", "torch", "--reassign", "0.24", "--batch", "12"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main.run(argv(one, 1)) == 0
+    run_spied(2, argv(two, 1), tmp_path)
+    a, b = checkpoint.ClusterLog(one / "clusters").load(0), checkpoint.ClusterLog(two / "clusters").load(0)
+    assert a.tolist() == b.tolist()
+    ra, rb = fileio.read_jsonl(one / "log.jsonl")[0], fileio.read_jsonl(two / "log.jsonl")[0]
+    assert rb["world_size"] == 2 and rb["clustering_loss"] == pytest.approx(ra["clustering_loss"], rel=1e-6)
+    # the 1-process checkpoint continues on 3 processes: epoch 1 clusters as a 1-process resume does
+    three = tmp_path / "three"
+    shutil.copytree(one, three)
+    run_spied(3, argv(three, 2) + ["--resume", str(three)], tmp_path)
+    assert main.run(argv(one, 2) + ["--resume", str(one)]) == 0
+    a, b = checkpoint.ClusterLog(one / "clusters").load(1), checkpoint.ClusterLog(three / "clusters").load(1)
+    assert a.tolist() == b.tolist()
+    assert fileio.read_jsonl(three / "log.jsonl")[-1]["world_size"] == 3
