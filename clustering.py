@@ -930,12 +930,20 @@ def cluster_peak_bytes(n: int, n_local: int, d: int, k: int, pca: int, element_s
     distance block of :func:`nearest_centroid`, 2**26 values), the eigensolver's float32
     (D, D) copy on rank 0 (4 D^2, 64 MiB at D = 4096).
 
-    Examples (D = 4096, p = 256, ``cluster_peak_bytes(...) / 2**30``): ImageNet (n =
-    1,281,167) on 8 GPUs, k = 10,000: 2.93 GiB in float32 (shard 2.44), 1.71 GiB in
-    float16, against 22.0 / 11.0 GiB on rank 0 for the gather (:func:`distributed.gather_peak_bytes`).
-    YFCC100M (n = 95.9 M) on 64 GPUs of 80 GB: 24.3 GiB (float32) / 12.6 GiB (float16)
-    at k = 10,000 and 24.3 / 12.6 GiB at k = 100,000 (the O(n) label exchange, 1.1 GiB,
-    dominates the k terms); the gather would need 1.53 TB on one rank.
+    Examples (D = 4096, p = 256, shards of ceil(n / W) rows, ``cluster_peak_bytes(...) / 2**30``):
+
+    ========================================  ========  =========  ===================
+    run                                        float32   float16   gather, on rank 0
+    ========================================  ========  =========  ===================
+    ImageNet, n = 1,281,167, W = 8, k = 10^4   2.63 GiB  1.41 GiB  22.0 / 11.0 GiB
+    YFCC100M, n = 95.9 M, W = 64, k = 10^4     25.4 GiB  13.9 GiB  1.60 / 0.80 TB
+    YFCC100M, n = 95.9 M, W = 64, k = 10^5     25.4 GiB  13.9 GiB  1.60 / 0.80 TB
+    ========================================  ========  =========  ===================
+
+    The shard is 2.44 / 1.22 GiB (ImageNet) and 22.9 / 11.4 GiB (YFCC100M) of these; at
+    YFCC100M scale the label exchange (12 n = 1.07 GiB) outweighs the k terms (12 k p = 0.29
+    GiB at k = 10^5), so both k give the same peak: every rank fits a GPU of 80 GB with room
+    for the network, the gather does not fit any.
     """
     p = min(pca, d)
     shard = n_local * d * element_size

@@ -136,7 +136,7 @@ def _cluster_worker(rank: int, world: int, port: int, args: argparse.Namespace, 
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(1)  # one thread per process: W processes use min(W, cores) cores (no OpenMP oversubscription)
     import clustering
     import distributed
     rt = distributed.init_runtime("cpu")
@@ -195,8 +195,9 @@ def main_clustering(args: argparse.Namespace) -> dict:
                 print(f"{mode} W={w}: {rows[-1]['seconds']:.1f} s, peak per rank "
                       f"{', '.join(f'{g:.2f}' for g in rows[-1]['per_rank_peak_gib'])} GiB", flush=True)
     ref = next(r for r in rows if r["mode"] == "sharded" and r["processes"] == args.nprocs[0])
+    ref_labels = ref["labels_head"]
     for r in rows:
-        r["same_labels_as_first"] = r["labels_head"] == ref["labels_head"]
+        r["same_labels_as_first"] = r["labels_head"] == ref_labels
         r["loss_rel_diff"] = abs(r["loss"] - ref["loss"]) / ref["loss"]
         del r["labels_head"]
     print_table(rows, [("mode", "path"), ("processes", "W"), ("seconds", "seconds"),

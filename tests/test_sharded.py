@@ -103,11 +103,11 @@ def test_main_sharded_epoch_equals_one_process_and_resumes_on_three(digits100, t
     import main
     from test_distributed import train_argv
 
-    # the same feature batches in every process (4 images), so the features are the same; the torch k-means
-    # (faiss on one process is the original's faiss.Clustering, whose own draws no shard can replay);
+    # the same feature batches in every process (4 images), so the features are the same; train_argv has the
+    # torch k-means (faiss on one process is the original's faiss.Clustering, whose draws no shard replays);
     # 24 draws (2 steps of 12, a multiple of 2 and 3) of training: the test is about the clustering
     argv = lambda exp, epochs: train_argv(digits100, exp, epochs) + [  # noqa: E731
-        "--extract_batch", "4", "--cluster_backend", "torch", "--reassign", "0.24", "--batch", "12"]
+        "--extract_batch", "4", "--reassign", "0.24", "--batch", "12"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main.run(argv(one, 1)) == 0
     run_spied(2, argv(two, 1), tmp_path)
@@ -123,3 +123,29 @@ def test_main_sharded_epoch_equals_one_process_and_resumes_on_three(digits100, t
     a, b = checkpoint.ClusterLog(one / "clusters").load(1), checkpoint.ClusterLog(three / "clusters").load(1)
     assert a.tolist() == b.tolist()
     assert fileio.read_jsonl(three / "log.jsonl")[-1]["world_size"] == 3
+
+
+def test_file_list_index_and_resume_check(tmp_path):
+    import argparse
+
+    import checkpoint
+    import data
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("a/x 1.jpg\tcat\r\n/abs/y.jpg\tdog\n\nb/z.jpg\tcat")  # CRLF, a blank line, no final newline
+    fl = data.FileList(listing)
+    assert list(fl) == [str(tmp_path / "a/x 1.jpg"), "/abs/y.jpg", str(tmp_path / "b/z.jpg")]
+    assert fl.labels.tolist() == [0, 1, 0] and fl.classes == ["cat", "dog"]
+    assert isinstance(fl.blob, np.ndarray) and fl.select([2])[0] == str(tmp_path / "b/z.jpg")
+    assert list(data.FileList(listing, root="/data"))[0] == "/data/a/x 1.jpg"  # DIR is the root when given
+    (tmp_path / "half.txt").write_text("a.jpg\tq\nb.jpg\n")
+    with pytest.raises(data.DataError, match="entry 2"):
+        data.FileList(tmp_path / "half.txt")
+    # a checkpoint trained on one list refuses another list (or a folder)
+    ckpt = {"state_dict": {}, "args": {"file_list_sha256": fl.sha256}}
+    same = argparse.Namespace(arch="alexnet", sobel=False, nmb_cluster=10, file_list=str(listing),
+                              file_list_sha256=fl.sha256)
+    checkpoint.check_checkpoint(ckpt, "c.pth", same, 3)
+    other = argparse.Namespace(**{**vars(same), "file_list_sha256": "0" * 64})
+    with pytest.raises(checkpoint.CheckpointError, match="--file_list"):
+        checkpoint.check_checkpoint(ckpt, "c.pth", other, 3)
