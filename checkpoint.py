@@ -491,6 +491,11 @@ def check_checkpoint(ckpt: dict, path: str, args, n_images: int) -> None:
     if ck_k is not None and int(ck_k) != args.nmb_cluster and not getattr(args, "change_k", False):
         raise CheckpointError(f"checkpoint {path!r} was trained with --k {ck_k}, not {args.nmb_cluster} "
                               f"(add --change_k to cluster into {args.nmb_cluster} from the next epoch on)")
+    ck_list = (ckpt.get("args") or {}).get("file_list_sha256")
+    if ck_list is not None and ck_list != getattr(args, "file_list_sha256", None):
+        raise CheckpointError(f"checkpoint {path!r} was trained on a --file_list with SHA-256 {ck_list[:12]}..., "
+                              f"not on this {'list' if getattr(args, 'file_list', None) else 'folder'}: the image "
+                              f"indices would not match")
     mid = ckpt.get("mid_epoch")
     if mid is None:
         return

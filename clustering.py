@@ -286,10 +286,17 @@ def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5,
     else:
         evals, evecs, info = top_eigh(covariance(x, mean32, step), dim, solver)
     log.debug("PCA eigensolver: %s", info)
+    return mean32, pca_projection(evals, evecs, dim, eigen_power)
+
+
+def pca_projection(evals: torch.Tensor, evecs: torch.Tensor, dim: int, eigen_power: float = -0.5) -> torch.Tensor:
+    """(D, dim) float32 projection from the top eigenpairs ``evals`` (m,), ``evecs`` (D, m)
+    float64 (m <= dim): signs fixed, axes scaled by eigenvalue ** eigen_power, zero-padded."""
+    d = evecs.shape[0]
     # Sign convention: make the largest-magnitude coordinate of each axis positive, so
     # that repeated fits are reproducible (faiss's sign is arbitrary too).
     idx = evecs.abs().argmax(0)
-    signs = torch.sign(evecs[idx, torch.arange(evecs.shape[1], device=x.device)])
+    signs = torch.sign(evecs[idx, torch.arange(evecs.shape[1], device=evecs.device)])
     evecs = evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
     if eigen_power != 0:
         # Eigenvalues of a rank-deficient covariance (N <= dim, dead units) are ~0 or slightly
@@ -302,7 +309,7 @@ def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5,
         evecs = evecs * scale
     if evecs.shape[1] < dim:  # N < dim: the missing axes carry no variance, output zeros
         evecs = torch.cat([evecs, evecs.new_zeros(d, dim - evecs.shape[1])], 1)
-    return mean32, evecs.float()
+    return evecs.float()
 
 
 def pca_apply(x: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor, l2: bool = True) -> torch.Tensor:
@@ -467,27 +474,9 @@ def kmeans_torch(x: torch.Tensor, k: int, niter: int = 20, seed: int = 1234,
     x: (N, d) float32. Returns a dict with ``centroids`` (k, d), ``labels`` (N,) = nearest
     final centroid, ``obj`` (niter,) per-iteration objective (sum of squared distances to
     the centroids in force at that iteration, as faiss's iteration_stats) and ``nsplit``.
+    The one-process case of :func:`kmeans_sharded` (same code, no collective).
     """
-    n, d = x.shape
-    if n < k:
-        raise ClusteringError(f"k-means: {n} points cannot make {k} clusters (k must be <= N)")
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    init = torch.randperm(n, generator=gen)[:k].to(x.device)
-    centroids = x[init].clone()
-    rng = np.random.RandomState(int(seed) % (2 ** 32))
-    obj, nsplit = [], 0
-    for it in range(niter):
-        labels, dists = nearest_centroid(x, centroids)
-        obj.append(float(dists.sum(dtype=torch.float64)))
-        counts = torch.bincount(labels, minlength=k)
-        sums = torch.zeros(k, d, dtype=torch.float32, device=x.device).index_add_(0, labels, x)
-        nonempty = counts > 0
-        centroids[nonempty] = sums[nonempty] / counts[nonempty, None].float()
-        nsplit += split_empty_clusters(centroids, counts, n, rng)
-        if verbose:
-            log.info("k-means iter %d/%d objective %.4f", it + 1, niter, obj[-1])
-    labels, _ = nearest_centroid(x, centroids)
-    return {"centroids": centroids, "labels": labels, "obj": obj, "nsplit": nsplit}
+    return kmeans_sharded(x, k, niter=niter, seed=seed, verbose=verbose)
 
 
 def kmeans_faiss(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, verbose: bool = False) -> dict:
@@ -603,6 +592,372 @@ class Kmeans:
         if verbose:
             log.info("k-means time: %.1f s", time.time() - t0)
         return self.obj[-1]
+
+    def cluster_shard(self, x: torch.Tensor, idx: torch.Tensor | None, n: int, rt=None, verbose: bool = False,
+                      stats: dict | None = None) -> tuple[float, np.ndarray]:
+        """Cluster the features of all ranks, each holding only its own rows (any world size).
+
+        x (n_local, D): this rank's rows (host or device, any float dtype; never copied whole),
+        ``idx`` (n_local,) int64 their dataset indices (None: x is the whole (n, D) matrix).
+        Rows whose first value is NaN (images found unreadable, ``--bad_images skip``) are left
+        out without copying the matrix and get the label -1. PCA: :func:`pca_fit_sharded`;
+        k-means: :func:`kmeans_sharded` (``faiss`` on one process: the original's
+        ``faiss.Clustering``; under torchrun: the same sharded Lloyd with faiss's search on
+        each shard). Labels come back by one all-reduce of an (n,) int32 buffer. Every rank
+        returns (loss, (n,) int64 labels) and fills ``images_lists``. Peak memory:
+        :func:`cluster_peak_bytes`; ``stats`` receives the bytes of the buffers held per phase.
+        """
+        t0 = time.time()
+        dev = _default_device(self.device)
+        n_local, d = x.shape
+        idx = torch.arange(n_local) if idx is None else torch.as_tensor(idx, dtype=torch.int64).cpu()
+        nan = torch.isnan(x[:, 0]).cpu()                   # (n_local,) unreadable images
+        n_bad = int(_all_reduce(nan.sum().reshape(1).to(torch.int64), rt))
+        keep = None if n_bad == 0 else ~nan
+        n_kept = n - n_bad
+        if n_kept < self.k:
+            raise ClusteringError(f"k={self.k} clusters requested but only {n_kept} images "
+                                  f"(k must be <= the number of images)")
+        kept_idx = idx if keep is None else idx[keep]
+        if keep is None:
+            pos = kept_idx
+        else:  # position of each kept row among all kept images (dataset order): an (n,) int32 scan
+            flags = torch.zeros(n, dtype=torch.int32)
+            flags[kept_idx] = 1
+            _all_reduce(flags, rt)
+            pos = (torch.cumsum(flags, 0, dtype=torch.int32) - 1)[kept_idx].long()
+            del flags
+        seed = int(np.random.randint(1234)) if self.seed is None else self.seed
+        stats = {} if stats is None else stats
+        dim = min(self.pca, d)
+        mean, proj = pca_fit_sharded(x, dim, rt, keep, pos, n_kept, self.pca_solver, dev, stats=stats)
+        xb = pca_apply_kept(x, keep, mean, proj, dev)      # (n_kept_local, dim) float32
+        n_distinct = count_distinct_sharded(xb, self.k, rt)
+        if n_distinct < self.k:
+            raise ClusteringError(
+                f"the features hold only {n_distinct} distinct point(s) among {n_kept} images, fewer "
+                f"than k={self.k}: the network's features have collapsed (or the images are duplicates); "
+                f"lower --k or restart from an earlier checkpoint")
+        t1 = time.time()
+        backend = resolve_backend(self.backend, dev)
+        if backend == "faiss" and not _distributed(rt):
+            res = kmeans_faiss(xb.cpu().numpy(), self.k, niter=self.niter, seed=seed, verbose=verbose)
+            stats["kmeans"] = 0
+        else:
+            res = kmeans_sharded(xb, self.k, niter=self.niter, seed=seed, verbose=verbose, rt=rt,
+                                 pos=pos if _distributed(rt) or keep is not None else None, n=n_kept,
+                                 assign=faiss_nearest if backend == "faiss" else None, stats=stats)
+        # one collective: each rank writes label + 1 at its rows' dataset indices, zeros elsewhere
+        buf = torch.zeros(n, dtype=torch.int32, device=rt.device if _distributed(rt) else dev)
+        buf[kept_idx.to(buf.device)] = res["labels"].to(buf.device, torch.int32) + 1
+        _all_reduce(buf, rt)
+        labels = buf.cpu().numpy().astype(np.int64) - 1
+        stats["exchange"] = buf.numel() * 4 + labels.nbytes + res["labels"].numel() * 8
+        stats["shard"] = x.numel() * x.element_size()
+        stats["xb"] = xb.numel() * 4
+        stats["peak_bytes"] = stats["shard"] + max(stats["pca"], stats["xb"] + max(stats["kmeans"], stats["exchange"]))
+        del buf, xb
+        self.labels = labels
+        self.centroids = res["centroids"]
+        self.obj, self.nsplit = [float(o) for o in res["obj"]], res["nsplit"]
+        self.images_lists = labels_to_lists(labels, self.k)
+        self.timings = {"pca": t1 - t0, "kmeans": time.time() - t1}
+        if verbose:
+            log.info("k-means time: %.1f s", time.time() - t0)
+        return self.obj[-1], labels
+
+
+# ---------------------------------------------------------------------------------------
+# sharded clustering: each rank holds only the rows it extracted (one code path for any W)
+# ---------------------------------------------------------------------------------------
+def _distributed(rt) -> bool:
+    return rt is not None and getattr(rt, "distributed", False)
+
+
+def _all_reduce(t: torch.Tensor, rt, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over the ranks of ``rt`` (nothing in one process). NCCL needs
+    device tensors: a tensor elsewhere goes through ``rt.device`` and back."""
+    if not _distributed(rt):
+        return t
+    import torch.distributed as dist
+    red = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+    tmp = t.to(rt.device).contiguous()  # collectives read raw memory: a strided view would be garbled
+    dist.all_reduce(tmp, op=red)
+    if tmp is not t:
+        t.copy_(tmp)
+    return t
+
+
+def _broadcast(t: torch.Tensor, rt, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from rank ``src`` (nothing in one process)."""
+    if not _distributed(rt):
+        return t
+    import torch.distributed as dist
+    tmp = t.to(rt.device).contiguous()
+    dist.broadcast(tmp, src)
+    if tmp is not t:
+        t.copy_(tmp)
+    return t
+
+
+def cluster_sums(x: torch.Tensor, assign: torch.Tensor, k: int, rt=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums and sizes over every rank's rows: the one reduction of a sharded Lloyd step.
+
+    x (n_local, d) float rows of this rank, assign (n_local,) int64 cluster of each row.
+    Returns ``sums`` (k, d) float64 and ``counts`` (k,) int64, all-reduced (every rank gets the
+    totals). Rows are summed in float64 (upcast one block at a time), so the order in which
+    ranks, blocks or atomics add them moves a sum by at most ~n_c * 2**-53 of its magnitude
+    (see :func:`kmeans_sharded`).
+    """
+    n, d = x.shape
+    sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
+    step = _row_chunk(d, PCA_BLOCK)
+    for s in range(0, n, step):
+        sums.index_add_(0, assign[s:s + step], x[s:s + step].double())
+    counts = torch.bincount(assign, minlength=k)
+    _all_reduce(sums, rt)
+    _all_reduce(counts, rt)
+    return sums, counts
+
+
+def _kept_blocks(x: torch.Tensor, keep: torch.Tensor | None, step: int, device: torch.device):
+    """x's rows (those where ``keep``) ``step`` at a time, on ``device`` as float32: a block
+    copy at most, never one of the whole matrix."""
+    for s in range(0, x.shape[0], step):
+        blk = x[s:s + step]
+        if keep is not None:
+            kb = keep[s:s + step]
+            if not bool(kb.all()):
+                blk = blk[kb.to(blk.device)]
+        yield blk.to(device).float()
+
+
+def pca_fit_sharded(x: torch.Tensor, dim: int, rt=None, keep: torch.Tensor | None = None,
+                    pos: torch.Tensor | None = None, n: int | None = None, solver: str = "auto",
+                    device=None, eigen_power: float = -0.5, stats: dict | None = None):
+    """:func:`pca_fit` over the rows of every rank, each rank holding only its own.
+
+    x (n_local, D) this rank's rows (any float dtype, any device; read block by block and
+    moved to ``device``), ``keep`` (n_local,) bool rows to use (None: all), ``pos``
+    (n_kept_local,) int64 global position of each kept row among the ``n`` kept rows of all
+    ranks (dataset order). The mean and the (D, D) covariance are accumulated per rank in
+    float64 and all-reduced; rank 0 runs the top-``dim`` eigensolver (:func:`top_eigh`) and
+    broadcasts the (D, dim) projection. Fewer rows than dims (n < D): the n kept rows (n x D
+    < D x D values) are assembled on every rank and :func:`pca_fit` takes its Gram-matrix
+    path, as one process does. Returns (mean (D,), proj (D, dim)) float32 on ``device``.
+    """
+    n_local, d = x.shape
+    dev = _default_device(device)
+    resolve_pca_solver(solver, d, dim)
+    step = _row_chunk(d, PCA_BLOCK)
+    acc = torch.zeros(d + 1, dtype=torch.float64, device=dev)  # sum of the kept rows, their count
+    for blk in _kept_blocks(x, keep, step, dev):
+        acc[:d] += blk.sum(0).double()
+        acc[d] += blk.shape[0]
+    _all_reduce(acc, rt)
+    n_all = int(acc[d])
+    if n is not None and n != n_all:
+        raise ValueError(f"pca_fit_sharded: the ranks hold {n_all} kept rows, not {n}")
+    if n_all < 2:
+        raise ClusteringError(f"features: need at least 2 rows to cluster, got {n_all}")
+    if not bool(torch.isfinite(acc).all()):  # the same all-reduced value on every rank: all raise
+        raise ClusteringError("features contain NaN or inf values: the network has diverged")
+    if n_all < d:
+        if not _distributed(rt) and keep is None:
+            full = to_device_blocks(x, dev)
+        else:  # each kept row at its global position; the sum adds zeros to it (exact)
+            full = torch.zeros(n_all, d, dtype=torch.float32, device=dev)
+            o = 0
+            for blk in _kept_blocks(x, keep, step, dev):
+                full[pos[o:o + len(blk)].to(dev)] = blk
+                o += len(blk)
+            _all_reduce(full, rt)
+        if stats is not None:
+            stats["pca"] = full.numel() * 4 if full is not x else 0
+        mean32, proj = pca_fit(full, dim, eigen_power, solver)
+        return mean32, proj
+    mean32 = (acc[:d] / n_all).float()
+    cov = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    for blk in _kept_blocks(x, keep, step, dev):
+        cov += covariance(blk, mean32, step) * blk.shape[0]
+    _all_reduce(cov, rt)
+    cov /= n_all
+    if stats is not None:
+        stats["pca"] = cov.numel() * cov.element_size()
+    proj = torch.empty(d, min(dim, d), dtype=torch.float32, device=dev)
+    if rt is None or getattr(rt, "rank", 0) == 0:
+        evals, evecs, info = top_eigh(cov, dim, solver)
+        log.debug("PCA eigensolver: %s", info)
+        proj = pca_projection(evals, evecs, dim, eigen_power).contiguous()
+    del cov
+    return mean32, _broadcast(proj, rt)
+
+
+def pca_apply_kept(x: torch.Tensor, keep: torch.Tensor | None, mean: torch.Tensor, proj: torch.Tensor,
+                   device=None) -> torch.Tensor:
+    """:func:`pca_apply` (centre, project, L2-normalise) of x's kept rows, block by block:
+    (n_kept_local, dim) float32 on ``device``."""
+    dev = _default_device(device)
+    rows = x.shape[0] if keep is None else int(keep.sum())
+    out = torch.empty(rows, proj.shape[1], dtype=torch.float32, device=dev)
+    o = 0
+    for blk in _kept_blocks(x, keep, _row_chunk(x.shape[1], PCA_BLOCK), dev):
+        y = torch.matmul(blk - mean, proj, out=out[o:o + len(blk)])
+        y /= y.norm(dim=1, keepdim=True).clamp_min(1e-10)
+        o += len(blk)
+    return out
+
+
+def count_distinct_sharded(xb: torch.Tensor, k: int, rt=None) -> int:
+    """Distinct rows over every rank's ``xb`` (n_local, d), exact when below ``k``; else a
+    number >= k (all a collapse check needs). When every rank holds fewer than k distinct
+    rows, their keys ((< k, 2) each) are all-gathered: O(W k), never O(N)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    r = torch.randn(xb.shape[1], 2, generator=g, dtype=torch.float64).to(xb.device)
+    step = _row_chunk(xb.shape[1])
+    keys = np.unique(torch.cat([xb[s:s + step].double() @ r for s in range(0, xb.shape[0], step)]).cpu().numpy()
+                     if len(xb) else np.zeros((0, 2)), axis=0)
+    most = _all_reduce(torch.tensor([len(keys)], dtype=torch.int64), rt, op="max")
+    if int(most) >= k or not _distributed(rt):
+        return len(keys) if not _distributed(rt) else int(most)
+    import torch.distributed as dist
+    pad = torch.full((k, 2), float("nan"), dtype=torch.float64)
+    pad[:len(keys)] = torch.from_numpy(keys)
+    pad = pad.to(rt.device)
+    parts = [torch.empty_like(pad) for _ in range(rt.world_size)]
+    dist.all_gather(parts, pad)
+    allk = torch.cat(parts).cpu().numpy()
+    return int(len(np.unique(allk[~np.isnan(allk[:, 0])], axis=0)))
+
+
+def _init_centroids(x: torch.Tensor, pos: torch.Tensor, init: torch.Tensor, rt) -> torch.Tensor:
+    """(k, d) rows of global positions ``init`` (k,), each taken from the rank holding it."""
+    if not _distributed(rt) and pos is None:
+        return x[init].clone()
+    k = len(init)
+    sorted_init, slot = init.sort()
+    j = torch.searchsorted(sorted_init, pos).clamp_max(k - 1)
+    hit = sorted_init[j] == pos                          # (n_local,) rows that start a centroid
+    centroids = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+    centroids[slot[j[hit]]] = x[hit]
+    return _all_reduce(centroids, rt)                    # one non-zero term per centroid: exact
+
+
+def faiss_nearest(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nearest_centroid` through a faiss flat L2 index (GPU when faiss has one)."""
+    d = c.shape[1]
+    if faiss_has_gpu():
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.useFloat16 = False
+        index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), d, cfg)
+    else:
+        index = faiss.IndexFlatL2(d)
+    index.add(np.ascontiguousarray(c.detach().cpu().numpy(), dtype=np.float32))
+    dist_, lab = index.search(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32), 1)
+    return (torch.from_numpy(lab[:, 0].astype(np.int64)).to(x.device),
+            torch.from_numpy(dist_[:, 0]).to(x.device))
+
+
+def kmeans_sharded(x: torch.Tensor, k: int, niter: int = 20, seed: int = 1234, verbose: bool = False,
+                   rt=None, pos: torch.Tensor | None = None, n: int | None = None,
+                   assign=None, stats: dict | None = None) -> dict:
+    """Lloyd's k-means with faiss's semantics over rows spread across ranks.
+
+    x (n_local, d) float32: this rank's rows; ``pos`` (n_local,) int64 their global positions
+    among the ``n`` rows of all ranks (None: one process, x is everything). Every rank takes
+    the same decisions: the k initial centroids are the rows at ``randperm(n)[:k]`` of a
+    generator seeded with ``seed`` (the one-process draw), each assignment is local
+    (``assign``, default :func:`nearest_centroid`), per-cluster sums and sizes are
+    all-reduced (:func:`cluster_sums`), empty clusters are split from the all-reduced sizes
+    with a numpy RNG seeded alike, and rank 0's centroids are broadcast after every update.
+
+    Same result as one process: the sums are float64, so the order of summation (ranks,
+    blocks, atomics) moves a sum of n_c unit rows by at most about n_c * 2**-53 * n_c, i.e. a
+    centroid coordinate by ~n_c * 1.1e-16 (1e-10 for a million rows) before it is rounded to
+    float32, whose spacing near 1 is 6e-8: the float32 centroid is the same or one ulp away
+    (when the float64 value falls within that bound of a rounding boundary). An assignment
+    can then flip only for a row whose two nearest centroids are within ~1e-7 of each other
+    in squared distance; on data without such near-ties the labels equal the one-process run's.
+    Returns ``centroids`` (k, d), local ``labels`` (n_local,), ``obj`` (niter,) all-reduced,
+    ``nsplit``. ``stats`` receives ``kmeans_bytes``: the largest sum of the buffers held
+    here (see :func:`cluster_peak_bytes`).
+    """
+    n_local, d = x.shape
+    n = n_local if n is None else int(n)
+    if n < k:
+        raise ClusteringError(f"k-means: {n} points cannot make {k} clusters (k must be <= N)")
+    assign = assign or nearest_centroid
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    perm = torch.randperm(n, generator=gen)             # (n,) int64: the one-process draw
+    init = perm[:k].to(x.device)
+    held = perm.numel() * 8 + k * d * 4
+    del perm
+    centroids = _init_centroids(x, None if pos is None else pos.to(x.device), init, rt)
+    rng = np.random.RandomState(int(seed) % (2 ** 32))
+    obj, nsplit = [], 0
+    for it in range(niter):
+        labels, dists = assign(x, centroids)
+        obj.append(float(_all_reduce(dists.sum(dtype=torch.float64).reshape(1), rt)))
+        sums, counts = cluster_sums(x, labels, k, rt)
+        held = max(held, sum(t.numel() * t.element_size() for t in (labels, dists, centroids, sums, counts)))
+        nonempty = counts > 0
+        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).float()
+        del sums
+        nsplit += split_empty_clusters(centroids, counts, n, rng)
+        _broadcast(centroids, rt)  # guards against a backend whose all-reduce differs by rank
+        if verbose:
+            log.info("k-means iter %d/%d objective %.4f", it + 1, niter, obj[-1])
+    labels, _ = assign(x, centroids)
+    if stats is not None:
+        stats["kmeans"] = held
+    return {"centroids": centroids, "labels": labels, "obj": obj, "nsplit": nsplit}
+
+
+def cluster_peak_bytes(n: int, n_local: int, d: int, k: int, pca: int, element_size: int) -> int:
+    """Bytes one rank holds at the peak of the sharded clustering step (:meth:`Kmeans.cluster_shard`).
+
+    ``n`` images in all, ``n_local`` on this rank, D-dim features of ``element_size`` bytes,
+    k clusters, PCA to p = min(pca, D). The rank keeps its shard S = n_local D b throughout;
+    on top of it, the largest of:
+
+    * PCA: the float64 (D, D) covariance, 8 D^2 (n < D: the n kept rows, 4 n D < 4 D^2);
+    * k-means, beside the (n_local, p) float32 whitened rows X = 4 n_local p, the largest of:
+      the initial draw ``randperm(n)`` (8 n) with the float32 centroids (4 k p); one Lloyd
+      iteration: centroids, float64 sums and int64 sizes (12 k p + 8 k), int64 labels and
+      float32 distances of the rows (12 n_local); the label exchange: an (n,) int32 buffer
+      and the int64 labels (4 n + 8 n), with the local labels (8 n_local).
+
+    ::
+
+        peak = S + max(8 D^2, X + max(8 n + 4 k p, 12 k p + 8 k + 12 n_local, 12 n + 8 n_local))
+
+    Not counted: block temporaries of fixed size (row blocks of 2**25 values, the (rows, k)
+    distance block of :func:`nearest_centroid`, 2**26 values), the eigensolver's float32
+    (D, D) copy on rank 0 (4 D^2, 64 MiB at D = 4096).
+
+    Examples (D = 4096, p = 256, shards of ceil(n / W) rows, ``cluster_peak_bytes(...) / 2**30``):
+
+    ========================================  ========  =========  ===================
+    run                                        float32   float16   gather, on rank 0
+    ========================================  ========  =========  ===================
+    ImageNet, n = 1,281,167, W = 8, k = 10^4   2.63 GiB  1.41 GiB  22.0 / 11.0 GiB
+    YFCC100M, n = 95.9 M, W = 64, k = 10^4     25.4 GiB  13.9 GiB  1.60 / 0.80 TB
+    YFCC100M, n = 95.9 M, W = 64, k = 10^5     25.4 GiB  13.9 GiB  1.60 / 0.80 TB
+    ========================================  ========  =========  ===================
+
+    The shard is 2.44 / 1.22 GiB (ImageNet) and 22.9 / 11.4 GiB (YFCC100M) of these; at
+    YFCC100M scale the label exchange (12 n = 1.07 GiB) outweighs the k terms (12 k p = 0.29
+    GiB at k = 10^5), so both k give the same peak: every rank fits a GPU of 80 GB with room
+    for the network, the gather does not fit any.
+    """
+    p = min(pca, d)
+    shard = n_local * d * element_size
+    pca_b = 8 * d * d if n >= d else 4 * n * d
+    x = 4 * n_local * p
+    init = 8 * n + 4 * k * p
+    lloyd = 12 * k * p + 8 * k + 12 * n_local
+    exchange = 12 * n + 8 * n_local
+    return shard + max(pca_b, x + max(init, lloyd, exchange))
 
 
 # ---------------------------------------------------------------------------------------

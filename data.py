@@ -94,6 +94,88 @@ def _walk_images(folder: Path) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------------------------------
+# --file_list: datasets too big to list by walking the folder
+# ---------------------------------------------------------------------------------------
+class FileList:
+    """The images of a ``--file_list``: one path per line, optionally ``PATH<TAB>LABEL``.
+
+    Held in numpy buffers, not Python objects: ``blob`` (uint8) is the file itself and
+    ``starts`` / ``ends`` (int64, (N,)) delimit each path in it. A DataLoader worker
+    (a fork) reads them without writing to them: a Python list of N str has a reference
+    count in every object, which each access writes, so every page of the list is
+    gradually copied into every worker (the known copy-on-access growth: 10 M paths ~ 1 GB
+    per worker); these buffers stay shared. Item i is ``os.path.join(root, path_i)`` (an
+    absolute path stays as is). ``labels``: (N,) int64 class ids of the labels in sorted
+    order (``classes``), or None when no line has one. ``sha256``: of the file's bytes.
+    """
+
+    def __init__(self, path: str | os.PathLike, root: str | os.PathLike | None = None):
+        import hashlib
+
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"--file_list {str(path)!r} cannot be read: {e}") from e
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        self.root = str(root if root is not None else path.resolve().parent)
+        blob = np.frombuffer(raw, dtype=np.uint8)
+        ends = np.flatnonzero(blob == 10)                        # newline positions
+        if len(blob) and blob[-1] != 10:
+            ends = np.append(ends, len(blob))                    # no newline at the end
+        starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+        ends = ends.astype(np.int64)
+        cr = (ends > starts) & (blob[np.maximum(ends - 1, 0)] == 13)  # CRLF
+        ends = ends - cr
+        keep = ends > starts                                     # blank lines carry no image
+        starts, ends = starts[keep], ends[keep]
+        if not len(starts):
+            raise DataError(f"--file_list {str(path)!r} lists no image")
+        # optional label after the last tab of a line
+        tabs = np.flatnonzero(blob == 9)
+        last_tab = np.searchsorted(tabs, ends) - 1               # index of the last tab before each line end
+        has = last_tab >= 0
+        has[has] = tabs[last_tab[has]] >= starts[has]
+        self.labels, self.classes = None, []
+        if has.any():
+            if not has.all():
+                first = int(np.flatnonzero(~has)[0])
+                raise DataError(f"--file_list {str(path)!r}: entry {first + 1} (blank lines not counted) has no "
+                                f"label (TAB LABEL) but "
+                                f"others do: give every line a label or none")
+            t = tabs[last_tab]
+            # the labels as one (N, widest) byte matrix viewed as fixed-width strings: no Python object per line
+            width = ends - t - 1
+            w = max(1, int(width.max()))
+            cols = np.arange(w)
+            names = blob[np.minimum(t[:, None] + 1 + cols, len(blob) - 1)] * (cols < width[:, None])
+            classes, inverse = np.unique(np.ascontiguousarray(names).view(f"S{w}")[:, 0], return_inverse=True)
+            self.labels = inverse.astype(np.int64).reshape(-1)
+            self.classes = [c.decode("utf-8", "replace") for c in classes]
+            ends = t
+        self.blob, self.starts, self.ends = blob, starts, ends
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> str:
+        p = bytes(self.blob[self.starts[i]:self.ends[i]]).decode("utf-8", "surrogateescape")
+        return os.path.join(self.root, p)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def select(self, keep: np.ndarray | list[int]) -> "FileList":
+        """The entries ``keep`` (dataset indices), sharing the blob."""
+        out = object.__new__(FileList)
+        out.__dict__.update(self.__dict__)
+        keep = np.asarray(keep, dtype=np.int64)
+        out.starts, out.ends = self.starts[keep], self.ends[keep]
+        out.labels = None if self.labels is None else self.labels[keep]
+        return out
+
+
 # Images over this many pixels are refused (PIL's own bomb threshold, ~89 Mpx): a
 # decompression bomb would otherwise exhaust memory in a DataLoader worker.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -195,9 +277,25 @@ class IndexedImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    @classmethod
+    def from_file_list(cls, file_list: str | os.PathLike, root: str | os.PathLike | None = None,
+                       transform: Callable | None = None, draft: int | None = None) -> "IndexedImageFolder":
+        """The images of a :class:`FileList` (the folder is never walked); ``targets`` is then
+        an (N,) int64 array (the lines' labels) or None."""
+        self = cls.__new__(cls)
+        listing = FileList(file_list, root)
+        self.root, self.paths = str(file_list), listing
+        self.targets, self.classes = listing.labels, listing.classes
+        self.transform, self.draft, self.mark_unreadable = transform, draft, False
+        return self
+
     def drop(self, indices: set[int]) -> None:
         """Remove images (e.g. the ones a check refused) from the dataset."""
         keep = [i for i in range(len(self.paths)) if i not in indices]
+        if isinstance(self.paths, FileList):
+            self.paths = self.paths.select(keep)
+            self.targets = self.paths.labels
+            return
         self.paths = [self.paths[i] for i in keep]
         if self.targets is not None:
             self.targets = [self.targets[i] for i in keep]
@@ -466,6 +564,16 @@ def open_folder(args, rt) -> "IndexedImageFolder":
         if rt.distributed:
             torch.distributed.barrier()
         _log.info("demo: no DIR given, training on scikit-learn's digits exported to %s", args.data)
+    if getattr(args, "file_list", None):
+        # DIR (when given) is the root of the list's relative paths; the list's hash is kept in args (so in
+        # every checkpoint's args), and a resume refuses another list (checkpoint.check_checkpoint)
+        root = os.path.abspath(args.data) if args.data else None
+        ds = IndexedImageFolder.from_file_list(args.file_list, root, transform=eval_transform(args.size, normalize=False),
+                                               draft=eval_resize(args.size) if args.jpeg_draft else None)
+        args.file_list = os.path.abspath(args.file_list)
+        args.file_list_sha256 = ds.paths.sha256
+        args.data = ds.paths.root  # absolute: DIR, or the list's folder
+        return ds
     args.data = os.path.abspath(args.data)
     # uint8 items, normalised per batch by to_model_input
     return IndexedImageFolder(args.data, transform=eval_transform(args.size, normalize=False),

@@ -180,28 +180,55 @@ class FeatureStore:
     ``device`` cuda keeps the features on the GPU (the host never holds the matrix);
     ``dtype`` float16 halves its size (clustering upcasts block by block). ``tensor`` is what
     :meth:`clustering.Kmeans.cluster` takes.
+
+    Writes overlap the device-to-host copy with the next batch's forward pass: :meth:`write`
+    converts the batch to the store's dtype on its device, starts a non-blocking copy (into
+    pinned host memory) and records a CUDA event; the rows are placed into the matrix only by
+    the next :meth:`write` or by :meth:`flush` (reading ``tensor`` flushes), after the
+    event has completed: a non-blocking device-to-host copy is not ready before that sync.
+    On the CPU the same code runs (the copy is then a plain one and there is no event).
     """
 
     def __init__(self, n: int, dim: int, device: torch.device | str = "cpu",
                  dtype: str | torch.dtype = "float32"):
         self.device = torch.device(device)
         self.dtype = feature_dtype(dtype)
-        self.tensor = torch.empty(int(n), int(dim), dtype=self.dtype, device=self.device)
+        self._tensor = torch.empty(int(n), int(dim), dtype=self.dtype, device=self.device)
+        self._pending: tuple | None = None  # (idx, rows in flight, event or None)
         self.filled = 0
 
     @property
+    def tensor(self) -> torch.Tensor:
+        """The (N, D) matrix, every written batch in place."""
+        self.flush()
+        return self._tensor
+
+    @property
     def nbytes(self) -> int:
-        return self.tensor.numel() * self.tensor.element_size()
+        return self._tensor.numel() * self._tensor.element_size()
 
     def write(self, idx, batch: torch.Tensor) -> None:
-        """Store ``batch`` (B, D) at rows ``idx`` (B,) (dataset indices, any order).
+        """Store ``batch`` (B, D) at rows ``idx`` (B,) (dataset indices, any order); the
+        previous batch is placed first (see the class docstring)."""
+        self.flush()
+        rows = batch.detach().to(self.dtype)  # on its device: float16 halves the bytes copied
+        event = None
+        if rows.device != self.device:
+            rows = rows.to(self.device, non_blocking=True)
+            if batch.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+        self._pending = (torch.as_tensor(idx, dtype=torch.long), rows, event)
 
-        The copy to the store's device is synchronous on purpose: a non-blocking
-        device-to-host copy returns before the data has arrived, and ``index_copy_`` would
-        then read stale or uninitialised host memory.
-        """
-        idx = torch.as_tensor(idx, dtype=torch.long).to(self.device)
-        self.tensor.index_copy_(0, idx, batch.detach().to(self.device, self.dtype))
+    def flush(self) -> None:
+        """Place the batch whose copy may still be in flight (waits for its event)."""
+        if self._pending is None:
+            return
+        idx, rows, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()  # the non-blocking copy has landed in host memory
+        self._tensor.index_copy_(0, idx.to(self.device), rows)
         self.filled += int(idx.numel())
 
     def numpy(self) -> np.ndarray:
@@ -209,20 +236,33 @@ class FeatureStore:
         return self.tensor.float().cpu().numpy()
 
 
+class FeatureShard:
+    """This rank's rows of the run's feature matrix: ``x`` (n_local, D), ``idx`` (n_local,)
+    int64 their dataset indices (None in one process: ``x`` is the whole matrix, row i =
+    image i), ``n`` the number of images in all ranks."""
+
+    def __init__(self, x: torch.Tensor, idx: torch.Tensor | None, n: int):
+        self.x, self.idx, self.n = x, idx, n
+
+
 class RunFeatures:
-    """The run's (N, D) feature matrix, written batch by batch by dataset index.
+    """The run's (N, D) feature matrix, written batch by batch by dataset index, each rank
+    keeping the rows it extracted.
 
     One process: rows go straight into an (N, D) :class:`FeatureStore` on ``on`` (the host,
-    or the GPU). Under torchrun each rank fills an (n_local, D) store of its share on its
-    device and :meth:`result` gathers the whole matrix on rank 0, where it stays on rank 0's
-    device (where it is clustered: no round trip through the host); the other ranks get None.
+    or the GPU with ``--features_on device``). Under torchrun each rank fills an (n_local, D)
+    store of its share on ``on`` and remembers each row's dataset index: :meth:`shard` hands
+    them to the sharded k-means (no rank ever holds the matrix, see
+    :meth:`clustering.Kmeans.cluster_shard`). ``gather=True`` (PIC, which needs the whole
+    matrix) keeps the store on the rank's device and :meth:`result` gathers the matrix on
+    rank 0 (:func:`gather_rows`).
     """
 
     def __init__(self, n: int, n_local: int, dim: int, rt: "Runtime", on: torch.device,
-                 dtype: str | torch.dtype = "float32"):
-        self.n, self.rt = n, rt
+                 dtype: str | torch.dtype = "float32", gather: bool = False):
+        self.n, self.rt, self.gather = n, rt, gather
         if rt.distributed:
-            self.store = FeatureStore(n_local, dim, rt.device, dtype)
+            self.store = FeatureStore(n_local, dim, rt.device if gather else on, dtype)
             self.local_idx = torch.empty(n_local, dtype=torch.long)  # (n_local,) dataset index of each row
         else:
             self.store = FeatureStore(n, dim, on, dtype)
@@ -237,6 +277,12 @@ class RunFeatures:
             self.pos += b
         else:
             self.store.write(idx, rows)
+
+    def shard(self) -> FeatureShard:
+        """This rank's rows and their dataset indices (every rank)."""
+        x = self.store.tensor
+        self.store = None
+        return FeatureShard(x, self.local_idx if self.rt.distributed else None, self.n)
 
     def result(self) -> np.ndarray | torch.Tensor | None:
         """The (N, D) matrix (None on ranks other than 0); host float32 stays a numpy array

@@ -56,6 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DIR", nargs="?", default=None,
                    help="image folder, with or without class folders (only used to report NMI with the labels); "
                         "omit it to run the demo on scikit-learn's handwritten digits")
+    p.add_argument("--file_list", metavar="FILE", default=None,
+                   help="the images listed in FILE, one path per line (optionally PATH<TAB>LABEL), relative to DIR "
+                        "when given, else to FILE's folder: the folder is never walked (for datasets too big to list)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", "-a", type=str, choices=models.ARCHS, default="alexnet", help="CNN architecture")
     g.add_argument("--sobel", action="store_true", help="Sobel filtering")
@@ -63,7 +66,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop_min_scale", type=float, default=0.08,
                    help="smallest area fraction of the training RandomResizedCrop (0.08: the paper's)")
     g = p.add_argument_group("clustering")
-    g.add_argument("--clustering", type=str, choices=["Kmeans", "PIC"], default="Kmeans", help="clustering algorithm")
+    g.add_argument("--clustering", type=str, choices=["Kmeans", "PIC"], default="Kmeans",
+                   help="clustering algorithm; under torchrun Kmeans is sharded (each process keeps its rows), PIC "
+                        "gathers the whole (N, D) matrix on rank 0 (about N x D x bytes x 1.125 there, see "
+                        "docs/distributed.md)")
     g.add_argument("--nmb_cluster", "--k", type=int, default=10000, help="number of cluster for k-means")
     g.add_argument("--cluster_backend", choices=["auto", "faiss", "torch"], default="auto",
                    help="k-means implementation (auto: torch on CUDA, faiss on CPU when installed)")
@@ -102,7 +108,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--features_dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage of the (N, D) feature matrix (float16 halves it)")
     g.add_argument("--features_on", choices=["host", "device"], default="host",
-                   help="feature matrix in host RAM (the original) or on the GPU, where it is clustered")
+                   help="feature matrix (under torchrun: each process's share) in host RAM (the original) or on "
+                        "the GPU, where it is clustered")
+    g.add_argument("--extract_batch", type=int, default=0,
+                   help="images per process per step of the feature pass (no gradients, so it can be larger); "
+                        "0: batch / W as in training")
     knn.add_monitor_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
@@ -153,11 +163,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     given = cli.explicit_flags(get_args_parser(), argv)
     folder, recorded = checkpoint.recorded_run(args.resume) if args.resume else (None, {})
     recorded = {k: v for k, v in recorded.items() if k in vars(args) and k not in checkpoint.NOT_INHERITED}
-    if (given["data"] if "data" in given else recorded.get("data")) is None:
+
+    def chosen(flag: str):  # given here, else recorded by the resumed run
+        return given[flag] if flag in given else recorded.get(flag)
+
+    if chosen("data") is None and chosen("file_list") is None:
         parser.set_defaults(**DEMO_DEFAULTS)
     parser.set_defaults(**recorded, **({"exp": str(folder)} if folder is not None and "exp" not in given else {}))
     args = parser.parse_args(argv)
-    args.demo = args.data is None
+    args.demo = args.data is None and args.file_list is None
     changed = [f"--{k} {getattr(args, k)} (the run's: {v})" for k, v in recorded.items()
                if k in given and k != "data" and getattr(args, k) != v]
     if folder is not None:  # said by main() once logging is set up; not a flag of the run
@@ -188,6 +202,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--crop_min_scale", 0 < args.crop_min_scale <= 1, args.crop_min_scale, "must be in (0, 1]"),
         ("--pca", args.pca >= 1, args.pca, "must be >= 1"),
         ("--kmeans_iters", args.kmeans_iters >= 1, args.kmeans_iters, "must be >= 1"),
+        ("--extract_batch", args.extract_batch >= 0, args.extract_batch, "must be >= 0 (0: batch / W)"),
         ("--size", args.size >= (64 if args.arch == "alexnet" else 32), args.size,
          "is too small for the architecture (alexnet needs >= 64, vgg16 and resnet50 >= 32)"),
     ] + knn.monitor_arg_rules(args)
@@ -226,17 +241,19 @@ def make_feature_loader(dataset: data.IndexedImageFolder, args: argparse.Namespa
                         rt: distributed.Runtime) -> DataLoader:
     """Fixed-order loader; under torchrun rank r reads images r, r + W, r + 2W, ..."""
     part = dataset if not rt.distributed else Subset(dataset, range(rt.rank, len(dataset), rt.world_size))
-    return data.make_loader(part, rank_batch(args, rt), args.workers, rt.device)
+    return data.make_loader(part, args.extract_batch or rank_batch(args, rt), args.workers, rt.device)
 
 
 @torch.no_grad()
 def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, rt: distributed.Runtime,
-                     args: argparse.Namespace) -> np.ndarray | torch.Tensor | None:
-    """(N, D) features in --features_dtype, row i = image i: D = 4096 pre-ReLU fc7 (AlexNet, VGG-16),
-    2048 average-pooled (ResNet-50). Under torchrun rank 0 gathers the matrix (distributed.RunFeatures)."""
+                     args: argparse.Namespace):
+    """Features in --features_dtype: D = 4096 pre-ReLU fc7 (AlexNet, VGG-16), 2048 average-pooled
+    (ResNet-50). Kmeans: this rank's rows and their dataset indices (a distributed.FeatureShard; one
+    process: the (N, D) matrix, row i = image i); PIC: the (N, D) matrix gathered on rank 0, None elsewhere."""
     model.eval()
     store_on = rt.device if args.features_on == "device" else torch.device("cpu")
-    store = distributed.RunFeatures(N, len(loader.dataset), model.feature_dim, rt, store_on, args.features_dtype)
+    store = distributed.RunFeatures(N, len(loader.dataset), model.feature_dim, rt, store_on, args.features_dtype,
+                                    gather=args.clustering == "PIC")
     for imgs, idx in tqdm(loader, desc="features", leave=False, disable=cli.progress(args.no_progress)):
         imgs = data.to_model_input(imgs, rt.device, args.channels_last)  # uint8 -> normalised float32
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=args.amp):
@@ -244,8 +261,8 @@ def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, r
         fileio.fault_point("features")
         if args.bad_images == "skip" and bool((idx < 0).any()):
             out, idx = data.mark_unreadable(out, idx, loader.dataset, args.exp)
-        store.write(idx, out.float())
-    return store.result()
+        store.write(idx, out)  # the copy to the host overlaps the next batch (distributed.FeatureStore)
+    return store.result() if args.clustering == "PIC" else store.shard()
 
 
 def make_clusterer(args: argparse.Namespace, device: torch.device):
@@ -255,15 +272,19 @@ def make_clusterer(args: argparse.Namespace, device: torch.device):
                              pca=args.pca, device=device, pca_solver=args.pca_solver)
 
 
-def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
+def cluster(features, clusterer, args: argparse.Namespace,
             rt: distributed.Runtime) -> tuple[float, list[list[int]], np.ndarray]:
-    """PCA-whiten, L2-normalise and cluster on rank 0; every rank gets the same result.
+    """PCA-whiten, L2-normalise and cluster; every rank gets the same result. k-means: sharded, each rank
+    keeps its rows (clustering.Kmeans.cluster_shard); PIC: on rank 0, which holds the gathered matrix.
 
     Returns (clustering loss, images_lists, (N,) cluster id per image). The k-means seed is drawn from the seeded
     numpy RNG on every rank (as the original did per call), so the ranks' RNGs stay in step.
     """
     clusterer.seed = int(np.random.randint(1234))
     fileio.fault_point("clustering")
+    if isinstance(features, distributed.FeatureShard):  # unreadable images (NaN rows) get no cluster (-1)
+        loss, labels = clusterer.cluster_shard(features.x, features.idx, features.n, rt, args.verbose)
+        return float(loss), clusterer.images_lists, labels
     if rt.is_main:  # unreadable images (NaN rows with --bad_images skip) get no cluster (-1)
         loss, lists, labels = clustering.cluster_readable(clusterer, features, args.verbose)
         meta = np.array([loss, len(lists)], dtype=np.float64)
@@ -457,7 +478,7 @@ def check_data(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: 
                     "N with N <= %d to choose)", args.pca, n, max(1, n // 4), max(1, n // 4))
         args.pca = max(1, n // 4)
     log.info("%d images%s, %s%s at %d px, %d process(es) on %s", n, f" in {len(dataset.classes)} class folders"
-             if dataset.targets else "", args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size,
+             if dataset.targets is not None and len(dataset.targets) else "", args.arch, " + Sobel" if args.sobel else "", args.size, rt.world_size,
              rt.device)
 
 
@@ -489,7 +510,8 @@ def main(args: argparse.Namespace) -> dict:
     check_data(dataset, args, exp, rt)
     N = len(dataset)
     # NMI with the labels: with class folders, at least two of them (one class: no information)
-    targets = np.asarray(dataset.targets) if dataset.targets and len(dataset.classes) > 1 else None
+    targets = np.asarray(dataset.targets) if dataset.targets is not None and len(dataset.targets) \
+        and len(dataset.classes) > 1 else None
     dataset.mark_unreadable = args.bad_images == "skip"
 
     board = tb.Board(exp / "tensorboard" if args.tensorboard and rt.is_main else None)  # no package: stops here

@@ -34,9 +34,10 @@ def digits100(module_tmp, digits_dir) -> str:
 
 
 def train_argv(data: str, exp: Path, epochs: int) -> list[str]:
+    # the torch k-means: the same on any number of processes (faiss on one process is faiss.Clustering)
     return [data, "--exp", str(exp), "--size", "64", "--k", "10", "--pca", "32", "--batch", "8",
             "--workers", "0", "--epochs", str(epochs), "--sobel", "--no_progress", "--checkpoints", "1000",
-            "--keep_checkpoints", "0", "--device", "cpu"]  # every periodic copy kept: the tests resume from chosen ones
+            "--cluster_backend", "torch", "--keep_checkpoints", "0", "--device", "cpu"]  # every periodic copy kept
 
 
 def run_torchrun(nproc: int, argv: list[str]) -> subprocess.CompletedProcess:
