@@ -1,0 +1,254 @@
+"""DeepCluster-v2 pieces against independent computations (swav main_deepclusterv2.py)."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import clustering
+import data
+import optim
+from models.deepclusterv2 import DeepClusterV2Net, dcv2_from_state_dict, dcv2_loss
+
+
+# ---------------------------------------------------------------------------------------
+# optimiser and schedule
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("epochs,warm,ipe", [(5, 2, 3), (10, 0, 4), (3, 3, 2)])
+def test_schedule_values_at_iterations(epochs, warm, ipe):
+    base, final, start = 4.8, 0.0048, 0.3
+    lr = optim.warmup_cosine_schedule(base, final, epochs, warm, start, ipe)
+    assert lr.shape == (epochs * ipe,)
+    nw, total = warm * ipe, (epochs - warm) * ipe
+    for t in range(epochs * ipe):
+        if t < nw:  # linspace with both ends: start + t * (base - start) / (nw - 1)
+            want = start + t * (base - start) / (nw - 1) if nw > 1 else start
+        else:
+            want = final + (base - final) * (1 + math.cos(math.pi * (t - nw) / total)) / 2
+        assert lr[t] == pytest.approx(want, rel=1e-12, abs=1e-12)
+    if nw:
+        assert lr[0] == start and lr[nw - 1] == pytest.approx(base)
+    if total:
+        assert lr[nw] == pytest.approx(base) and lr[-1] > final
+
+
+def _larc_reference(w, g, buf, lr, wd, trust, eps=1e-8, momentum=0.9):
+    """numpy float64: LARC-scaled gradient then SGD momentum (dampening 0) without decay."""
+    wn, gn = np.linalg.norm(w), np.linalg.norm(g)
+    if wn > 0 and gn > 0:
+        g = (g + wd * w) * (trust * wn / (gn + wn * wd + eps))
+    buf = g if buf is None else momentum * buf + g
+    return w - lr * buf, buf
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-6, 0.1])
+def test_larc_steps_match_formula(wd):
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 2, 2, 2)]
+    ps = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    zero = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))   # ||w|| = 0: plain SGD, no decay
+    frozen = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))  # grad None: untouched
+    opt = optim.dcv2_sgd(ps + [zero, frozen], base_lr=0.5, wd=wd)
+    ref = [(p.detach().numpy().copy(), None) for p in ps + [zero]]
+    frozen0 = frozen.detach().clone()
+    for step in range(3):
+        grads = [torch.randn(s, dtype=torch.float64) for s in shapes] + [torch.randn(4, dtype=torch.float64)]
+        for p, g in zip(ps + [zero], grads):
+            p.grad = g.clone()
+        frozen.grad = None
+        lr = 0.5 / (step + 1)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        ref = [_larc_reference(w, g.numpy(), b, lr, wd, 0.001) for (w, b), g in zip(ref, grads)]
+        for p, (w, _) in zip(ps + [zero], ref):
+            np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-12, atol=1e-14)
+        assert opt.param_groups[0]["weight_decay"] == wd  # restored after the step
+    assert torch.equal(frozen.detach(), frozen0)
+
+
+def test_larc_clip_and_state_dict():
+    p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = optim.LARC(torch.optim.SGD([p], lr=1.0), trust_coefficient=10.0, clip=True)
+    p.grad = torch.tensor([0.0, 1.0])
+    opt.step()  # local = 10 * 5 / 1 = 50 > lr=1: clipped to factor 1 (plain SGD)
+    assert torch.allclose(p.detach(), torch.tensor([3.0, 3.0]))
+    sd = opt.state_dict()
+    opt2 = optim.LARC(torch.optim.SGD([p], lr=1.0), 10.0, True)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["lr"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------
+def test_model_shapes_and_swav_release_layout():
+    torch.manual_seed(0)
+    m = DeepClusterV2Net("resnet18", hidden_mlp=64, feat_dim=16, nmb_prototypes=[5, 7]).eval()
+    crops = [torch.randn(2, 3, 32, 32)] * 2 + [torch.randn(2, 3, 24, 24)] * 3
+    emb, scores = m(crops)
+    assert emb.shape == (10, 16) and [s.shape for s in scores] == [(10, 5), (10, 7)]
+    assert torch.allclose(emb.norm(dim=1), torch.ones(10), atol=1e-5)
+    # the prototypes are bias-free linear maps of the normalised embedding
+    assert torch.allclose(scores[1], emb @ m.prototypes.prototypes1.weight.t(), atol=1e-5)
+    # crops are batched per resolution: the same as one crop at a time
+    e0, _ = m(crops[3])
+    assert torch.allclose(emb[6:8], e0, atol=1e-5)
+    assert m.forward_features(crops[0]).shape == (2, 512)
+    assert m.trunk("layer2")(crops[0]).shape[1] == 128
+    # swav's released layout: DDP's module. prefix, projection_head.{0,1,3}, prototypes.prototypesN
+    big = DeepClusterV2Net("resnet50", nmb_prototypes=[30, 30, 30])
+    sd = {"module." + k: v.clone() for k, v in big.state_dict().items()}
+    assert "module.projection_head.3.weight" in sd and "module.prototypes.prototypes2.weight" in sd
+    loaded = dcv2_from_state_dict(sd)
+    assert loaded.arch == "resnet50" and loaded.hidden_mlp == 2048 and loaded.feat_dim == 128
+    assert loaded.nmb_prototypes == [30, 30, 30]
+    for k, v in big.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    # the project's ResNet-50 loader reads its trunk (projection head, prototypes ignored)
+    import models
+
+    r50, ignored = models.from_state_dict(sd)
+    assert type(r50).__name__ == "ResNet50" and any("prototypes" in k for k in ignored)
+
+
+def test_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    B, crops, T = 3, 2, 0.1
+    scores = [torch.randn(crops * B, 4), torch.randn(crops * B, 6)]
+    targets = torch.tensor([[1, -100, 3], [5, 0, -100]])
+    got = dcv2_loss(scores, targets, crops, T)
+    per_head = []
+    for h in range(2):
+        terms = []
+        for row in range(crops * B):
+            t = int(targets[h, row % B])
+            if t == -100:
+                continue
+            z = scores[h][row].double() / T
+            terms.append(-(z[t] - torch.logsumexp(z, 0)))
+        per_head.append(sum(terms) / len(terms))
+    assert got.item() == pytest.approx(float(sum(per_head) / 2), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# multi-crop
+# ---------------------------------------------------------------------------------------
+def test_multicrop_shapes_scales_and_seed(tmp_path):
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    img = Image.fromarray(rng.randint(0, 255, (60, 80, 3)).astype(np.uint8))
+    mc = data.MultiCrop([32, 16], [2, 3], [0.14, 0.05], [1.0, 0.14])
+    crops = mc(img)
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    # each group's RandomResizedCrop draws its area in the group's scale range
+    for t, (lo, hi) in zip((mc.trans[0], mc.trans[2]), ((0.14, 1.0), (0.05, 0.14))):
+        rrc = t.transforms[0]
+        assert rrc.scale == (lo, hi)
+        for _ in range(50):
+            i, j, h, w = rrc.get_params(img, rrc.scale, rrc.ratio)
+            slack = h + w + 1  # h, w are rounded from the drawn area
+            assert lo * 4800 - slack <= h * w <= hi * 4800 + slack or (h, w) in ((60, 60), (60, 80))
+    jitter = mc.trans[0].transforms[2].transforms[0]
+    assert jitter.p == 0.8 and mc.trans[0].transforms[2].transforms[1].p == 0.2
+    assert mc.trans[0].transforms[3].prob == 0.5
+    # seeded items: the same crops for the same (image, seed)
+    from clustering import _apply
+
+    a, b, c = _apply(mc, img, 7), _apply(mc, img, 7), _apply(mc, img, 8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], c[0])
+    with pytest.raises(data.DataError, match="same number"):
+        data.MultiCrop([32], [2, 1], [0.1], [1.0])
+
+
+# ---------------------------------------------------------------------------------------
+# spherical k-means
+# ---------------------------------------------------------------------------------------
+def numpy_spherical_kmeans(x: np.ndarray, c: np.ndarray, niter: int):
+    """Reference: float64, explicit loops over clusters."""
+    c = c.astype(np.float64).copy()
+    x = x.astype(np.float64)
+    for it in range(niter + 1):
+        a = np.argmax(x @ c.T, axis=1)
+        if it == niter:
+            return c, a
+        for j in range(len(c)):
+            members = x[a == j]
+            if len(members):
+                c[j] = members.sum(0) / len(members)
+        c /= np.linalg.norm(c, axis=1, keepdims=True)
+
+
+def _bank(n=120, d=8, seed=0):
+    rng = np.random.RandomState(seed)
+    centers = rng.randn(4, d)
+    x = centers[rng.randint(0, 4, n)] + 0.6 * rng.randn(n, d)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_spherical_kmeans_matches_numpy_one_process():
+    x = _bank()
+    k = 6
+    c, a = clustering.spherical_kmeans(torch.from_numpy(x), k, niter=10, seed=3)
+    # swav's init: rows randperm(n)[:k] of a generator seeded with the seed
+    init = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(3))[:k].numpy()]
+    rc, ra = numpy_spherical_kmeans(x, init, 10)
+    np.testing.assert_array_equal(a.numpy(), ra)
+    np.testing.assert_allclose(c.numpy(), rc, atol=1e-5)
+    labels = clustering.gather_assignments(a, torch.arange(len(x)) * 2, 2 * len(x))
+    assert (labels[1::2] == -100).all() and torch.equal(labels[::2], a)
+
+
+def test_spherical_kmeans_empty_clusters():
+    # two identical points and k=3: one cluster stays empty
+    x = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=1)
+    init = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]), dim=1)
+    c, a = clustering.spherical_kmeans(x, 3, niter=3, centroids=init)
+    assert torch.allclose(c[1], init[1])                       # swav: the empty one keeps its value
+    assert (torch.bincount(a, minlength=3) == torch.tensor([2, 0, 1])).all()
+    c2, _ = clustering.spherical_kmeans(x, 3, niter=1, centroids=init, reassign_empty=True)
+    assert not torch.allclose(c2[1], init[1])                  # re-seeded by a split
+    with pytest.raises(clustering.ClusteringError, match="fewer than"):
+        clustering.spherical_kmeans(x, 5)
+
+
+def _kmeans_worker(rank: int, world: int, store: str, out: str, x: np.ndarray, k: int):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        idx = torch.arange(rank, len(x), world)                # this rank's shard, by dataset index
+        shard = torch.from_numpy(x)[idx]
+        res = {}
+        for init in ("rank0", "index"):
+            c, a = clustering.spherical_kmeans(shard, k, niter=10, seed=5,
+                                               index=idx if init == "index" else None)
+            res[init] = (c.numpy(), clustering.gather_assignments(a, idx, len(x)).numpy())
+        np.save(f"{out}/r{rank}.npy", np.array([res], dtype=object), allow_pickle=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_spherical_kmeans_two_gloo_processes_match_reference(tmp_path):
+    x, k = _bank(101, 8, 1), 5
+    mp.start_processes(_kmeans_worker, args=(2, str(tmp_path / "store"), str(tmp_path), x, k), nprocs=2,
+                       start_method="spawn")
+    r0 = np.load(tmp_path / "r0.npy", allow_pickle=True)[0]
+    r1 = np.load(tmp_path / "r1.npy", allow_pickle=True)[0]
+    # swav's init: rank 0 samples its own shard (rows 0, 2, 4, ...)
+    shard0 = x[0::2]
+    init = shard0[torch.randperm(len(shard0), generator=torch.Generator().manual_seed(5))[:k].numpy()]
+    rc, ra = numpy_spherical_kmeans(x, init, 10)
+    for r in (r0, r1):  # every rank has the same centroids and every dataset index's label
+        np.testing.assert_allclose(r["rank0"][0], rc, atol=1e-5)
+        np.testing.assert_array_equal(r["rank0"][1], ra)
+    # by-index init: the same as one process with the same seed
+    c1, a1 = clustering.spherical_kmeans(torch.from_numpy(x), k, niter=10, seed=5, index=torch.arange(len(x)))
+    for r in (r0, r1):
+        np.testing.assert_allclose(r["index"][0], c1.numpy(), atol=1e-5)
+        np.testing.assert_array_equal(r["index"][1], a1.numpy())
