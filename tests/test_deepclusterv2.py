@@ -252,3 +252,106 @@ def test_spherical_kmeans_two_gloo_processes_match_reference(tmp_path):
     for r in (r0, r1):
         np.testing.assert_allclose(r["index"][0], c1.numpy(), atol=1e-5)
         np.testing.assert_array_equal(r["index"][1], a1.numpy())
+
+
+# ---------------------------------------------------------------------------------------
+# main_deepclusterv2.py end to end (ResNet-18 at 32 px, 24 generated images)
+# ---------------------------------------------------------------------------------------
+def dcv2_argv(folder, exp, *extra) -> list[str]:
+    return [str(folder), "--exp", str(exp), "--arch", "resnet18", "--hidden_mlp", "32", "--feat_dim", "16",
+            "--nmb_prototypes", "4", "5", "--nmb_crops", "2", "1", "--size_crops", "32", "16",
+            "--min_scale_crops", "0.3", "0.1", "--max_scale_crops", "1", "0.3", "--batch_size", "8",
+            "--epochs", "2", "--warmup_epochs", "1", "--base_lr", "0.5", "--final_lr", "0.005",
+            "--freeze_prototypes_niters", "2", "--workers", "0", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def dcv2_images(module_tmp):
+    from conftest import make_image_folder
+
+    return make_image_folder(module_tmp.mktemp("imgs") / "images", n_classes=2, per_class=8, size=40)
+
+
+@pytest.fixture(scope="module")
+def dcv2_reference(dcv2_images, module_tmp):
+    """An uninterrupted 2-epoch run (2 steps per epoch)."""
+    import main_deepclusterv2 as m2
+
+    exp = module_tmp.mktemp("ref") / "exp"
+    assert m2.run(dcv2_argv(dcv2_images, exp)) == 0
+    return exp
+
+
+def _final(exp):
+    import checkpoint
+
+    return checkpoint.torch_load(exp / "checkpoint.pth.tar")
+
+
+def test_dcv2_run_outputs(dcv2_reference):
+    import util
+
+    recs = util.read_jsonl(dcv2_reference / "log.jsonl")
+    assert [r["epoch"] for r in recs] == [0, 1]
+    assert all(np.isfinite(r["loss"]) and len(r["nmi_labels_heads"]) == 2 for r in recs)
+    ck = _final(dcv2_reference)
+    assert ck["epoch"] == 2 and ck["iteration"] == 0 and ck["bank"].shape == (2, 16, 16)
+    assert (dcv2_reference / "checkpoints" / "ckp-1.pth").exists()
+    # the prototypes moved only after freeze_prototypes_niters (2) steps: they are no longer
+    # the unit centroids the k-means set at the start of epoch 1
+    w = ck["state_dict"]["prototypes.prototypes0.weight"]
+    assert not torch.allclose(w.norm(dim=1), torch.ones(4), atol=1e-4)
+    # swav's release layout loads the run's weights
+    sd = {"module." + k: v for k, v in ck["state_dict"].items()}
+    assert dcv2_from_state_dict(sd).nmb_prototypes == [4, 5]
+
+
+def test_dcv2_prototypes_frozen(dcv2_images, tmp_path):
+    import main_deepclusterv2 as m2
+
+    # frozen for the whole run: the prototypes stay the centroids k-means set (unit rows)
+    exp = tmp_path / "frozen"
+    assert m2.run(dcv2_argv(dcv2_images, exp, "--freeze_prototypes_niters", "100", "--epochs", "1",
+                            "--warmup_epochs", "0")) == 0
+    w = _final(exp)["state_dict"]["prototypes.prototypes1.weight"]
+    assert torch.allclose(w.norm(dim=1), torch.ones(5), atol=1e-5)
+
+
+def test_dcv2_resume_at_epoch_end_and_mid_epoch_equals_uninterrupted(dcv2_images, dcv2_reference, tmp_path,
+                                                                      monkeypatch):
+    import checkpoint
+    import main_deepclusterv2 as m2
+
+    exp = tmp_path / "exp"
+    argv = dcv2_argv(dcv2_images, exp, "--checkpoint_iters", "1")
+    monkeypatch.setenv("DEEPCLUSTER_FAULT_MODE", "raise")
+    # hits: epoch 0 steps 1-2 (saved after step 1 and at the end), epoch 1 steps 3-4
+    monkeypatch.setenv("DEEPCLUSTER_FAULT", "dcv2_train:3")        # killed in epoch 1's first step
+    checkpoint.FAULT_HITS.clear()
+    with pytest.raises(checkpoint.FaultInjected):
+        m2.run(argv)
+    assert (_final(exp)["epoch"], _final(exp)["iteration"]) == (1, 0)
+    monkeypatch.setenv("DEEPCLUSTER_FAULT", "dcv2_train:2")        # resumed: killed in step 2 of epoch 1
+    checkpoint.FAULT_HITS.clear()
+    with pytest.raises(checkpoint.FaultInjected):
+        m2.run(argv)
+    assert (_final(exp)["epoch"], _final(exp)["iteration"]) == (1, 1)
+    monkeypatch.delenv("DEEPCLUSTER_FAULT")
+    assert m2.run(argv) == 0
+    a, b = _final(exp), _final(dcv2_reference)
+    for k, v in b["state_dict"].items():
+        assert torch.equal(a["state_dict"][k], v), k
+    assert torch.equal(a["bank"], b["bank"]) and torch.equal(a["bank_index"], b["bank_index"])
+    import util
+
+    la, lb = util.read_jsonl(exp / "log.jsonl"), util.read_jsonl(dcv2_reference / "log.jsonl")
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    assert [r["nmi_labels_heads"] for r in la] == [r["nmi_labels_heads"] for r in lb]
+
+
+def test_dcv2_refuses_more_prototypes_than_images(dcv2_images, tmp_path, capsys):
+    import main_deepclusterv2 as m2
+
+    assert m2.run(dcv2_argv(dcv2_images, tmp_path / "e", "--nmb_prototypes", "30")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --nmb_prototypes 30 exceeds the 16 rows") and err.count("\n") == 1
