@@ -30,11 +30,15 @@ import torch
 from torch import nn
 
 import checkpoint
+import cli
 import clustering
 import data
-import eval_knn
+import distributed
+import fileio
+import knn as knn_lib
 import optim
 import util
+from errors import ScriptError
 from models.deepclusterv2 import TRUNK_DIM, DeepClusterV2Net, dcv2_loss
 
 log = logging.getLogger("deepcluster")
@@ -108,7 +112,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.data is None:
         args.data = args.data_path
     if args.data is None:
-        raise util.ScriptError("no image folder: give DIR (or --data_path)")
+        raise ScriptError("no image folder: give DIR (or --data_path)")
     n = len(args.nmb_crops)
     rules = [
         ("--size_crops", len(args.size_crops) == n, args.size_crops, f"needs {n} values, one per --nmb_crops"),
@@ -129,7 +133,7 @@ def check_args(args: argparse.Namespace) -> None:
     ]
     for flag, ok, value, why in rules:
         if not ok:
-            raise util.ScriptError(f"{flag} {value}: {why}")
+            raise ScriptError(f"{flag} {value}: {why}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,7 +241,7 @@ def save_state(path: Path, core, opt, scaler, epoch: int, iteration: int, labels
                n_empty: list[int] | None = None) -> None:
     """Collective (every rank calls it): the first ``m`` rows of every rank's bank are
     gathered by dataset index; rank 0 writes the file atomically."""
-    rows = [util.gather_rows(bank.emb[i, :m].contiguous(), bank.index[:m], args.n_images, rt)
+    rows = [distributed.gather_rows(bank.emb[i, :m].contiguous(), bank.index[:m], args.n_images, rt)
             for i in range(bank.emb.shape[0])]
     rng = checkpoint.gather_rng_states(rt)
     loss = loss_sum.clone()
@@ -309,8 +313,8 @@ def build_model(args, rt) -> tuple[DeepClusterV2Net, nn.Module]:
     if rt.distributed and rt.device.type == "cuda" and args.sync_bn == "pytorch":
         core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
     core = core.to(rt.device)
-    util.broadcast_module_state(core, rt)  # every rank starts from rank 0's weights
-    return core, util.wrap_ddp(core, rt)
+    distributed.broadcast_module_state(core, rt)  # every rank starts from rank 0's weights
+    return core, distributed.wrap_ddp(core, rt)
 
 
 def train_epoch(loader, model, core, opt, scaler, schedule: np.ndarray, labels: torch.Tensor, bank: Bank,
@@ -343,26 +347,26 @@ def train_epoch(loader, model, core, opt, scaler, schedule: np.ndarray, labels: 
 
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
-    rt = util.init_runtime(args.device, args.dist_timeout)
+    rt = distributed.init_runtime(args.device, args.dist_timeout)
     if args.amp and rt.device.type != "cuda":
-        raise util.ScriptError("--amp needs CUDA (float16 autocast with a GradScaler)")
+        raise ScriptError("--amp needs CUDA (float16 autocast with a GradScaler)")
     exp = Path(args.exp)
     dataset = data.IndexedImageFolder(args.data)
     if len(dataset) == 0:
         raise data.DataError(f"data directory {args.data!r} holds no image")
     args.data = str(Path(args.data).resolve())
     checkpoint.check_exp_writable(exp, rt)
-    util.setup_logging(log, exp, "train.log", args.verbose, rt.is_main)
-    util.seed_everything(args.seed, rt.rank)
+    cli.setup_logging(log, exp, "train.log", args.verbose, rt.is_main)
+    distributed.seed_everything(args.seed, rt.rank)
     N = args.n_images = len(dataset)
     B = args.batch_size * rt.world_size
     iters = N // B
     if iters == 0:
-        raise util.ScriptError(f"--batch_size {args.batch_size} x {rt.world_size} processes = {B} exceeds the "
+        raise ScriptError(f"--batch_size {args.batch_size} x {rt.world_size} processes = {B} exceeds the "
                                f"{N} images of {args.data}")
     bank_rows = iters * (B if args.kmeans_init == "index" else args.batch_size)
     if max(args.nmb_prototypes) > bank_rows:
-        raise util.ScriptError(
+        raise ScriptError(
             f"--nmb_prototypes {max(args.nmb_prototypes)} exceeds the {bank_rows} rows k-means samples from "
             f"({'the whole bank' if args.kmeans_init == 'index' else 'rank 0s bank shard'}: {N} images, global "
             f"batch {B}): use fewer prototypes or more images")
@@ -377,11 +381,11 @@ def main(args: argparse.Namespace) -> dict:
     schedule = optim.warmup_cosine_schedule(args.base_lr, args.final_lr, args.epochs, args.warmup_epochs,
                                             args.start_warmup, iters)
     history = util.Logger(exp / "log.jsonl") if rt.is_main else None
-    clog = util.ClusterLog(exp / "clusters") if rt.is_main else None
+    clog = checkpoint.ClusterLog(exp / "clusters") if rt.is_main else None
     ckpt_path = exp / "checkpoint.pth.tar"
     knn = None
     if args.knn_data and rt.is_main:
-        knn = eval_knn.KnnMonitor(args.knn_data, args.knn_train_size, args.knn_val_size, seed=args.seed,
+        knn = knn_lib.KnnMonitor(args.knn_data, args.knn_train_size, args.knn_val_size, seed=args.seed,
                                   size=args.knn_size or args.size_crops[0], k=args.knn_k, batch=args.batch_size,
                                   workers=0, logger=log)
 
@@ -401,24 +405,24 @@ def main(args: argparse.Namespace) -> dict:
         del ck
     else:
         if rt.is_main:
-            checkpoint.atomic_write_text(exp / "args.json", json.dumps(
+            fileio.atomic_write_text(exp / "args.json", json.dumps(
                 {**{k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list, bool))},
                  "nmb_cluster": args.nmb_prototypes[0]}, indent=1))
         if knn is not None:
             rec = knn.evaluate(core, rt.device)
             history.log({"epoch": -1, **rec})
-            log.info("random network |%s", eval_knn.KnnMonitor.text(rec))
+            log.info("random network |%s", knn_lib.KnnMonitor.text(rec))
         bank = Bank.empty(len(args.crops_for_assign), iters * args.batch_size, args.feat_dim, rt.device)
         m = iters * args.batch_size
         init_memory(make_loader(mc, draws_of(-1), aug_seed(args.seed, -1), 0, args, rt), model, bank, args, rt)
 
     record: dict = {}
     for epoch in range(start_epoch, args.epochs):
-        t0 = util.synced_time(rt.device)
+        t0 = distributed.synced_time(rt.device)
         time_cluster = 0.0
         if labels is None:  # epoch start: cluster the previous epoch's bank
             labels, n_empty = cluster_memory(core, bank, N, epoch, args)
-            time_cluster = util.synced_time(rt.device) - t0
+            time_cluster = distributed.synced_time(rt.device) - t0
             loss_sum = torch.zeros(2, device=rt.device)
         # full size for this epoch's rows (a restored bank holds only the rows already written)
         bank = bank.resized(iters * args.batch_size)
@@ -426,15 +430,15 @@ def main(args: argparse.Namespace) -> dict:
         loader = make_loader(mc, draws, aug_seed(args.seed, epoch), start_it * args.batch_size, args, rt)
 
         def on_step(done: int) -> None:
-            checkpoint.fault_point("dcv2_train")
+            fileio.fault_point("dcv2_train")
             if args.checkpoint_iters and done % args.checkpoint_iters == 0 and done < iters:
                 save_state(ckpt_path, core, opt, scaler, epoch, done, labels, bank, done * args.batch_size,
                            draws, epoch, loss_sum, args, rt, n_empty)
 
-        t1 = util.synced_time(rt.device)
+        t1 = distributed.synced_time(rt.device)
         train_epoch(loader, model, core, opt, scaler, schedule, labels, bank, epoch, start_it, iters, loss_sum,
                     args, rt, on_step)
-        time_train = util.synced_time(rt.device) - t1
+        time_train = distributed.synced_time(rt.device) - t1
         total = loss_sum.clone()
         if rt.distributed:
             torch.distributed.all_reduce(total)
@@ -451,16 +455,16 @@ def main(args: argparse.Namespace) -> dict:
         if rt.is_main:
             history.log(record)
             if epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1:
-                checkpoint.atomic_torch_save({"epoch": epoch + 1, "state_dict": core.state_dict(),
+                fileio.atomic_torch_save({"epoch": epoch + 1, "state_dict": core.state_dict(),
                                               "config": core.config(), "method": "deepclusterv2"},
                                              exp / "checkpoints" / f"ckp-{epoch}.pth")
         nmi = record.get("nmi_labels_heads")
         log.info("epoch %3d | loss %.3f | lr %.4f | NMI labels %s | empty %s | time: cluster %.1fs train %.1fs%s",
                  epoch, record["loss"], record["lr"], " ".join(f"{x:.3f}" for x in nmi) if nmi else "-",
                  record.get("n_empty"),
-                 time_cluster, time_train, eval_knn.KnnMonitor.text(record))
+                 time_cluster, time_train, knn_lib.KnnMonitor.text(record))
         labels, n_empty, start_it = None, None, 0
-    util.barrier(rt)
+    distributed.barrier(rt)
     return record
 
 
@@ -485,7 +489,7 @@ def label_scores(labels: torch.Tensor, targets: np.ndarray | None, clog, epoch: 
 
 def run(argv: list[str] | None = None) -> int:
     """Entry point: known failures become one ``error:`` line, exit 2."""
-    return util.run_cli(main, get_args_parser(), argv, logger=log)
+    return cli.run_cli(main, get_args_parser(), argv, logger=log)
 
 
 if __name__ == "__main__":

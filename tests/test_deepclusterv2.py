@@ -289,9 +289,9 @@ def _final(exp):
 
 
 def test_dcv2_run_outputs(dcv2_reference):
-    import util
+    import fileio
 
-    recs = util.read_jsonl(dcv2_reference / "log.jsonl")
+    recs = fileio.read_jsonl(dcv2_reference / "log.jsonl")
     assert [r["epoch"] for r in recs] == [0, 1]
     assert all(np.isfinite(r["loss"]) and len(r["nmi_labels_heads"]) == 2 for r in recs)
     ck = _final(dcv2_reference)
@@ -319,7 +319,7 @@ def test_dcv2_prototypes_frozen(dcv2_images, tmp_path):
 
 def test_dcv2_resume_at_epoch_end_and_mid_epoch_equals_uninterrupted(dcv2_images, dcv2_reference, tmp_path,
                                                                       monkeypatch):
-    import checkpoint
+    import fileio as checkpoint  # fault injection
     import main_deepclusterv2 as m2
 
     exp = tmp_path / "exp"
@@ -342,9 +342,7 @@ def test_dcv2_resume_at_epoch_end_and_mid_epoch_equals_uninterrupted(dcv2_images
     for k, v in b["state_dict"].items():
         assert torch.equal(a["state_dict"][k], v), k
     assert torch.equal(a["bank"], b["bank"]) and torch.equal(a["bank_index"], b["bank_index"])
-    import util
-
-    la, lb = util.read_jsonl(exp / "log.jsonl"), util.read_jsonl(dcv2_reference / "log.jsonl")
+    la, lb = checkpoint.read_jsonl(exp / "log.jsonl"), checkpoint.read_jsonl(dcv2_reference / "log.jsonl")
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
     assert [r["nmi_labels_heads"] for r in la] == [r["nmi_labels_heads"] for r in lb]
 
