@@ -234,6 +234,7 @@ def _kmeans_worker(rank: int, world: int, store: str, out: str, x: np.ndarray, k
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_spherical_kmeans_two_gloo_processes_match_reference(tmp_path):
     x, k = _bank(101, 8, 1), 5
     mp.start_processes(_kmeans_worker, args=(2, str(tmp_path / "store"), str(tmp_path), x, k), nprocs=2,
@@ -288,6 +289,7 @@ def _final(exp):
     return checkpoint.torch_load(exp / "checkpoint.pth.tar")
 
 
+@pytest.mark.slow
 def test_dcv2_run_outputs(dcv2_reference):
     import fileio
 
@@ -306,6 +308,7 @@ def test_dcv2_run_outputs(dcv2_reference):
     assert dcv2_from_state_dict(sd).nmb_prototypes == [4, 5]
 
 
+@pytest.mark.slow
 def test_dcv2_prototypes_frozen(dcv2_images, tmp_path):
     import main_deepclusterv2 as m2
 
@@ -317,6 +320,7 @@ def test_dcv2_prototypes_frozen(dcv2_images, tmp_path):
     assert torch.allclose(w.norm(dim=1), torch.ones(5), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dcv2_resume_at_epoch_end_and_mid_epoch_equals_uninterrupted(dcv2_images, dcv2_reference, tmp_path,
                                                                       monkeypatch):
     import fileio as checkpoint  # fault injection
@@ -353,3 +357,43 @@ def test_dcv2_refuses_more_prototypes_than_images(dcv2_images, tmp_path, capsys)
     assert m2.run(dcv2_argv(dcv2_images, tmp_path / "e", "--nmb_prototypes", "30")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --nmb_prototypes 30 exceeds the 16 rows") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_dcv2_two_processes_resume_mid_epoch_on_one(dcv2_images, tmp_path):
+    """torchrun 2 x batch 4 (gloo), killed inside epoch 1, resumed on 1 process x batch 8.
+
+    What is compared: the global steps (same images and crops for any world size), the
+    epoch's labels carried over the resume, and the bank. The weights of a 2-process run
+    differ from a 1-process run's: BatchNorm normalises each process's 4 images (SyncBatchNorm
+    needs CUDA/NCCL), so they are not compared.
+    """
+    import subprocess
+
+    import checkpoint
+    import fileio
+    from test_distributed import free_port
+
+    exp = tmp_path / "exp"
+    argv = dcv2_argv(dcv2_images, exp, "--checkpoint_iters", "1", "--kmeans_init", "index")
+    two = [a if a != "8" else "4" for a in argv]  # --batch_size 8 -> 4 per process
+    assert two.count("4") >= 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "main_deepclusterv2.py", *two]
+    # hits: epoch 0 steps 1-2, epoch 1 steps 3-4; killed at step 2 of epoch 1 (saved after step 1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DEEPCLUSTER_FAULT="dcv2_train:4")
+    res = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0, res.stdout[-2000:]
+    mid = checkpoint.torch_load(exp / "checkpoint.pth.tar")
+    assert (mid["epoch"], mid["iteration"], mid["world_size"]) == (1, 1, 2)
+    assert mid["bank"].shape[1] == 8  # the global step's 8 images, from both processes
+    import main_deepclusterv2 as m2
+
+    assert m2.run(argv) == 0
+    recs = fileio.read_jsonl(exp / "log.jsonl")
+    assert [(r["epoch"], r["world_size"]) for r in recs] == [(0, 2), (1, 1)]
+    labels1 = checkpoint.ClusterLog(exp / "clusters").load(1)
+    np.testing.assert_array_equal(labels1, mid["labels"][0].numpy())
+    end = checkpoint.torch_load(exp / "checkpoint.pth.tar")
+    assert torch.equal(end["bank_index"], torch.arange(16))
