@@ -397,3 +397,41 @@ def test_dcv2_two_processes_resume_mid_epoch_on_one(dcv2_images, tmp_path):
     np.testing.assert_array_equal(labels1, mid["labels"][0].numpy())
     end = checkpoint.torch_load(exp / "checkpoint.pth.tar")
     assert torch.equal(end["bank_index"], torch.arange(16))
+
+
+def _launch_dcv2(tmp_path, **env):
+    """main_deepclusterv2.sh with PYTHON = a stub: the parsed main_deepclusterv2.py flags it passes."""
+    import subprocess
+
+    import main_deepclusterv2 as m2
+
+    log = tmp_path / "calls.txt"
+    stub = tmp_path / "stub.sh"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{log}"\n')
+    stub.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["bash", os.path.join(root, "main_deepclusterv2.sh")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": str(stub), "DIR": "/data/train", **env}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    argv = log.read_text().splitlines()
+    script = next(i for i, a in enumerate(argv) if a.endswith("main_deepclusterv2.py"))
+    return argv[:script], m2.get_args_parser().parse_args(argv[script + 1:])
+
+
+def test_launcher_reproduces_swav_recipes(tmp_path):
+    # 8 nodes x 8 GPUs x 64: swav's 800-epoch script, value for value
+    pre, a = _launch_dcv2(tmp_path, NNODES="8", NGPUS="8")
+    assert "--nproc_per_node=8" in pre and "--nnodes=8" in pre
+    assert (a.nmb_crops, a.size_crops, a.min_scale_crops, a.max_scale_crops) == ([2, 6], [224, 96], [0.14, 0.05],
+                                                                                 [1.0, 0.14])
+    assert (a.epochs, a.batch_size, a.base_lr, a.final_lr, a.start_warmup) == (800, 64, 4.8, 0.0048, 0.3)
+    assert (a.freeze_prototypes_niters, a.wd, a.warmup_epochs, a.nmb_prototypes, a.crops_for_assign) == \
+        (300000, 1e-6, 10, [3000] * 3, [0, 1])
+    assert (a.temperature, a.feat_dim, a.arch, a.sync_bn) == (0.1, 128, "resnet50", "pytorch")
+    _, a = _launch_dcv2(tmp_path, NNODES="8", RECIPE="400ep")
+    assert (a.epochs, a.nmb_crops, a.size_crops, a.min_scale_crops) == (400, [2, 4], [160, 96], [0.08, 0.05])
+    _, a = _launch_dcv2(tmp_path, NNODES="8", RECIPE="400ep_2x224")
+    assert (a.epochs, a.nmb_crops, a.size_crops, a.min_scale_crops) == (400, [2], [224], [0.08])
+    # one node of 8 GPUs: global batch 512, learning rates / 8, prototypes frozen as many images
+    _, a = _launch_dcv2(tmp_path)
+    assert (a.base_lr, a.final_lr, a.start_warmup, a.freeze_prototypes_niters) == (0.6, 0.0006, 0.0375, 2400000)
