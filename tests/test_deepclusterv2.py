@@ -435,3 +435,65 @@ def test_launcher_reproduces_swav_recipes(tmp_path):
     # one node of 8 GPUs: global batch 512, learning rates / 8, prototypes frozen as many images
     _, a = _launch_dcv2(tmp_path)
     assert (a.base_lr, a.final_lr, a.start_warmup, a.freeze_prototypes_niters) == (0.6, 0.0006, 0.0375, 2400000)
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation: v2 checkpoints in the eval scripts, eval_linear --protocol swav
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dcv2_r50_checkpoints(module_tmp):
+    """A ResNet-50 DeepCluster-v2 network saved as this project's run does and in swav's release layout."""
+    import fileio
+
+    torch.manual_seed(0)
+    net = DeepClusterV2Net("resnet50", hidden_mlp=64, feat_dim=16, nmb_prototypes=[7, 7])
+    root = module_tmp.mktemp("r50")
+    ours, swav = root / "ckp-0.pth", root / "deepclusterv2_800ep_pretrain.pth.tar"
+    fileio.atomic_torch_save({"epoch": 1, "state_dict": net.state_dict(), "config": net.config(),
+                              "method": "deepclusterv2"}, ours)
+    fileio.atomic_torch_save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, swav)
+    return net, ours, swav
+
+
+def test_eval_scripts_load_v2_checkpoints(dcv2_r50_checkpoints):
+    import checkpoint
+
+    net, ours, swav = dcv2_r50_checkpoints
+    x = torch.randn(2, 3, 64, 64)
+    want = net.eval().forward_features(x)
+    for path in (ours, swav):  # eval_knn, eval_linear and eval_voc_classif load through this
+        m = checkpoint.load_model(str(path))
+        assert m.arch == "resnet50" and any(k.startswith(("prototypes", "module.prototypes"))
+                                            for k in m.ignored_keys)
+        assert torch.allclose(m.eval().forward_features(x), want, atol=1e-5)
+
+
+def test_eval_linear_swav_protocol(dcv2_r50_checkpoints, module_tmp):
+    import eval_linear
+    from conftest import make_image_folder
+
+    a = eval_linear.parse_args(["--data", "d", "--model", "m", "--protocol", "swav"])
+    assert (a.conv, a.epochs, a.batch_size, a.lr, a.weight_decay, a.final_lr, a.nesterov) == \
+        ("avgpool", 100, 256, 0.3, -6, 0.0, False)
+    assert eval_linear.parse_args(["--data", "d", "--model", "m", "--protocol", "swav", "--lr", "0.1"]).lr == 0.1
+    assert eval_linear.parse_args(["--data", "d", "--model", "m"]).lr == 0.01  # the paper's protocol unchanged
+    # the closed-form schedule equals torch's schedulers stepped once per epoch
+    for sched in ("cosine", "step"):
+        a = eval_linear.parse_args(["--data", "d", "--model", "m", "--protocol", "swav", "--scheduler_type", sched,
+                                    "--epochs", "10", "--decay_epochs", "3", "7", "--final_lr", "0.01"])
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=a.lr)
+        s = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.epochs, eta_min=a.final_lr) if sched == "cosine"
+             else torch.optim.lr_scheduler.MultiStepLR(opt, a.decay_epochs, gamma=a.gamma))
+        for e in range(a.epochs):
+            assert eval_linear.swav_lr(a, e) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+            opt.step()
+            s.step()
+    # one epoch on a tiny labelled set: the 2048-d pooled features, swav's initial lr
+    root = module_tmp.mktemp("lin")
+    make_image_folder(root / "train", n_classes=2, per_class=4, size=40)
+    make_image_folder(root / "val", n_classes=2, per_class=2, size=40, seed=1)
+    _, ours, _ = dcv2_r50_checkpoints
+    res = eval_linear.main(eval_linear.parse_args(
+        ["--data", str(root), "--model", str(ours), "--protocol", "swav", "--epochs", "1", "--size", "32",
+         "--batch_size", "4", "--workers", "0", "--exp", str(root / "exp")]))
+    assert res["dim"] == 2048 and res["history"][0]["lr"] == 0.3 and 0 <= res["best_top1"] <= 100
