@@ -475,7 +475,7 @@ def label_scores(labels: torch.Tensor, targets: np.ndarray | None, clog, epoch: 
     lab = labels.numpy()
     if clog is None:
         return out
-    prev = clog.history()[-1] if clog.epochs() and clog.epochs()[-1] == epoch - 1 else None
+    prev = clog.load(epoch - 1) if clog.path(epoch - 1).exists() else None
     keep = lab[0] >= 0
     clog.save(epoch, np.where(keep, lab[0], -1), int(lab.max()) + 1)
     if prev is not None:

@@ -278,8 +278,15 @@ def dcv2_reference(dcv2_images, module_tmp):
     """An uninterrupted 2-epoch run (2 steps per epoch)."""
     import main_deepclusterv2 as m2
 
-    exp = module_tmp.mktemp("ref") / "exp"
-    assert m2.run(dcv2_argv(dcv2_images, exp)) == 0
+    from conftest import make_image_folder
+
+    root = module_tmp.mktemp("ref")
+    knn = root / "knn"
+    make_image_folder(knn / "train", n_classes=2, per_class=5, size=40)
+    make_image_folder(knn / "val", n_classes=2, per_class=3, size=40, seed=1)
+    exp = root / "exp"
+    # the kNN monitor is on here only: the resume test checks that it changes nothing in training
+    assert m2.run(dcv2_argv(dcv2_images, exp, "--knn_data", str(knn), "--knn_size", "32")) == 0
     return exp
 
 
@@ -294,8 +301,17 @@ def test_dcv2_run_outputs(dcv2_reference):
     import fileio
 
     recs = fileio.read_jsonl(dcv2_reference / "log.jsonl")
-    assert [r["epoch"] for r in recs] == [0, 1]
+    assert [r["epoch"] for r in recs] == [-1, 0, 1]  # -1: the random network's kNN
+    assert all(0 <= r["knn_top1"] <= 100 for r in recs)
+    recs = recs[1:]
     assert all(np.isfinite(r["loss"]) and len(r["nmi_labels_heads"]) == 2 for r in recs)
+    assert "nmi_prev" in recs[1]
+    # the training report draws a v2 run
+    from visu import report
+
+    out = report.main(report.get_args_parser().parse_args([str(dcv2_reference), "--out",
+                                                          str(dcv2_reference / "report")]))
+    assert any(p.name == "training_curves.png" for p in out)
     ck = _final(dcv2_reference)
     assert ck["epoch"] == 2 and ck["iteration"] == 0 and ck["bank"].shape == (2, 16, 16)
     assert (dcv2_reference / "checkpoints" / "ckp-1.pth").exists()
@@ -347,6 +363,7 @@ def test_dcv2_resume_at_epoch_end_and_mid_epoch_equals_uninterrupted(dcv2_images
         assert torch.equal(a["state_dict"][k], v), k
     assert torch.equal(a["bank"], b["bank"]) and torch.equal(a["bank_index"], b["bank_index"])
     la, lb = checkpoint.read_jsonl(exp / "log.jsonl"), checkpoint.read_jsonl(dcv2_reference / "log.jsonl")
+    lb = [r for r in lb if r["epoch"] >= 0]
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
     assert [r["nmi_labels_heads"] for r in la] == [r["nmi_labels_heads"] for r in lb]
 
