@@ -325,18 +325,6 @@ def test_dcv2_run_outputs(dcv2_reference):
 
 
 @pytest.mark.slow
-def test_dcv2_prototypes_frozen(dcv2_images, tmp_path):
-    import main_deepclusterv2 as m2
-
-    # frozen for the whole run: the prototypes stay the centroids k-means set (unit rows)
-    exp = tmp_path / "frozen"
-    assert m2.run(dcv2_argv(dcv2_images, exp, "--freeze_prototypes_niters", "100", "--epochs", "1",
-                            "--warmup_epochs", "0")) == 0
-    w = _final(exp)["state_dict"]["prototypes.prototypes1.weight"]
-    assert torch.allclose(w.norm(dim=1), torch.ones(5), atol=1e-5)
-
-
-@pytest.mark.slow
 def test_dcv2_resume_at_epoch_end_and_mid_epoch_equals_uninterrupted(dcv2_images, dcv2_reference, tmp_path,
                                                                       monkeypatch):
     import fileio as checkpoint  # fault injection
@@ -351,6 +339,10 @@ def test_dcv2_resume_at_epoch_end_and_mid_epoch_equals_uninterrupted(dcv2_images
     with pytest.raises(checkpoint.FaultInjected):
         m2.run(argv)
     assert (_final(exp)["epoch"], _final(exp)["iteration"]) == (1, 0)
+    # --freeze_prototypes_niters 2 = all of epoch 0: its prototypes are still the unit centroids
+    for h, k in ((0, 4), (1, 5)):
+        w = _final(exp)["state_dict"][f"prototypes.prototypes{h}.weight"]
+        assert torch.allclose(w.norm(dim=1), torch.ones(k), atol=1e-5)
     monkeypatch.setenv("DEEPCLUSTER_FAULT", "dcv2_train:2")        # resumed: killed in step 2 of epoch 1
     checkpoint.FAULT_HITS.clear()
     with pytest.raises(checkpoint.FaultInjected):
