@@ -102,7 +102,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=31, help="seed")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
     g.add_argument("--dist_timeout", type=float, default=60, help="minutes a process waits in a collective")
-    g.add_argument("--no_progress", action="store_true", help="(kept for symmetry with main.py)")
     g.add_argument("--verbose", action="store_true", help="chatty")
     return p
 
