@@ -756,3 +756,87 @@ def check_eval_images(paths: list[str], flag: str, skip: bool = False, mode: str
                         + (f"; {hint}" if hint else ""))
     _log.warning("skipping %d unreadable image(s) of %s%s: %s%s", len(bad), flag, where, shown, more)
     return set(bad)
+
+
+# ---------------------------------------------------------------------------------------
+# DeepCluster-v2 multi-crop (facebookresearch/swav src/multicropdataset.py, written anew)
+# ---------------------------------------------------------------------------------------
+# swav normalises with std 0.228 for the red channel (torchvision's is 0.229); kept as swav
+SWAV_MEAN = [0.485, 0.456, 0.406]
+SWAV_STD = [0.228, 0.224, 0.225]
+
+
+class PILRandomGaussianBlur:
+    """With probability ``p``, PIL's GaussianBlur of a radius uniform in [radius_min, radius_max].
+
+    swav draws with numpy and Python's ``random``; this draws from torch's generator (same
+    distributions) so that a seeded sample (clustering._apply) is augmented reproducibly.
+    """
+
+    def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.0):
+        self.prob, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        u, r = torch.rand(2).tolist()
+        if not u <= self.prob:  # swav: np.random.rand() <= p
+            return img
+        from PIL import ImageFilter
+
+        return img.filter(ImageFilter.GaussianBlur(radius=self.radius_min + r * (self.radius_max - self.radius_min)))
+
+
+def color_distortion(s: float = 1.0) -> transforms.Compose:
+    """swav's colour distortion: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, then
+    RandomGrayscale(p=0.2)."""
+    jitter = transforms.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
+    return transforms.Compose([transforms.RandomApply([jitter], p=0.8), transforms.RandomGrayscale(p=0.2)])
+
+
+class MultiCrop:
+    """img -> list of sum(nmb_crops) (3, s, s) normalised tensors, the crops of each size in turn.
+
+    Crop group i: ``nmb_crops[i]`` crops by RandomResizedCrop(``size_crops[i]``, scale =
+    (``min_scale_crops[i]``, ``max_scale_crops[i]``)), horizontal flip p=0.5, colour
+    distortion, Gaussian blur p=0.5, ToTensor, Normalize(swav's mean/std).
+    """
+
+    def __init__(self, size_crops: list[int], nmb_crops: list[int], min_scale_crops: list[float],
+                 max_scale_crops: list[float], mean=None, std=None):
+        n = len(nmb_crops)
+        if not (len(size_crops) == len(min_scale_crops) == len(max_scale_crops) == n):
+            raise DataError(f"--nmb_crops, --size_crops, --min_scale_crops, --max_scale_crops need the same "
+                            f"number of values, got {n}, {len(size_crops)}, {len(min_scale_crops)}, "
+                            f"{len(max_scale_crops)}")
+        for lo, hi in zip(min_scale_crops, max_scale_crops):
+            if not 0 < lo <= hi <= 1:
+                raise DataError(f"crop scale range ({lo}, {hi}) must satisfy 0 < min <= max <= 1")
+        self.nmb_crops = [int(c) for c in nmb_crops]
+        self.trans = []
+        for size, count, lo, hi in zip(size_crops, nmb_crops, min_scale_crops, max_scale_crops):
+            t = transforms.Compose([
+                transforms.RandomResizedCrop(int(size), scale=(float(lo), float(hi))),
+                transforms.RandomHorizontalFlip(p=0.5),
+                color_distortion(), PILRandomGaussianBlur(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean=mean or SWAV_MEAN, std=std or SWAV_STD)])
+            self.trans.extend([t] * int(count))
+
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        return [t(img) for t in self.trans]
+
+
+class MultiCropDataset(Dataset):
+    """Item ``i`` (or ``(i, augmentation seed)``, see util.SeededShardSampler) of an image
+    dataset -> ``(i, [crops])``; with a seed the crops depend on (image, seed) only."""
+
+    def __init__(self, dataset, multicrop: MultiCrop):
+        self.dataset, self.multicrop = dataset, multicrop
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        from clustering import _apply, _load, _split_item
+
+        idx, seed = _split_item(item)
+        return idx, _apply(self.multicrop, _load(self.dataset, idx), seed)

@@ -6,6 +6,7 @@ Usage:
     python eval_linear.py --data DATA --model MODEL --conv 3 --exp exp_linear --resume exp_linear
     python eval_linear.py --data tiny --model m.pth.tar --conv 2 --size 64 --epochs 2 --workers 0   # small images
     python eval_linear.py --data DATA --model resnet50.pth --conv layer4 --exp exp_linear   # ResNet-50
+    python eval_linear.py --data DATA --model dcv2.pth.tar --protocol swav --exp exp_linear  # swav's protocol
 
 The model is frozen and in eval mode. The activation after the conv-th ReLU (before pooling)
 is average-pooled to about 9,000 values (AlexNet at 224: conv1 AvgPool(6,6,3) -> 9600,
@@ -17,6 +18,14 @@ ResNet-50 linear benchmark); ResNet-50's avgpool gives 2048 values (a BN-free li
 Top-1/top-5 on val are reported each epoch; the paper quotes the best top-1.
 Checkpoints (EXP/checkpoint.pth.tar, model_best.pth.tar) hold the classifier and its optimizer,
 not the frozen network: they name the --model file (path, size, SHA-256), which a resume checks.
+
+``--protocol swav`` is facebookresearch/swav's eval_linear.py (DeepCluster-v2, SwAV): the
+2048-d average-pooled ResNet-50 output (``--conv avgpool``), Linear init N(0, 0.01), SGD lr 0.3
+momentum 0.9 weight decay 1e-6 (no Nesterov), a per-epoch cosine schedule to ``--final_lr`` 0
+(or ``--scheduler_type step``: x ``--gamma`` 0.1 at ``--decay_epochs`` 60 80), 100 epochs,
+batch 256 (swav: 8 GPUs x 32), RandomResizedCrop + flip for training, Resize(256) +
+CenterCrop(224) for validation, normalisation std (0.228, 0.224, 0.225). Flags given on the
+command line win over these defaults.
 """
 from __future__ import annotations
 
@@ -76,6 +85,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weight decay exponent: decay = 10**wd (-4: 1e-4)")
     g.add_argument("--seed", type=int, default=31, help="random seed")
 
+    g = p.add_argument_group("protocol")
+    g.add_argument("--protocol", choices=["deepcluster", "swav"], default="deepcluster",
+                   help="deepcluster: the paper's probe (above); swav: swav's eval_linear.py (its defaults "
+                        "replace the ones not given: --conv avgpool --epochs 100 --lr 0.3 --wd -6)")
+    g.add_argument("--scheduler_type", choices=["cosine", "step"], default="cosine",
+                   help="--protocol swav: per-epoch cosine to --final_lr, or x --gamma at --decay_epochs")
+    g.add_argument("--final_lr", type=float, default=0.0, help="--protocol swav: final learning rate (cosine)")
+    g.add_argument("--decay_epochs", type=int, nargs="+", default=[60, 80], help="--protocol swav: step epochs")
+    g.add_argument("--gamma", type=float, default=0.1, help="--protocol swav: step decay factor")
+    g.add_argument("--nesterov", action="store_true", help="--protocol swav: Nesterov momentum (swav: off)")
+
     g = p.add_argument_group("run")
     g.add_argument("--exp", type=str, default="exp_linear", help="exp folder")
     g.add_argument("--resume", type=str, default="", metavar="PATH",
@@ -88,6 +108,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--verbose", action="store_true", help="chatty")
     return p
+
+
+# swav's eval_linear.py values for what --protocol swav changes (flags given explicitly win)
+SWAV_DEFAULTS = dict(conv="avgpool", epochs=100, batch_size=256, lr=0.3, weight_decay=-6, momentum=0.9)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags; with ``--protocol swav`` swav's defaults replace ours where not given."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.protocol == "swav":
+        parser.set_defaults(**SWAV_DEFAULTS)
+        args = parser.parse_args(argv)
+        if isinstance(args.conv, str):
+            args.conv = models.probe_arg(args.conv)
+    return args
+
+
+def swav_lr(args: argparse.Namespace, epoch: int) -> float:
+    """The learning rate of an epoch under --protocol swav: CosineAnnealingLR(T_max=epochs,
+    eta_min=final_lr) or MultiStepLR(decay_epochs, gamma), stepped once per epoch, in closed form."""
+    if args.scheduler_type == "step":
+        return args.lr * args.gamma ** sum(1 for e in args.decay_epochs if e <= epoch)
+    return args.final_lr + (args.lr - args.final_lr) * (1 + math.cos(math.pi * epoch / args.epochs)) / 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,6 +173,15 @@ def pooled_dims(arch: str = "alexnet", size: int = 224) -> dict[int, int]:
 # ---------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------
+def swav_transforms(size: int) -> tuple[transforms.Compose, transforms.Compose]:
+    """swav's eval_linear.py: RandomResizedCrop + flip (train), Resize(256) + CenterCrop (val)."""
+    norm = transforms.Normalize(data.SWAV_MEAN, data.SWAV_STD)
+    big = int(round(size * 256 / 224))
+    return (transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                transforms.ToTensor(), norm]),
+            transforms.Compose([transforms.Resize(big), transforms.CenterCrop(size), transforms.ToTensor(), norm]))
+
+
 def train_transform(size: int) -> transforms.Compose:
     big = int(round(size * 256 / 224))
     return transforms.Compose([
@@ -160,8 +213,12 @@ def load_splits(root: str, args: argparse.Namespace) -> tuple[LabeledImages, Lab
     if tr_classes != va_classes:
         extra = sorted(set(va_classes) ^ set(tr_classes))
         raise EvalError(f"train/ and val/ of {root!r} have different class folders (e.g. {extra[:3]})")
-    train = LabeledImages(tr_paths, tr_t, train_transform(args.size))
-    val = LabeledImages(va_paths, va_t, val_transform(args.size, args.tencrops))
+    if getattr(args, "protocol", "deepcluster") == "swav" and not args.tencrops:
+        tr_tf, va_tf = swav_transforms(args.size)
+    else:
+        tr_tf, va_tf = train_transform(args.size), val_transform(args.size, args.tencrops)
+    train = LabeledImages(tr_paths, tr_t, tr_tf)
+    val = LabeledImages(va_paths, va_t, va_tf)
     return train, val, tr_classes
 
 
@@ -182,7 +239,8 @@ def train_epoch(loader: DataLoader, body: models.Trunk, reglog: RegLog, crit: nn
     losses, top1 = util.AverageMeter(), util.AverageMeter()
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=cli.progress(args.no_progress))
     for i, (imgs, target) in enumerate(bar):
-        util.learning_rate_decay(opt, len(loader) * epoch + i, args.lr)  # per-iteration decay
+        if getattr(args, "protocol", "deepcluster") != "swav":  # swav: set per epoch in main
+            util.learning_rate_decay(opt, len(loader) * epoch + i, args.lr)  # per-iteration decay
         imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
         logits = reglog(body(imgs))                  # (B, classes)
         loss = crit(logits, target)
@@ -306,8 +364,12 @@ def main(args: argparse.Namespace) -> dict:
              model.arch, " + Sobel" if model.sobel is not None else "", body.name, reglog.pool,
              reglog.linear.in_features, len(classes), len(train_set), len(val_set), device)
 
+    swav = args.protocol == "swav"
+    if swav:  # swav's RegLog: weight N(0, 0.01), bias 0
+        nn.init.normal_(reglog.linear.weight, 0.0, 0.01)
+        nn.init.zeros_(reglog.linear.bias)
     opt = torch.optim.SGD(reglog.parameters(), lr=args.lr, momentum=args.momentum,
-                          weight_decay=10 ** args.weight_decay)
+                          weight_decay=10 ** args.weight_decay, nesterov=swav and args.nesterov)
     crit = nn.CrossEntropyLoss()
     start, best, history = 0, -1.0, []
     fingerprint = model_fingerprint(args.model)
@@ -325,6 +387,9 @@ def main(args: argparse.Namespace) -> dict:
     record: dict = {}
     for epoch in range(start, args.epochs):
         t0 = time.time()
+        if swav:
+            for g in opt.param_groups:
+                g["lr"] = swav_lr(args, epoch)
         record = {"epoch": epoch, **train_epoch(train_loader, body, reglog, crit, opt, epoch, device, args)}
         record.update(validate(val_loader, body, reglog, crit, device, args))
         record["time"] = time.time() - t0
@@ -350,7 +415,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def run(argv: list[str] | None = None) -> int:
-    return cli.run_cli(main, get_args_parser(), argv, on_interrupt=lambda args: checkpoint.interrupted_hint(args.exp))
+    return cli.run_cli(main, parse_args, argv, on_interrupt=lambda args: checkpoint.interrupted_hint(args.exp))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch import nn
 
 from .alexnet import AlexNet, alexnet
 from .common import DeepClusterNet, ProbeError, StateDictError, Trunk, clean_state_dict, probe_arg, to_channels_last
+from .deepclusterv2 import DeepClusterV2Net, MultiPrototypes, build_dcv2, dcv2_from_state_dict
 from .probe import ALEXNET_POOL, TARGET_DIM, make_pool
 from .resnet import ResNet50, resnet50
 from .vgg16 import VGG16, vgg16
@@ -25,7 +26,8 @@ ARCHS = tuple(REGISTRY)
 __all__ = ["AlexNet", "VGG16", "ResNet50", "DeepClusterNet", "Trunk", "ProbeError", "StateDictError",
            "alexnet", "vgg16", "resnet50", "build_model", "detect_arch", "from_state_dict",
            "clean_state_dict", "probe_arg", "ARCHS", "REGISTRY", "to_channels_last", "make_pool",
-           "ALEXNET_POOL", "TARGET_DIM"]
+           "ALEXNET_POOL", "TARGET_DIM", "DeepClusterV2Net", "MultiPrototypes", "build_dcv2",
+           "dcv2_from_state_dict"]
 
 
 def article(name: str | None) -> str:
