@@ -325,6 +325,17 @@ def test_report_writes_pictures(tmp_path):
     assert {p.name for p in written} >= {"cluster_sizes_epoch_00001.png", "clusters_epoch_00001.png"}
 
 
+def test_report_with_images_left_out_of_the_clustering(tmp_path):
+    """-1 in a cluster file (an unreadable image, or one outside a v2 memory bank) is no cluster."""
+    exp = make_experiment(tmp_path, n_epochs=1)
+    labels = np.load(exp / "clusters" / "epoch_00000.npy").astype(np.int32)
+    labels[[1, 7]] = -1
+    np.save(exp / "clusters" / "epoch_00000.npy", labels)
+    written = report.main(report.get_args_parser().parse_args([str(exp)]))
+    assert sorted(p.name for p in written) == ["cluster_sizes_epoch_00000.png", "clusters_epoch_00000.png",
+                                               "training_curves.png"]
+
+
 def test_report_choose_clusters():
     sizes = np.array([3, 0, 9, 1, 5, 2])
     rows = training_report.choose_clusters(sizes, 2, 10, np.random.RandomState(0))

@@ -186,7 +186,7 @@ def plot_cluster_samples(labels: np.ndarray, paths: list[str], targets: list[int
                          epoch: int, out: Path, n_largest: int, n_random: int, per_cluster: int,
                          tile: int, seed: int, dpi: int = 100) -> Path | None:
     """One row per chosen cluster: up to ``per_cluster`` random members of it."""
-    sizes = np.bincount(labels)
+    sizes = np.bincount(labels[labels >= 0])  # -1: an image left out of the clustering
     rng = np.random.RandomState(seed)
     rows = choose_clusters(sizes, n_largest, n_random, rng)
     if not rows or per_cluster < 1:
@@ -248,7 +248,8 @@ def draw(exp: str | Path, *, epoch: int = -1, n_largest: int = 8, n_random: int 
         labels = checkpoint.ClusterLog(clog_dir).load(epoch)
         rec = next((r for r in records if r["epoch"] == epoch), {})
         k = max(int(rec.get("n_clusters") or train_args.get("nmb_cluster") or 0), int(labels.max()) + 1)
-        written.append(plot_cluster_sizes(np.bincount(labels, minlength=k), epoch, out, args.dpi))
+        # -1: an image left out of the clustering (unreadable, or outside a v2 memory bank)
+        written.append(plot_cluster_sizes(np.bincount(labels[labels >= 0], minlength=k), epoch, out, args.dpi))
 
         root = resolve_data(exp, args.data, train_args)
         if root is None:
