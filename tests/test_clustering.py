@@ -474,9 +474,9 @@ def test_shifted_subspace_iteration_converges_faster_to_the_same_pairs(power):
     ev = torch.arange(1, d + 1, dtype=torch.float64) ** -power
     cov = (rot * ev) @ rot.T
     out = {s: clustering._randomized_eigh(cov, k, clustering.EIG_TOL, 40, 0, shift=s) for s in (True, False)}
-    assert all(o is not None and o[3] <= clustering.EIG_TOL for o in out.values())
-    assert out[True][2] < out[False][2]                          # fewer iterations with the shift
-    for evals, evecs, _, _ in out.values():
+    assert all(o[0] is not None and o[2]["residual"] <= clustering.EIG_TOL for o in out.values())
+    assert out[True][2]["iterations"] < out[False][2]["iterations"]   # fewer iterations with the shift
+    for evals, evecs, _ in out.values():
         assert ((evals - ev[:k]).abs() / ev[:k]).max() < 1e-3
         assert torch.linalg.svdvals(evecs.T @ rot[:, :k]).min() > 0.99
 
