@@ -592,6 +592,9 @@ def main_grid(args) -> dict:
                           f"{fmt(orig_pca_s, 0)}s")
             print(limits[-1], flush=True)
             del x, xt, xb_orig, xb_ref, xb_ours, xb_noisy
+            # the cells so far, in case a long run is stopped (the final write replaces this)
+            write_json(args.out, {"benchmark": "clustering_grid", "partial": True, "config": vars(args), "env": env,
+                                  "rows": rows, "limits": limits})
     text = print_table(rows, [("spectrum", "spectrum"), ("N", "N"), ("k", "k"), ("eig_iterations", "eig it"),
                               ("eig_precision", "eig prec"), ("eig_fallback", "fallback"), ("original_s", "orig s"), ("original_pca_s", "orig PCA s"),
                               ("ours_s", "ours s"), ("ours_pca_s", "ours PCA s"), ("ours_kmeans_s", "ours km s"),
