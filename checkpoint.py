@@ -1,8 +1,9 @@
-"""Checkpoints: atomic files, safe loading, RNG state, and resuming a DeepCluster run.
+"""Run state: checkpoints (safe loading, RNG state, resuming a DeepCluster run), the per-epoch
+cluster log, and models loaded from checkpoints (:func:`load_model`).
 
 Checkpoints are dicts of plain types and tensors, loadable with
-``torch.load(path, weights_only=True)``, written to a temporary file and renamed, so a kill
-at any moment leaves either the old or the new file, never a torn one.
+``torch.load(path, weights_only=True)``, written through :func:`fileio.atomic_write`
+(temporary file, then rename), so a kill at any moment leaves either the old or the new file.
 
 Resuming (``main.py --resume PATH``) is done in two phases: everything is checked first
 (the file, the architecture, k, the input size, the number of images, the mid-epoch state,
@@ -19,20 +20,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
-import tempfile
 import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 import clustering
 import models
+from fileio import atomic_np_save, atomic_torch_save, atomic_write, atomic_write_text
 
 log = logging.getLogger("deepcluster")
 
@@ -42,97 +44,6 @@ HISTORY = "args_history.jsonl"  # one line per invocation of main.py in an exper
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not fit the requested model or run."""
-
-
-# ---------------------------------------------------------------------------------------
-# fault injection (tests): DEEPCLUSTER_FAULT="point:n" stops the process at the n-th hit of
-# `point`: SIGKILL by default, or raises FaultInjected when DEEPCLUSTER_FAULT_MODE=raise
-# (in-process tests). DEEPCLUSTER_FAULT=count only counts the hits of every point.
-# ---------------------------------------------------------------------------------------
-FAULT_HITS: dict[str, int] = {}
-# tests: when set, called as hook(point, hit) at every hit instead of the environment's fault
-# (e.g. to copy the experiment folder exactly as a kill there would leave it)
-FAULT_HOOK: Callable[[str, int], None] | None = None
-
-
-class FaultInjected(BaseException):
-    """Raised instead of SIGKILL at an injected fault (BaseException: nothing catches it)."""
-
-
-def fault_point(name: str) -> None:
-    """Die abruptly at the n-th time ``name`` is reached, when asked by the environment."""
-    if FAULT_HOOK is not None:
-        FAULT_HITS[name] = FAULT_HITS.get(name, 0) + 1
-        FAULT_HOOK(name, FAULT_HITS[name])
-        return
-    spec = os.environ.get("DEEPCLUSTER_FAULT")
-    if not spec:
-        return
-    FAULT_HITS[name] = FAULT_HITS.get(name, 0) + 1
-    point, _, count = spec.partition(":")
-    if point != name or FAULT_HITS[name] < int(count or 1):
-        return
-    if os.environ.get("DEEPCLUSTER_FAULT_MODE") == "raise":
-        raise FaultInjected(f"{name}:{FAULT_HITS[name]}")
-    import signal
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------------------------------
-# atomic files
-# ---------------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable) -> None:
-    """Write ``path`` through ``write_fn(binary file)`` into a temporary file, then rename.
-
-    The file gets the mode a plain ``open`` would give (0666 minus the umask), not
-    mkstemp's 0600, so lab-mates can read checkpoints and cluster files.
-    """
-    path = str(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            # tests: die with the temp file written but not renamed
-            fault_point("save" if path.endswith(".pth.tar") else "write")
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except FaultInjected:  # a simulated kill leaves its temporary file, as a real one does
-        raise
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(d, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
-    except OSError:
-        pass
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def atomic_np_save(path: str | os.PathLike, arr: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.save(f, arr))
 
 
 # ---------------------------------------------------------------------------------------
@@ -652,3 +563,108 @@ def interrupted_hint(exp: str) -> str:
     if found is None:
         return "interrupted before the first checkpoint: nothing to resume, run the same command again"
     return f"interrupted; --resume {exp} continues from {found}"
+
+
+# ---------------------------------------------------------------------------------------
+# models from checkpoints
+# ---------------------------------------------------------------------------------------
+def load_model(path: str | os.PathLike | None, arch: str | None = None, purpose: str = "") -> torch.nn.Module:
+    """Load a model from our checkpoints, the released original ones or torchvision-layout weights.
+
+    Accepts ``{'state_dict': ...}`` checkpoints and bare state dicts; ``features.N.*``,
+    ``features.module.N.*`` and ``module.*`` keys; missing BN counters; Python-2 pickles.
+    The architecture, Sobel and k are read from the weights (``model_config`` wins when
+    present). A ResNet-50 state dict may carry a head this model has no use for (the
+    projection head and prototypes of SwAV's DeepCluster-v2 release): those keys are
+    ignored, logged and listed in ``model.ignored_keys``. ``arch``, when given, must match;
+    ``purpose`` names who needs it in that error ("retrieval needs a vgg16 model, ...").
+    """
+    if not path:
+        raise CheckpointError("no model given: pass --model PATH (a DeepCluster checkpoint)")
+    where = f"checkpoint {str(path)!r}"
+    ckpt = torch_load(path)
+    sd = ckpt.get("state_dict")
+    if sd is None and models.detect_arch(models.clean_state_dict(ckpt)) is not None:
+        sd = ckpt  # a bare state dict
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{where} has no 'state_dict' and is not a state dict of "
+                                         f"{', '.join(models.ARCHS)}")
+    held = ckpt.get("arch") or (ckpt.get("model_config") or {}).get("arch") or \
+        models.detect_arch(models.clean_state_dict(sd))
+    if arch is not None and held is not None and held != arch:
+        raise CheckpointError(f"{purpose or 'this run'} needs a {arch} model, but {where} holds a {held}")
+    try:
+        model, ignored = models.from_state_dict(sd, arch or held, ckpt.get("model_config"))
+    except models.StateDictError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    model.ignored_keys = ignored
+    if ignored:
+        heads = sorted({k.replace("module.", "").split(".")[0] for k in ignored})
+        log.warning("%s: ignored %d keys of heads %s has no use for (%s)", where, len(ignored),
+                    model.arch, ", ".join(heads))
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# cluster assignments log: exp/clusters/epoch_00000.npy, one compact array per epoch
+# ---------------------------------------------------------------------------------------
+class ClusterLog:
+    """Per-epoch cluster assignments, one ``.npy`` file per epoch (never rewritten).
+
+    ``labels[i]`` is the cluster of image i (original cluster ids; uint16 when k allows).
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, epoch: int) -> Path:
+        return self.folder / f"epoch_{epoch:05d}.npy"
+
+    def save(self, epoch: int, labels: np.ndarray, k: int) -> None:
+        """``labels[i] == -1`` marks an image left out of the clustering (unreadable)."""
+        labels = np.asarray(labels)
+        dtype = np.uint16 if k <= np.iinfo(np.uint16).max and (labels.size == 0 or labels.min() >= 0) else np.int32
+        atomic_np_save(self.path(epoch), np.asarray(labels).astype(dtype))
+
+    def epochs(self) -> list[int]:
+        return sorted(int(p.stem.split("_")[1]) for p in self.folder.glob("epoch_*.npy"))
+
+    def load(self, epoch: int) -> np.ndarray:
+        return np.load(self.path(epoch)).astype(np.int64)
+
+    def history(self, upto: int | None = None) -> list[np.ndarray]:
+        """Assignments of every stored epoch (< upto when given), in epoch order."""
+        return [self.load(e) for e in self.epochs() if upto is None or e < upto]
+
+    def truncate(self, upto: int) -> None:
+        """Remove epochs >= upto (they will be recomputed after a resume)."""
+        for e in self.epochs():
+            if e >= upto:
+                self.path(e).unlink()
+
+
+def export_clusters_pickle(exp: str | os.PathLike, out: str | os.PathLike, epoch: int | None = None,
+                           image_paths: Sequence[str] | None = None) -> str:
+    """Convert the stored assignments to the original pickle formats.
+
+    With ``image_paths`` (one per image, in dataset order): the released format for one epoch
+    (default: the last), a list of ``(image_path, cluster_index)``. Without: the original
+    ``exp/clusters`` log, a list (one entry per epoch) of ``images_lists``. A relative ``out``
+    is taken inside ``exp``. Images left out of a clustering (unreadable) are left out.
+    """
+    clog = ClusterLog(Path(exp) / "clusters")
+    epochs = clog.epochs()
+    if not epochs:
+        raise FileNotFoundError(f"no cluster assignments under {Path(exp) / 'clusters'}")
+    out = Path(out) if Path(out).is_absolute() else Path(exp) / out
+    if image_paths is not None:
+        labels = clog.load(epochs[-1] if epoch is None else epoch)
+        if len(image_paths) != len(labels):
+            raise ValueError(f"image_paths has {len(image_paths)} entries but the assignments of "
+                             f"{Path(exp) / 'clusters'} cover {len(labels)} images")
+        obj: Any = [(p, int(c)) for p, c in zip(image_paths, labels) if c >= 0]
+    else:
+        obj = [clustering.labels_to_lists(lab, int(lab.max()) + 1) for lab in map(clog.load, epochs)]
+    atomic_write(out, lambda f: pickle.dump(obj, f, protocol=2))
+    return str(out)

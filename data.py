@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-import checkpoint
+import fileio
 
 _log = logging.getLogger("deepcluster")
 
@@ -426,7 +426,7 @@ def check_folder(dataset: "IndexedImageFolder", mode: str, on_bad: str, listing:
     if not bad:
         return
     if write:
-        checkpoint.atomic_write_text(listing, "".join(f"{dataset.paths[i]}\t{why}\n" for i, why in sorted(bad.items())))
+        fileio.atomic_write_text(listing, "".join(f"{dataset.paths[i]}\t{why}\n" for i, why in sorted(bad.items())))
     first = dataset.paths[min(bad)]
     if on_bad == "error":
         raise DataError(f"{len(bad)} unreadable image(s) in {dataset.root}, first {first!r}: {bad[min(bad)]} "

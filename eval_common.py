@@ -1,6 +1,6 @@
 """Helpers shared by the evaluation scripts (eval_linear, eval_voc_classif, eval_retrieval).
 
-One error type (:class:`EvalError`, a ``util.ScriptError``: ``util.run_cli`` prints it as one
+One error type (:class:`EvalError`, a ``errors.ScriptError``: ``cli.run_cli`` prints it as one
 line, exit code 2), a labelled image dataset, folder checks, average precision. Device choice,
 seeding, logging and the CLI wrapper are ``util``'s, shared with ``main.py`` and ``visu/``.
 """
@@ -16,12 +16,12 @@ import numpy as np
 from torch.utils.data import Dataset
 
 import data
-import util
+import errors
 
 log = logging.getLogger("deepcluster.eval")
 
 
-class EvalError(util.ScriptError):
+class EvalError(errors.ScriptError):
     """Bad input for an evaluation (missing files, wrong model...). The message says what."""
 
 

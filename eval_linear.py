@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,14 +31,14 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
+import distributed
+import fileio
 import models
 import util
 from eval_common import EvalError, LabeledImages, log, require_dir
 
-# AvgPool2d(kernel, stride, padding) per AlexNet conv layer, as in the paper (about 9k dims at 224)
-ALEXNET_POOL = {1: (6, 6, 3), 2: (4, 4, 0), 3: (3, 3, 1), 4: (3, 3, 1), 5: (2, 2, 0)}
-TARGET_DIM = 9216  # other layers: adaptive pooling to the side closest to sqrt(9216 / C)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -82,20 +81,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------
 # model: frozen trunk (model.trunk(conv).freeze()) + pooling + linear
 # ---------------------------------------------------------------------------------------
-def make_pool(arch: str, conv: int, channels: int, hw: tuple[int, int]) -> nn.Module:
-    """The per-layer pooling: the paper's AvgPool table for AlexNet, adaptive for the others.
-
-    For input sizes other than 224 the AlexNet kernel is shrunk to fit the feature map.
-    """
-    h, w = hw
-    if arch == "alexnet":
-        k, s, pad = ALEXNET_POOL[conv]
-        k = max(1, min(k, h, w))
-        s = max(1, min(s, k))
-        pad = min(pad, k // 2)
-        return nn.AvgPool2d(k, stride=s, padding=pad)
-    side = max(1, round(math.sqrt(TARGET_DIM / channels)))
-    return nn.AdaptiveAvgPool2d(min(side, h, w))
 
 
 class RegLog(nn.Module):
@@ -115,7 +100,7 @@ def build_reglog(body: models.Trunk, arch: str, conv: int, num_classes: int, siz
     """Pooling and Linear sized by a dummy forward at ``size`` x ``size``."""
     with torch.no_grad():
         fmap = body(torch.zeros(1, 3, size, size))  # (1, C, h, w)
-        pool = make_pool(arch, conv, fmap.shape[1], tuple(fmap.shape[2:]))
+        pool = models.make_pool(arch, conv, fmap.shape[1], tuple(fmap.shape[2:]))
         dim = int(pool(fmap).numel())
     return RegLog(pool, dim, num_classes)
 
@@ -183,7 +168,7 @@ def train_epoch(loader: DataLoader, body: models.Trunk, reglog: RegLog, crit: nn
                 opt: torch.optim.Optimizer, epoch: int, device: torch.device, args: argparse.Namespace) -> dict:
     reglog.train()
     losses, top1 = util.AverageMeter(), util.AverageMeter()
-    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=util.progress(args.no_progress))
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=cli.progress(args.no_progress))
     for i, (imgs, target) in enumerate(bar):
         util.learning_rate_decay(opt, len(loader) * epoch + i, args.lr)  # per-iteration decay
         imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -206,7 +191,7 @@ def validate(loader: DataLoader, body: models.Trunk, reglog: RegLog, crit: nn.Mo
     """Top-1/top-5 (percent) and loss; with ten crops the softmax is averaged over crops."""
     reglog.eval()
     losses, top1, top5 = util.AverageMeter(), util.AverageMeter(), util.AverageMeter()
-    for imgs, target in tqdm(loader, desc="val", leave=False, disable=util.progress(args.no_progress)):
+    for imgs, target in tqdm(loader, desc="val", leave=False, disable=cli.progress(args.no_progress)):
         imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if imgs.dim() == 5:                          # (B, 10, 3, S, S)
             b, n = imgs.shape[:2]
@@ -275,10 +260,10 @@ def main(args: argparse.Namespace) -> dict:
     """Train the linear classifier; returns the last epoch's record plus ``best_top1``."""
     check_args(args)
     exp = Path(args.exp)
-    util.setup_logging(log, exp, "eval_linear.log", args.verbose)
-    util.seed_everything(args.seed)
-    device = util.select_device()
-    model = util.load_model(args.model, purpose="eval_linear")
+    cli.setup_logging(log, exp, "eval_linear.log", args.verbose)
+    distributed.seed_everything(args.seed)
+    device = distributed.select_device()
+    model = checkpoint.load_model(args.model, purpose="eval_linear")
     if args.conv is None:
         raise EvalError(f"--conv is required ({model.arch}: 1..{len(model.probe_points())})")
     try:
@@ -315,22 +300,22 @@ def main(args: argparse.Namespace) -> dict:
         best = max(best, record["top1"])
         history.append(record)
         state = checkpoint_state(model, reglog, opt, epoch + 1, best, history, args, classes)
-        checkpoint.atomic_torch_save(state, exp / "checkpoint.pth.tar")
+        fileio.atomic_torch_save(state, exp / "checkpoint.pth.tar")
         if is_best:
-            checkpoint.atomic_torch_save(state, exp / "model_best.pth.tar")
+            fileio.atomic_torch_save(state, exp / "model_best.pth.tar")
         log.info("epoch %3d | train loss %.3f | val loss %.3f | top-1 %.2f | top-5 %.2f | best top-1 %.2f | %.1fs",
                  epoch, record["train_loss"], record["val_loss"], record["top1"], record["top5"], best,
                  record["time"])
     if not history:
         log.info("nothing to train (start epoch %d >= --epochs %d)", start, args.epochs)
     result = {**record, "best_top1": best, "history": history, "dim": reglog.linear.in_features}
-    checkpoint.atomic_write_text(exp / "results.json", json.dumps({k: v for k, v in result.items()}, indent=1))
+    fileio.atomic_write_text(exp / "results.json", json.dumps({k: v for k, v in result.items()}, indent=1))
     log.info("best top-1: %.2f", best)
     return result
 
 
 def run(argv: list[str] | None = None) -> int:
-    return util.run_cli(main, get_args_parser(), argv)
+    return cli.run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,11 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
+import distributed
+import fileio
 import models
-import util
 from eval_common import EvalError, log, model_key, require_dir
 
 OVERLAP = 0.4
@@ -316,7 +318,7 @@ def extract(net: models.Trunk, paths: list[str], boxes: list | None, names: list
     which is skipped with a warning when ``skip_bad``).
     """
     out, offsets, bad = [], [0], []
-    for i, p in enumerate(tqdm(paths, desc=desc, disable=util.progress(args.no_progress))):
+    for i, p in enumerate(tqdm(paths, desc=desc, disable=cli.progress(args.no_progress))):
         try:
             img = data.load_rgb(p)
         except data.BadImageError:
@@ -432,15 +434,15 @@ def main(args: argparse.Namespace) -> dict:
         if not ok:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
     exp = Path(args.exp)
-    util.setup_logging(log, exp, "eval_retrieval.log", args.verbose)
-    device = util.select_device()
+    cli.setup_logging(log, exp, "eval_retrieval.log", args.verbose)
+    device = distributed.select_device()
     rset = load_dataset(args.data, args.gnd)
     wset = load_dataset(args.whiten_data, None) if args.whiten_data else None
     if wset is None:
         log.warning("no --whiten_data: the whitening is learned on %s itself (the paper uses the other "
                     "dataset)", rset.name)
     check_queries(rset)
-    model = util.load_model(args.model, arch="vgg16", purpose="retrieval (R-MAC on conv5_3)")
+    model = checkpoint.load_model(args.model, arch="vgg16", purpose="retrieval (R-MAC on conv5_3)")
     # (1, 3, H, W) -> (1, 512, H/16, W/16): up to conv5_3's ReLU, without the last max-pool
     net = model.trunk("conv13").freeze().to(device)
     log.info("%s: %d images, %d queries | vgg16%s conv5_3, S=%d, L=%d, whitening on %s | %s", rset.name,
@@ -476,12 +478,12 @@ def main(args: argparse.Namespace) -> dict:
     log.info("%s (whitening: %s, %d dims): %s", rset.name, wset.name if wset else rset.name, P.shape[0], table)
     out = {"dataset": rset.name, "whiten": wset.name if wset else rset.name, "S": args.S, "L": args.L,
            "dim": int(P.shape[0]), "mAP": results}
-    checkpoint.atomic_write_text(exp / f"results_{rset.name}.json", json.dumps(out, indent=1))
+    fileio.atomic_write_text(exp / f"results_{rset.name}.json", json.dumps(out, indent=1))
     return out
 
 
 def run(argv: list[str] | None = None) -> int:
-    return util.run_cli(main, get_args_parser(), argv)
+    return cli.run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,11 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
+import distributed
+import fileio
 import models
-import util
 from eval_common import EvalError, LabeledImages, average_precision, average_precision_voc07, log, require_dir
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -231,7 +233,7 @@ def train(model: models.DeepClusterNet, params: list[nn.Parameter], loader: Data
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.stepsize, gamma=0.5)  # per iteration
     set_train_mode(model, args)
     losses: list[float] = []
-    bar = tqdm(total=args.nit, desc="train", disable=util.progress(args.no_progress))
+    bar = tqdm(total=args.nit, desc="train", disable=cli.progress(args.no_progress))
     it = 0
     while it < args.nit:
         for imgs, labels in loader:
@@ -262,7 +264,7 @@ def predict(model: models.DeepClusterNet, loader: DataLoader, device: torch.devi
     """Scores (N, 20) = logits summed over the 10 views, and labels (N, 20)."""
     model.eval()
     scores, labels = [], []
-    for imgs, lab in tqdm(loader, desc="test", leave=False, disable=util.progress(args.no_progress)):
+    for imgs, lab in tqdm(loader, desc="test", leave=False, disable=cli.progress(args.no_progress)):
         b, n = imgs.shape[:2]                                            # (B, 10, 3, S, S)
         logits = model(imgs.flatten(0, 1).to(device, non_blocking=True))  # (B * 10, 20)
         scores.append(logits.view(b, n, -1).sum(1).float().cpu().numpy())
@@ -305,14 +307,14 @@ def main(args: argparse.Namespace) -> dict:
     """Train on ``--split``, test on the matching split; returns per-class AP and mAP (percent)."""
     check_args(args)
     exp = Path(args.exp)
-    util.setup_logging(log, exp, "eval_voc_classif.log", args.verbose)
-    util.seed_everything(args.seed)
-    device = util.select_device()
+    cli.setup_logging(log, exp, "eval_voc_classif.log", args.verbose)
+    distributed.seed_everything(args.seed)
+    device = distributed.select_device()
     voc = find_voc2007(args.vocdir)
     test_split = TEST_SPLIT[args.split]
     train_set = voc_dataset(voc, args.split, train_transform(args))
     test_set = voc_dataset(voc, test_split, test_transform(args))
-    model = util.load_model(args.model, purpose="eval_voc_classif")
+    model = checkpoint.load_model(args.model, purpose="eval_voc_classif")
     check_input_size(model, args.size, args.model)
     params = prepare_model(model, args)
     model.to(device)
@@ -339,12 +341,12 @@ def main(args: argparse.Namespace) -> dict:
     result = {"mAP": mAP, "ap": {c: float(a) * 100 for c, a in zip(VOC_CLASSES, aps)},
               "final_loss": float(np.mean(losses[-50:])) if losses else None, "split": args.split,
               "test_split": test_split, "fc6_8": args.fc6_8, "train_batchnorm": args.train_batchnorm}
-    checkpoint.atomic_write_text(exp / "results.json", json.dumps(result, indent=1))
+    fileio.atomic_write_text(exp / "results.json", json.dumps(result, indent=1))
     return result
 
 
 def run(argv: list[str] | None = None) -> int:
-    return util.run_cli(main, get_args_parser(), argv)
+    return cli.run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import clustering
 import data
-import eval_knn
+import distributed
+import fileio
+import knn
 import models
 import util
 
@@ -91,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="storage of the (N, D) feature matrix (float16 halves it)")
     g.add_argument("--features_on", choices=["host", "device"], default="host",
                    help="feature matrix in host RAM (the original) or on the GPU, where it is clustered")
-    eval_knn.add_monitor_args(p)
+    knn.add_monitor_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
     g.add_argument("--exp", type=str, default="exp", help="path to exp folder")
@@ -149,7 +152,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         ("--kmeans_iters", args.kmeans_iters >= 1, args.kmeans_iters, "must be >= 1"),
         ("--size", args.size >= (64 if args.arch == "alexnet" else 32), args.size,
          "is too small for the architecture (alexnet needs >= 64, vgg16 and resnet50 >= 32)"),
-    ] + eval_knn.monitor_arg_rules(args)
+    ] + knn.monitor_arg_rules(args)
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's number of processes
     rules.append(("--batch", args.batch % world == 0, args.batch, f"is the global mini-batch and must be a multiple "
                   f"of the number of processes {world} (each takes batch / {world} images per step)"))
@@ -164,7 +167,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 def build_model(args: argparse.Namespace, device: torch.device) -> models.DeepClusterNet:
     model = models.build_model(args.arch, sobel=args.sobel, bn=True, out=args.nmb_cluster, input_size=args.size)
     model = model.to(device)
-    return util.to_channels_last(model) if args.channels_last else model
+    return models.to_channels_last(model) if args.channels_last else model
 
 
 def build_optimizer(model: models.DeepClusterNet, args: argparse.Namespace) -> torch.optim.SGD:
@@ -173,7 +176,7 @@ def build_optimizer(model: models.DeepClusterNet, args: argparse.Namespace) -> t
                            weight_decay=10 ** args.wd, fused=args.fused_sgd)
 
 
-def rank_batch(args: argparse.Namespace, rt: util.Runtime) -> int:
+def rank_batch(args: argparse.Namespace, rt: distributed.Runtime) -> int:
     """Images per step on this rank: --batch is the global mini-batch, split over the W ranks."""
     return args.batch // rt.world_size
 
@@ -182,25 +185,25 @@ def rank_batch(args: argparse.Namespace, rt: util.Runtime) -> int:
 # the stages of one epoch
 # ---------------------------------------------------------------------------------------
 def make_feature_loader(dataset: data.IndexedImageFolder, args: argparse.Namespace,
-                        rt: util.Runtime) -> DataLoader:
+                        rt: distributed.Runtime) -> DataLoader:
     """Fixed-order loader; under torchrun rank r reads images r, r + W, r + 2W, ..."""
     part = dataset if not rt.distributed else Subset(dataset, range(rt.rank, len(dataset), rt.world_size))
     return data.make_loader(part, rank_batch(args, rt), args.workers, rt.device)
 
 
 @torch.no_grad()
-def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, rt: util.Runtime,
+def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, rt: distributed.Runtime,
                      args: argparse.Namespace) -> np.ndarray | torch.Tensor | None:
     """(N, D) features in --features_dtype, row i = image i: D = 4096 pre-ReLU fc7 (AlexNet, VGG-16),
-    2048 average-pooled (ResNet-50). Under torchrun rank 0 gathers the matrix (util.RunFeatures)."""
+    2048 average-pooled (ResNet-50). Under torchrun rank 0 gathers the matrix (distributed.RunFeatures)."""
     model.eval()
     store_on = rt.device if args.features_on == "device" else torch.device("cpu")
-    store = util.RunFeatures(N, len(loader.dataset), model.feature_dim, rt, store_on, args.features_dtype)
-    for imgs, idx in tqdm(loader, desc="features", leave=False, disable=util.progress(args.no_progress)):
+    store = distributed.RunFeatures(N, len(loader.dataset), model.feature_dim, rt, store_on, args.features_dtype)
+    for imgs, idx in tqdm(loader, desc="features", leave=False, disable=cli.progress(args.no_progress)):
         imgs = data.to_model_input(imgs, rt.device, args.channels_last)  # uint8 -> normalised float32
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=args.amp):
             out = model.forward_features(imgs)  # (B, D)
-        checkpoint.fault_point("features")
+        fileio.fault_point("features")
         if args.bad_images == "skip" and bool((idx < 0).any()):
             out, idx = data.mark_unreadable(out, idx, loader.dataset, args.exp)
         store.write(idx, out.float())
@@ -215,14 +218,14 @@ def make_clusterer(args: argparse.Namespace, device: torch.device):
 
 
 def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
-            rt: util.Runtime) -> tuple[float, list[list[int]], np.ndarray]:
+            rt: distributed.Runtime) -> tuple[float, list[list[int]], np.ndarray]:
     """PCA-whiten, L2-normalise and cluster on rank 0; every rank gets the same result.
 
     Returns (clustering loss, images_lists, (N,) cluster id per image). The k-means seed is drawn from the seeded
     numpy RNG on every rank (as the original did per call), so the ranks' RNGs stay in step.
     """
     clusterer.seed = int(np.random.randint(1234))
-    checkpoint.fault_point("clustering")
+    fileio.fault_point("clustering")
     if rt.is_main:  # unreadable images (NaN rows with --bad_images skip) get no cluster (-1)
         loss, lists, labels = clustering.cluster_readable(clusterer, features, args.verbose)
         meta = np.array([loss, len(lists)], dtype=np.float64)
@@ -230,12 +233,12 @@ def cluster(features: np.ndarray | None, clusterer, args: argparse.Namespace,
         labels, meta = None, None
     if not rt.distributed:
         return loss, lists, labels
-    labels = util.broadcast_array(labels, rt)
-    loss, k = util.broadcast_array(meta, rt, dtype=torch.float64)
+    labels = distributed.broadcast_array(labels, rt)
+    loss, k = distributed.broadcast_array(meta, rt, dtype=torch.float64)
     return float(loss), clustering.labels_to_lists(labels, int(k)), labels
 
 
-def draw_samples(images_lists: list[list[int]], N: int, args: argparse.Namespace, rt: util.Runtime) -> np.ndarray:
+def draw_samples(images_lists: list[list[int]], N: int, args: argparse.Namespace, rt: distributed.Runtime) -> np.ndarray:
     """int(reassign * N) dataset indices, uniform over the non-empty clusters, from the seeded numpy RNG
     (the same on every rank); under torchrun cut to a multiple of W, so every rank runs as many steps."""
     n_draws = max(rt.world_size, int(args.reassign * N) // rt.world_size * rt.world_size)
@@ -243,7 +246,7 @@ def draw_samples(images_lists: list[list[int]], N: int, args: argparse.Namespace
 
 
 def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[int]], draws: np.ndarray,
-                      epoch: int, args: argparse.Namespace, rt: util.Runtime, start: int = 0) -> DataLoader:
+                      epoch: int, args: argparse.Namespace, rt: distributed.Runtime, start: int = 0) -> DataLoader:
     """Pseudo-labelled loader over this rank's share of the epoch's draws.
 
     Rank r serves draws r, r + W, ... (each drawn by exactly one rank), from its
@@ -266,7 +269,7 @@ def top_layer_sgd(model: models.DeepClusterNet, args: argparse.Namespace) -> tor
                            fused=args.fused_sgd)
 
 
-SYNC_EVERY = 50  # steps between two host reads of the training loss (util.DeviceLossMeter)
+SYNC_EVERY = 50  # steps between two host reads of the training loss (distributed.DeviceLossMeter)
 
 
 def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
@@ -280,11 +283,11 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
     periodic checkpoints are written; ``flush()`` returns the up-to-date meter."""
     model.train()
     losses = losses or util.AverageMeter()
-    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=util.progress(args.no_progress),
+    bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=cli.progress(args.no_progress),
                initial=start_iter, total=start_iter + len(loader))
-    on_device = util.DeviceLossMeter(device, losses, epoch, start_iter)
+    on_device = distributed.DeviceLossMeter(device, losses, epoch, start_iter)
 
-    def flush() -> util.AverageMeter:  # raises util.DivergedError on a NaN/inf loss since the last read
+    def flush() -> util.AverageMeter:  # raises distributed.DivergedError on a NaN/inf loss since the last read
         bar.set_postfix(loss=f"{on_device.read().avg:.3f}")
         return losses
 
@@ -295,7 +298,7 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
                 on_iteration(i, flush)
             if i - on_device.first >= SYNC_EVERY:
                 flush()
-            checkpoint.fault_point("train")
+            fileio.fault_point("train")
             # host -> device copies from pinned memory: ordered before the kernels that use them
             imgs, target = data.to_model_input(imgs, device, args.channels_last), target.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
@@ -332,15 +335,15 @@ class EpochPlan:
 
 
 def plan_epoch(feature_loader: DataLoader, model: models.DeepClusterNet, clusterer, N: int,
-               args: argparse.Namespace, rt: util.Runtime) -> EpochPlan:
+               args: argparse.Namespace, rt: distributed.Runtime) -> EpochPlan:
     """Features -> clustering -> pseudo-labels, draws and a fresh top layer. Under torchrun
     every rank first takes rank 0's weights and BatchNorm statistics (one network for every
     share of the features). Stage times are read after a device synchronisation."""
-    util.broadcast_module_state(model, rt)
-    t0 = util.synced_time(rt.device)
+    distributed.broadcast_module_state(model, rt)
+    t0 = distributed.synced_time(rt.device)
     features = compute_features(feature_loader, model, N, rt, args)
-    t1 = util.synced_time(rt.device)
-    if rt.device.type == "cuda" and rt.is_main:  # to check against util.gather_peak_bytes
+    t1 = distributed.synced_time(rt.device)
+    if rt.device.type == "cuda" and rt.is_main:  # to check against distributed.gather_peak_bytes
         log.debug("GPU memory peak after the features: %.2f GiB", torch.cuda.max_memory_allocated(rt.device) / 2**30)
     clus_loss, images_lists, labels = cluster(features, clusterer, args, rt)
     del features
@@ -348,11 +351,11 @@ def plan_epoch(feature_loader: DataLoader, model: models.DeepClusterNet, cluster
     model.reset_top_layer(len(images_lists))
     top_opt = top_layer_sgd(model, args)
     return EpochPlan(labels, images_lists, clus_loss, draws, top_opt,
-                     time_features=t1 - t0, time_clustering=util.synced_time(rt.device) - t1)
+                     time_features=t1 - t0, time_clustering=distributed.synced_time(rt.device) - t1)
 
 
 def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, iterations: int,
-                 prev_labels: np.ndarray | None, targets: np.ndarray | None, rt: util.Runtime) -> dict:
+                 prev_labels: np.ndarray | None, targets: np.ndarray | None, rt: distributed.Runtime) -> dict:
     """One line of exp/log.jsonl."""
     return {
         "epoch": epoch, "clustering_loss": plan.clustering_loss, "train_loss": loss,  # NMIs: images in a cluster
@@ -365,7 +368,7 @@ def epoch_record(epoch: int, plan: EpochPlan, loss: float, time_train: float, it
     }
 
 
-def check_data(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: Path, rt: util.Runtime) -> None:
+def check_data(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: Path, rt: distributed.Runtime) -> None:
     """Every image readable (--check_images, --bad_images) and k against the number of images."""
     data.check_folder(dataset, args.check_images, args.bad_images, exp / "bad_images.txt", workers=args.workers,
                       progress=not args.no_progress, write=rt.is_main)
@@ -381,7 +384,7 @@ def check_data(dataset: data.IndexedImageFolder, args: argparse.Namespace, exp: 
 
 
 def resumed_plan(mid: dict, model: models.DeepClusterNet, args: argparse.Namespace,
-                 rt: util.Runtime) -> EpochPlan:
+                 rt: distributed.Runtime) -> EpochPlan:
     """The plan of an epoch interrupted inside training, from a periodic checkpoint."""
     fields = checkpoint.restore_epoch(mid, top_layer_sgd(model, args), args, rt.world_size)
     losses = util.AverageMeter.from_sum(fields.pop("loss_sum"), fields.pop("loss_count"))  # exact partial sum
@@ -390,17 +393,17 @@ def resumed_plan(mid: dict, model: models.DeepClusterNet, args: argparse.Namespa
 
 def main(args: argparse.Namespace) -> dict:
     """Run DeepCluster; returns the last epoch's log record."""
-    rt = util.init_runtime(args.device, timeout_min=args.dist_timeout)
-    util.configure_backends()
+    rt = distributed.init_runtime(args.device, timeout_min=args.dist_timeout)
+    distributed.configure_backends()
     exp = Path(args.exp)
     dataset = data.open_folder(args, rt)  # a missing or empty DIR is refused before anything is written
     checkpoint.check_exp_writable(exp, rt)
     exp.mkdir(parents=True, exist_ok=True)
-    util.setup_logging(log, exp, "train.log", args.verbose, rt.is_main)
+    cli.setup_logging(log, exp, "train.log", args.verbose, rt.is_main)
     if not rt.is_main:  # one set of progress bars, rank 0's
         args.no_progress = True
-    util.seed_everything(args.seed, rt.rank)
-    knn = eval_knn.KnnMonitor.for_training(args, rt, log, demo=DEMO_KNN_DATA)  # a bad --knn_data stops here
+    distributed.seed_everything(args.seed, rt.rank)
+    monitor = knn.KnnMonitor.for_training(args, rt, log, demo=DEMO_KNN_DATA)  # a bad --knn_data stops here
     check_data(dataset, args, exp, rt)
     N = len(dataset)
     targets = np.asarray(dataset.targets) if dataset.targets else None
@@ -409,7 +412,7 @@ def main(args: argparse.Namespace) -> dict:
     model = build_model(args, rt.device)
     opt = build_optimizer(model, args)
     crit = nn.CrossEntropyLoss()
-    clog, history = util.ClusterLog(exp / "clusters"), util.Logger(exp / "log.jsonl")
+    clog, history = checkpoint.ClusterLog(exp / "clusters"), util.Logger(exp / "log.jsonl")
     run_id, start_epoch, mid, prev_labels = checkpoint.start_or_resume(args, exp, model, opt, history, clog, N, rt)
     if start_epoch >= args.epochs:  # said by start_or_resume
         return {}
@@ -417,16 +420,16 @@ def main(args: argparse.Namespace) -> dict:
     clusterer = make_clusterer(args, rt.device)
 
     record: dict = {}
-    if start_epoch == 0 and mid is None and knn is not None:
-        init = knn.evaluate(model, rt.device)
+    if start_epoch == 0 and mid is None and monitor is not None:
+        init = monitor.evaluate(model, rt.device)
         history.log({"epoch": -1, **init})  # epoch -1: the random network, before any training
-        log.info("random network |%s", eval_knn.KnnMonitor.text(init))
+        log.info("random network |%s", knn.KnnMonitor.text(init))
     for epoch in range(start_epoch, args.epochs):
         if mid is not None:  # resuming inside this epoch: its clustering is in the checkpoint
             plan, mid = resumed_plan(mid, model, args, rt), None
         else:
             plan = plan_epoch(feature_loader, model, clusterer, N, args, rt)
-        t2 = util.synced_time(rt.device)
+        t2 = distributed.synced_time(rt.device)
         # step i of the epoch covers draws [i * batch, (i + 1) * batch) on any number of processes
         train_loader = make_train_loader(dataset, plan.images_lists, plan.draws, epoch, args, rt,
                                          start=plan.start_iter * rank_batch(args, rt))
@@ -443,7 +446,7 @@ def main(args: argparse.Namespace) -> dict:
                                     opt, epoch, args, plan.labels, run_id, rt, mid_state)
 
         try:
-            loss = train_one_epoch(train_loader, util.wrap_ddp(model, rt), crit, opt, plan.top_opt, rt.device,
+            loss = train_one_epoch(train_loader, distributed.wrap_ddp(model, rt), crit, opt, plan.top_opt, rt.device,
                                    epoch, args, on_iteration=periodic_checkpoint, start_iter=plan.start_iter,
                                    losses=plan.losses)
         except data.BadImageError:  # --bad_images error: stop where a resume can continue
@@ -452,9 +455,9 @@ def main(args: argparse.Namespace) -> dict:
                                 plan.labels, run_id, rt,
                                 checkpoint.mid_epoch_state(plan, i, plan.losses, prev_labels, args, rt))
             raise
-        time_train = util.synced_time(rt.device) - t2
+        time_train = distributed.synced_time(rt.device) - t2
         # before the history and the save: a kill here redoes the epoch
-        knn_record = {} if knn is None else knn.evaluate(model, rt.device)
+        knn_record = {} if monitor is None else monitor.evaluate(model, rt.device)
         record = {**epoch_record(epoch, plan, loss, time_train, iters_per_epoch, prev_labels, targets, rt),
                   **knn_record}
         if rt.is_main:
@@ -467,12 +470,12 @@ def main(args: argparse.Namespace) -> dict:
                  "empty %d | time: features %.1fs cluster %.1fs train %.1fs%s",
                  epoch, plan.clustering_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
                  record["n_empty"], plan.time_features, plan.time_clustering, time_train,
-                 eval_knn.KnnMonitor.text(record))
+                 knn.KnnMonitor.text(record))
         prev_labels = plan.labels
-    util.barrier(rt)
+    distributed.barrier(rt)
     if args.report and rt.is_main:
-        from visu import report  # matplotlib only when asked for
-        report.draw(exp)
+        from visu import training_report  # matplotlib only when asked for
+        training_report.draw(exp)
     return record
 
 
@@ -482,7 +485,7 @@ def _fmt(x: float | None) -> str:
 
 def explain_error(e: BaseException, args: argparse.Namespace) -> str:
     """The one error line; an unreadable image met mid-run also says how to go on."""
-    msg = util.one_line(e)
+    msg = cli.one_line(e)
     if isinstance(e, data.BadImageError):
         msg += (f" (fix or remove it and continue with --resume {args.exp}, or go on without it "
                 f"with --bad_images skip)")
@@ -491,7 +494,7 @@ def explain_error(e: BaseException, args: argparse.Namespace) -> str:
 
 def run(argv: list[str] | None = None) -> int:
     """Entry point: known failures become one ``error:`` line (also in EXP/train.log), exit 2."""
-    return util.run_cli(main, parse_args, argv, logger=log, explain=explain_error,
+    return cli.run_cli(main, parse_args, argv, logger=log, explain=explain_error,
                         on_interrupt=lambda args: checkpoint.interrupted_hint(args.exp))
 
 

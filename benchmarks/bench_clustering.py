@@ -57,6 +57,7 @@ from _common import PeakRSS, environment, fmt, gemm_peak, pick_device, print_tab
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import checkpoint  # noqa: E402
 import clustering  # noqa: E402
 
 METHODS = ("original", "sklearn", "torch", "auto")
@@ -163,8 +164,7 @@ def real_features(args) -> np.ndarray:
     import models
     torch.manual_seed(args.seed)
     if args.model:
-        import util
-        model = util.load_model(args.model)
+        model = checkpoint.load_model(args.model)
         size = model.input_size
     else:
         model, size = models.alexnet(sobel=True, bn=True, out=0, input_size=args.size), args.size

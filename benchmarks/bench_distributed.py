@@ -27,7 +27,8 @@ from pathlib import Path
 from _common import ROOT, environment, pick_device, print_table, write_json
 
 sys.path.insert(0, str(ROOT))
-import util  # noqa: E402
+import checkpoint  # noqa: E402
+import fileio  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -80,8 +81,8 @@ def run_one(nproc: int, args: argparse.Namespace, data_dir: str, exp: Path) -> d
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"error: the {nproc}-process run failed:\n{res.stderr[-3000:]}")
-    rec = util.read_jsonl(exp / "log.jsonl")[-1]
-    n = len(util.ClusterLog(exp / "clusters").load(rec["epoch"]))
+    rec = fileio.read_jsonl(exp / "log.jsonl")[-1]
+    n = len(checkpoint.ClusterLog(exp / "clusters").load(rec["epoch"]))
     draws = n // nproc * nproc
     return {"processes": nproc, "images": n, "wall_s": time.perf_counter() - t0,
             "features_s": rec["time_features"], "features_img_s": n / rec["time_features"],

@@ -6,7 +6,7 @@ output, 256 rows a batch) into their storage, then PCA-256 whitening + L2 + k-me
 
   original        the original's layout: np.zeros((N, D), float32) on the host filled by batch,
                   faiss PCAMatrix + numpy L2 + faiss.Clustering (CPU)
-  cpu_fp32        ours: util.FeatureStore on the host, float32; clustering.Kmeans
+  cpu_fp32        ours: distributed.FeatureStore on the host, float32; clustering.Kmeans
   cpu_fp16        ours: host storage in float16 (half the matrix); PCA upcasts block by block
   gpu_fp32        ours: features written into GPU memory, clustered there (needs CUDA)
   gpu_fp16        ours: same, float16 on the GPU (needs CUDA)
@@ -62,7 +62,7 @@ def child(args) -> dict:
     import torch
 
     import clustering
-    import util
+    import distributed
     from _common import memory_snapshot, reset_peak_memory
 
     cfg = args._child
@@ -95,7 +95,7 @@ def child(args) -> dict:
             feats[s:s + out.shape[0]] = out.cpu().numpy()
         nbytes = feats.nbytes
     else:
-        store = util.FeatureStore(args.N, args.D, device=device, dtype="float16" if cfg.endswith("fp16") else "float32")
+        store = distributed.FeatureStore(args.N, args.D, device=device, dtype="float16" if cfg.endswith("fp16") else "float32")
         for s in range(0, args.N, bs):
             out = batch(min(bs, args.N - s))
             store.write(torch.arange(s, s + out.shape[0]), out)

@@ -34,7 +34,6 @@ from torch import nn  # noqa: E402
 
 import clustering  # noqa: E402
 import data  # noqa: E402
-import util  # noqa: E402
 import models  # noqa: E402
 
 
@@ -121,7 +120,7 @@ def build(args, v: Variant, device: torch.device):
     torch.manual_seed(args.seed)
     model = models.build_model(args.arch, sobel=not args.no_sobel, bn=True, out=args.k, input_size=args.size).to(device)
     if v.channels_last:
-        util.to_channels_last(model)
+        models.to_channels_last(model)
     opt = torch.optim.SGD(model.body_parameters(), lr=0.05, momentum=0.9, weight_decay=1e-5)
     top_opt = torch.optim.SGD(model.top_layer.parameters(), lr=0.05, weight_decay=1e-5)
     fwd = maybe_compile(model, v.compile)
@@ -185,7 +184,7 @@ def memory_batches(args, v: Variant, device, n: int):
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
     y = torch.randint(0, args.k, (args.batch,), generator=g).to(device)
     if v.channels_last:
-        x = util.to_channels_last(x)
+        x = models.to_channels_last(x)
     for _ in range(n):
         yield x, y
 
@@ -205,7 +204,7 @@ def jpeg_batches(args, v: Variant, device, root: str, stage: str):
         imgs = item[0].to(device, non_blocking=True)
         lab = item[1].to(device) if stage == "train" else torch.as_tensor(labels[item[1].numpy()]).to(device)
         if v.channels_last:
-            imgs = util.to_channels_last(imgs)
+            imgs = models.to_channels_last(imgs)
         yield imgs, lab
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from torch import nn
 
 from .alexnet import AlexNet, alexnet
-from .common import DeepClusterNet, ProbeError, StateDictError, Trunk, clean_state_dict, probe_arg
+from .common import DeepClusterNet, ProbeError, StateDictError, Trunk, clean_state_dict, probe_arg, to_channels_last
+from .probe import ALEXNET_POOL, TARGET_DIM, make_pool
 from .resnet import ResNet50, resnet50
 from .vgg16 import VGG16, vgg16
 
@@ -23,7 +24,8 @@ ARCHS = tuple(REGISTRY)
 
 __all__ = ["AlexNet", "VGG16", "ResNet50", "DeepClusterNet", "Trunk", "ProbeError", "StateDictError",
            "alexnet", "vgg16", "resnet50", "build_model", "detect_arch", "from_state_dict",
-           "clean_state_dict", "probe_arg", "ARCHS", "REGISTRY"]
+           "clean_state_dict", "probe_arg", "ARCHS", "REGISTRY", "to_channels_last", "make_pool",
+           "ALEXNET_POOL", "TARGET_DIM"]
 
 
 def build_model(arch: str, sobel: bool = False, bn: bool = True, out: int = 1000,

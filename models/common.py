@@ -342,3 +342,14 @@ def flat_dim(features: nn.Sequential, in_channels: int, input_size: int) -> int:
         if h < 1 or w < 1:
             raise ValueError(f"input size {input_size} is too small for this network")
     return int(c * h * w)
+
+def to_channels_last(obj):
+    """Module -> converted in place (and returned); 4-d tensor -> channels-last copy/view.
+
+    Other tensors are returned unchanged, so it can wrap any batch.
+    """
+    if isinstance(obj, nn.Module):
+        return obj.to(memory_format=torch.channels_last)
+    if isinstance(obj, torch.Tensor) and obj.dim() == 4:
+        return obj.contiguous(memory_format=torch.channels_last)
+    return obj

@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 from sklearn.metrics import adjusted_rand_score
 
 import checkpoint
+import distributed
+import fileio
 import util
 from conftest import digits_subset
 
@@ -48,7 +50,7 @@ def test_two_processes_match_one_and_resume_on_one(digits100, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     res = run_torchrun(2, train_argv(digits100, two, 2) + ["--checkpoints", "5"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    recs = util.read_jsonl(two / "log.jsonl")
+    recs = fileio.read_jsonl(two / "log.jsonl")
     assert [r["epoch"] for r in recs] == [0, 1] and all(r["world_size"] == 2 for r in recs)
     # written once: a single log line per epoch, one checkpoint
     assert (two / "checkpoint.pth.tar").exists()
@@ -56,11 +58,11 @@ def test_two_processes_match_one_and_resume_on_one(digits100, tmp_path):
     import main
     assert main.run(train_argv(digits100, one, 1)) == 0
     # same initial model and same k-means seed: the epoch-0 partition is the same up to relabelling
-    a = util.ClusterLog(two / "clusters").load(0)
-    b = util.ClusterLog(one / "clusters").load(0)
+    a = checkpoint.ClusterLog(two / "clusters").load(0)
+    b = checkpoint.ClusterLog(one / "clusters").load(0)
     assert adjusted_rand_score(a, b) == pytest.approx(1.0)
     # --batch is the global mini-batch: 2 processes take 4 images each, for as many steps as 1 process
-    one_rec = util.read_jsonl(one / "log.jsonl")[0]
+    one_rec = fileio.read_jsonl(one / "log.jsonl")[0]
     assert recs[0]["iterations"] == one_rec["iterations"] == 13  # ceil(100 draws / 8)
 
     # a mid-epoch copy from 2 ranks (epoch 1, before step 12: global position 96) resumes on 1 process
@@ -69,7 +71,7 @@ def test_two_processes_match_one_and_resume_on_one(digits100, tmp_path):
     assert len(mid["rng_ranks"]) == 2 and not torch.equal(mid["rng_ranks"][0]["torch"], mid["rng_ranks"][1]["torch"])
     argv = train_argv(digits100, two, 3) + ["--resume", str(two / "checkpoints" / "checkpoint_5.pth.tar")]
     assert main.run(argv) == 0
-    recs = util.read_jsonl(two / "log.jsonl")
+    recs = fileio.read_jsonl(two / "log.jsonl")
     assert [r["epoch"] for r in recs] == [0, 1, 2] and recs[1]["world_size"] == recs[2]["world_size"] == 1
     assert recs[1]["iterations"] == recs[2]["iterations"] == 13
     assert recs[2]["nmi_prev"] is not None
@@ -78,21 +80,21 @@ def test_two_processes_match_one_and_resume_on_one(digits100, tmp_path):
 def _gather_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    rt = util.init_runtime("cpu")
+    rt = distributed.init_runtime("cpu")
     full = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
     idx = torch.arange(rank, n, world)
     stats: dict = {}
-    got = util.gather_rows(full[idx].clone(), idx, n, rt, stats=stats)
+    got = distributed.gather_rows(full[idx].clone(), idx, n, rt, stats=stats)
     # uneven shares (rank 1 sends more rows than rank 0 holds), bfloat16 rows
     idx2 = torch.arange(0, 3) if rank == 0 else torch.arange(3, n)
     stats2: dict = {}
-    got2 = util.gather_rows(full[idx2].bfloat16(), idx2, n, rt, stats=stats2)
-    labels = util.broadcast_array(np.arange(n) % 4 if rt.is_main else None, rt)
+    got2 = distributed.gather_rows(full[idx2].bfloat16(), idx2, n, rt, stats=stats2)
+    labels = distributed.broadcast_array(np.arange(n) % 4 if rt.is_main else None, rt)
     # BatchNorm statistics differ per rank after training: rank 0's reach every rank
     bn = torch.nn.BatchNorm1d(3)
     bn.running_mean.fill_(float(rank + 1))
     bn.weight.data.fill_(float(rank + 5))
-    util.broadcast_module_state(bn, rt)
+    distributed.broadcast_module_state(bn, rt)
     torch.manual_seed(100 + rank)
     rng = checkpoint.gather_rng_states(rt)
     torch.save({"full": got, "full2": got2, "labels": torch.as_tensor(labels), "stats": stats, "stats2": stats2,
@@ -113,9 +115,9 @@ def test_gather_rows_broadcast_and_rng_states(tmp_path):
     assert r0["labels"].tolist() == r1["labels"].tolist() == (np.arange(n) % 4).tolist()
     # peak bookkeeping: the buffers rank 0 holds are exactly what the formula counts
     assert r0["stats"]["counts"] == [6, 5]
-    assert r0["stats"]["peak_bytes"] == util.gather_peak_bytes(n, 3, [6, 5], 4) == (11 + 6) * 3 * 4 + 11 * 8
+    assert r0["stats"]["peak_bytes"] == distributed.gather_peak_bytes(n, 3, [6, 5], 4) == (11 + 6) * 3 * 4 + 11 * 8
     assert r0["stats2"]["counts"] == [3, 8]  # rank 0's rows cannot take rank 1's: one more buffer
-    assert r0["stats2"]["peak_bytes"] == util.gather_peak_bytes(n, 3, [3, 8], 2) == (11 + 3 + 8) * 3 * 2 + 11 * 8
+    assert r0["stats2"]["peak_bytes"] == distributed.gather_peak_bytes(n, 3, [3, 8], 2) == (11 + 3 + 8) * 3 * 2 + 11 * 8
     assert r1["bn"].tolist() == r0["bn"].tolist() == [1.0] * 3 and r1["bn_w"].tolist() == [5.0] * 3
     # every rank's RNG state reaches rank 0, in rank order
     assert r1["rng"] is None and len(r0["rng"]) == 2
@@ -127,9 +129,9 @@ def test_gather_rows_broadcast_and_rng_states(tmp_path):
 def test_gather_peak_imagenet_fits_an_80gb_gpu():
     n, d, w = 1_281_167, 4096, 8
     counts = [len(range(r, n, w)) for r in range(w)]
-    gib = util.gather_peak_bytes(n, d, counts, 4) / 2 ** 30
+    gib = distributed.gather_peak_bytes(n, d, counts, 4) / 2 ** 30
     assert 21.9 < gib < 22.1  # the (n, D) float32 matrix is 19.5 GiB: one eighth more
-    assert util.gather_peak_bytes(n, d, counts, 2) / 2 ** 30 < 11.1
+    assert distributed.gather_peak_bytes(n, d, counts, 2) / 2 ** 30 < 11.1
 
 
 def test_sampler_shards_draw_each_sample_once():

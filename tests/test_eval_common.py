@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import checkpoint
 import models
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -169,12 +170,11 @@ def test_ap_voc07_eleven_point():
 
 
 def test_original_format_checkpoint_loads(tmp_path):
-    import util
     m = models.alexnet(sobel=True, out=7, input_size=64)
     p = save_original_format(m, tmp_path / "orig.pth.tar")
     sd = torch.load(p, weights_only=True)["state_dict"]
     assert "features.module.0.weight" in sd and "sobel.0.weight" in sd and "top_layer.weight" in sd
     assert not any(k.endswith("num_batches_tracked") for k in sd)
-    loaded = util.load_model(p)
+    loaded = checkpoint.load_model(p)
     assert loaded.sobel is not None and loaded.top_layer.out_features == 7
     assert torch.equal(loaded.features[0].weight, m.features[0].weight)

@@ -13,8 +13,9 @@ import torch
 import data
 import eval_knn
 import main
+import fileio
+import knn
 import models
-import util
 from conftest import make_image_folder
 
 
@@ -42,14 +43,14 @@ def test_matches_numpy_reference(T):
     labels = rng.randint(0, C, 150)
     test = rng.randn(40, 12).astype(np.float32)
     ks = [1, 3, 20, 150]
-    got = eval_knn.knn_classify(torch.from_numpy(train), torch.from_numpy(labels), torch.from_numpy(test), ks, T,
+    got = knn.knn_classify(torch.from_numpy(train), torch.from_numpy(labels), torch.from_numpy(test), ks, T,
                                 num_classes=C)
     assert sorted(got) == ks
     for k in ks:
         np.testing.assert_array_equal(got[k].numpy(), reference_knn(train, labels, test, k, T, C), err_msg=f"k={k}")
     # accuracy from the rankings
     truth = rng.randint(0, C, 40)
-    acc = eval_knn.knn_accuracy(got, torch.from_numpy(truth))
+    acc = knn.knn_accuracy(got, torch.from_numpy(truth))
     ref = reference_knn(train, labels, test, 20, T, C)
     assert acc[20]["top1"] == pytest.approx(100 * np.mean(ref[:, 0] == truth))
     assert acc[20]["top5"] == pytest.approx(100 * np.mean((ref == truth[:, None]).any(1)))
@@ -59,9 +60,9 @@ def test_chunking_does_not_change_predictions():
     rng = np.random.RandomState(1)
     train, test = torch.from_numpy(rng.randn(300, 20).astype(np.float32)), torch.from_numpy(rng.randn(70, 20).astype(np.float32))
     labels = torch.from_numpy(rng.randint(0, 10, 300))
-    whole = eval_knn.knn_classify(train, labels, test, [5, 20, 200], chunk=1000, train_chunk=1000)
+    whole = knn.knn_classify(train, labels, test, [5, 20, 200], chunk=1000, train_chunk=1000)
     for chunk, train_chunk in [(1, 7), (13, 64), (70, 299), (32, 1)]:
-        part = eval_knn.knn_classify(train, labels, test, [5, 20, 200], chunk=chunk, train_chunk=train_chunk)
+        part = knn.knn_classify(train, labels, test, [5, 20, 200], chunk=chunk, train_chunk=train_chunk)
         for k in whole:
             assert torch.equal(whole[k], part[k]), (chunk, train_chunk, k)
 
@@ -72,19 +73,19 @@ def test_separated_classes_are_all_right():
     lab_tr, lab_te = np.repeat(np.arange(8), 25), np.repeat(np.arange(8), 5)
     train = centres[lab_tr] + rng.randn(200, 32)
     test = centres[lab_te] + rng.randn(40, 32)
-    got = eval_knn.knn_classify(torch.tensor(train), torch.tensor(lab_tr), torch.tensor(test), [1, 20, 100])
-    acc = eval_knn.knn_accuracy(got, torch.tensor(lab_te))
+    got = knn.knn_classify(torch.tensor(train), torch.tensor(lab_tr), torch.tensor(test), [1, 20, 100])
+    acc = knn.knn_accuracy(got, torch.tensor(lab_te))
     assert all(a["top1"] == 100.0 and a["top5"] == 100.0 for a in acc.values())
     # a tiny temperature (exp(sim / T) overflows float32) still works
-    tiny = eval_knn.knn_classify(torch.tensor(train), torch.tensor(lab_tr), torch.tensor(test), [20], T=1e-3)
-    assert eval_knn.knn_accuracy(tiny, torch.tensor(lab_te))[20]["top1"] == 100.0
+    tiny = knn.knn_classify(torch.tensor(train), torch.tensor(lab_tr), torch.tensor(test), [20], T=1e-3)
+    assert knn.knn_accuracy(tiny, torch.tensor(lab_te))[20]["top1"] == 100.0
 
 
 def test_k_larger_than_train_set_is_clamped(caplog):
-    assert eval_knn.clamp_ks([200, 5, 20, 20], 50, "--nb_knn") == [5, 20, 50]
+    assert knn.clamp_ks([200, 5, 20, 20], 50, "--nb_knn") == [5, 20, 50]
     assert "--nb_knn [200] larger than the 50 train images: clamped to 50" in caplog.text
     with pytest.raises(ValueError):
-        eval_knn.knn_classify(torch.randn(4, 3), torch.zeros(4), torch.randn(2, 3), [5])
+        knn.knn_classify(torch.randn(4, 3), torch.zeros(4), torch.randn(2, 3), [5])
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,12 +110,12 @@ def test_bad_knn_data_is_refused(tmp_path, knn_data):
         root = tmp_path / what.replace(" ", "_")
         make(root)
         with pytest.raises(data.DataError, match="--knn_data") as e:
-            eval_knn.load_knn_splits(root, "--knn_data")
+            knn.load_knn_splits(root, "--knn_data")
         assert msg in str(e.value) and str(root) in str(e.value), what
     # val may have fewer classes than train: labels follow train's numbering
     shutil.copytree(knn_data, tmp_path / "sub")
     shutil.rmtree(tmp_path / "sub" / "val" / "class0")
-    s = eval_knn.load_knn_splits(tmp_path / "sub")
+    s = knn.load_knn_splits(tmp_path / "sub")
     assert s.classes == ["class0", "class1", "class2"] and sorted(set(s.val_labels)) == [1, 2]
 
 
@@ -170,7 +171,7 @@ def test_monitor_draws_no_random_number_and_keeps_the_model(knn_data):
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     results = []
     for load in (True, False):  # images kept in memory, or a DataLoader at every evaluation
-        monitor = eval_knn.KnnMonitor(str(knn_data), 10, 5, seed=3, size=64, batch=4, load=load)
+        monitor = knn.KnnMonitor(str(knn_data), 10, 5, seed=3, size=64, batch=4, load=load)
         r = monitor.evaluate(model, torch.device("cpu"))
         results.append((r["knn_top1"], r["knn_top5"]))
     assert results[0] == results[1]
@@ -179,7 +180,7 @@ def test_monitor_draws_no_random_number_and_keeps_the_model(knn_data):
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert len(monitor.train_paths) == 10 and len(monitor.val_paths) == 5  # the seeded subset
-    again = eval_knn.KnnMonitor(str(knn_data), 10, 5, seed=3, load=False)
+    again = knn.KnnMonitor(str(knn_data), 10, 5, seed=3, load=False)
     assert again.train_paths == monitor.train_paths and again.val_paths == monitor.val_paths
 
 
@@ -190,7 +191,7 @@ def test_main_logs_knn_and_resumes_to_the_same_values(tiny_image_folder, knn_dat
     out = capsys.readouterr().out
     assert "--knn_k [30] larger than the 20 train images: clamped to 20" in out
     assert "random network | knn" in out and "kNN top-1" in out
-    recs = util.read_jsonl(a / "log.jsonl")
+    recs = fileio.read_jsonl(a / "log.jsonl")
     assert [r["epoch"] for r in recs] == [-1, 0, 1]
     for r in recs:
         assert 0 <= r["knn_top1"] <= r["knn_top5"] <= 100 and r["time_knn"] > 0
@@ -202,7 +203,7 @@ def test_main_logs_knn_and_resumes_to_the_same_values(tiny_image_folder, knn_dat
     assert main.run(train_args(tiny_image_folder, c, *knn, "--resume",
                                str(c / "checkpoints" / "checkpoint_1.pth.tar"))) == 0
     assert "random network" not in capsys.readouterr().out
-    resumed = util.read_jsonl(c / "log.jsonl")
+    resumed = fileio.read_jsonl(c / "log.jsonl")
     assert [r["epoch"] for r in resumed] == [-1, 0, 1]
     assert [(r["knn_top1"], r["knn_top5"]) for r in resumed] == [(r["knn_top1"], r["knn_top5"]) for r in recs]
     assert [r.get("train_loss") for r in resumed] == [r.get("train_loss") for r in recs]
@@ -222,7 +223,7 @@ def test_main_refuses_bad_knn_data_before_training(tiny_image_folder, tmp_path, 
 def test_digits_split_is_stratified_and_seeded(tmp_path):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    a = eval_knn.load_knn_splits(data.export_digits_split(tmp_path / "s", size=8, seed=5))
+    a = knn.load_knn_splits(data.export_digits_split(tmp_path / "s", size=8, seed=5))
     assert len(a.train_paths) + len(a.val_paths) == 1797 and len(a.val_paths) == 360
     counts = np.bincount(a.val_labels) / np.bincount(np.r_[a.train_labels, a.val_labels])
     assert np.all(np.abs(counts - 0.2) < 0.01)
@@ -234,14 +235,14 @@ def test_digits_split_is_stratified_and_seeded(tmp_path):
 
 def test_report_draws_the_knn_curve(tmp_path):
     from PIL import Image
-    from visu import report
+    from visu import report, training_report
     exp = tmp_path / "exp"
     exp.mkdir()
     recs = [{"epoch": -1, "knn_top1": 90.0, "knn_top5": 99.0, "time_knn": 1.0}]
     recs += [{"epoch": e, "clustering_loss": 10.0 - e, "train_loss": 3.0 - e / 10, "nmi_prev": None if e == 0 else 0.6,
               "nmi_labels": 0.5, "knn_top1": 80.0 + e, "knn_top5": 98.0, "time_knn": 1.0} for e in range(3)]
     (exp / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    e, v = report.series(report.read_log(exp), "knn_top1")
+    e, v = training_report.series(training_report.read_log(exp), "knn_top1")
     assert list(e) == [-1, 0, 1, 2] and list(v) == [90.0, 80.0, 81.0, 82.0]
     written = report.main(report.get_args_parser().parse_args([str(exp)]))
     assert [p.name for p in written] == ["training_curves.png"]

@@ -64,7 +64,7 @@ def test_pooling_table_alexnet_224():
     dims = eval_linear.pooled_dims("alexnet", 224)
     assert dims == {1: 9600, 2: 9216, 3: 9600, 4: 9600, 5: 9216}
     m = models.alexnet(out=0, input_size=224)
-    for conv, (k, s, p) in eval_linear.ALEXNET_POOL.items():
+    for conv, (k, s, p) in models.ALEXNET_POOL.items():
         body = m.trunk(conv).freeze()
         pool = eval_linear.build_reglog(body, "alexnet", conv, 5, 224).pool
         assert (pool.kernel_size, pool.stride, pool.padding) == (k, s, p)  # the paper's table untouched

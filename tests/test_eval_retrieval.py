@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval_retrieval as R
+import checkpoint
 import models
 from test_eval_common import make_oxford, make_revisited, save_original_format, save_our_format
 
@@ -205,8 +206,7 @@ def test_pca_whitening_and_aggregation():
 
 
 def test_features_are_conv5_3_after_relu(vgg_original):
-    import util
-    m = util.load_model(vgg_original)
+    m = checkpoint.load_model(vgg_original)
     net = m.trunk(13).freeze()
     assert isinstance(net.body[-1], torch.nn.ReLU) and len([x for x in net.body if isinstance(x, torch.nn.Conv2d)]) == 13
     out = net(torch.randn(1, 3, 64, 96))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import eval_voc_classif as voc_eval
+import checkpoint
 import models
 from test_eval_common import VOC_CLASSES, make_voc, save_original_format, save_our_format
 
@@ -121,8 +122,7 @@ def test_end_to_end_all_layers_tencrop(voc, alexnet_files, tmp_path, monkeypatch
 
 
 def test_train_batchnorm_trains_only_bn_in_features(alexnet_files):
-    import util
-    m = util.load_model(alexnet_files["ours"])
+    m = checkpoint.load_model(alexnet_files["ours"])
     args = voc_args(Path("."), alexnet_files["ours"], Path("."), "--train_batchnorm", "1")
     params = voc_eval.prepare_model(m, args)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}

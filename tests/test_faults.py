@@ -1,7 +1,7 @@
 """Fault injection: SIGKILL at any stage, mid-epoch resume, numerical and disk faults.
 
 The kill test runs main.py in a subprocess with DEEPCLUSTER_FAULT="point:n", which makes
-the process SIGKILL itself the n-th time it reaches ``point`` (checkpoint.fault_point), here
+the process SIGKILL itself the n-th time it reaches ``point`` (fileio.fault_point), here
 between writing a checkpoint's temporary file and renaming it. Resuming from the experiment
 folder must then finish the run with the same model and cluster history, bit for bit (CPU,
 fixed seed, no workers). Every fault point at every hit count is swept by test_resume.py.
@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-import clustering
 import checkpoint
+import clustering
 import main
 from conftest import digits_subset
-import util
+import fileio
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -63,11 +63,11 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert sa["epoch"] == sb["epoch"] == EPOCHS
     for k in sa["state_dict"]:
         assert torch.equal(sa["state_dict"][k], sb["state_dict"][k]), k
-    ca, cb = util.ClusterLog(a / "clusters"), util.ClusterLog(b / "clusters")
+    ca, cb = checkpoint.ClusterLog(a / "clusters"), checkpoint.ClusterLog(b / "clusters")
     assert ca.epochs() == cb.epochs() == list(range(EPOCHS))
     for e in ca.epochs():
         np.testing.assert_array_equal(ca.load(e), cb.load(e))
-    la, lb = util.read_jsonl(a / "log.jsonl"), util.read_jsonl(b / "log.jsonl")
+    la, lb = fileio.read_jsonl(a / "log.jsonl"), fileio.read_jsonl(b / "log.jsonl")
     assert [r["epoch"] for r in lb] == list(range(EPOCHS))
     for ra, rb in zip(la, lb):
         assert ra["clustering_loss"] == rb["clustering_loss"]

@@ -14,6 +14,7 @@ import torch
 import clustering
 import main
 import checkpoint
+import distributed
 import util
 
 
@@ -32,7 +33,7 @@ class CopySpy(torch.Tensor):
 def test_feature_store_copies_to_the_store_synchronously():
     """A non-blocking device -> host copy read at once by index_copy_ gives stale rows on CUDA."""
     CopySpy.calls = []
-    store = util.FeatureStore(5, 3, "cpu", "float16")
+    store = distributed.FeatureStore(5, 3, "cpu", "float16")
     batch = torch.arange(6, dtype=torch.float32).reshape(2, 3).as_subclass(CopySpy)
     store.write([4, 1], batch)
     assert CopySpy.calls and not any(CopySpy.calls)
@@ -85,11 +86,11 @@ def _torchrun_env(monkeypatch, rank: int, world: int = 2) -> list:
 
 def test_process_group_gets_timeout_and_device(monkeypatch):
     calls = _torchrun_env(monkeypatch, rank=1)
-    rt = util.init_runtime("cpu", timeout_min=5)
+    rt = distributed.init_runtime("cpu", timeout_min=5)
     assert calls[-1]["backend"] == "gloo" and calls[-1]["device_id"] is None
     assert calls[-1]["timeout"] == datetime.timedelta(minutes=5) and rt.device == torch.device("cpu")
     set_to = _fake_cuda(monkeypatch, 2)
-    rt = util.init_runtime("auto")
+    rt = distributed.init_runtime("auto")
     assert calls[-1]["backend"] == "nccl" and calls[-1]["device_id"] == torch.device("cuda", 1)
     assert calls[-1]["timeout"] == datetime.timedelta(minutes=60)
     assert set_to == [1] and rt.device == torch.device("cuda", 1)
@@ -98,21 +99,21 @@ def test_process_group_gets_timeout_and_device(monkeypatch):
 def test_two_processes_on_one_gpu_refused(monkeypatch):
     calls = _torchrun_env(monkeypatch, rank=1)
     _fake_cuda(monkeypatch, 1)
-    with pytest.raises(util.DeviceError, match="LOCAL_RANK 1 but only 1 GPU.*share one GPU"):
-        util.init_runtime("cuda")
+    with pytest.raises(distributed.DeviceError, match="LOCAL_RANK 1 but only 1 GPU.*share one GPU"):
+        distributed.init_runtime("cuda")
     assert not calls
 
 
 def test_gpu_seen_by_the_system_but_not_torch_is_loud(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(util, "system_sees_gpu", lambda: True)
+    monkeypatch.setattr(distributed, "system_sees_gpu", lambda: True)
     with caplog.at_level(logging.WARNING, logger="deepcluster"):
-        assert util.init_runtime("auto").device == torch.device("cpu")
+        assert distributed.init_runtime("auto").device == torch.device("cpu")
     assert "shows an NVIDIA GPU but PyTorch cannot use it" in caplog.text
-    with pytest.raises(util.DeviceError, match="--device cuda requested"):
-        util.init_runtime("cuda")
+    with pytest.raises(distributed.DeviceError, match="--device cuda requested"):
+        distributed.init_runtime("cuda")
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    util.configure_backends()
+    distributed.configure_backends()
     assert torch.backends.cudnn.benchmark is True
 
 
@@ -123,9 +124,9 @@ def test_main_sh_asks_for_cuda_when_gpus_are_requested():
 
 
 def test_seeds_differ_per_rank_for_torch_only():
-    util.seed_everything(3, rank=0)
+    distributed.seed_everything(3, rank=0)
     t0, n0 = torch.rand(4), np.random.rand(4)
-    util.seed_everything(3, rank=1)
+    distributed.seed_everything(3, rank=1)
     t1, n1 = torch.rand(4), np.random.rand(4)
     assert not torch.equal(t0, t1)           # own dropout masks per rank
     assert np.array_equal(n0, n1)           # shared draws and k-means seeds
@@ -140,7 +141,7 @@ def test_rng_restored_by_rank():
     args = main.parse_args(["x", "--seed", "31"])
     seen = []
     for rank in range(3):
-        checkpoint.restore_rank_rng(ckpt, args.seed, util.Runtime(rank=rank, world_size=3))
+        checkpoint.restore_rank_rng(ckpt, args.seed, distributed.Runtime(rank=rank, world_size=3))
         seen.append(torch.rand(3))
     for rank in range(2):
         torch.manual_seed(10 + rank)
@@ -203,7 +204,7 @@ def test_train_loop_reads_the_loss_every_few_dozen_steps(monkeypatch):
 
 def test_train_loop_divergence_names_the_iterations(monkeypatch):
     monkeypatch.setattr(main, "SYNC_EVERY", 10)
-    with pytest.raises(util.DivergedError, match="loss is nan at epoch 0, between iterations 10 and 19"):
+    with pytest.raises(distributed.DivergedError, match="loss is nan at epoch 0, between iterations 10 and 19"):
         _train(_batches(30, nan_at=13), monkeypatch)
 
 
@@ -227,10 +228,10 @@ def _mid_epoch(draws: np.ndarray, i: int, args, world: int) -> dict:
     net = _Net()
     plan = main.EpochPlan(np.arange(50) % 3, [[0], [1], [2]], 0.0, draws,
                           torch.optim.SGD(net.top_layer.parameters(), lr=0.1))
-    return checkpoint.mid_epoch_state(plan, i, util.AverageMeter(), None, args, util.Runtime(0, world))
+    return checkpoint.mid_epoch_state(plan, i, util.AverageMeter(), None, args, distributed.Runtime(0, world))
 
 
-def _served(draws, rt: util.Runtime, args, start_iter: int) -> list[list[int]]:
+def _served(draws, rt: distributed.Runtime, args, start_iter: int) -> list[list[int]]:
     """Per step, the draws rank ``rt.rank`` trains on from step start_iter."""
     b = main.rank_batch(args, rt)
     items = [d for d, _ in util.SeededShardSampler(draws, 0, rt.rank, rt.world_size, start=start_iter * b)]
@@ -242,16 +243,16 @@ def test_mid_epoch_resume_on_another_number_of_processes():
     draws = np.arange(100, 146)  # 46 draws: 6 steps of 8 (the last one 6), on any W dividing 8 and 46
     mid = _mid_epoch(draws, 3, args, world=2)
     assert mid["position"] == 24 and mid["world_size"] == 2
-    before = [d for r in range(2) for step in _served(draws, util.Runtime(r, 2), args, 0)[:3] for d in step]
-    plan = main.resumed_plan(mid, _Net(), args, util.Runtime(0, 1))
-    after = [d for step in _served(plan.draws, util.Runtime(0, 1), args, plan.start_iter) for d in step]
+    before = [d for r in range(2) for step in _served(draws, distributed.Runtime(r, 2), args, 0)[:3] for d in step]
+    plan = main.resumed_plan(mid, _Net(), args, distributed.Runtime(0, 1))
+    after = [d for step in _served(plan.draws, distributed.Runtime(0, 1), args, plan.start_iter) for d in step]
     assert sorted(before + after) == draws.tolist()  # every draw once: nothing twice, nothing skipped
-    assert plan.start_iter + len(_served(plan.draws, util.Runtime(0, 1), args, plan.start_iter)) == 6
+    assert plan.start_iter + len(_served(plan.draws, distributed.Runtime(0, 1), args, plan.start_iter)) == 6
     # on 4 processes: 46 is not a multiple of 4, the last 2 draws go so every rank runs as many steps
-    plan4 = main.resumed_plan(mid, _Net(), args, util.Runtime(0, 4))
-    steps = {len(_served(plan4.draws, util.Runtime(r, 4), args, plan4.start_iter)) for r in range(4)}
+    plan4 = main.resumed_plan(mid, _Net(), args, distributed.Runtime(0, 4))
+    steps = {len(_served(plan4.draws, distributed.Runtime(r, 4), args, plan4.start_iter)) for r in range(4)}
     assert steps == {3} and len(plan4.draws) == 44
-    after4 = [d for r in range(4) for step in _served(plan4.draws, util.Runtime(r, 4), args, plan4.start_iter)
+    after4 = [d for r in range(4) for step in _served(plan4.draws, distributed.Runtime(r, 4), args, plan4.start_iter)
               for d in step]
     assert sorted(before + after4) == draws[:44].tolist()
     # a --batch that cannot reach the checkpoint's position is refused

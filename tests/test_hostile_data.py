@@ -11,7 +11,7 @@ from PIL import Image
 
 import data
 import main
-import util
+import checkpoint
 from conftest import make_image_folder
 
 
@@ -149,7 +149,7 @@ def test_main_refuses_then_skips_broken_files(tmp_path, broken_files, capsys):
     listed = (exp / "bad_images.txt").read_text()
     assert all(n in listed for n in ("zero.jpg", "truncated.jpg", "notes.jpg"))
     assert main.run(args + ["--bad_images", "skip"]) == 0
-    assert len(util.ClusterLog(exp / "clusters").load(0)) == 12  # trained on the 12 good images
+    assert len(checkpoint.ClusterLog(exp / "clusters").load(0)) == 12  # trained on the 12 good images
 
 
 def test_reduced_size_jpeg_decoding(tmp_path):

@@ -1,7 +1,6 @@
 """End-to-end runs of main.py on small real data, resume, and bad input."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import checkpoint
 import clustering
 import main
 from conftest import digits_subset
-import util
+import fileio
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +31,11 @@ def test_train_then_resume(small_digits, tmp_path):
     assert main.run(base_args(small_digits, exp, "--epochs", "2")) == 0
     ckpt = torch.load(exp / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["arch"] == "alexnet"
-    first = util.read_jsonl(exp / "log.jsonl")
+    first = fileio.read_jsonl(exp / "log.jsonl")
     assert [r["epoch"] for r in first] == [0, 1]
     assert first[0]["nmi_prev"] is None and 0 <= first[1]["nmi_prev"] <= 1
     assert all(0 <= r["nmi_labels"] <= 1 for r in first)
-    clog = util.ClusterLog(exp / "clusters")
+    clog = checkpoint.ClusterLog(exp / "clusters")
     assert clog.epochs() == [0, 1]
     np.testing.assert_array_equal(ckpt["last_assignment"].numpy(), clog.load(1))
     # periodic copies: 10 iterations per epoch (300 / 32), one every 5
@@ -45,7 +44,7 @@ def test_train_then_resume(small_digits, tmp_path):
 
     assert main.run(base_args(small_digits, exp, "--epochs", "3", "--resume",
                               str(exp / "checkpoint.pth.tar"))) == 0
-    recs = util.read_jsonl(exp / "log.jsonl")
+    recs = fileio.read_jsonl(exp / "log.jsonl")
     assert [r["epoch"] for r in recs] == [0, 1, 2]
     # NMI against the previous epoch continues across the restart
     assert recs[2]["nmi_prev"] is not None
@@ -55,10 +54,10 @@ def test_train_then_resume(small_digits, tmp_path):
     assert torch.load(exp / "checkpoint.pth.tar", weights_only=True)["epoch"] == 3
     # the stored history converts to the original pickle formats
     import pickle
-    out = util.export_clusters_pickle(exp, tmp_path / "clusters.pkl")
+    out = checkpoint.export_clusters_pickle(exp, tmp_path / "clusters.pkl")
     hist = pickle.load(open(out, "rb"))
     assert len(hist) == 3 and sorted(sum(hist[2], [])) == list(range(300))
-    model = util.load_model(exp / "checkpoint.pth.tar")
+    model = checkpoint.load_model(exp / "checkpoint.pth.tar")
     assert model.use_sobel and model.top_layer.out_features == 20
 
 
@@ -69,7 +68,7 @@ def test_resume_restores_rng_and_model(small_digits, tmp_path):
     assert main.run(base_args(small_digits, a, "--epochs", "2")) == 0
     assert main.run(base_args(small_digits, b, "--epochs", "1")) == 0
     assert main.run(base_args(small_digits, b, "--epochs", "2", "--resume", str(b / "checkpoint.pth.tar"))) == 0
-    np.testing.assert_array_equal(util.ClusterLog(a / "clusters").load(1), util.ClusterLog(b / "clusters").load(1))
+    np.testing.assert_array_equal(checkpoint.ClusterLog(a / "clusters").load(1), checkpoint.ClusterLog(b / "clusters").load(1))
     sa = torch.load(a / "checkpoint.pth.tar", weights_only=True)["state_dict"]
     sb = torch.load(b / "checkpoint.pth.tar", weights_only=True)["state_dict"]
     for k in sa:
@@ -177,9 +176,9 @@ def test_speed_flags_keep_the_clustering(tiny_image_folder, tmp_path):
             "--workers", "0", "--epochs", "1", "--no_progress"]
     assert main.run(base + ["--exp", str(tmp_path / "a"), "--no-channels_last"]) == 0
     assert main.run(base + ["--exp", str(tmp_path / "b"), "--channels_last", "--features_dtype", "float16"]) == 0
-    la, lb = (util.read_jsonl(tmp_path / x / "log.jsonl")[0] for x in "ab")
+    la, lb = (fileio.read_jsonl(tmp_path / x / "log.jsonl")[0] for x in "ab")
     assert lb["clustering_loss"] == pytest.approx(la["clustering_loss"], rel=0.01)
-    ca, cb = (util.ClusterLog(tmp_path / x / "clusters").load(0) for x in "ab")
+    ca, cb = (checkpoint.ClusterLog(tmp_path / x / "clusters").load(0) for x in "ab")
     assert adjusted_rand_score(ca, cb) > 0.9
 
 
@@ -191,7 +190,7 @@ def test_resume_after_the_image_set_changed(tiny_image_folder, tmp_path, capsys)
     (tiny_image_folder / "class0" / "img000.jpg").unlink()
     assert main.run(args + ["--epochs", "2", "--resume", str(exp)]) == 0
     assert "NMI with the previous epoch restarts" in capsys.readouterr().out
-    recs = util.read_jsonl(exp / "log.jsonl")
+    recs = fileio.read_jsonl(exp / "log.jsonl")
     assert [r["epoch"] for r in recs] == [0, 1] and recs[1]["nmi_prev"] is None
 
 
@@ -202,9 +201,9 @@ def test_variants_run_end_to_end(tiny_image_folder, tmp_path, extra):
     args = [str(tiny_image_folder), "--exp", str(exp), "--size", "64", "--k", "3", "--pca", "8",
             "--batch", "8", "--workers", "0", "--epochs", "2", "--no_progress", "--sobel", *extra]
     assert main.run(args) == 0
-    recs = util.read_jsonl(exp / "log.jsonl")
+    recs = fileio.read_jsonl(exp / "log.jsonl")
     assert [r["epoch"] for r in recs] == [0, 1]
-    labels = util.ClusterLog(exp / "clusters").load(1)
+    labels = checkpoint.ClusterLog(exp / "clusters").load(1)
     assert len(labels) == 24 and labels.min() >= 0
     ckpt = torch.load(exp / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["arch"] == ("vgg16" if "vgg16" in extra else "alexnet")

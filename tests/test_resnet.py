@@ -12,11 +12,11 @@ import torch
 import torchvision
 from torch import nn
 
-import eval_linear
 import eval_voc_classif
 import main
+import checkpoint
+import fileio
 import models
-import util
 from conftest import make_image_folder
 from checkpoint import CheckpointError
 
@@ -93,7 +93,7 @@ def test_load_deepcluster_v2_layout(tv, tmp_path, caplog):
     path = tmp_path / "deepclusterv2_800ep_pretrain.pth.tar"
     torch.save(sd, path)
     with caplog.at_level(logging.WARNING, logger="deepcluster"):
-        model = util.load_model(path)
+        model = checkpoint.load_model(path)
     assert model.arch == "resnet50" and model.top_layer is None
     assert len(model.ignored_keys) == 6
     assert "ignored 6 keys" in caplog.text and "projection_head" in caplog.text and "prototypes" in caplog.text
@@ -106,7 +106,7 @@ def test_mismatches_are_refused(tv, tmp_path):
     r18 = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), r18)
     with pytest.raises(CheckpointError, match=r"resnet18.pth.*does not fit resnet50.*missing"):
-        util.load_model(r18)
+        checkpoint.load_model(r18)
     sd = dict(tv.state_dict())
     sd["layer2.0.conv2.weight"] = torch.zeros(64, 128, 3, 3)
     with pytest.raises(models.StateDictError, match="does not fit resnet50"):
@@ -116,7 +116,7 @@ def test_mismatches_are_refused(tv, tmp_path):
     with pytest.raises(models.StateDictError, match="unexpected"):
         models.from_state_dict(sd)
     with pytest.raises(CheckpointError, match="eval_x needs a vgg16 model"):
-        util.load_model(r18, arch="vgg16", purpose="eval_x")
+        checkpoint.load_model(r18, arch="vgg16", purpose="eval_x")
 
 
 def test_probe_points_and_trunks():
@@ -147,7 +147,7 @@ def test_linear_probe_dims_and_voc_head():
     maps = [(64, 112), (256, 56), (512, 28), (1024, 14), (2048, 7), (2048, 1)]  # (C, side) at 224
     dims = []
     for i, (c, side) in enumerate(maps, start=1):
-        pool = eval_linear.make_pool("resnet50", i, c, (side, side))
+        pool = models.make_pool("resnet50", i, c, (side, side))
         dims.append(pool(torch.zeros(1, c, side, side)).numel())
     assert dims == [9216, 9216, 8192, 9216, 8192, 2048]
     m = models.resnet50(out=0)
@@ -170,11 +170,11 @@ def test_train_one_epoch_then_resume_equals_two_epochs(tmp_path):
     ckpt = torch.load(b / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["arch"] == "resnet50" and ckpt["epoch"] == 1
     assert ckpt["model_config"] == {"arch": "resnet50", "sobel": True, "bn": True, "input_size": 32, "k": 2}
-    assert util.read_jsonl(b / "log.jsonl")[0]["epoch"] == 0
-    assert util.load_model(b / "checkpoint.pth.tar").top_layer.in_features == 2048
+    assert fileio.read_jsonl(b / "log.jsonl")[0]["epoch"] == 0
+    assert checkpoint.load_model(b / "checkpoint.pth.tar").top_layer.in_features == 2048
     assert main.run(args + ["--exp", str(b), "--epochs", "2", "--resume", str(b / "checkpoint.pth.tar")]) == 0
     assert main.run(args + ["--exp", str(a), "--epochs", "2"]) == 0
-    la, lb = (util.ClusterLog(x / "clusters").load(1) for x in (a, b))
+    la, lb = (checkpoint.ClusterLog(x / "clusters").load(1) for x in (a, b))
     assert (la == lb).all()
     sa = torch.load(a / "checkpoint.pth.tar", weights_only=True)["state_dict"]
     sb = torch.load(b / "checkpoint.pth.tar", weights_only=True)["state_dict"]

@@ -1,6 +1,6 @@
 """Resume after a kill at every fault point, and the checks a resume makes first.
 
-The sweep counts how often each fault point (checkpoint.fault_point) is reached in an
+The sweep counts how often each fault point (fileio.fault_point) is reached in an
 uninterrupted 2-epoch run, then, for every point and every hit count, stops a run there and
 resumes it from its folder: weights, log records and cluster files must equal the
 uninterrupted run's, bit for bit. The runs are in-process (the fault raises FaultInjected,
@@ -22,6 +22,7 @@ from torch import nn
 
 import checkpoint
 import main
+import fileio
 import models
 import util
 from conftest import make_image_folder
@@ -67,13 +68,13 @@ def argv(images: str, exp: Path, *extra: str) -> list[str]:
 
 def run(args: list[str], fault: str | None = None) -> bool:
     """main.main in this process; False when stopped by the injected fault."""
-    checkpoint.FAULT_HITS.clear()
+    fileio.FAULT_HITS.clear()
     if fault:
         os.environ["DEEPCLUSTER_FAULT"] = fault
     try:
         main.main(main.parse_args(args))
         return True
-    except checkpoint.FaultInjected:
+    except fileio.FaultInjected:
         return False
     finally:
         os.environ.pop("DEEPCLUSTER_FAULT", None)
@@ -81,8 +82,8 @@ def run(args: list[str], fault: str | None = None) -> bool:
 
 def outcome(exp: Path) -> tuple[dict, list[dict], list[np.ndarray]]:
     ck = torch.load(exp / "checkpoint.pth.tar", weights_only=True)
-    recs = [{k: r[k] for k in RECORD_KEYS} for r in util.read_jsonl(exp / "log.jsonl")]
-    clog = util.ClusterLog(exp / "clusters")
+    recs = [{k: r[k] for k in RECORD_KEYS} for r in fileio.read_jsonl(exp / "log.jsonl")]
+    clog = checkpoint.ClusterLog(exp / "clusters")
     return ck, recs, [clog.load(e) for e in clog.epochs()]
 
 
@@ -107,10 +108,10 @@ def test_kill_at_every_fault_point_then_resume_equals_uninterrupted(small, image
             snapshot(ref, snaps / f"{point}_{hit}")
         else:  # killed before the folder exists: nothing on disk
             (snaps / f"{point}_{hit}").mkdir(parents=True)
-    small.setattr(checkpoint, "FAULT_HOOK", kill_here)
+    small.setattr(fileio, "FAULT_HOOK", kill_here)
     assert run(argv(images36, ref))
-    small.setattr(checkpoint, "FAULT_HOOK", None)
-    hits = dict(checkpoint.FAULT_HITS)
+    small.setattr(fileio, "FAULT_HOOK", None)
+    hits = dict(fileio.FAULT_HITS)
     # 2 epochs x 5 batches of features and of training, 2 clusterings, 4 periodic + 2 end
     # checkpoints, and the small files (args.json, cluster files)
     assert hits["features"] == 10 and hits["train"] == 10 and hits["clustering"] == 2
@@ -160,7 +161,7 @@ def test_resume_checks_everything_before_touching_the_run(small, images36, tmp_p
     # a truncated end-of-epoch checkpoint: the folder falls back to the newest periodic copy
     (exp / "checkpoint.pth.tar").write_bytes(b"\x80truncated")
     assert main.run(argv(images36, exp, "--resume", str(exp))) == 0
-    assert [r["epoch"] for r in util.read_jsonl(exp / "log.jsonl")] == [0, 1]
+    assert [r["epoch"] for r in fileio.read_jsonl(exp / "log.jsonl")] == [0, 1]
 
 
 def test_fresh_run_in_a_used_folder_and_run_ids(small, images36, tmp_path, capsys):
@@ -211,8 +212,8 @@ def test_interrupt_hint_names_what_resume_loads(small, images36, tmp_path, capsy
 def test_files_follow_the_umask_and_corrupt_checkpoints_are_named(tmp_path):
     old = os.umask(0o027)
     try:
-        checkpoint.atomic_torch_save({"a": torch.zeros(2)}, tmp_path / "c.pth.tar")
-        checkpoint.atomic_write_text(tmp_path / "t.json", "{}")
+        fileio.atomic_torch_save({"a": torch.zeros(2)}, tmp_path / "c.pth.tar")
+        fileio.atomic_write_text(tmp_path / "t.json", "{}")
     finally:
         os.umask(old)
     assert (tmp_path / "c.pth.tar").stat().st_mode & 0o777 == 0o640
@@ -232,13 +233,13 @@ def test_invalid_dir_creates_no_experiment_folder(tmp_path, capsys):
 
 def test_export_clusters_pickle_into_exp(tmp_path):
     exp = tmp_path / "exp"
-    util.ClusterLog(exp / "clusters").save(0, np.array([0, 1, -1, 1]), 2)
-    out = util.export_clusters_pickle(exp, "clusters.pkl", image_paths=["a", "b", "c", "d"])
+    checkpoint.ClusterLog(exp / "clusters").save(0, np.array([0, 1, -1, 1]), 2)
+    out = checkpoint.export_clusters_pickle(exp, "clusters.pkl", image_paths=["a", "b", "c", "d"])
     assert Path(out) == exp / "clusters.pkl"
     import pickle
     assert pickle.load(open(out, "rb")) == [("a", 0), ("b", 1), ("d", 1)]  # "c" was unreadable
     with pytest.raises(ValueError, match="3 entries"):
-        util.export_clusters_pickle(exp, "x.pkl", image_paths=["a", "b", "c"])
+        checkpoint.export_clusters_pickle(exp, "x.pkl", image_paths=["a", "b", "c"])
 
 
 def corrupt_later(monkeypatch, epoch: int, draw: int) -> dict:
@@ -268,11 +269,11 @@ def test_bad_images_met_mid_run_are_skipped(small, images36, tmp_path):
     listing = (exp / "bad_images.txt").read_text()
     assert f"{early}\tmet during feature extraction" in listing and f"{late}\tmet in training" in listing
     ds = data_paths(images)
-    labels0, labels1 = (util.ClusterLog(exp / "clusters").load(e) for e in (0, 1))
+    labels0, labels1 = (checkpoint.ClusterLog(exp / "clusters").load(e) for e in (0, 1))
     assert labels0[ds.index(str(early))] == -1 and labels0[ds.index(str(late))] >= 0
     assert labels1[ds.index(str(late))] == -1  # unreadable by epoch 1's features
     assert (np.delete(labels1, [ds.index(str(early)), ds.index(str(late))]) >= 0).all()
-    recs = util.read_jsonl(exp / "log.jsonl")
+    recs = fileio.read_jsonl(exp / "log.jsonl")
     assert [r["epoch"] for r in recs] == [0, 1] and all(np.isfinite(r["train_loss"]) for r in recs)
 
 
@@ -323,7 +324,7 @@ def test_too_small_sizes_are_refused_with_the_reason(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("activ_retrieval", script)
     ar = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ar)
-    assert ar.util.run_cli(ar.main, ar.get_args_parser(), [
+    assert ar.cli.run_cli(ar.main, ar.get_args_parser(), [
         "--model", str(tmp_path / "m.pth.tar"), "--data", str(images), "--conv", "5", "--size", "16",
         "--exp", str(tmp_path / "ar"), "--workers", "0"]) != 0
     err = capsys.readouterr().err

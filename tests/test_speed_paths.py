@@ -1,4 +1,4 @@
-"""Speed-up helpers (util.to_channels_last, util.FeatureStore, the benchmarks' autocast), and
+"""Speed-up helpers (models.to_channels_last, distributed.FeatureStore, the benchmarks' autocast), and
 equivalence of every numerics-changing speed-up with the float32 path.
 
 Stated tolerances (checked below):
@@ -24,8 +24,8 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score as nmi_score
 
 import clustering
+import distributed
 import models
-import util
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _common as bench  # noqa: E402
@@ -73,17 +73,17 @@ def train_loss(model, x, y, steps: int = 2, fused: bool = False) -> list[float]:
 # ---------------------------------------------------------------------------------------
 def test_channels_last_equivalent(class_images):
     x, y = class_images
-    m0, m1 = net().eval(), util.to_channels_last(net()).eval()
-    xc = util.to_channels_last(x[:16])
+    m0, m1 = net().eval(), models.to_channels_last(net()).eval()
+    xc = models.to_channels_last(x[:16])
     assert xc.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert rel(m1.forward_features(xc), m0.forward_features(x[:16])) < 1e-4
     l0 = train_loss(net(), x[:16], y[:16])
-    l1 = train_loss(util.to_channels_last(net()), util.to_channels_last(x[:16]), y[:16])
+    l1 = train_loss(models.to_channels_last(net()), models.to_channels_last(x[:16]), y[:16])
     assert l1 == pytest.approx(l0, rel=1e-4)
     # non-4d tensors pass through unchanged
     v = torch.zeros(3)
-    assert util.to_channels_last(v) is v
+    assert models.to_channels_last(v) is v
 
 
 def test_bf16_autocast_equivalent(class_images):
@@ -133,7 +133,7 @@ def _blobs(n=3000, d=256, k=20, seed=0):
 
 def test_fp16_feature_storage_equivalent():
     x = _blobs()
-    store = util.FeatureStore(x.shape[0], x.shape[1], dtype="float16")
+    store = distributed.FeatureStore(x.shape[0], x.shape[1], dtype="float16")
     perm = torch.randperm(x.shape[0])
     for s in range(0, x.shape[0], 512):  # written by index, out of order
         store.write(perm[s:s + 512], x[perm[s:s + 512]])
@@ -180,12 +180,12 @@ def test_finite_check_by_blocks(monkeypatch):
 
 
 def test_feature_store_numpy_and_dtypes():
-    s = util.FeatureStore(4, 3, dtype=torch.float32)
+    s = distributed.FeatureStore(4, 3, dtype=torch.float32)
     s.write([3, 0], torch.tensor([[1.0, 2, 3], [4, 5, 6]]))
     a = s.numpy()
     assert a.dtype == np.float32 and a[3].tolist() == [1, 2, 3] and a[0].tolist() == [4, 5, 6]
     with pytest.raises(ValueError, match="unknown feature dtype"):
-        util.FeatureStore(2, 2, dtype="int8")
+        distributed.FeatureStore(2, 2, dtype="int8")
 
 
 def test_maybe_compile_off_is_identity_and_snapshot():

@@ -1,7 +1,6 @@
 """util: balanced sampler, released checkpoint layouts, atomic saves, RNG state, logs."""
 from __future__ import annotations
 
-import collections
 import json
 import os
 import pickle
@@ -14,6 +13,7 @@ import torch
 
 import checkpoint
 import clustering
+import fileio
 import models
 import util
 from checkpoint import CheckpointError
@@ -198,7 +198,7 @@ def test_load_model_released_layouts(tmp_path, source_models, key, layout, with_
         ckpt["arch"] = arch
     path = tmp_path / "checkpoint.pth.tar"
     torch.save(ckpt, path)
-    model = util.load_model(path)
+    model = checkpoint.load_model(path)
     assert model.arch == arch and model.use_sobel == sobel
     assert (model.top_layer.out_features if model.top_layer is not None else 0) == k
     assert model.input_size == src.input_size
@@ -214,31 +214,31 @@ def test_load_model_released_layouts(tmp_path, source_models, key, layout, with_
         assert all(not p.requires_grad for p in model.sobel.parameters())
     # the same model, explicitly requested, loads too
     if layout == "features.module":
-        assert util.load_model(path, arch=arch).arch == arch
+        assert checkpoint.load_model(path, arch=arch).arch == arch
 
 
 def test_load_model_bare_state_dict(tmp_path, source_models):
     src = source_models[("alexnet", True, 7)]
     path = tmp_path / "bare.pth"
     torch.save(src.state_dict(), path)
-    model = util.load_model(path)
+    model = checkpoint.load_model(path)
     assert torch.equal(model.top_layer.bias, src.top_layer.bias)
     assert torch.equal(model.features[0].weight, src.features[0].weight)
 
 
 def test_load_model_errors(tmp_path, source_models):
     with pytest.raises(CheckpointError):
-        util.load_model(tmp_path / "missing.pth.tar")
+        checkpoint.load_model(tmp_path / "missing.pth.tar")
     empty = tmp_path / "empty.pth.tar"
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError):
-        util.load_model(empty)
+        checkpoint.load_model(empty)
     junk = tmp_path / "junk.pth.tar"
     junk.write_bytes(os.urandom(2048))
     with pytest.raises(CheckpointError):
-        util.load_model(junk)
+        checkpoint.load_model(junk)
     with pytest.raises(CheckpointError):
-        util.load_model(tmp_path)  # a directory
+        checkpoint.load_model(tmp_path)  # a directory
     # a truncated real checkpoint
     src = source_models[("alexnet", False, 0)]
     good = tmp_path / "good.pth.tar"
@@ -246,26 +246,26 @@ def test_load_model_errors(tmp_path, source_models):
     cut = tmp_path / "cut.pth.tar"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError):
-        util.load_model(cut)
+        checkpoint.load_model(cut)
     # wrong architecture requested, with and without 'arch' in the checkpoint
     with pytest.raises(CheckpointError):
-        util.load_model(good, arch="vgg16")
+        checkpoint.load_model(good, arch="vgg16")
     noarch = tmp_path / "noarch.pth.tar"
     torch.save({"epoch": 1, "state_dict": src.state_dict()}, noarch)
     with pytest.raises(CheckpointError):
-        util.load_model(noarch, arch="vgg16")
+        checkpoint.load_model(noarch, arch="vgg16")
     # a dict that is no model
     other = tmp_path / "other.pth.tar"
     torch.save({"epoch": 1, "optimizer": {}}, other)
     with pytest.raises(CheckpointError):
-        util.load_model(other)
+        checkpoint.load_model(other)
     # a state dict that does not fit (a conv with the wrong width)
     sd = dict(src.state_dict())
     sd["features.4.weight"] = torch.zeros(128, 96, 5, 5)
     bad = tmp_path / "bad.pth.tar"
     torch.save({"state_dict": sd}, bad)
     with pytest.raises(CheckpointError):
-        util.load_model(bad)
+        checkpoint.load_model(bad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def test_load_model_errors(tmp_path, source_models):
 # ---------------------------------------------------------------------------------------
 def test_atomic_torch_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth.tar"
-    checkpoint.atomic_torch_save({"epoch": 1, "w": torch.arange(5)}, path)
+    fileio.atomic_torch_save({"epoch": 1, "w": torch.arange(5)}, path)
     assert torch.load(path, weights_only=True)["epoch"] == 1
 
     real_save = torch.save
@@ -284,17 +284,17 @@ def test_atomic_torch_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        checkpoint.atomic_torch_save({"epoch": 2, "w": torch.zeros(5)}, path)
+        fileio.atomic_torch_save({"epoch": 2, "w": torch.zeros(5)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     back = torch.load(path, weights_only=True)
     assert back["epoch"] == 1 and torch.equal(back["w"], torch.arange(5))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar"]
     # a successful save replaces the file and leaves nothing else
-    checkpoint.atomic_torch_save({"epoch": 3}, path)
+    fileio.atomic_torch_save({"epoch": 3}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 3}
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar"]
     # into a folder that does not exist yet
-    checkpoint.atomic_torch_save({"epoch": 4}, tmp_path / "checkpoints" / "checkpoint_0.pth.tar")
+    fileio.atomic_torch_save({"epoch": 4}, tmp_path / "checkpoints" / "checkpoint_0.pth.tar")
     assert torch.load(tmp_path / "checkpoints" / "checkpoint_0.pth.tar", weights_only=True)["epoch"] == 4
 
 
@@ -328,7 +328,7 @@ def test_rng_state_round_trip(tmp_path):
 # cluster log and the original pickles
 # ---------------------------------------------------------------------------------------
 def test_cluster_log_save_load_truncate(tmp_path):
-    clog = util.ClusterLog(tmp_path / "clusters")
+    clog = checkpoint.ClusterLog(tmp_path / "clusters")
     rng = np.random.RandomState(0)
     labs = [rng.randint(0, 10, size=30) for _ in range(3)]
     for e, lab in enumerate(labs):
@@ -350,25 +350,25 @@ def test_cluster_log_save_load_truncate(tmp_path):
 
 def test_export_clusters_pickle_both_formats(tmp_path):
     exp = tmp_path / "exp"
-    clog = util.ClusterLog(exp / "clusters")
+    clog = checkpoint.ClusterLog(exp / "clusters")
     e0, e1 = np.array([1, 0, 1, 2]), np.array([0, 0, 1, 1])
     clog.save(0, e0, k=3)
     clog.save(1, e1, k=3)
     paths = [f"/data/img{i}.jpg" for i in range(4)]
-    out = util.export_clusters_pickle(exp, tmp_path / "released.pkl", image_paths=paths)
+    out = checkpoint.export_clusters_pickle(exp, tmp_path / "released.pkl", image_paths=paths)
     with open(out, "rb") as f:
         obj = pickle.load(f)
     assert obj == [(p, int(c)) for p, c in zip(paths, e1)]  # default: last epoch
     assert all(isinstance(t, tuple) and type(t[1]) is int for t in obj)
-    util.export_clusters_pickle(exp, tmp_path / "e0.pkl", epoch=0, image_paths=paths)
+    checkpoint.export_clusters_pickle(exp, tmp_path / "e0.pkl", epoch=0, image_paths=paths)
     with open(tmp_path / "e0.pkl", "rb") as f:
         assert pickle.load(f, encoding="latin1") == [(p, int(c)) for p, c in zip(paths, e0)]
-    util.export_clusters_pickle(exp, tmp_path / "log.pkl")
+    checkpoint.export_clusters_pickle(exp, tmp_path / "log.pkl")
     with open(tmp_path / "log.pkl", "rb") as f:
         log = pickle.load(f)
     assert log == [[[1], [0, 2], [3]], [[0, 1], [2, 3]]]
     with pytest.raises(FileNotFoundError):
-        util.export_clusters_pickle(tmp_path / "nothing", tmp_path / "x.pkl")
+        checkpoint.export_clusters_pickle(tmp_path / "nothing", tmp_path / "x.pkl")
 
 
 # ---------------------------------------------------------------------------------------
@@ -406,13 +406,13 @@ def test_logger_appends_json_lines_and_survives_a_torn_line(tmp_path):
     # a crash while appending leaves a torn last line
     with open(path, "a") as f:
         f.write('{"epoch": 2, "lo')
-    assert util.read_jsonl(path) == [{"epoch": 0, "loss": 1.5}, {"epoch": 1, "loss": 1.25}]
+    assert fileio.read_jsonl(path) == [{"epoch": 0, "loss": 1.5}, {"epoch": 1, "loss": 1.25}]
     lg = util.Logger(path)
     assert lg.data == [{"epoch": 0, "loss": 1.5}, {"epoch": 1, "loss": 1.25}]
     # the next record is not glued to the torn line (it would be lost)
     lg.log({"epoch": 2, "loss": 1.0})
-    assert [r["epoch"] for r in util.read_jsonl(path)] == [0, 1, 2]
+    assert [r["epoch"] for r in fileio.read_jsonl(path)] == [0, 1, 2]
     assert [r["epoch"] for r in util.Logger(path).data] == [0, 1, 2]
     lg.truncate(1)
-    assert util.read_jsonl(path) == [{"epoch": 0, "loss": 1.5}]
+    assert fileio.read_jsonl(path) == [{"epoch": 0, "loss": 1.5}]
     assert sorted(os.listdir(tmp_path)) == ["log.jsonl"]

@@ -14,12 +14,12 @@ from PIL import Image
 
 from conftest import ROOT, make_image_folder
 
+import cli
 import data
 import models
-import util
 from visu import common
 from visu import gradient_ascent as ga
-from visu import report
+from visu import report, training_report
 
 
 def load_activ_retrieval():
@@ -197,14 +197,14 @@ def test_gradient_ascent_blurs_at_iterations_0_step_2step(monkeypatch):
 def test_gradient_ascent_clear_errors(tmp_path, capsys):
     parser = ga.get_args_parser()
     missing = tmp_path / "nope.pth.tar"
-    rc = util.run_cli(ga.main, parser, ["--model", str(missing), "--exp", str(tmp_path / "o")])
+    rc = cli.run_cli(ga.main, parser, ["--model", str(missing), "--exp", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "\n" not in err and str(missing) in err
     ckpt = save_checkpoint(models.alexnet(out=3, input_size=64), tmp_path / "m.pth.tar")
-    rc = util.run_cli(ga.main, parser, ["--model", str(ckpt), "--conv", "6", "--exp", str(tmp_path / "o")])
+    rc = cli.run_cli(ga.main, parser, ["--model", str(ckpt), "--conv", "6", "--exp", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "--conv 6" in err and "1..5" in err
-    rc = util.run_cli(ga.main, parser, ["--model", str(ckpt), "--arch", "vgg16", "--exp", str(tmp_path / "o")])
+    rc = cli.run_cli(ga.main, parser, ["--model", str(ckpt), "--arch", "vgg16", "--exp", str(tmp_path / "o")])
     assert rc != 0 and "alexnet" in capsys.readouterr().err
 
 
@@ -273,13 +273,13 @@ def test_activation_retrieval_errors(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "imgs", n_classes=1, per_class=3, size=40)
     ckpt = save_checkpoint(models.alexnet(out=3, input_size=64), tmp_path / "m.pth.tar")
     parser = ar.get_args_parser()
-    rc = util.run_cli(ar.main, parser, ["--model", str(ckpt), "--data", str(folder), "--count", "9",
+    rc = cli.run_cli(ar.main, parser, ["--model", str(ckpt), "--data", str(folder), "--count", "9",
                                           "--exp", str(tmp_path / "o"), "--workers", "0"])
     assert rc != 0 and "--count 9" in capsys.readouterr().err
-    rc = util.run_cli(ar.main, parser, ["--model", str(tmp_path / "x.pth"), "--data", str(folder),
+    rc = cli.run_cli(ar.main, parser, ["--model", str(tmp_path / "x.pth"), "--data", str(folder),
                                           "--exp", str(tmp_path / "o")])
     assert rc != 0 and "x.pth" in capsys.readouterr().err
-    rc = util.run_cli(ar.main, parser, ["--model", str(ckpt), "--data", str(tmp_path / "none"),
+    rc = cli.run_cli(ar.main, parser, ["--model", str(ckpt), "--data", str(tmp_path / "none"),
                                           "--exp", str(tmp_path / "o")])
     assert rc != 0 and "none" in capsys.readouterr().err
 
@@ -327,7 +327,7 @@ def test_report_writes_pictures(tmp_path):
 
 def test_report_choose_clusters():
     sizes = np.array([3, 0, 9, 1, 5, 2])
-    rows = report.choose_clusters(sizes, 2, 10, np.random.RandomState(0))
+    rows = training_report.choose_clusters(sizes, 2, 10, np.random.RandomState(0))
     assert rows[:2] == [("largest", 2), ("largest", 4)]
     rand = [c for kind, c in rows if kind == "random"]
     assert sorted(rand) == [0, 3, 5]  # every other non-empty cluster, never the empty one
@@ -335,9 +335,9 @@ def test_report_choose_clusters():
 
 def test_report_series_skips_missing_values():
     recs = [{"epoch": 0, "nmi_prev": None}, {"epoch": 1, "nmi_prev": 0.4}, {"epoch": 2, "nmi_prev": 0.6}]
-    e, v = report.series(recs, "nmi_prev")
+    e, v = training_report.series(recs, "nmi_prev")
     assert e.tolist() == [1, 2] and v.tolist() == [0.4, 0.6]
-    assert len(report.series(recs, "nmi_labels")[0]) == 0
+    assert len(training_report.series(recs, "nmi_labels")[0]) == 0
 
 
 def test_report_without_dataset_or_labels(tmp_path, caplog):
@@ -356,10 +356,10 @@ def test_report_without_dataset_or_labels(tmp_path, caplog):
 
 def test_report_rejects_a_folder_that_is_not_an_experiment(tmp_path):
     (tmp_path / "notexp").mkdir()
-    with pytest.raises(report.ReportError, match="log.jsonl"):
+    with pytest.raises(training_report.ReportError, match="log.jsonl"):
         report.main(report.get_args_parser().parse_args([str(tmp_path / "notexp")]))
     exp = make_experiment(tmp_path)
-    with pytest.raises(report.ReportError, match="--epoch 9"):
+    with pytest.raises(training_report.ReportError, match="--epoch 9"):
         report.main(report.get_args_parser().parse_args([str(exp), "--epoch", "9"]))
     # from the command line: one line on stderr, non-zero exit, nothing written
     res = run_script("report.py", str(tmp_path / "notexp"))

@@ -32,8 +32,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from visu import common  # noqa: E402
-import util  # noqa: E402  (on sys.path once visu.common is imported)
+import cli  # noqa: E402
 import data  # noqa: E402  (on sys.path once visu.common is imported)
+import distributed  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -95,7 +96,7 @@ def main(args: argparse.Namespace) -> dict:
         raise common.VisuError(f"invalid value for --count: {args.count!r} (must be >= 1)")
     if not args.data:
         raise common.VisuError("no dataset given: pass --data DIR (an image folder)")
-    device = util.select_device(args.device)
+    device = distributed.select_device(args.device)
     model, trunk = common.load_trunk(args.model, args.arch, args.conv)
     trunk.to(device)
     filters = common.parse_filters(args.filters, trunk.n_filters)
@@ -143,4 +144,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(util.run_cli(main, get_args_parser()))
+    sys.exit(cli.run_cli(main, get_args_parser()))

@@ -1,5 +1,5 @@
 """Pieces shared by the visualisation scripts: loading a model cut at a conv layer, turning
-tensors into pictures, contact sheets (device choice and the CLI wrapper are ``util``'s)."""
+tensors into pictures, contact sheets (device choice: ``distributed.select_device``; the CLI wrapper: ``cli.run_cli``)."""
 from __future__ import annotations
 
 import argparse
@@ -19,11 +19,11 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 import checkpoint  # noqa: E402
 import data  # noqa: E402
+import errors  # noqa: E402
 import models  # noqa: E402
-import util  # noqa: E402
 
 
-class VisuError(util.ScriptError):
+class VisuError(errors.ScriptError):
     """A visualisation cannot run (missing file, bad flag value...); the message says why."""
 
 
@@ -32,12 +32,12 @@ class VisuError(util.ScriptError):
 # ---------------------------------------------------------------------------------------
 def load_trunk(path: str | Path | None, arch: str | None, conv: int | str,
                relu: bool = True) -> tuple[nn.Module, models.Trunk]:
-    """(model, trunk): a checkpoint loaded by ``util.load_model`` and frozen (eval mode, no
+    """(model, trunk): a checkpoint loaded by ``checkpoint.load_model`` and frozen (eval mode, no
     parameter gradients), and ``model.trunk(conv, relu)``, the network up to that layer.
 
     An out-of-range ``conv`` becomes a :class:`VisuError` naming the flag.
     """
-    model = freeze(util.load_model(str(path) if path else None, arch=arch))
+    model = freeze(checkpoint.load_model(str(path) if path else None, arch=arch))
     try:
         trunk = model.trunk(conv, relu=relu)
     except models.ProbeError as e:

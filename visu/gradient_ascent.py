@@ -41,7 +41,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from visu import common  # noqa: E402
-import util  # noqa: E402  (on sys.path once visu.common is imported)
+import cli  # noqa: E402
+import distributed  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -195,7 +196,7 @@ def main(args: argparse.Namespace) -> dict:
                      ("--step", args.step >= 0), ("--sig", args.sig >= 0), ("--batch", args.batch >= 1)):
         if not ok:
             raise common.VisuError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
-    device = util.select_device(args.device)
+    device = distributed.select_device(args.device)
     model, trunk = common.load_trunk(args.model, args.arch, args.conv, relu=not args.pre_relu)
     trunk.to(device)
     fallback = bool(args.fallback) and not args.pre_relu
@@ -253,4 +254,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(util.run_cli(main, get_args_parser()))
+    sys.exit(cli.run_cli(main, get_args_parser()))

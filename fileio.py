@@ -1,0 +1,141 @@
+"""Files that survive a kill: atomic writes, JSON-lines logs, and the fault points of the tests.
+
+A leaf module (imports no project module). Every file a run writes goes through
+:func:`atomic_write` (temporary file, fsync, rename), so a kill at any moment leaves the old or
+the new file, never a torn one; :func:`fault_point` marks the places where the fault-injection
+tests kill the process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger("deepcluster")
+
+
+# ---------------------------------------------------------------------------------------
+# fault injection (tests): DEEPCLUSTER_FAULT="point:n" stops the process at the n-th hit of
+# `point`: SIGKILL by default, or raises FaultInjected when DEEPCLUSTER_FAULT_MODE=raise
+# (in-process tests). DEEPCLUSTER_FAULT=count only counts the hits of every point.
+# ---------------------------------------------------------------------------------------
+FAULT_HITS: dict[str, int] = {}
+# tests: when set, called as hook(point, hit) at every hit instead of the environment's fault
+# (e.g. to copy the experiment folder exactly as a kill there would leave it)
+FAULT_HOOK: Callable[[str, int], None] | None = None
+
+
+class FaultInjected(BaseException):
+    """Raised instead of SIGKILL at an injected fault (BaseException: nothing catches it)."""
+
+
+def fault_point(name: str) -> None:
+    """Die abruptly at the n-th time ``name`` is reached, when asked by the environment."""
+    if FAULT_HOOK is not None:
+        FAULT_HITS[name] = FAULT_HITS.get(name, 0) + 1
+        FAULT_HOOK(name, FAULT_HITS[name])
+        return
+    spec = os.environ.get("DEEPCLUSTER_FAULT")
+    if not spec:
+        return
+    FAULT_HITS[name] = FAULT_HITS.get(name, 0) + 1
+    point, _, count = spec.partition(":")
+    if point != name or FAULT_HITS[name] < int(count or 1):
+        return
+    if os.environ.get("DEEPCLUSTER_FAULT_MODE") == "raise":
+        raise FaultInjected(f"{name}:{FAULT_HITS[name]}")
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------
+# atomic files
+# ---------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable) -> None:
+    """Write ``path`` through ``write_fn(binary file)`` into a temporary file, then rename.
+
+    The file gets the mode a plain ``open`` would give (0666 minus the umask), not
+    mkstemp's 0600, so lab-mates can read checkpoints and cluster files.
+    """
+    path = str(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            # tests: die with the temp file written but not renamed
+            fault_point("save" if path.endswith(".pth.tar") else "write")
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except FaultInjected:  # a simulated kill leaves its temporary file, as a real one does
+        raise
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename durable
+        dfd = os.open(d, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_np_save(path: str | os.PathLike, arr: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, arr))
+
+
+# ---------------------------------------------------------------------------------------
+# JSON-lines logs
+# ---------------------------------------------------------------------------------------
+def _ends_torn(path: str) -> bool:
+    """True when ``path`` exists, is not empty and does not end with a newline."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """Read a JSON-lines file; a torn last line (crash while appending) is ignored."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("ignoring an unreadable line in %s", path)
+    return out
