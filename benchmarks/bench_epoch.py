@@ -27,6 +27,12 @@ features, then both feature sets assigned to those fixed centroids (NMI, % same 
     python benchmarks/bench_epoch.py --n_images 2048 --k 200 --out exp_bench/epoch.json
     python benchmarks/bench_epoch.py --n_images 4096 --k 100 --rounds 2 --draft_images 0   # ~25 min
     python benchmarks/bench_epoch.py --quick                  # seconds: the tests' smoke run
+
+The generated photos give the random network's features, whose spectrum is easy for the PCA;
+trained fc7 features concentrate their variance on one axis over a flat tail (issue 24), so the
+clustering step is timed again, both configurations, on N features of that shape
+(``--cluster_features trained``, bench_clustering.trained_fc7_features, or a .npy matrix of
+your own), and its share of the epoch reported with the same feature and training passes.
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ from torch import nn  # noqa: E402
 import clustering  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
-from bench_clustering import original_kmeans, original_pca  # noqa: E402
+from bench_clustering import original_kmeans, original_pca, trained_fc7_features  # noqa: E402
 from bench_throughput import make_jpeg_folder  # noqa: E402
 
 CONFIGS = {
@@ -67,6 +73,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=64)
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     g.add_argument("--configs", default="original,ours,ours_amp", help=f"comma list of {','.join(CONFIGS)}")
+    g.add_argument("--cluster_features", default="trained",
+                   help="the clustering step timed again on features shaped like a trained network's: "
+                        "'trained' (generated, fitted to trained fc7), a (N, 4096) .npy matrix (its first "
+                        "--n_images rows), or 'off'")
     g.add_argument("--rounds", type=int, default=1,
                    help="epochs per configuration, interleaved; each stage's shortest time is reported")
     g = p.add_argument_group("large JPEG decoding")
@@ -95,6 +105,14 @@ def check(args, parser) -> None:
         parser.error(f"argument --rounds: must be >= 1, got {args.rounds}")
     if args.k > args.n_images:
         parser.error(f"argument --k: {args.k} clusters exceed --n_images {args.n_images}")
+    if args.cluster_features not in ("trained", "off"):
+        try:
+            shape = np.load(args.cluster_features, mmap_mode="r").shape
+        except (OSError, ValueError) as e:
+            parser.error(f"argument --cluster_features: cannot read {args.cluster_features} as a .npy array: {e}")
+        if len(shape) != 2 or shape[0] < args.n_images:
+            parser.error(f"argument --cluster_features: {args.cluster_features} has shape {shape}, expected "
+                         f"(N, D) with N >= --n_images {args.n_images}")
     if args.draft_images and args.draft_k > args.draft_images:
         parser.error(f"argument --draft_k: {args.draft_k} exceeds --draft_images {args.draft_images}")
 
@@ -134,6 +152,30 @@ def cluster_step(args, feats: np.ndarray, pca: str) -> np.ndarray:
     return km.labels
 
 
+def trained_shape_clustering(args, rows: list[dict]) -> dict:
+    """The clustering step of each configuration on --n_images features shaped like trained fc7
+    (or the user's matrix), and its share of the epoch with the measured feature and training
+    passes of that configuration (rows gain ``clustering_trained_s`` and ``clustering_trained_pct``)."""
+    if args.cluster_features == "trained":
+        x, source = trained_fc7_features(args.n_images, models.common.FC_DIM, args.k, args.seed), "generated, trained fc7 spectrum"
+    else:
+        x = np.array(np.load(args.cluster_features, mmap_mode="r")[:args.n_images], dtype=np.float32)
+        source = args.cluster_features
+    out = {"source": source, "shape": list(x.shape)}
+    for r in rows:
+        pca = CONFIGS[r["config"]]["pca"]
+        if f"{pca}_s" not in out:
+            t = time.perf_counter()
+            cluster_step(args, x, pca)
+            out[f"{pca}_s"] = time.perf_counter() - t
+            if pca != "faiss":
+                out["eig"] = dict(clustering.LAST_PCA_INFO)  # our eigensolver: iterations, fallback and why
+        c = out[f"{pca}_s"]
+        r["clustering_trained_s"] = c
+        r["clustering_trained_pct"] = 100 * c / (r["features_s"] + c + r["training_s"])
+    return out
+
+
 def train_pass(args, root: str, model, labels: np.ndarray, channels_last: bool, amp: bool = False,
                uint8: bool = False, fused_sgd: bool = False) -> float:
     """One epoch of training on the pseudo-labels (main.py's step: SGD body + fresh top layer)."""
@@ -167,13 +209,15 @@ def run_epoch(args, root: str, name: str) -> dict:
     t1 = time.perf_counter()
     labels = cluster_step(args, feats, cfg["pca"])
     t2 = time.perf_counter()
+    eig = dict(clustering.LAST_PCA_INFO) if cfg["pca"] != "faiss" else {}
     train_pass(args, root, model, labels, cfg["channels_last"], cfg["amp"], cfg["uint8"], cfg["fused_sgd"])
     sync(args.dev)
     t3 = time.perf_counter()
     n = len(labels)
     return {"config": name, "images": n, "features_s": t1 - t0, "clustering_s": t2 - t1, "training_s": t3 - t2,
             "epoch_s": t3 - t0, "features_img_s": n / (t1 - t0), "training_img_s": n / (t3 - t2),
-            "load_start": round(load0, 1), "load_end": round(os.getloadavg()[0], 1)}
+            "load_start": round(load0, 1), "load_end": round(os.getloadavg()[0], 1),
+            "eig_solver": eig.get("solver"), "eig_iterations": eig.get("iterations"), "eig_fallback": eig.get("fallback")}
 
 
 def best_of_rounds(runs: list[dict]) -> dict:
@@ -183,6 +227,7 @@ def best_of_rounds(runs: list[dict]) -> dict:
     for key in ("features_s", "clustering_s", "training_s"):
         row[key] = min(r[key] for r in runs)
     row["epoch_s"] = row["features_s"] + row["clustering_s"] + row["training_s"]
+    row["clustering_pct"] = 100 * row["clustering_s"] / row["epoch_s"]
     row["features_img_s"], row["training_img_s"] = n / row["features_s"], n / row["training_s"]
     row["load_end"] = runs[-1]["load_end"]
     row["rounds"] = runs
@@ -345,8 +390,11 @@ def main(args: argparse.Namespace) -> dict:
     for r in rows:
         for key in ("features", "clustering", "training", "epoch"):
             r[f"{key}_x"] = base[f"{key}_s"] / r[f"{key}_s"] if base else None
+    trained = trained_shape_clustering(args, rows) if args.cluster_features != "off" else None
     text = print_table(rows, [("config", "config"), ("features_s", "features s"), ("features_x", "x"),
                               ("clustering_s", "clustering s"), ("clustering_x", "x"),
+                              ("clustering_pct", "clust % epoch"), ("clustering_trained_s", "clust s trained-shape"),
+                              ("clustering_trained_pct", "% epoch trained-shape"),
                               ("training_s", "training s"), ("training_x", "x"), ("epoch_s", "epoch s"),
                               ("epoch_x", "x epoch"), ("features_img_s", "feat img/s"),
                               ("training_img_s", "train img/s"), ("load_start", "load0"), ("load_end", "load1")],
@@ -395,6 +443,13 @@ def main(args: argparse.Namespace) -> dict:
                   f"{k['gemm_ms_per_img']:.1f} ms at {k['gemm_gflops']:.0f} GFLOP/s, everything else (BN, ReLU, "
                   f"pooling, dropout, SGD) {k['other_ms_per_img']:.1f} ms")
     print(limit)
+    if trained:
+        eig = trained.get("eig", {})
+        print(f"clustering step on trained-shaped features ({trained['source']}, {trained['shape'][0]} x "
+              f"{trained['shape'][1]}): " + ", ".join(f"{r['config']} {r['clustering_trained_s']:.2f}s = "
+                                                       f"{r['clustering_trained_pct']:.1f}% of its epoch" for r in rows)
+              + (f"; our eigensolver: {eig.get('solver')}, {eig.get('iterations')} iterations, "
+                 f"{'fell back: ' + eig.get('reason', '') if eig.get('fallback') else 'no fallback'}" if eig else ""))
     verdicts = []
     if base and ours:
         verdicts.append(f"target 'epoch >= 2x the original configuration on this CPU': {ours['epoch_x']:.2f}x "
@@ -417,7 +472,7 @@ def main(args: argparse.Namespace) -> dict:
         print(v)
     payload = {"benchmark": "epoch", "config": {k: v for k, v in vars(args).items() if k != "dev"}, "env": env,
                "fp32_peak_gflops": peak, "gemm_peak_gflops": peaks["gemm_gflops"], "rows": rows, "bound": bound,
-               "draft": draft, "targets": verdicts, "table": text}
+               "draft": draft, "trained_shape_clustering": trained, "targets": verdicts, "table": text}
     write_json(args.out, payload)
     return payload
 

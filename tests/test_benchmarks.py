@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -105,8 +106,10 @@ def test_bench_clustering_grid_quick(tmp_path):
     load("bench_clustering").main(["--grid", "quick", "--no_warmup", "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["benchmark"] == "clustering_grid" and positive(res["gemm_peak_gflops"])
-    assert [(r["N"], r["k"]) for r in res["rows"]] == [(600, 8), (600, 16)]
+    assert [(r["spectrum"], r["N"], r["k"]) for r in res["rows"]] == [
+        ("inv", 600, 8), ("inv", 600, 16), ("trained", 600, 8), ("trained", 600, 16)]
     for r in res["rows"]:
+        assert r["eig_fallback"] is False and r["eig_solver"] in ("exact", "randomized")
         for key in ("original_s", "ours_s", "exact_s", "speedup", "wcss_ours", "wcss_exact", "cov_s_per_Mrows",
                     "kmeans_gflop", "kmeans_at_peak_s"):
             assert positive(r[key]), (key, r[key])
@@ -116,7 +119,44 @@ def test_bench_clustering_grid_quick(tmp_path):
         assert r["ours_vs_exact_pct_seeds"][0] == r["ours_vs_exact_pct"]
         assert abs(r["ours_vs_exact_pct_mean"]) <= max(abs(v) for v in r["ours_vs_exact_pct_seeds"]) + 1e-9
     assert any("within 0.5% of exact PCA" in t for t in res["targets"])
+    assert sum("'no eigensolver fallback' " in t and "MET" in t for t in res["targets"]) == 4
     assert any("per million rows" in line for line in res["limits"])
+
+
+def test_trained_spectrum_is_the_measured_one():
+    mod = load("bench_clustering")
+    ev = mod.trained_spectrum(4096)
+    for axis, value in mod.TRAINED_FC7_SPECTRUM:
+        assert float(ev[axis - 1]) == pytest.approx(value, rel=1e-9)
+    assert 0.98 < float(ev[256] / ev[255]) < 1.0          # no gap at the cut
+    x = mod.trained_fc7_features(64, 96, 4, 0)
+    assert x.shape == (64, 96) and x.dtype == np.float32 and np.isfinite(x).all()
+
+
+def test_bench_clustering_on_a_features_file(tmp_path):
+    feats = tmp_path / "fc7.npy"
+    np.save(feats, load("bench_clustering").trained_fc7_features(400, 64, 8, 0))
+    out = tmp_path / "grid.json"
+    load("bench_clustering").main(["--features", str(feats), "--grid", "300x8", "--pca", "16", "--niter", "5",
+                                   "--quality_seeds", "1", "--no_warmup", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert [(r["spectrum"], r["N"], r["k"], r["D"]) for r in res["rows"]] == [("file", 300, 8, 64)]
+    assert positive(res["rows"][0]["speedup"]) and res["rows"][0]["eig_fallback"] is False
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--features", "missing.npy"], "argument --features: cannot read missing.npy"),
+    (["--features", "{vec}"], "expected a float (N, D) matrix"),
+    (["--features", "{mat}", "--grid", "50x4"], "argument --grid: 50x4 asks for more rows than"),
+    (["--spectra", "inv,flat"], "argument --spectra: invalid value 'inv,flat'"),
+])
+def test_bench_clustering_refuses_bad_features(tmp_path, capsys, argv, message):
+    np.save(tmp_path / "vec.npy", np.zeros(10, np.float32))
+    np.save(tmp_path / "mat.npy", np.zeros((10, 4), np.float32))
+    argv = [a.format(vec=tmp_path / "vec.npy", mat=tmp_path / "mat.npy") for a in argv]
+    with pytest.raises(SystemExit):
+        load("bench_clustering").get_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_bench_epoch_quick(tmp_path):
@@ -137,6 +177,12 @@ def test_bench_epoch_quick(tmp_path):
         for key in ("features_s", "clustering_s", "training_s", "epoch_s", "epoch_x"):
             assert positive(r[key]), (r["config"], key, r[key])
         assert r["epoch_s"] >= r["features_s"] + r["clustering_s"] + r["training_s"] - 1e-6
+        assert r["clustering_pct"] == pytest.approx(100 * r["clustering_s"] / r["epoch_s"])
+        # the clustering step again on trained-fc7-shaped features, and its share of this epoch
+        c = r["clustering_trained_s"]
+        assert positive(c) and r["clustering_trained_pct"] == pytest.approx(100 * c / (r["features_s"] + c + r["training_s"]))
+    t = res["trained_shape_clustering"]
+    assert t["shape"] == [8, 4096] and positive(t["faiss_s"]) and positive(t["auto_s"]) and not t["eig"]["fallback"]
     d = res["draft"]
     assert d["images"] == 4 and positive(d["full_img_s"]) and positive(d["draft_img_s"])
     assert 0.0 <= d["nmi"] <= 1.0 + 1e-9 and 0.0 <= d["same_cluster_pct"] <= 100.0

@@ -474,9 +474,9 @@ def test_shifted_subspace_iteration_converges_faster_to_the_same_pairs(power):
     ev = torch.arange(1, d + 1, dtype=torch.float64) ** -power
     cov = (rot * ev) @ rot.T
     out = {s: clustering._randomized_eigh(cov, k, clustering.EIG_TOL, 40, 0, shift=s) for s in (True, False)}
-    assert all(o is not None and o[3] <= clustering.EIG_TOL for o in out.values())
-    assert out[True][2] < out[False][2]                          # fewer iterations with the shift
-    for evals, evecs, _, _ in out.values():
+    assert all(o[0] is not None and o[2]["residual"] <= clustering.EIG_TOL for o in out.values())
+    assert out[True][2]["iterations"] < out[False][2]["iterations"]   # fewer iterations with the shift
+    for evals, evecs, _ in out.values():
         assert ((evals - ev[:k]).abs() / ev[:k]).max() < 1e-3
         assert torch.linalg.svdvals(evecs.T @ rot[:, :k]).min() > 0.99
 
@@ -556,3 +556,80 @@ def test_covariance_upper_block_triangle_equals_float64_reference(n, d, step):
     ref = (x.double() - mean).T @ (x.double() - mean) / n
     assert torch.equal(cov, cov.T)  # the mirrored triangle is exact
     assert float((cov - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+# ---------------------------------------------------------------------------------------
+# the eigensolver on a spectrum shaped like trained fc7 features (issue 24): one axis with
+# most of the variance, a long flat tail, no gap at the cut (lambda_257 / lambda_256 ~ 0.99)
+# ---------------------------------------------------------------------------------------
+# (axis, eigenvalue / the largest) at d = 1024, k = 128 (the solver's block: 224 vectors);
+# trained fc7 at d = 4096, k = 256 has the same shape (benchmarks/bench_clustering.py)
+TRAINED_LIKE = ((1, 1.0), (2, 0.05), (3, 3e-3), (8, 1e-4), (32, 1e-5), (128, 2e-6), (224, 6e-7), (1024, 1e-8))
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_like_basis(d: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues (d,) descending, orthonormal eigenbasis (d, d)), float64."""
+    ai, av = (np.array(v, dtype=np.float64) for v in zip(*TRAINED_LIKE))
+    ev = torch.from_numpy(np.exp(np.interp(np.log(np.arange(1, d + 1)), np.log(ai), np.log(av))))
+    rot = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)).Q
+    return ev, rot
+
+
+def test_randomized_pca_converges_on_a_dominant_axis_and_flat_tail(caplog):
+    ev, rot = _trained_like_basis()
+    k = 128
+    assert 0.98 < ev[k] / ev[k - 1] < 1 and ev[k - 1] / ev[0] < 1e-5      # no gap at the cut, 5e5 range
+    cov = (rot * ev) @ rot.T
+    with caplog.at_level("WARNING", logger="deepcluster"):
+        evals, evecs, info = clustering.top_eigh(cov, k, "randomized")
+    assert info["solver"] == "randomized" and not info["fallback"] and "falling back" not in caplog.text
+    # float32 cannot resolve 1e-3 x theta_256 beside theta_1: the products went to float64
+    assert info["precision"] == "float64" and info["iterations"] <= 10 and info["residual"] <= clustering.EIG_TOL
+    assert ((evals - ev[:k]).abs() / ev[:k]).max() < 1e-4
+    # principal angles with the exact top-k subspace: the whole block but a few pairs at the cut,
+    # where eigenvalues 1% apart may mix (any basis of them is as good once whitened)
+    cos = torch.linalg.svdvals(evecs.T @ rot[:, :k])
+    assert torch.rad2deg(torch.arccos(cos[k - 8].clamp(max=1))) < 1.0
+    assert torch.rad2deg(torch.arccos(cos.min().clamp(max=1))) < 10.0
+    # the whitened projection: C^1/2 V Theta^-1/2 spans the exact top-k eigenspace
+    # (sum of the squared sines of the principal angles, per axis)
+    z = (rot.T @ evecs) * ev.sqrt()[:, None] / evals.sqrt()              # in the eigenbasis, (d, k)
+    assert (k - z[:k].square().sum()) / k < 1e-5
+
+
+def test_randomized_pca_on_trained_like_features_clusters_as_exact(caplog):
+    ev, rot = _trained_like_basis()
+    g = torch.Generator().manual_seed(6)
+    std = (ev / 10).sqrt().float()
+    centres = torch.randn(50, len(ev), generator=g) * std * 3
+    z = torch.randn(2000, len(ev), generator=g) * std + centres[torch.randint(0, 50, (2000,), generator=g)]
+    x = (z @ rot.T.float() + 1.0).numpy()                                # (2000, 1024), not centred
+    with caplog.at_level("WARNING", logger="deepcluster"):
+        kms = {s: clustering.Kmeans(50, backend="torch", pca=128, seed=3, pca_solver=s) for s in ("randomized", "exact")}
+        loss = {}
+        for s, km in kms.items():
+            loss[s] = km.cluster(x)
+            if s == "randomized":
+                info = dict(clustering.LAST_PCA_INFO)
+    assert info["solver"] == "randomized" and not info["fallback"] and "falling back" not in caplog.text
+    assert abs(loss["randomized"] / loss["exact"] - 1) < 0.005
+
+
+@pytest.mark.parametrize("spectrum,tol,max_iter,reason", [
+    ("linear", clustering.EIG_TOL, 8, "iteration limit"),   # no gap anywhere: too slow to converge
+    ("inverse", 1e-15, 40, "no progress"),                  # below float64's resolution: stagnates
+])
+def test_randomized_pca_failure_falls_back_and_says_why(caplog, spectrum, tol, max_iter, reason):
+    d = 256
+    rot = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).Q
+    ev = (torch.linspace(1, 0.5, d, dtype=torch.float64) if spectrum == "linear"
+          else torch.arange(1, d + 1, dtype=torch.float64) ** -1.0)
+    cov = (rot * ev) @ rot.T
+    with caplog.at_level("WARNING", logger="deepcluster"):
+        evals, evecs, info = clustering.top_eigh(cov, 32, "randomized", tol=tol, max_iter=max_iter)
+    assert info["fallback"] and info["solver"] == "exact" and info["reason"].startswith(reason)
+    assert "falling back to the exact eigendecomposition" in caplog.text and reason in caplog.text
+    assert "worst residual" in caplog.text                    # the value that failed the criterion
+    ev_e, v_e, _ = clustering.top_eigh(cov, 32, "exact")
+    assert torch.equal(evals, ev_e) and torch.equal(evecs, v_e)
