@@ -168,13 +168,14 @@ class StepControl:
         (``failure``: its exception) or a stop signal arrived on any rank; set :attr:`due`."""
         w = self.rt.world_size
         clock = self.rt.is_main and self.period > 0 and time.monotonic() - self.last_save >= self.period
-        # (W + 2,): failed flag per rank, stop requested, checkpoint due by rank 0's clock
-        flags = torch.zeros(w + 2, dtype=torch.int64)
-        flags[self.rt.rank] = failure is not None
-        flags[w] = _state.requested is not None
-        flags[w + 1] = bool(clock)
+        # (W + 2,): failed flag per rank, stop requested, checkpoint due by rank 0's clock; plain
+        # ints in one process, a host tensor (gloo: never a device sync) reduced over the ranks
+        flags = [0] * (w + 2)
+        flags[self.rt.rank] = int(failure is not None)
+        flags[w] = int(_state.requested is not None)
+        flags[w + 1] = int(bool(clock))
         if self.rt.distributed:
-            flags = self._reduce(flags)
+            flags = self._reduce(torch.tensor(flags, dtype=torch.int64)).tolist()
         failed = [r for r in range(w) if flags[r]]
         self.due = bool(flags[w + 1])
         if failure is not None:
