@@ -454,6 +454,20 @@ def to_model_input(imgs: torch.Tensor, device: torch.device, channels_last: bool
 # ---------------------------------------------------------------------------------------
 # demo data: scikit-learn's handwritten digits as an image folder
 # ---------------------------------------------------------------------------------------
+def synthetic_photo(h: int, w: int, seed: int) -> Image.Image:
+    """An (h, w) photo-like RGB image (tests, the GPU check): smooth gradients, flat discs with
+    sharp edges (JPEG's hard case), mild noise; the same for the same ``seed``."""
+    r = np.random.RandomState(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([np.sin(6 * x + r.rand() * 6), np.cos(9 * y * x + r.rand()), np.sin(4 * (x + y) * r.rand() * 3)], -1)
+    img = (img * 0.5 + 0.5) * 255
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(6):
+        cy, cx, rr = r.randint(0, h), r.randint(0, w), r.randint(5, max(6, h // 3))
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < rr ** 2] = r.randint(0, 255, 3)
+    return Image.fromarray(np.clip(img + r.randn(h, w, 3) * 4, 0, 255).astype(np.uint8))
+
+
 def export_digits(root: str | os.PathLike, size: int = 32) -> str:
     """Write scikit-learn's 1,797 handwritten digits (8x8, 10 classes) as PNGs.
 

@@ -227,18 +227,20 @@ def image_batches(paths: list[str], size: int, batch: int, workers: int, desc: s
 # ---------------------------------------------------------------------------------------
 # the per-epoch monitor of main.py
 # ---------------------------------------------------------------------------------------
-def add_monitor_args(p: argparse.ArgumentParser) -> None:
-    """``main.py``'s flags of the per-epoch kNN monitor."""
+def add_monitor_args(p: argparse.ArgumentParser, features: str = "fc7"):
+    """The flags of the per-epoch kNN monitor (main.py: of fc7; main_deepclusterv2.py: of the
+    pooled trunk features); returns their argument group."""
     g = p.add_argument_group("kNN monitor")
     g.add_argument("--knn_data", type=str, default="", metavar="DIR",
-                   help="labelled DIR/train and DIR/val class folders: weighted-kNN top-1/top-5 of fc7 on "
-                        "a fixed seeded subset, at the random network and after every epoch (empty: off)")
+                   help=f"labelled DIR/train and DIR/val class folders: weighted-kNN top-1/top-5 of {features} "
+                        f"on a fixed seeded subset, at the random network and after every epoch (empty: off)")
     g.add_argument("--knn_train_size", type=int, default=5000, help="train images of the kNN subset (at most)")
     g.add_argument("--knn_val_size", type=int, default=1000, help="val images of the kNN subset (at most)")
     g.add_argument("--knn_k", type=int, default=20, help="nearest train images voting (weights exp(sim/0.07))")
     g.add_argument("--knn_whiten", type=int, default=0, metavar="DIM",
-                   help="PCA-whiten fc7 to DIM dims (fitted on the kNN train subset, as the clustering "
-                        "does) before the kNN; 0: raw fc7")
+                   help=f"PCA-whiten {features} to DIM dims (fitted on the kNN train subset, as the clustering "
+                        f"does) before the kNN; 0: raw {features}")
+    return g
 
 
 def monitor_arg_rules(args: argparse.Namespace) -> list[tuple[str, bool, object, str]]:

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,13 +83,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden_mlp", type=int, default=2048, help="hidden width of the projection head (0: linear)")
     g.add_argument("--sync_bn", choices=["pytorch", "none"], default="pytorch",
                    help="SyncBatchNorm under torchrun on CUDA (NCCL); gloo/CPU keeps per-process BN")
-    g = p.add_argument_group("kNN monitor")
-    g.add_argument("--knn_data", type=str, default="", metavar="DIR",
-                   help="labelled DIR/train and DIR/val: kNN top-1/top-5 of the pooled trunk features at the "
-                        "random network and after every epoch (empty: off)")
-    g.add_argument("--knn_train_size", type=int, default=5000, help="train images of the kNN subset (at most)")
-    g.add_argument("--knn_val_size", type=int, default=1000, help="val images of the kNN subset (at most)")
-    g.add_argument("--knn_k", type=int, default=20, help="nearest train images voting")
+    g = knn_lib.add_monitor_args(p, "the pooled trunk features")
     g.add_argument("--knn_size", type=int, default=0, help="kNN image size (0: the first --size_crops)")
     g = p.add_argument_group("run")
     g.add_argument("--exp", "--dump_path", dest="exp", type=str, default="exp_dcv2",
@@ -129,7 +122,7 @@ def check_args(args: argparse.Namespace) -> None:
         ("--base_lr", args.base_lr > 0 and math.isfinite(args.base_lr), args.base_lr, "must be > 0"),
         ("--nmb_kmeans_iters", args.nmb_kmeans_iters >= 0, args.nmb_kmeans_iters, "must be >= 0"),
         ("--checkpoint_iters", args.checkpoint_iters >= 0, args.checkpoint_iters, "must be >= 0"),
-    ]
+    ] + knn_lib.monitor_arg_rules(args)
     for flag, ok, value, why in rules:
         if not ok:
             raise ScriptError(f"{flag} {value}: {why}")
@@ -387,7 +380,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.knn_data and rt.is_main:
         knn = knn_lib.KnnMonitor(args.knn_data, args.knn_train_size, args.knn_val_size, seed=args.seed,
                                   size=args.knn_size or args.size_crops[0], k=args.knn_k, batch=args.batch_size,
-                                  workers=0, logger=log)
+                                  workers=0, logger=log, whiten=args.knn_whiten)
 
     start_epoch, start_it, labels, n_empty = 0, 0, None, None
     loss_sum = torch.zeros(2, device=rt.device)
@@ -413,7 +406,6 @@ def main(args: argparse.Namespace) -> dict:
             history.log({"epoch": -1, **rec})
             log.info("random network |%s", knn_lib.KnnMonitor.text(rec))
         bank = Bank.empty(len(args.crops_for_assign), iters * args.batch_size, args.feat_dim, rt.device)
-        m = iters * args.batch_size
         init_memory(make_loader(mc, draws_of(-1), aug_seed(args.seed, -1), 0, args, rt), model, bank, args, rt)
 
     record: dict = {}

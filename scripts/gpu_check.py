@@ -66,30 +66,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------
 # shared data
 # ---------------------------------------------------------------------------------------
-def photo(h: int, w: int, seed: int):
-    """A photo-like RGB PIL image: gradients, flat discs with sharp edges, mild noise."""
-    import numpy as np
-    from PIL import Image
-
-    r = np.random.RandomState(seed)
-    y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    img = np.stack([np.sin(6 * x + r.rand() * 6), np.cos(9 * y * x + r.rand()), np.sin(4 * (x + y) * r.rand() * 3)], -1)
-    img = (img * 0.5 + 0.5) * 255
-    yy, xx = np.mgrid[0:h, 0:w]
-    for _ in range(6):
-        cy, cx, rr = r.randint(0, h), r.randint(0, w), r.randint(5, max(6, h // 3))
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < rr ** 2] = r.randint(0, 255, 3)
-    return Image.fromarray(np.clip(img + r.randn(h, w, 3) * 4, 0, 255).astype(np.uint8))
-
 
 def photo_folder(work: Path, n: int, size: tuple[int, int] = (375, 500)) -> Path:
     """``n`` JPEG photos (quality 90) in 4 class folders; made once per work folder."""
+    import data
+
     root = work / f"photos{n}"
     if not (root / ".complete").exists():
         for i in range(n):
             d = root / f"c{i % 4}"
             d.mkdir(parents=True, exist_ok=True)
-            photo(size[0] + 7 * (i % 5), size[1] - 11 * (i % 3), i).save(d / f"{i:04d}.jpg", quality=90)
+            data.synthetic_photo(size[0] + 7 * (i % 5), size[1] - 11 * (i % 3), i).save(d / f"{i:04d}.jpg", quality=90)
         (root / ".complete").write_text("")
     return root
 

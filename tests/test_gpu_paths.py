@@ -473,35 +473,21 @@ def test_auto_backend_is_torch_on_cuda_even_with_faiss_gpu(monkeypatch):
 # ---------------------------------------------------------------------------------------
 # --decode gpu: its CPU twin against the PIL path (issue 23, item 3)
 # ---------------------------------------------------------------------------------------
-def _photo(h: int, w: int, seed: int):
-    """A photo-like RGB image: smooth gradients, flat discs with sharp edges, mild noise."""
-    from PIL import Image
-
-    r = np.random.RandomState(seed)
-    y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    img = np.stack([np.sin(6 * x + r.rand() * 6), np.cos(9 * y * x + r.rand()), np.sin(4 * (x + y) * r.rand() * 3)], -1)
-    img = (img * 0.5 + 0.5) * 255
-    yy, xx = np.mgrid[0:h, 0:w]
-    for _ in range(6):
-        cy, cx, rr = r.randint(0, h), r.randint(0, w), r.randint(5, max(6, h // 3))
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < rr ** 2] = r.randint(0, 255, 3)
-    return Image.fromarray(np.clip(img + r.randn(h, w, 3) * 4, 0, 255).astype(np.uint8))
-
-
 @pytest.fixture(scope="module")
 def photos(module_tmp) -> Path:
     """Baseline JPEGs of odd sizes (device path) and a grey one; a progressive JPEG and a PNG
     (worker path)."""
+    import data
+
     root = module_tmp.mktemp("photos") / "images"
     for c, items in enumerate([[(61, 97), (150, 200)], [(333, 250), (48, 300)]]):
         (root / f"c{c}").mkdir(parents=True)
         for k, (h, w) in enumerate(items):
-            _photo(h, w, 10 * c + k).save(root / f"c{c}" / f"p{k}.jpg", quality=90)
-    _photo(120, 90, 5).convert("L").save(root / "c0" / "grey.jpg", quality=90)
-    _photo(100, 130, 6).save(root / "c1" / "prog.jpg", quality=90, progressive=True)
-    _photo(70, 80, 7).save(root / "c1" / "flat.png")
+            data.synthetic_photo(h, w, 10 * c + k).save(root / f"c{c}" / f"p{k}.jpg", quality=90)
+    data.synthetic_photo(120, 90, 5).convert("L").save(root / "c0" / "grey.jpg", quality=90)
+    data.synthetic_photo(100, 130, 6).save(root / "c1" / "prog.jpg", quality=90, progressive=True)
+    data.synthetic_photo(70, 80, 7).save(root / "c1" / "flat.png")
     return root
-
 
 def test_decode_gpu_twin_draws_the_pil_boxes_and_pixels(photos):
     """For a given seed, EncodedCrop draws RandomResizedCrop's box and the flip that the PIL
@@ -561,7 +547,7 @@ def test_decode_gpu_names_a_broken_jpeg(tmp_path):
 
     root = tmp_path / "images" / "c"
     root.mkdir(parents=True)
-    _photo(64, 64, 0).save(root / "ok.jpg", quality=90)
+    data.synthetic_photo(64, 64, 0).save(root / "ok.jpg", quality=90)
     raw = (root / "ok.jpg").read_bytes()
     (root / "cut.jpg").write_bytes(raw[: len(raw) // 3])
     (root / "junk.jpg").write_bytes(b"not an image")
