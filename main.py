@@ -490,6 +490,52 @@ def resumed_plan(mid: dict, model: models.DeepClusterNet, args: argparse.Namespa
     return EpochPlan(**fields, losses=losses)
 
 
+def checkpoint_hook(plan: EpochPlan, epoch: int, iters_per_epoch: int, clustered: bool, model, opt, prev_labels,
+                    run_id: str, control: preempt.StepControl, args: argparse.Namespace, exp: Path,
+                    rt: distributed.Runtime):
+    """``on_iteration(i, flush)`` of :func:`train_one_epoch`: a mid-epoch checkpoint every
+    ``--checkpoints`` iterations (numbered, pruned to ``--keep_checkpoints``), and
+    ``checkpoint_latest`` before the first step after a clustering and when ``--checkpoint_minutes``
+    is due. The same decision on every rank (control.due is rank 0's clock): all take part in
+    the RNG gather of the save."""
+    def on_iteration(i: int, flush) -> None:
+        n = iters_per_epoch * epoch + i
+        name = f"checkpoint_{n // args.checkpoints}" if n % args.checkpoints == 0 else \
+            "checkpoint_latest" if control.due or (clustered and i == 0) else None
+        if name is None:
+            return
+        mid_state = checkpoint.mid_epoch_state(plan, i, flush(), prev_labels, args, rt)
+        path = exp / "checkpoints" / f"{name}.pth.tar"
+        checkpoint.save_run(path, model, opt, epoch, args, plan.labels, run_id, rt, mid_state)
+        if name != "checkpoint_latest":
+            checkpoint.prune_periodic(exp / "checkpoints", args.keep_checkpoints, run_id, rt, protect=path)
+        control.saved()
+
+    return on_iteration
+
+
+def end_epoch(epoch: int, plan: EpochPlan, record: dict, loss: float, time_train: float, model, opt, run_id: str,
+              clog: checkpoint.ClusterLog, history: util.Logger, board: tb.Board, dataset: data.IndexedImageFolder,
+              control: preempt.StepControl, args: argparse.Namespace, exp: Path, rt: distributed.Runtime) -> None:
+    """The epoch's cluster file, log line and TensorBoard record, then its checkpoint (history
+    first: killed in between, the resumed run redoes this epoch from the previous checkpoint
+    and writes these files again)."""
+    if rt.is_main:
+        clog.save(epoch, plan.labels, len(plan.images_lists))
+        history.log(record)
+        board.record(record, epoch)
+        board.learning_rates({"body": opt, "top_layer": plan.top_opt}, epoch)
+        board.clusters(plan.labels, len(plan.images_lists), epoch, dataset.load)
+    checkpoint.save_run(exp / "checkpoint.pth.tar", model, opt, epoch + 1, args, plan.labels, run_id, rt)
+    if args.keep_epoch_checkpoints:
+        checkpoint.keep_epoch_copy(exp, epoch + 1, rt)
+    control.saved()
+    log.info("epoch %3d | clustering loss %.3f | train loss %.3f | NMI prev %s | NMI labels %s | "
+             "empty %d | time: features %.1fs cluster %.1fs train %.1fs%s",
+             epoch, plan.clustering_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
+             record["n_empty"], plan.time_features, plan.time_clustering, time_train, knn.KnnMonitor.text(record))
+
+
 def main(args: argparse.Namespace) -> dict:
     """Run DeepCluster; returns the last epoch's log record."""
     rt = distributed.init_runtime(args.device, timeout_min=args.dist_timeout)
@@ -546,18 +592,8 @@ def main(args: argparse.Namespace) -> dict:
                                          start=plan.start_iter * rank_batch(args, rt))
         iters_per_epoch = math.ceil(len(plan.draws) / args.batch)
 
-        def periodic_checkpoint(i: int, flush) -> None:
-            n = iters_per_epoch * epoch + i
-            # the same decision on every rank (control.due: rank 0's clock): all take part in the RNG gather
-            name = f"checkpoint_{n // args.checkpoints}" if n % args.checkpoints == 0 else \
-                "checkpoint_latest" if control.due or (clustered and i == 0) else None
-            if name is not None:
-                mid_state = checkpoint.mid_epoch_state(plan, i, flush(), prev_labels, args, rt)
-                path = exp / "checkpoints" / f"{name}.pth.tar"
-                checkpoint.save_run(path, model, opt, epoch, args, plan.labels, run_id, rt, mid_state)
-                if name != "checkpoint_latest":  # the numbered copies are pruned (--keep_checkpoints)
-                    checkpoint.prune_periodic(exp / "checkpoints", args.keep_checkpoints, run_id, rt, protect=path)
-                control.saved()
+        periodic_checkpoint = checkpoint_hook(plan, epoch, iters_per_epoch, clustered, model, opt, prev_labels,
+                                              run_id, control, args, exp, rt)
 
         try:
             with preempt.training_phase():
@@ -574,23 +610,8 @@ def main(args: argparse.Namespace) -> dict:
         knn_record = {} if monitor is None else monitor.evaluate(model, rt.device)
         record = {**epoch_record(epoch, plan, loss, time_train, iters_per_epoch, prev_labels, targets, rt),
                   **knn_record}
-        if rt.is_main:
-            # history before the checkpoint: killed in between, the resumed run redoes this
-            # epoch from the previous checkpoint and writes these files again
-            clog.save(epoch, plan.labels, len(plan.images_lists))
-            history.log(record)
-            board.record(record, epoch)
-            board.learning_rates({"body": opt, "top_layer": plan.top_opt}, epoch)
-            board.clusters(plan.labels, len(plan.images_lists), epoch, dataset.load)
-        checkpoint.save_run(exp / "checkpoint.pth.tar", model, opt, epoch + 1, args, plan.labels, run_id, rt)
-        if args.keep_epoch_checkpoints:
-            checkpoint.keep_epoch_copy(exp, epoch + 1, rt)
-        control.saved()
-        log.info("epoch %3d | clustering loss %.3f | train loss %.3f | NMI prev %s | NMI labels %s | "
-                 "empty %d | time: features %.1fs cluster %.1fs train %.1fs%s",
-                 epoch, plan.clustering_loss, loss, _fmt(record["nmi_prev"]), _fmt(record["nmi_labels"]),
-                 record["n_empty"], plan.time_features, plan.time_clustering, time_train,
-                 knn.KnnMonitor.text(record))
+        end_epoch(epoch, plan, record, loss, time_train, model, opt, run_id, clog, history, board, dataset, control,
+                  args, exp, rt)
         prev_labels = plan.labels
     board.close()
     distributed.barrier(rt)

@@ -253,9 +253,14 @@ def test_signals_in_one_process_stop_cleanly_and_resume_exactly(digits50, tmp_pa
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
     assert fileio.read_jsonl(ref / "log.jsonl")[0]["train_loss"] == fileio.read_jsonl(exp / "log.jsonl")[0]["train_loss"]
 
-    # Ctrl-C while the first checkpoint's temporary file is written: the write completes, then the hint
+    # Ctrl-C while the first checkpoint's temporary file is written: the write completes, then the hint.
+    # Python's own SIGINT handler, as in a terminal (a job started in the background ignores SIGINT)
     signal_at("save", 1, signal.SIGINT)
-    assert main.run(argv(digits50, ctrl_c, *one)) == 130
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main.run(argv(digits50, ctrl_c, *one)) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     first = ctrl_c / "checkpoints" / "checkpoint_0.pth.tar"
     assert err.count("error:") == 1 and f"interrupted; --resume {ctrl_c} continues from {first}" in err
