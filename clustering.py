@@ -632,6 +632,15 @@ def count_distinct_rows(x) -> int:
     return int(len(np.unique(proj, axis=0)))
 
 
+def check_not_collapsed(n_distinct: int, n: int, k: int) -> None:
+    """k-means needs at least k distinct points: a :class:`ClusteringError` saying why otherwise."""
+    if n_distinct < k:
+        raise ClusteringError(
+            f"the features hold only {n_distinct} distinct point(s) among {n} images, fewer "
+            f"than k={k}: the network's features have collapsed (or the images are duplicates); "
+            f"lower --k or restart from an earlier checkpoint")
+
+
 def labels_to_lists(labels: np.ndarray, k: int) -> list[list[int]]:
     """(N,) cluster ids -> ``images_lists[c]`` = sorted indices of the images in cluster c.
 
@@ -668,12 +677,7 @@ class Kmeans:
         t0 = time.time()
         xb = preprocess_features(data, self.pca, backend=self.backend, device=self.device,
                                  pca_solver=self.pca_solver)
-        n_distinct = count_distinct_rows(xb)
-        if n_distinct < self.k:
-            raise ClusteringError(
-                f"the features hold only {n_distinct} distinct point(s) among {data.shape[0]} images, fewer "
-                f"than k={self.k}: the network's features have collapsed (or the images are duplicates); "
-                f"lower --k or restart from an earlier checkpoint")
+        check_not_collapsed(count_distinct_rows(xb), data.shape[0], self.k)
         t1 = time.time()
         res = _kmeans(xb, self.k, verbose=verbose, backend=self.backend, seed=self.seed,
                       niter=self.niter, device=self.device)
@@ -725,12 +729,7 @@ class Kmeans:
         dim = min(self.pca, d)
         mean, proj = pca_fit_sharded(x, dim, rt, keep, pos, n_kept, self.pca_solver, dev, stats=stats)
         xb = pca_apply_kept(x, keep, mean, proj, dev)      # (n_kept_local, dim) float32
-        n_distinct = count_distinct_sharded(xb, self.k, rt)
-        if n_distinct < self.k:
-            raise ClusteringError(
-                f"the features hold only {n_distinct} distinct point(s) among {n_kept} images, fewer "
-                f"than k={self.k}: the network's features have collapsed (or the images are duplicates); "
-                f"lower --k or restart from an earlier checkpoint")
+        check_not_collapsed(count_distinct_sharded(xb, self.k, rt), n_kept, self.k)
         t1 = time.time()
         backend = resolve_backend(self.backend, dev)
         if backend == "faiss" and not _distributed(rt):
