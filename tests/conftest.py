@@ -64,6 +64,15 @@ def make_image_folder(root: Path, n_classes: int = 3, per_class: int = 8, size: 
     return root
 
 
+def make_split_folder(root: Path, n_classes: int = 3, train_per_class: int = 4, val_per_class: int = 2,
+                      size: int = 40) -> Path:
+    """``root/train`` and ``root/val`` class folders (the layout of the evaluations' --data);
+    val images drawn with another seed."""
+    make_image_folder(root / "train", n_classes=n_classes, per_class=train_per_class, size=size)
+    make_image_folder(root / "val", n_classes=n_classes, per_class=val_per_class, size=size, seed=1)
+    return root
+
+
 @pytest.fixture
 def tiny_image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")

@@ -481,7 +481,7 @@ def test_eval_scripts_load_v2_checkpoints(dcv2_r50_checkpoints):
 
 def test_eval_linear_swav_protocol(dcv2_r50_checkpoints, module_tmp):
     import eval_linear
-    from conftest import make_image_folder
+    from conftest import make_split_folder
 
     a = eval_linear.parse_args(["--data", "d", "--model", "m", "--protocol", "swav"])
     assert (a.conv, a.epochs, a.batch_size, a.lr, a.weight_decay, a.final_lr, a.nesterov) == \
@@ -500,9 +500,7 @@ def test_eval_linear_swav_protocol(dcv2_r50_checkpoints, module_tmp):
             opt.step()
             s.step()
     # one epoch on a tiny labelled set: the 2048-d pooled features, swav's initial lr
-    root = module_tmp.mktemp("lin")
-    make_image_folder(root / "train", n_classes=2, per_class=4, size=40)
-    make_image_folder(root / "val", n_classes=2, per_class=2, size=40, seed=1)
+    root = make_split_folder(module_tmp.mktemp("lin"), n_classes=2, size=40)
     _, ours, _ = dcv2_r50_checkpoints
     res = eval_linear.main(eval_linear.parse_args(
         ["--data", str(root), "--model", str(ours), "--protocol", "swav", "--epochs", "1", "--size", "32",

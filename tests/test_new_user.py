@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, make_split_folder
 
 import checkpoint
 import cli
@@ -38,10 +38,7 @@ def images36(module_tmp) -> str:
 
 @pytest.fixture(scope="module")
 def knn_dir(module_tmp) -> Path:
-    root = module_tmp.mktemp("knn") / "data"
-    make_image_folder(root / "train", n_classes=3, per_class=4, size=32)
-    make_image_folder(root / "val", n_classes=3, per_class=2, size=32, seed=1)
-    return root
+    return make_split_folder(module_tmp.mktemp("knn") / "data", size=32)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import export
 import fileio
 import main
 import models
-from conftest import make_image_folder
+from conftest import make_image_folder, make_split_folder
 from test_resume import small_model
 
 HAS_TB = importlib.util.find_spec("tensorboard") is not None
@@ -202,10 +201,7 @@ def alexnet64(module_tmp) -> Path:
 
 @pytest.fixture(scope="module")
 def linear_data(module_tmp) -> Path:
-    root = module_tmp.mktemp("linear") / "data"
-    make_image_folder(root / "train", n_classes=3, per_class=4, size=40)
-    make_image_folder(root / "val", n_classes=3, per_class=2, size=40, seed=1)
-    return root
+    return make_split_folder(module_tmp.mktemp("linear") / "data", size=40)
 
 
 def linear_argv(data: Path, model: Path, exp: Path, *extra: str) -> list[str]:
