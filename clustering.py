@@ -42,7 +42,14 @@ __all__ = ["preprocess_features", "pca_fit", "pca_apply", "top_eigh", "covarianc
            "ClusteringError"]
 
 SPLIT_EPS = 1.0 / 1024.0  # faiss's relative perturbation when splitting a centroid
-NULL_EIG_REL = 1e-6  # PCA axes with eigenvalue <= this * the largest are numerical noise
+# PCA axes with eigenvalue <= this x the largest are float32 rounding, not variance: they are
+# zeroed by the whitening instead of being scaled up (faiss divides by them). The float32
+# covariance's null eigenvalues come out within about +-1e-7 of 0 relative to the largest
+# (measured: +2.6e-8 / -9.6e-8 for 200 points of rank 40 in 64 dims, +-7.6e-9 on the digits
+# demo's fc7), while trained fc7 has real variance down to its 256th axis: 2.1e-7 after 4
+# demo epochs, 3.7e-7 on 8,985 views. At 1e-6 the floor zeroed 143 of the demo's 256 axes
+# (faiss whitens them all); at 1e-7 it zeroes none of them and still every null direction.
+NULL_EIG_REL = 1e-7
 
 
 class ClusteringError(ValueError):
@@ -95,6 +102,9 @@ def _row_chunk(n_cols: int, budget: int = 1 << 26) -> int:
 # Row blocks of the (N, D) feature matrix in the PCA and the input checks: 2**25 values
 # (128 MB in float32), so the temporaries stay small beside the matrix itself.
 PCA_BLOCK = 1 << 25
+# Row blocks of the covariance pass: 2**26 values (16,384 rows of fc7, 256 MB float32): 7%
+# faster than 2**25 on this 2-core CPU (longer GEMMs), 2**27 no faster.
+COV_BLOCK = 1 << 26
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,27 +328,60 @@ def _randomized_eigh(mat: torch.Tensor, k: int, tol: float, max_iter: int, seed:
 COV_COL_BLOCKS = 8  # column blocks of the covariance: only the upper block triangle is computed
 
 
-def covariance(x: torch.Tensor, mean: torch.Tensor, step: int) -> torch.Tensor:
-    """(D, D) float64 covariance of x (N, D) around ``mean`` (D,) float32: float32 GEMMs per
-    row block of ``step`` rows, accumulated in float64 (float16/bfloat16 rows upcast per
-    block), so the whole matrix is never copied to float64.
-
-    The matrix is symmetric: with the columns cut into B blocks, only the blocks on and above
-    the diagonal are multiplied ((B + 1) / 2B of a full ``xc.T @ xc``: 56% for B = 8, 1.5x
-    faster measured at 8,000 x 4,096) and the lower triangle is mirrored. Each block is the
-    same dot products as the full product, so the result is the same.
-    """
-    n, d = x.shape
-    cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+def _col_edges(d: int) -> list[int]:
     nb = max(1, min(COV_COL_BLOCKS, d // 256))
-    edges = [round(i * d / nb) for i in range(nb + 1)]
-    for s in range(0, n, step):
-        xc = x[s:s + step].float() - mean                              # (step, D)
+    return [round(i * d / nb) for i in range(nb + 1)]
+
+
+def _centre_into(buf: torch.Tensor | None, rows: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """rows (m, D) - mean as float32, written into ``buf`` (a reused (step, D) float32
+    buffer; a new one when None or too small). Reusing it spares a fresh block-sized
+    allocation per block and its page faults (the allocator returns large blocks to the
+    system)."""
+    m = rows.shape[0]
+    if buf is None or buf.shape[0] < m or buf.device != rows.device:
+        buf = torch.empty(max(m, 1), rows.shape[1], dtype=torch.float32, device=rows.device)
+    return torch.sub(rows, mean, out=buf[:m])
+
+
+def scatter_upper_(acc: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, step: int) -> torch.Tensor:
+    """Add the scatter sum_i (x_i - mean)^T (x_i - mean) of x (N, D) to the upper block
+    triangle of ``acc`` (D, D) float64, in place (the blocks below it are left as they are:
+    :func:`mirror_upper_` fills them once at the end). Float32 GEMMs per row block of ``step``
+    rows, added to the float64 accumulator; float16/bfloat16 rows are upcast per block, so
+    the matrix is never copied whole.
+
+    With the columns cut into B blocks, only the blocks on and above the diagonal are
+    multiplied ((B + 1) / 2B of a full ``xc.T @ xc``: 56% for B = 8, 1.5x faster measured at
+    8,000 x 4,096; 77-83% of the float32 GEMM peak at 8,000-50,000 rows). Each float32 block is added to the float64
+    accumulator in place (no float64 temporary). Each block holds the same dot products as
+    the full product. Peak: step x D float32 plus one product block beside the accumulator.
+    """
+    edges = _col_edges(acc.shape[0])
+    buf = None
+    for s in range(0, x.shape[0], step):
+        xc = _centre_into(buf, x[s:s + step], mean)                    # (m, D) float32
+        buf = xc if buf is None else buf
         for a, b in zip(edges[:-1], edges[1:]):
-            cov[a:b, a:] += (xc[:, a:b].T @ xc[:, a:]).double()        # (b - a, D - a)
+            acc[a:b, a:].add_(xc[:, a:b].T @ xc[:, a:])                # (b - a, D - a)
+    return acc
+
+
+def mirror_upper_(acc: torch.Tensor) -> torch.Tensor:
+    """Copy the upper block triangle written by :func:`scatter_upper_` into the lower one."""
+    edges = _col_edges(acc.shape[0])
     for a, b in zip(edges[:-1], edges[1:]):
-        cov[b:, a:b] = cov[a:b, b:].T
-    return cov / n
+        acc[b:, a:b] = acc[a:b, b:].T
+    return acc
+
+
+def covariance(x: torch.Tensor, mean: torch.Tensor, step: int) -> torch.Tensor:
+    """(D, D) float64 covariance of x (N, D) around ``mean`` (D,) float32 (see
+    :func:`scatter_upper_`: float32 GEMMs per row block, accumulated in float64, upper block
+    triangle only, mirrored)."""
+    d = x.shape[1]
+    cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    return mirror_upper_(scatter_upper_(cov, x, mean, step)).div_(x.shape[0])
 
 
 def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5,
@@ -375,7 +418,7 @@ def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5,
         evecs = xc.T.double() @ u                                    # (D, dim)
         evecs = evecs / evecs.norm(dim=0, keepdim=True).clamp_min(1e-30)
     else:
-        evals, evecs, info = top_eigh(covariance(x, mean32, step), dim, solver)
+        evals, evecs, info = top_eigh(covariance(x, mean32, _row_chunk(d, COV_BLOCK)), dim, solver)
     log.debug("PCA eigensolver: %s", info)
     LAST_PCA_INFO.clear()
     LAST_PCA_INFO.update(info)
@@ -414,8 +457,11 @@ def pca_apply(x: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor, l2: bool 
     """
     out = torch.empty(x.shape[0], proj.shape[1], dtype=torch.float32, device=x.device)
     step = _row_chunk(x.shape[1], PCA_BLOCK)
+    buf = None
     for s in range(0, x.shape[0], step):
-        y = torch.matmul(x[s:s + step].float() - mean, proj, out=out[s:s + step])
+        xc = _centre_into(buf, x[s:s + step], mean)                    # (m, D) float32
+        buf = xc if buf is None else buf
+        y = torch.matmul(xc, proj, out=out[s:s + step])
         if l2:
             y /= y.norm(dim=1, keepdim=True).clamp_min(1e-10)
     return out
@@ -870,9 +916,10 @@ def pca_fit_sharded(x: torch.Tensor, dim: int, rt=None, keep: torch.Tensor | Non
         return mean32, proj
     mean32 = (acc[:d] / n_all).float()
     cov = torch.zeros(d, d, dtype=torch.float64, device=dev)
-    for blk in _kept_blocks(x, keep, step, dev):
-        cov += covariance(blk, mean32, step) * blk.shape[0]
-    _all_reduce(cov, rt)
+    cstep = _row_chunk(d, COV_BLOCK)
+    for blk in _kept_blocks(x, keep, cstep, dev):
+        scatter_upper_(cov, blk, mean32, cstep)
+    _all_reduce(mirror_upper_(cov), rt)
     cov /= n_all
     if stats is not None:
         stats["pca"] = cov.numel() * cov.element_size()
@@ -894,9 +941,11 @@ def pca_apply_kept(x: torch.Tensor, keep: torch.Tensor | None, mean: torch.Tenso
     dev = _default_device(device)
     rows = x.shape[0] if keep is None else int(keep.sum())
     out = torch.empty(rows, proj.shape[1], dtype=torch.float32, device=dev)
-    o = 0
+    o, buf = 0, None
     for blk in _kept_blocks(x, keep, _row_chunk(x.shape[1], PCA_BLOCK), dev):
-        y = torch.matmul(blk - mean, proj, out=out[o:o + len(blk)])
+        xc = _centre_into(buf, blk, mean)                              # (m, D) float32
+        buf = xc if buf is None else buf
+        y = torch.matmul(xc, proj, out=out[o:o + len(blk)])
         y /= y.norm(dim=1, keepdim=True).clamp_min(1e-10)
         o += len(blk)
     return out
@@ -1025,7 +1074,8 @@ def cluster_peak_bytes(n: int, n_local: int, d: int, k: int, pca: int, element_s
 
         peak = S + max(8 D^2, X + max(8 n + 4 k p, 12 k p + 8 k + 12 n_local, 12 n + 8 n_local))
 
-    Not counted: block temporaries of fixed size (row blocks of 2**25 values, the (rows, k)
+    Not counted: block temporaries of fixed size (row blocks of 2**25 values, 2**26 in the
+    covariance pass, the (rows, k)
     distance block of :func:`nearest_centroid`, 2**26 values), the eigensolver's float32
     (D, D) copy on rank 0 (4 D^2, 64 MiB at D = 4096).
 

@@ -503,7 +503,7 @@ def main_grid(args) -> dict:
             # the covariance pass alone (ours, float32 GEMM per block, float64 sum)
             t = time.perf_counter()
             xt = torch.from_numpy(x)
-            clustering.covariance(xt, xt[:1].mean(0), clustering._row_chunk(d, clustering.PCA_BLOCK))
+            clustering.covariance(xt, xt[:1].mean(0), clustering._row_chunk(d, clustering.COV_BLOCK))
             cov_s = time.perf_counter() - t
             t = time.perf_counter()
             xb_orig = None if args.no_original else original_pca(x, pca)

@@ -633,3 +633,20 @@ def test_randomized_pca_failure_falls_back_and_says_why(caplog, spectrum, tol, m
     assert "worst residual" in caplog.text                    # the value that failed the criterion
     ev_e, v_e, _ = clustering.top_eigh(cov, 32, "exact")
     assert torch.equal(evals, ev_e) and torch.equal(evecs, v_e)
+
+
+def test_whitening_keeps_the_small_real_axes_of_a_trained_like_spectrum():
+    """Trained fc7 keeps real variance down to its 256th axis at 2e-7 to 6e-7 of the largest:
+    every such axis is whitened to unit variance as faiss does, none is zeroed as noise
+    (a floor of 1e-6 x lambda_1 used to zero about half of them)."""
+    ev, rot = _trained_like_basis()
+    dim = 350                                                          # lambda_350 / lambda_1 ~ 1.8e-7
+    assert 1e-7 < float(ev[dim - 1] / ev[0]) < 3e-7
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(4000, len(ev), generator=g, dtype=torch.float64) * ev.sqrt()
+    x = (z @ rot.T + 0.5).float()                                       # (4000, 1024), not centred
+    mean, proj = clustering.pca_fit(x, dim, solver="exact")
+    assert int((proj.norm(dim=0) == 0).sum()) == 0                       # no axis zeroed
+    y = clustering.pca_apply(x, mean, proj, l2=False).double()
+    var = y.var(0, unbiased=False)
+    assert float((var - 1).abs().max()) < 0.1                           # each axis whitened
