@@ -37,7 +37,13 @@ class FaultInjected(BaseException):
 
 
 def fault_point(name: str) -> None:
-    """Die abruptly at the n-th time ``name`` is reached, when asked by the environment."""
+    """Die abruptly at the n-th time ``name`` is reached, when asked by the environment.
+
+    ``DEEPCLUSTER_FAULT=point:n`` (any process), ``point:n@rank`` (that rank, first launch
+    attempt only), or ``spec0;spec1;...``: spec i applies to torchrun's launch attempt i
+    (``TORCHELASTIC_RESTART_COUNT``), so one job can be killed at a different point in each
+    attempt; n counts the hits of this process (a restarted worker counts from 1).
+    """
     if FAULT_HOOK is not None:
         FAULT_HITS[name] = FAULT_HITS.get(name, 0) + 1
         FAULT_HOOK(name, FAULT_HITS[name])
@@ -46,12 +52,17 @@ def fault_point(name: str) -> None:
     if not spec:
         return
     FAULT_HITS[name] = FAULT_HITS.get(name, 0) + 1
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    items = spec.split(";")
+    if len(items) > 1:
+        if attempt >= len(items):
+            return
+        spec, attempt = items[attempt], 0
     spec, _, rank = spec.partition("@")
     point, _, count = spec.partition(":")
     if point != name or FAULT_HITS[name] < int(count or 1):
         return
-    if rank and (int(os.environ.get("RANK", "0")) != int(rank)
-                 or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0):
+    if rank and (int(os.environ.get("RANK", "0")) != int(rank) or attempt > 0):
         return
     if os.environ.get("DEEPCLUSTER_FAULT_MODE") == "raise":
         raise FaultInjected(f"{name}:{FAULT_HITS[name]}")
