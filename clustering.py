@@ -42,14 +42,20 @@ __all__ = ["preprocess_features", "pca_fit", "pca_apply", "top_eigh", "covarianc
            "ClusteringError"]
 
 SPLIT_EPS = 1.0 / 1024.0  # faiss's relative perturbation when splitting a centroid
-# PCA axes with eigenvalue <= this x the largest are float32 rounding, not variance: they are
-# zeroed by the whitening instead of being scaled up (faiss divides by them). The float32
-# covariance's null eigenvalues come out within about +-1e-7 of 0 relative to the largest
-# (measured: +2.6e-8 / -9.6e-8 for 200 points of rank 40 in 64 dims, +-7.6e-9 on the digits
-# demo's fc7), while trained fc7 has real variance down to its 256th axis: 2.1e-7 after 4
-# demo epochs, 3.7e-7 on 8,985 views. At 1e-6 the floor zeroed 143 of the demo's 256 axes
-# (faiss whitens them all); at 1e-7 it zeroes none of them and still every null direction.
-NULL_EIG_REL = 1e-7
+# Null directions of the PCA (no variance: fewer images than dims, dead or duplicate units) are
+# zeroed by the whitening instead of being scaled up (faiss divides by whatever eigenvalue its
+# float32 covariance gives them). Their computed eigenvalues are float32 rounding: within about
+# 1e-8 of 0 relative to the largest (measured: -9.5e-9 to +1.5e-10 in the null space of 2,400
+# real-photo fc7 rows, +-7.6e-9 on the digits demo's fc7; +2.6e-8 for 200 points of rank 40 in
+# 64 dims), which is where trained fc7's real tail ends up: its 256th eigenvalue is 7.1e-8 of the
+# largest on those photo features after 4 epochs, 2.1e-7 on the digits. No fixed floor separates
+# the two (1e-7 zeroed 40 of the photos' 256 real axes, 1e-6 143 of the digits'), but rank
+# deficiency shows as a cliff: an axis whose eigenvalue is below NULL_EIG_CLIFF x the previous
+# one's starts the null space (real spectra fall by at most ~25x between neighbours, to the
+# noise it is >= 3e4x). An axis is zeroed from the first cliff on, or below NULL_EIG_REL x the
+# largest (an eigenvalue with no float32 meaning at all); a smooth tail is whitened, as faiss does.
+NULL_EIG_REL = 1e-9
+NULL_EIG_CLIFF = 1e-3
 
 
 class ClusteringError(ValueError):
@@ -425,6 +431,19 @@ def pca_fit(x: torch.Tensor, dim: int, eigen_power: float = -0.5,
     return mean32, pca_projection(evals, evecs, dim, eigen_power)
 
 
+def live_axes(evals: torch.Tensor) -> torch.Tensor:
+    """(m,) bool: the axes of the descending eigenvalues ``evals`` (m,) that carry variance,
+    i.e. above NULL_EIG_REL x the largest and before the first cliff (an eigenvalue below
+    NULL_EIG_CLIFF x its predecessor); the others are the null space, zeroed by the whitening."""
+    e = evals.clamp_min(0)
+    live = e > e[:1] * NULL_EIG_REL
+    if len(e) > 1:
+        cliff = torch.nonzero(e[1:] < e[:-1] * NULL_EIG_CLIFF)
+        if len(cliff):
+            live[int(cliff[0]) + 1:] = False
+    return live
+
+
 def pca_projection(evals: torch.Tensor, evecs: torch.Tensor, dim: int, eigen_power: float = -0.5) -> torch.Tensor:
     """(D, dim) float32 projection from the top eigenpairs ``evals`` (m,), ``evecs`` (D, m)
     float64 (m <= dim): signs fixed, axes scaled by eigenvalue ** eigen_power, zero-padded."""
@@ -437,11 +456,10 @@ def pca_projection(evals: torch.Tensor, evecs: torch.Tensor, dim: int, eigen_pow
     if eigen_power != 0:
         # Eigenvalues of a rank-deficient covariance (N <= dim, dead units) are ~0 or slightly
         # negative. Scaling those noise directions by ~1e19 made them dominate every row after
-        # L2 normalisation (all points collapsed onto one axis): zero them instead.
+        # L2 normalisation (all points collapsed onto one axis): zero them instead (live_axes).
         scale = evals.clamp_min(torch.finfo(torch.float32).tiny).pow(eigen_power)
         if eigen_power < 0:
-            floor = evals[:1].clamp_min(0) * NULL_EIG_REL
-            scale = torch.where(evals > floor, scale, torch.zeros_like(scale))
+            scale = torch.where(live_axes(evals), scale, torch.zeros_like(scale))
         evecs = evecs * scale
     if evecs.shape[1] < dim:  # N < dim: the missing axes carry no variance, output zeros
         evecs = torch.cat([evecs, evecs.new_zeros(d, dim - evecs.shape[1])], 1)
