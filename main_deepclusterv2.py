@@ -82,7 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--arch", choices=sorted(TRUNK_DIM), default="resnet50", help="trunk")
     g.add_argument("--hidden_mlp", type=int, default=2048, help="hidden width of the projection head (0: linear)")
     g.add_argument("--sync_bn", choices=["pytorch", "none"], default="pytorch",
-                   help="SyncBatchNorm under torchrun on CUDA (NCCL); gloo/CPU keeps per-process BN")
+                   help="under torchrun, BatchNorm over the global batch (torch's SyncBatchNorm on CUDA, "
+                        "distributed.AllReduceBatchNorm on CPU/gloo); none: per-process statistics")
     g = knn_lib.add_monitor_args(p, "the pooled trunk features")
     g.add_argument("--knn_size", type=int, default=0, help="kNN image size (0: the first --size_crops)")
     g = p.add_argument_group("run")
@@ -234,7 +235,9 @@ def save_state(path: Path, core, opt, scaler, epoch: int, iteration: int, labels
                n_empty: list[int] | None = None) -> None:
     """Collective (every rank calls it): the first ``m`` rows of every rank's bank are
     gathered by dataset index; rank 0 writes the file atomically."""
-    rows = [distributed.gather_rows(bank.emb[i, :m].contiguous(), bank.index[:m], args.n_images, rt)
+    # a copy: gather_rows receives the other ranks' rows into the tensor it is given, which
+    # must not be the bank itself (it would overwrite rank 0's rows for the next k-means)
+    rows = [distributed.gather_rows(bank.emb[i, :m].clone(), bank.index[:m], args.n_images, rt)
             for i in range(bank.emb.shape[0])]
     rng = checkpoint.gather_rng_states(rt)
     loss = loss_sum.clone()
@@ -303,8 +306,8 @@ def restore_bank(ck: dict, args, rt, draws_of) -> tuple[Bank, int]:
 def build_model(args, rt) -> tuple[DeepClusterV2Net, nn.Module]:
     core = DeepClusterV2Net(args.arch, hidden_mlp=args.hidden_mlp, feat_dim=args.feat_dim,
                             nmb_prototypes=args.nmb_prototypes, input_size=args.size_crops[0])
-    if rt.distributed and rt.device.type == "cuda" and args.sync_bn == "pytorch":
-        core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
+    # swav's --sync_bn pytorch: torch's SyncBatchNorm on CUDA, the all-reduce BatchNorm on gloo
+    core = distributed.sync_batchnorm(core, args.sync_bn == "pytorch", rt)
     core = core.to(rt.device)
     distributed.broadcast_module_state(core, rt)  # every rank starts from rank 0's weights
     return core, distributed.wrap_ddp(core, rt)
