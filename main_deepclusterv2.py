@@ -314,9 +314,11 @@ def build_model(args, rt) -> tuple[DeepClusterV2Net, nn.Module]:
 
 
 def train_epoch(loader, model, core, opt, scaler, schedule: np.ndarray, labels: torch.Tensor, bank: Bank,
-                epoch: int, start: int, iters: int, loss_sum: torch.Tensor, args, rt, on_step) -> None:
-    """Steps ``start`` .. ``iters - 1`` of an epoch (swav's ``train``)."""
+                draws: np.ndarray, epoch: int, start: int, iters: int, loss_sum: torch.Tensor, args, rt,
+                on_step) -> None:
+    """Steps ``start`` .. ``iters - 1`` of an epoch (swav's ``train``); ``draws``: the epoch's order."""
     model.train()
+    global_batch = args.batch_size * rt.world_size
     n_crops = sum(args.nmb_crops)
     protos = core.prototype_parameters()
     for it, (idx, crops) in enumerate(loader, start=start):
@@ -328,7 +330,12 @@ def train_epoch(loader, model, core, opt, scaler, schedule: np.ndarray, labels: 
             emb, output = model(crops)               # (n_crops B, d), [(n_crops B, K_h)]
         emb = emb.detach()
         b = idx.shape[0]
-        loss = dcv2_loss([o.float() for o in output], labels[:, idx].to(rt.device), n_crops, args.temperature)
+        n_labelled = None
+        if rt.distributed:  # the global batch's labelled images (the same for every head), per process
+            step_draws = draws[it * global_batch:(it + 1) * global_batch]
+            n_labelled = float((labels[0, torch.from_numpy(step_draws)] >= 0).sum()) / rt.world_size
+        loss = dcv2_loss([o.float() for o in output], labels[:, idx].to(rt.device), n_crops, args.temperature,
+                         n_labelled)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if iteration < args.freeze_prototypes_niters:
@@ -431,8 +438,8 @@ def main(args: argparse.Namespace) -> dict:
                            draws, epoch, loss_sum, args, rt, n_empty)
 
         t1 = distributed.synced_time(rt.device)
-        train_epoch(loader, model, core, opt, scaler, schedule, labels, bank, epoch, start_it, iters, loss_sum,
-                    args, rt, on_step)
+        train_epoch(loader, model, core, opt, scaler, schedule, labels, bank, draws, epoch, start_it, iters,
+                    loss_sum, args, rt, on_step)
         time_train = distributed.synced_time(rt.device) - t1
         total = loss_sum.clone()
         if rt.distributed:

@@ -138,6 +138,31 @@ def test_loss_matches_hand_computation():
     assert got.item() == pytest.approx(float(sum(per_head) / 2), rel=1e-5)
 
 
+def test_loss_split_over_processes_averages_to_the_global_batch():
+    """Under torchrun each process scores its share of the global batch and DDP averages:
+    with ``n_labelled`` (labelled images of the global batch / processes) the mean of the
+    processes' losses is the global batch's loss, also when the unlabelled images (-100)
+    fall unevenly; swav's per-process means are not."""
+    torch.manual_seed(0)
+    crops, w = 2, 2
+    targets = torch.tensor([[1, -100, 3, 0, -100, -100], [5, 0, -100, 2, -100, -100]])  # 3 labelled
+    scores = [torch.randn(crops * 6, 4, dtype=torch.float64), torch.randn(crops * 6, 6, dtype=torch.float64)]
+    whole = dcv2_loss(scores, targets, crops)
+
+    def share(r):  # process r's 3 images: their rows of every crop
+        rows = torch.cat([torch.arange(c * 6 + 3 * r, c * 6 + 3 * r + 3) for c in range(crops)])
+        return [s[rows] for s in scores], targets[:, 3 * r:3 * r + 3]
+
+    n_lab = float((targets[0] >= 0).sum()) / w
+    ours = sum(dcv2_loss(*share(r), crops, n_labelled=n_lab) for r in range(w)) / w
+    swav = sum(dcv2_loss(*share(r), crops) for r in range(w)) / w
+    assert ours.item() == pytest.approx(whole.item(), rel=1e-12)
+    assert abs(swav.item() - whole.item()) > 1e-3
+    # a global batch without any label: 0, not NaN
+    none = torch.full_like(targets, -100)
+    assert dcv2_loss(scores, none, crops, n_labelled=0.0).item() == 0.0
+
+
 # ---------------------------------------------------------------------------------------
 # multi-crop
 # ---------------------------------------------------------------------------------------
@@ -378,15 +403,18 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.slow
 def test_dcv2_two_processes_equal_one_and_resume_on_one(dcv2_images, tmp_path, monkeypatch):
-    """torchrun 2 x batch 4 (gloo) equals 1 process x batch 8, then resumes on 1 process.
+    """torchrun 2 x batch 3 (gloo) equals 1 process x batch 6, then resumes on 1 process.
 
-    Both runs stop inside epoch 1, after its first step. BatchNorm is synchronised on gloo
-    (``--sync_bn pytorch``, swav's default: distributed.AllReduceBatchNorm), the crops are
-    seeded by global position, ``--kmeans_init index`` draws the initial centroids by dataset
-    index and DDP averages the gradients: the loss, every head's assignments and the weights
-    are the same up to float rounding (reduction order), which the steps amplify: measured,
-    weights within 6e-5 (relative to max(1, |w|)), bank 3e-4, losses 1e-5 relative. The
-    2-process run then ends on 1 process x batch 8 (resume on another world size).
+    16 images, global batch 6: 2 steps per epoch, and the 4 images left out of each epoch have
+    no label in the next one (-100). Both runs stop inside epoch 1, after its first step.
+    BatchNorm is synchronised on gloo (``--sync_bn pytorch``, swav's default:
+    distributed.AllReduceBatchNorm), the crops are seeded by global position,
+    ``--kmeans_init index`` draws the initial centroids by dataset index, the loss is the
+    global batch's mean over labelled images and DDP averages the gradients: the loss, every
+    head's assignments and the weights are the same up to float rounding (reduction order),
+    which the steps amplify. Measured: weights within 5.4e-5 (relative to max(1, |w|)), bank
+    3.5e-4 (unit vectors), losses 3e-5 relative (1.3e-3 with swav's per-process loss means).
+    The 2-process run then ends on 1 process x batch 6 (resume on another world size).
     """
     import subprocess
 
@@ -396,9 +424,9 @@ def test_dcv2_two_processes_equal_one_and_resume_on_one(dcv2_images, tmp_path, m
     from test_distributed import free_port
 
     two, one = tmp_path / "two", tmp_path / "one"
-    argv_of = lambda exp: dcv2_argv(dcv2_images, exp, "--checkpoint_iters", "1", "--kmeans_init", "index")  # noqa: E731
-    argv_two = [a if a != "8" else "4" for a in argv_of(two)]  # --batch_size 8 -> 4 per process
-    assert argv_two.count("4") >= 2
+    argv_of = lambda exp, b: dcv2_argv(dcv2_images, exp, "--checkpoint_iters", "1", "--kmeans_init", "index",  # noqa: E731
+                                       "--batch_size", b)
+    argv_two = argv_of(two, "3")  # per process
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "main_deepclusterv2.py", *argv_two]
     # hits: epoch 0 steps 1-2, epoch 1 steps 3-4; killed at step 2 of epoch 1 (saved after step 1)
@@ -410,33 +438,33 @@ def test_dcv2_two_processes_equal_one_and_resume_on_one(dcv2_images, tmp_path, m
     monkeypatch.setenv("DEEPCLUSTER_FAULT", "dcv2_train:4")
     fileio.FAULT_HITS.clear()
     with pytest.raises(fileio.FaultInjected):
-        m2.run(argv_of(one))
+        m2.run(argv_of(one, "6"))
     monkeypatch.delenv("DEEPCLUSTER_FAULT")
     a, b = (checkpoint.torch_load(e / "checkpoint.pth.tar") for e in (two, one))
     assert (a["epoch"], a["iteration"], a["world_size"]) == (1, 1, 2)
     assert (b["epoch"], b["iteration"], b["world_size"]) == (1, 1, 1)
-    assert a["bank"].shape[1] == 8 and torch.equal(a["bank_index"], b["bank_index"])  # the global step's 8 images
+    assert a["bank"].shape[1] == 6 and torch.equal(a["bank_index"], b["bank_index"])  # the global step's 6 images
     # every head's assignments of epoch 1 (k-means of the bank trained in epoch 0), and head 0's of epoch 0
-    assert torch.equal(a["labels"], b["labels"]) and (a["labels"] >= 0).all()
+    assert torch.equal(a["labels"], b["labels"]) and ((a["labels"] >= 0).sum(1) == 12).all()
     clusters = [checkpoint.ClusterLog(e / "clusters") for e in (two, one)]
     np.testing.assert_array_equal(clusters[0].load(0), clusters[1].load(0))
     log_a, log_b = (fileio.read_jsonl(e / "log.jsonl") for e in (two, one))
     assert log_a[0]["nmi_labels_heads"] == log_b[0]["nmi_labels_heads"]
-    assert log_a[0]["loss"] == pytest.approx(log_b[0]["loss"], rel=1e-5)
-    torch.testing.assert_close(a["loss_sum"], b["loss_sum"], rtol=1e-5, atol=0)
-    assert _max_diff(a["state_dict"], b["state_dict"]) < 2e-4
-    assert float((a["bank"] - b["bank"]).abs().max()) < 1e-3  # unit vectors
-    # both end on 1 process x batch 8: the 2-process part resumes inside epoch 1
-    assert m2.run(argv_of(two)) == 0 and m2.run(argv_of(one)) == 0
+    assert log_a[0]["loss"] == pytest.approx(log_b[0]["loss"], rel=2e-4)
+    torch.testing.assert_close(a["loss_sum"], b["loss_sum"], rtol=2e-4, atol=0)
+    assert _max_diff(a["state_dict"], b["state_dict"]) < 5e-4
+    assert float((a["bank"] - b["bank"]).abs().max()) < 2e-3  # unit vectors
+    # both end on 1 process x batch 6: the 2-process part resumes inside epoch 1
+    assert m2.run(argv_of(two, "6")) == 0 and m2.run(argv_of(one, "6")) == 0
     log_a, log_b = (fileio.read_jsonl(e / "log.jsonl") for e in (two, one))
     assert [(r["epoch"], r["world_size"]) for r in log_a] == [(0, 2), (1, 1)]
-    assert log_a[1]["loss"] == pytest.approx(log_b[1]["loss"], rel=1e-4)
-    np.testing.assert_array_equal(clusters[0].load(1), a["labels"][0].numpy())
+    assert log_a[1]["loss"] == pytest.approx(log_b[1]["loss"], rel=2e-4)
+    np.testing.assert_array_equal(clusters[0].load(1), np.where(a["labels"][0] >= 0, a["labels"][0], -1))
     np.testing.assert_array_equal(clusters[0].load(1), clusters[1].load(1))
     a, b = (checkpoint.torch_load(e / "checkpoint.pth.tar") for e in (two, one))
-    assert torch.equal(a["bank_index"], torch.arange(16))
-    assert _max_diff(a["state_dict"], b["state_dict"]) < 2e-4
-    assert float((a["bank"] - b["bank"]).abs().max()) < 1e-3
+    assert len(a["bank_index"]) == 12 and torch.equal(a["bank_index"], b["bank_index"])
+    assert _max_diff(a["state_dict"], b["state_dict"]) < 5e-4
+    assert float((a["bank"] - b["bank"]).abs().max()) < 2e-3
 
 
 def _launch_dcv2(tmp_path, **env):
