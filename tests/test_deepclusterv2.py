@@ -536,6 +536,53 @@ def test_eval_scripts_load_v2_checkpoints(dcv2_r50_checkpoints):
         assert torch.allclose(m.eval().forward_features(x), want, atol=1e-5)
 
 
+def test_eval_scripts_load_resnet18_v2_checkpoints(tmp_path):
+    """A ResNet-18 DeepCluster-v2 network (main_deepclusterv2.py --arch resnet18) loads as the
+    registry's ResNet-18 trunk at its training size, with what each evaluation uses: pooled
+    features (eval_knn), probe trunks (eval_linear), the 512 -> 20 head (eval_voc_classif)."""
+    import argparse
+
+    import checkpoint
+    import eval_linear
+    import eval_voc_classif
+    import fileio
+
+    torch.manual_seed(0)
+    net = DeepClusterV2Net("resnet18", hidden_mlp=32, feat_dim=16, nmb_prototypes=[4, 5], input_size=32).eval()
+    path = tmp_path / "ckp-0.pth"  # main_deepclusterv2.py's checkpoints/ckp-E.pth
+    fileio.atomic_torch_save({"epoch": 1, "state_dict": net.state_dict(), "config": net.config(),
+                              "method": "deepclusterv2"}, path)
+    x = torch.randn(2, 3, 32, 32)
+    m = checkpoint.load_model(str(path)).eval()
+    assert (m.arch, m.input_size, m.feature_dim) == ("resnet18", 32, 512)
+    assert {k.split(".")[0] for k in m.ignored_keys} == {"projection_head", "prototypes"}
+    assert torch.allclose(m.forward_features(x), net.forward_features(x), atol=1e-6)
+    assert torch.allclose(m.trunk("layer3")(x), net.trunk("layer3")(x), atol=1e-6)
+    assert eval_linear.build_reglog(m.trunk(6).freeze(), m.arch, 6, 3, 32).linear.in_features == 512
+    params = eval_voc_classif.prepare_model(m, argparse.Namespace(fc6_8=1, train_batchnorm=0))
+    assert [tuple(p.shape) for p in params] == [(20, 512), (20,)]
+    # a bare state dict in swav's layout (module. prefix) is told apart from a ResNet-50 by its keys
+    bare = tmp_path / "r18_swav_layout.pth"
+    torch.save({"module." + k: v for k, v in net.state_dict().items()}, bare)
+    assert checkpoint.load_model(str(bare)).arch == "resnet18"
+
+
+@pytest.mark.slow
+def test_eval_knn_cli_on_resnet18_v2_run(dcv2_reference, tmp_path):
+    """eval_knn.py on the checkpoints main_deepclusterv2.py --arch resnet18 wrote."""
+    import json
+
+    import eval_knn
+
+    knn_data = dcv2_reference.parent / "knn"
+    for model in (dcv2_reference / "checkpoints" / "ckp-1.pth", dcv2_reference / "checkpoint.pth.tar"):
+        exp = tmp_path / model.name
+        assert eval_knn.run(["--data", str(knn_data), "--model", str(model), "--exp", str(exp), "--workers", "0",
+                             "--device", "cpu", "--nb_knn", "3", "--no_progress"]) == 0
+        res = json.loads((exp / "results.json").read_text())
+        assert res["dim"] == 512 and 0 <= res["results"]["3"]["top1"] <= 100  # ResNet-18's pooled features
+
+
 def test_eval_linear_swav_protocol(dcv2_r50_checkpoints, module_tmp):
     import eval_linear
     from conftest import make_split_folder
