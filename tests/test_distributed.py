@@ -50,8 +50,10 @@ def run_torchrun(nproc: int, argv: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_on_one(digits100, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    res = run_torchrun(2, train_argv(digits100, two, 2) + ["--checkpoints", "5"])
+    # --sync_bn on gloo: BatchNorm over the global batch (distributed.AllReduceBatchNorm)
+    res = run_torchrun(2, train_argv(digits100, two, 2) + ["--checkpoints", "5", "--sync_bn"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "BatchNorm synchronised over the 2 processes" in (two / "train.log").read_text()
     recs = fileio.read_jsonl(two / "log.jsonl")
     assert [r["epoch"] for r in recs] == [0, 1] and all(r["world_size"] == 2 for r in recs)
     # written once: a single log line per epoch, one checkpoint
@@ -102,14 +104,25 @@ def _gather_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
     torch.save({"full": got, "full2": got2, "labels": torch.as_tensor(labels), "stats": stats, "stats2": stats2,
                 "bn": bn.running_mean.clone(), "bn_w": bn.weight.detach().clone(),
                 "rng": None if rng is None else [r["torch"] for r in rng]}, f"{out}.{rank}")
+    torch.save(_sync_bn_run(rank, rt), f"{out}.bn.{rank}")  # the same 2 processes (one spawn)
     torch.distributed.destroy_process_group()
 
 
-def test_gather_rows_broadcast_and_rng_states(tmp_path):
-    n, world = 11, 2
-    mp.spawn(_gather_worker, args=(world, free_port(), n, str(tmp_path / "res")), nprocs=world)
-    r0 = torch.load(tmp_path / "res.0", weights_only=False)
-    r1 = torch.load(tmp_path / "res.1", weights_only=False)
+N_GATHER = 11
+
+
+@pytest.fixture(scope="module")
+def two_ranks(module_tmp) -> Path:
+    """Results of 2 gloo processes (:func:`_gather_worker`): ``res.R`` and ``res.bn.R`` of rank R."""
+    out = module_tmp.mktemp("two_ranks")
+    mp.spawn(_gather_worker, args=(2, free_port(), N_GATHER, str(out / "res")), nprocs=2)
+    return out
+
+
+def test_gather_rows_broadcast_and_rng_states(two_ranks):
+    n = N_GATHER
+    r0 = torch.load(two_ranks / "res.0", weights_only=False)
+    r1 = torch.load(two_ranks / "res.1", weights_only=False)
     ref = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
     torch.testing.assert_close(r0["full"], ref)
     torch.testing.assert_close(r0["full2"], ref.bfloat16())
@@ -189,11 +202,8 @@ def _bn_steps(bn: torch.nn.Module, xs: list[torch.Tensor], ws: list[torch.Tensor
     return res
 
 
-def _sync_bn_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    rt = distributed.init_runtime("cpu")
+def _sync_bn_run(rank: int, rt: distributed.Runtime) -> dict:
+    """This rank's share of every case through the converted BatchNorm (in :func:`_gather_worker`)."""
     res = {}
     for name, x, w, split in _bn_cases():
         lo, hi = sum(split[:rank]), sum(split[:rank + 1])
@@ -205,16 +215,14 @@ def _sync_bn_worker(rank: int, world: int, port: int, out: str) -> None:
             for k in [k for k in r if k.startswith(("gw", "gb"))]:  # what DDP sums over the ranks
                 torch.distributed.all_reduce(r[k])
             res[name, momentum] = r
-    torch.save(res, f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
+    return res
 
 
-def test_allreduce_batchnorm_two_ranks_equal_one_batchnorm(tmp_path):
+def test_allreduce_batchnorm_two_ranks_equal_one_batchnorm(two_ranks):
     """Each of 2 gloo ranks holds part of the batch: outputs, input gradients, weight and bias
     gradients (summed over the ranks, as DDP does) and running statistics equal those of
     torch's BatchNorm on the whole batch in one process; eval mode is BatchNorm's own."""
-    mp.spawn(_sync_bn_worker, args=(2, free_port(), str(tmp_path / "bn")), nprocs=2)
-    ranks = [torch.load(tmp_path / f"bn.{r}", weights_only=False) for r in range(2)]
+    ranks = [torch.load(two_ranks / f"res.bn.{r}", weights_only=False) for r in range(2)]
     worst = 0.0
     for name, x, w, split in _bn_cases():
         for momentum in (0.1, None):
