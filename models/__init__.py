@@ -29,8 +29,8 @@ ARCHS = tuple(REGISTRY)
 LOADABLE: dict[str, type[nn.Module]] = {"alexnet": AlexNet, "vgg16": VGG16, "resnet18": ResNet18,
                                         "resnet50": ResNet50}
 
-__all__ = ["AlexNet", "VGG16", "ResNet50", "ResNet18", "resnet18", "LOADABLE", "DeepClusterNet", "Trunk", "ProbeError", "StateDictError",
-           "alexnet", "vgg16", "resnet50", "build_model", "detect_arch", "from_state_dict",
+__all__ = ["AlexNet", "VGG16", "ResNet50", "ResNet18", "DeepClusterNet", "Trunk", "ProbeError", "StateDictError",
+           "alexnet", "resnet18", "LOADABLE", "vgg16", "resnet50", "build_model", "detect_arch", "from_state_dict",
            "clean_state_dict", "probe_arg", "ARCHS", "REGISTRY", "to_channels_last", "make_pool",
            "ALEXNET_POOL", "TARGET_DIM", "DeepClusterV2Net", "MultiPrototypes", "build_dcv2",
            "dcv2_from_state_dict"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -424,9 +423,11 @@ def test_dcv2_two_processes_equal_one_and_resume_on_one(dcv2_images, tmp_path, m
     from test_distributed import free_port
 
     two, one = tmp_path / "two", tmp_path / "one"
-    argv_of = lambda exp, b: dcv2_argv(dcv2_images, exp, "--checkpoint_iters", "1", "--kmeans_init", "index",  # noqa: E731
-                                       "--batch_size", b)
-    argv_two = argv_of(two, "3")  # per process
+
+    def argv_of(exp, batch: str) -> list[str]:
+        return dcv2_argv(dcv2_images, exp, "--checkpoint_iters", "1", "--kmeans_init", "index", "--batch_size", batch)
+
+    argv_two = argv_of(two, "3")  # per process (the last --batch_size wins)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "main_deepclusterv2.py", *argv_two]
     # hits: epoch 0 steps 1-2, epoch 1 steps 3-4; killed at step 2 of epoch 1 (saved after step 1)
