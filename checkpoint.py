@@ -727,8 +727,10 @@ def load_model(path: str | os.PathLike | None, arch: str | None = None, purpose:
     The architecture, Sobel and k are read from the weights (``model_config`` wins when
     present). A ResNet-50 state dict may carry a head this model has no use for (the
     projection head and prototypes of SwAV's DeepCluster-v2 release): those keys are
-    ignored, logged and listed in ``model.ignored_keys``. ``arch``, when given, must match;
-    ``purpose`` names who needs it in that error ("retrieval needs a vgg16 model, ...").
+    ignored, logged and listed in ``model.ignored_keys``. A DeepCluster-v2 checkpoint of
+    ``main_deepclusterv2.py`` gives its trunk (ResNet-50 or ResNet-18) at its training size.
+    ``arch``, when given, must match; ``purpose`` names who needs it in that error
+    ("retrieval needs a vgg16 model, ...").
     """
     if not path:
         raise CheckpointError("no model given: pass --model PATH (a DeepCluster checkpoint)")
@@ -742,14 +744,17 @@ def load_model(path: str | os.PathLike | None, arch: str | None = None, purpose:
         sd = ckpt  # a bare state dict
     if not isinstance(sd, dict):
         raise CheckpointError(f"{where} has no 'state_dict' and is not a state dict of "
-                                         f"{', '.join(models.ARCHS)}")
-    held = ckpt.get("arch") or (ckpt.get("model_config") or {}).get("arch") or \
-        models.detect_arch(models.clean_state_dict(sd))
+                              f"{', '.join(models.LOADABLE)}")
+    cfg = ckpt.get("model_config")
+    if ckpt.get("method") == "deepclusterv2" and isinstance(ckpt.get("config"), dict):
+        # main_deepclusterv2.py's checkpoints: the trunk (resnet50 or resnet18) and training size
+        cfg = {"arch": ckpt["config"].get("trunk"), "input_size": ckpt["config"].get("input_size", 224)}
+    held = ckpt.get("arch") or (cfg or {}).get("arch") or models.detect_arch(models.clean_state_dict(sd))
     if arch is not None and held is not None and held != arch:
         raise CheckpointError(f"{purpose or 'this run'} needs {models.article(arch)} model, but {where} holds "
                               f"{models.article(held)}")
     try:
-        model, ignored = models.from_state_dict(sd, arch or held, ckpt.get("model_config"))
+        model, ignored = models.from_state_dict(sd, arch or held, cfg)
     except models.StateDictError as e:
         raise CheckpointError(f"{where}: {e}") from None
     model.ignored_keys = ignored

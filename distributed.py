@@ -459,24 +459,117 @@ def resolve_sync_bn(flag: bool | None, rt: Runtime) -> bool:
     """``--sync_bn``: None (auto) = on under NCCL (torchrun on GPUs), off otherwise.
 
     With W processes each BatchNorm normalises over its rank's batch / W images; synced, over
-    the global batch, as one GPU training on --batch would. torch's SyncBatchNorm only runs on
-    GPUs (on CPU tensors it raises in training), so an explicit ``--sync_bn`` under gloo is a
-    :class:`DeviceError`; in one process there is nothing to sync (plain BatchNorm)."""
+    the global batch, as one GPU training on --batch would. An explicit ``--sync_bn`` also
+    works under gloo (CPU): :class:`AllReduceBatchNorm` there, torch's SyncBatchNorm on CUDA
+    (which refuses CPU tensors). In one process there is nothing to sync (plain BatchNorm)."""
     nccl = rt.distributed and rt.device.type == "cuda"
-    if flag and rt.distributed and not nccl:
-        raise DeviceError("--sync_bn needs torchrun on GPUs (NCCL): torch's SyncBatchNorm does not run on CPU; "
-                          "use --no-sync_bn (per-process BatchNorm statistics) on CPU")
     return nccl if flag is None else bool(flag) and rt.distributed
 
 
 def sync_batchnorm(model: torch.nn.Module, flag: bool | None, rt: Runtime) -> torch.nn.Module:
-    """The network with its BatchNorm layers replaced by SyncBatchNorm when :func:`resolve_sync_bn`
-    says so (the same module object otherwise). The parameters are the same objects and the
-    state_dict keys do not change, so checkpoints load into the unsynced network and back."""
+    """The network with its BatchNorm layers synchronised over the processes when
+    :func:`resolve_sync_bn` says so (the same module object otherwise): torch's SyncBatchNorm
+    on CUDA, :class:`AllReduceBatchNorm` on the CPU (gloo). The parameters are the same
+    objects and the state_dict keys do not change, so checkpoints load into the unsynced
+    network and back."""
     if not resolve_sync_bn(flag, rt):
         return model
     log.info("BatchNorm synchronised over the %d processes (--sync_bn)", rt.world_size)
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if rt.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return convert_allreduce_batchnorm(model)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum of a tensor over the ranks, with autograd: the gradient of the sum on each rank is
+    the sum of the ranks' gradients (what ``torch.distributed.nn.functional.all_reduce``
+    does; that one warns it is deprecated on every call)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(grad)
+
+
+class AllReduceBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch of all processes, on any backend (gloo on CPU too).
+
+    torch's SyncBatchNorm only runs on CUDA. This one computes, in training under an
+    initialised process group of several ranks, the per-channel statistics of the union of
+    the ranks' batches in two passes (float64 sums, all-reduced with autograd): the mean from
+    the sums and counts, then the biased variance from the sums of squared deviations from
+    that mean. The input is normalised with them, the running statistics are updated as
+    BatchNorm does (momentum, or a cumulative mean with ``momentum=None``; unbiased variance
+    with the global count; ``num_batches_tracked``), and the backward pass all-reduces the
+    gradients of the two sums, so a rank's input gradient is that of the loss summed over the
+    ranks. Results equal one BatchNorm on the whole batch up to float rounding (tested).
+
+    Every rank must call the all-reduces in the same order: it does when every rank runs the
+    same forward and backward (the same layers, each rank with its share of the batch, possibly
+    empty). Evaluation mode, one process and no process group: exactly ``nn.BatchNorm``.
+    Parameters and buffers are BatchNorm's, so state_dict keys and checkpoints are unchanged.
+    Input: (N, C) or (N, C, *) like BatchNorm1d/2d/3d.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an (N, C, ...) input of at least 2 dimensions, got {x.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dist = torch.distributed
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        c = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))    # every axis but the channels
+        shape = [1, c] + [1] * (x.dim() - 2)    # (C,) -> broadcastable to x
+        n_local = x.numel() // max(c, 1)        # values per channel on this rank
+        # pass 1: (C + 1,) float64 [per-channel sums, count], summed over the ranks
+        packed = torch.cat([x.sum(dims, dtype=torch.float64),
+                            torch.tensor([float(n_local)], dtype=torch.float64, device=x.device)])
+        packed = _AllReduceSum.apply(packed)
+        n = float(packed[c].detach())
+        if n <= 1:
+            raise ValueError(f"expected more than 1 value per channel when training, got {int(n)} over all ranks")
+        mean = packed[:c] / n                                                   # (C,) float64
+        # pass 2: per-channel sums of squared deviations from the global mean
+        dev = x - mean.to(x.dtype).view(shape)
+        var = _AllReduceSum.apply((dev * dev).sum(dims, dtype=torch.float64)) / n   # (C,) biased
+        y = dev * torch.rsqrt(var + self.eps).to(x.dtype).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape).to(x.dtype) + self.bias.view(shape).to(x.dtype)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                rm, rv = self.running_mean, self.running_var
+                rm.mul_(1 - f).add_(mean.to(rm.dtype), alpha=f)
+                rv.mul_(1 - f).add_((var * (n / (n - 1))).to(rv.dtype), alpha=f)
+        return y
+
+
+def convert_allreduce_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every BatchNorm1d/2d/3d replaced by an :class:`AllReduceBatchNorm`
+    holding the same parameter and buffer objects (an optimizer built before still updates
+    them; state_dict keys unchanged). Returns ``module`` itself unless it is a BatchNorm."""
+    bn_types = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+    if isinstance(module, bn_types) and not isinstance(module, AllReduceBatchNorm):
+        new = AllReduceBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                 module.track_running_stats, device="meta")
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(new, name, getattr(module, name))
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, convert_allreduce_batchnorm(child))
+    return module
 
 
 def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:

@@ -143,8 +143,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="GPU: deterministic algorithms, no cuDNN autotuning, TF32 off (bitwise resume on the same "
                         "GPU and software, slower); the CPU is deterministic without it")
     g.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm; default: on "
-                        "with NCCL/GPUs, off on CPU where torch cannot sync); off: per-process statistics")
+                   help="under torchrun, BatchNorm statistics over the global batch (default: on with NCCL/GPUs, "
+                        "torch's SyncBatchNorm; off on CPU/gloo, where --sync_bn all-reduces the statistics); "
+                        "off: per-process statistics, as the original's DataParallel")
     g.add_argument("--dist_timeout", type=float, default=60,
                    help="minutes a torchrun process waits in a collective (e.g. while rank 0 clusters)")
     g.add_argument("--report", action="store_true", help="draw the training report (PNG) at the end")
@@ -541,7 +542,6 @@ def main(args: argparse.Namespace) -> dict:
     rt = distributed.init_runtime(args.device, timeout_min=args.dist_timeout)
     distributed.configure_backends(args.deterministic)
     args.channels_last = distributed.resolve_channels_last(args.channels_last, rt.device)
-    distributed.resolve_sync_bn(args.sync_bn, rt)  # an impossible --sync_bn stops before any work
     exp = Path(args.exp)
     dataset = data.open_folder(args, rt)  # a missing or empty DIR is refused before anything is written
     checkpoint.check_exp_writable(exp, rt)

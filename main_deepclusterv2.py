@@ -82,7 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--arch", choices=sorted(TRUNK_DIM), default="resnet50", help="trunk")
     g.add_argument("--hidden_mlp", type=int, default=2048, help="hidden width of the projection head (0: linear)")
     g.add_argument("--sync_bn", choices=["pytorch", "none"], default="pytorch",
-                   help="SyncBatchNorm under torchrun on CUDA (NCCL); gloo/CPU keeps per-process BN")
+                   help="under torchrun, BatchNorm over the global batch (torch's SyncBatchNorm on CUDA, "
+                        "distributed.AllReduceBatchNorm on CPU/gloo); none: per-process statistics")
     g = knn_lib.add_monitor_args(p, "the pooled trunk features")
     g.add_argument("--knn_size", type=int, default=0, help="kNN image size (0: the first --size_crops)")
     g = p.add_argument_group("run")
@@ -234,7 +235,9 @@ def save_state(path: Path, core, opt, scaler, epoch: int, iteration: int, labels
                n_empty: list[int] | None = None) -> None:
     """Collective (every rank calls it): the first ``m`` rows of every rank's bank are
     gathered by dataset index; rank 0 writes the file atomically."""
-    rows = [distributed.gather_rows(bank.emb[i, :m].contiguous(), bank.index[:m], args.n_images, rt)
+    # a copy: gather_rows receives the other ranks' rows into the tensor it is given, which
+    # must not be the bank itself (it would overwrite rank 0's rows for the next k-means)
+    rows = [distributed.gather_rows(bank.emb[i, :m].clone(), bank.index[:m], args.n_images, rt)
             for i in range(bank.emb.shape[0])]
     rng = checkpoint.gather_rng_states(rt)
     loss = loss_sum.clone()
@@ -303,17 +306,19 @@ def restore_bank(ck: dict, args, rt, draws_of) -> tuple[Bank, int]:
 def build_model(args, rt) -> tuple[DeepClusterV2Net, nn.Module]:
     core = DeepClusterV2Net(args.arch, hidden_mlp=args.hidden_mlp, feat_dim=args.feat_dim,
                             nmb_prototypes=args.nmb_prototypes, input_size=args.size_crops[0])
-    if rt.distributed and rt.device.type == "cuda" and args.sync_bn == "pytorch":
-        core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
+    # swav's --sync_bn pytorch: torch's SyncBatchNorm on CUDA, the all-reduce BatchNorm on gloo
+    core = distributed.sync_batchnorm(core, args.sync_bn == "pytorch", rt)
     core = core.to(rt.device)
     distributed.broadcast_module_state(core, rt)  # every rank starts from rank 0's weights
     return core, distributed.wrap_ddp(core, rt)
 
 
 def train_epoch(loader, model, core, opt, scaler, schedule: np.ndarray, labels: torch.Tensor, bank: Bank,
-                epoch: int, start: int, iters: int, loss_sum: torch.Tensor, args, rt, on_step) -> None:
-    """Steps ``start`` .. ``iters - 1`` of an epoch (swav's ``train``)."""
+                draws: np.ndarray, epoch: int, start: int, iters: int, loss_sum: torch.Tensor, args, rt,
+                on_step) -> None:
+    """Steps ``start`` .. ``iters - 1`` of an epoch (swav's ``train``); ``draws``: the epoch's order."""
     model.train()
+    global_batch = args.batch_size * rt.world_size
     n_crops = sum(args.nmb_crops)
     protos = core.prototype_parameters()
     for it, (idx, crops) in enumerate(loader, start=start):
@@ -325,7 +330,12 @@ def train_epoch(loader, model, core, opt, scaler, schedule: np.ndarray, labels: 
             emb, output = model(crops)               # (n_crops B, d), [(n_crops B, K_h)]
         emb = emb.detach()
         b = idx.shape[0]
-        loss = dcv2_loss([o.float() for o in output], labels[:, idx].to(rt.device), n_crops, args.temperature)
+        n_labelled = None
+        if rt.distributed:  # the global batch's labelled images (the same for every head), per process
+            step_draws = draws[it * global_batch:(it + 1) * global_batch]
+            n_labelled = float((labels[0, torch.from_numpy(step_draws)] >= 0).sum()) / rt.world_size
+        loss = dcv2_loss([o.float() for o in output], labels[:, idx].to(rt.device), n_crops, args.temperature,
+                         n_labelled)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if iteration < args.freeze_prototypes_niters:
@@ -428,8 +438,8 @@ def main(args: argparse.Namespace) -> dict:
                            draws, epoch, loss_sum, args, rt, n_empty)
 
         t1 = distributed.synced_time(rt.device)
-        train_epoch(loader, model, core, opt, scaler, schedule, labels, bank, epoch, start_it, iters, loss_sum,
-                    args, rt, on_step)
+        train_epoch(loader, model, core, opt, scaler, schedule, labels, bank, draws, epoch, start_it, iters,
+                    loss_sum, args, rt, on_step)
         time_train = distributed.synced_time(rt.device) - t1
         total = loss_sum.clone()
         if rt.distributed:

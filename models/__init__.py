@@ -1,4 +1,5 @@
-"""DeepCluster convnets: AlexNet, VGG-16 and ResNet-50, each with an optional frozen Sobel block.
+"""DeepCluster convnets: AlexNet, VGG-16 and ResNet-50, each with an optional frozen Sobel block
+(and ResNet-18, the trunk of DeepCluster-v2's small runs, which the evaluations load).
 
 The constructors keep the original signatures (``alexnet(sobel=, bn=, out=)``) so that
 code written for the original release keeps working. Every model offers:
@@ -7,7 +8,8 @@ code written for the original release keeps working. Every model offers:
   ``feature_dim`` values per image), ``reset_top_layer(k)``, ``body_parameters()``, ``config()``;
 - ``probe_points()`` (``conv1..conv5`` / ``conv1..conv13`` / ``conv1, layer1..layer4, avgpool``)
   and ``trunk(layer)``: the network up to a probe point, Sobel included;
-- the registry below: :func:`build_model` by name, :func:`from_state_dict` from weights.
+- the registry below: :func:`build_model` by name (``ARCHS``: what ``main.py`` trains),
+  :func:`from_state_dict` from weights (``LOADABLE``: also ResNet-18).
 """
 from __future__ import annotations
 
@@ -17,14 +19,18 @@ from .alexnet import AlexNet, alexnet
 from .common import DeepClusterNet, ProbeError, StateDictError, Trunk, clean_state_dict, probe_arg, to_channels_last
 from .deepclusterv2 import DeepClusterV2Net, MultiPrototypes, build_dcv2, dcv2_from_state_dict
 from .probe import ALEXNET_POOL, TARGET_DIM, make_pool
-from .resnet import ResNet50, resnet50
+from .resnet import ResNet18, ResNet50, resnet18, resnet50
 from .vgg16 import VGG16, vgg16
 
 REGISTRY: dict[str, type[nn.Module]] = {"alexnet": AlexNet, "vgg16": VGG16, "resnet50": ResNet50}
 ARCHS = tuple(REGISTRY)
+# what the evaluations load from weights: also ResNet-18 (main_deepclusterv2.py --arch resnet18),
+# claimed before ResNet-50, whose claim is any ResNet layout (the others then fail its shape check)
+LOADABLE: dict[str, type[nn.Module]] = {"alexnet": AlexNet, "vgg16": VGG16, "resnet18": ResNet18,
+                                        "resnet50": ResNet50}
 
-__all__ = ["AlexNet", "VGG16", "ResNet50", "DeepClusterNet", "Trunk", "ProbeError", "StateDictError",
-           "alexnet", "vgg16", "resnet50", "build_model", "detect_arch", "from_state_dict",
+__all__ = ["AlexNet", "VGG16", "ResNet50", "ResNet18", "DeepClusterNet", "Trunk", "ProbeError", "StateDictError",
+           "alexnet", "resnet18", "LOADABLE", "vgg16", "resnet50", "build_model", "detect_arch", "from_state_dict",
            "clean_state_dict", "probe_arg", "ARCHS", "REGISTRY", "to_channels_last", "make_pool",
            "ALEXNET_POOL", "TARGET_DIM", "DeepClusterV2Net", "MultiPrototypes", "build_dcv2",
            "dcv2_from_state_dict"]
@@ -47,7 +53,7 @@ def build_model(arch: str, sobel: bool = False, bn: bool = True, out: int = 1000
 
 def detect_arch(sd: dict) -> str | None:
     """The architecture a (``module.``-free) state dict describes, or None."""
-    for name, cls in REGISTRY.items():
+    for name, cls in LOADABLE.items():
         if cls.claims(sd):
             return name
     return None
@@ -70,11 +76,11 @@ def from_state_dict(sd: dict, arch: str | None = None, config: dict | None = Non
         w0 = sd.get("features.0.weight")
         if w0 is not None:
             raise StateDictError(f"cannot infer the architecture from features.0.weight {tuple(w0.shape)}")
-        raise StateDictError(f"state dict matches none of {', '.join(ARCHS)} (keys such as "
+        raise StateDictError(f"state dict matches none of {', '.join(LOADABLE)} (keys such as "
                              f"{list(sd)[:3]})")
-    if arch not in REGISTRY:
-        raise StateDictError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
-    cls = REGISTRY[arch]
+    if arch not in LOADABLE:
+        raise StateDictError(f"unknown architecture {arch!r}: expected one of {', '.join(LOADABLE)}")
+    cls = LOADABLE[arch]
     sd, ignored = cls.adapt_state_dict(sd)
     cfg = cls.config_from_state_dict(sd)
     cfg.update({k: v for k, v in (config or {}).items() if k in ("sobel", "bn", "input_size", "k")})

@@ -208,14 +208,23 @@ def dcv2_from_state_dict(sd: dict, config: dict | None = None) -> DeepClusterV2N
 
 
 def dcv2_loss(scores: list[torch.Tensor], targets: torch.Tensor, n_crops: int,
-              temperature: float = 0.1) -> torch.Tensor:
+              temperature: float = 0.1, n_labelled: float | None = None) -> torch.Tensor:
     """swav's DeepCluster-v2 loss: mean over heads h of CrossEntropy(scores[h] / temperature,
     targets[h] repeated for each crop), ignore_index -100 (images without assignment).
 
     ``scores[h]``: (n_crops * B, K_h), rows crop by crop; ``targets``: (heads, B) int64.
+    ``n_labelled`` (under torchrun): the labelled images of the global batch divided by the
+    number of processes. The cross-entropy is then this process's sum over its labelled rows
+    divided by ``n_crops * n_labelled``, so the mean over the processes (DDP's gradient
+    average) is the global batch's mean, however the labelled images fall on the processes.
+    swav takes each process's own mean, which weighs the images differently when a process
+    holds more unlabelled ones (the same when every image has a label).
     """
-    ce = nn.CrossEntropyLoss(ignore_index=-100)
+    ce = nn.CrossEntropyLoss(ignore_index=-100, reduction="mean" if n_labelled is None else "sum")
     loss = 0.0
     for h, s in enumerate(scores):
-        loss = loss + ce(s / temperature, targets[h].repeat(n_crops))
+        term = ce(s / temperature, targets[h].repeat(n_crops))
+        if n_labelled is not None:
+            term = term / (n_crops * n_labelled if n_labelled > 0 else 1.0)  # no label anywhere: 0
+        loss = loss + term
     return loss / len(scores)

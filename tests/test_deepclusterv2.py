@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -136,6 +135,31 @@ def test_loss_matches_hand_computation():
             terms.append(-(z[t] - torch.logsumexp(z, 0)))
         per_head.append(sum(terms) / len(terms))
     assert got.item() == pytest.approx(float(sum(per_head) / 2), rel=1e-5)
+
+
+def test_loss_split_over_processes_averages_to_the_global_batch():
+    """Under torchrun each process scores its share of the global batch and DDP averages:
+    with ``n_labelled`` (labelled images of the global batch / processes) the mean of the
+    processes' losses is the global batch's loss, also when the unlabelled images (-100)
+    fall unevenly; swav's per-process means are not."""
+    torch.manual_seed(0)
+    crops, w = 2, 2
+    targets = torch.tensor([[1, -100, 3, 0, -100, -100], [5, 0, -100, 2, -100, -100]])  # 3 labelled
+    scores = [torch.randn(crops * 6, 4, dtype=torch.float64), torch.randn(crops * 6, 6, dtype=torch.float64)]
+    whole = dcv2_loss(scores, targets, crops)
+
+    def share(r):  # process r's 3 images: their rows of every crop
+        rows = torch.cat([torch.arange(c * 6 + 3 * r, c * 6 + 3 * r + 3) for c in range(crops)])
+        return [s[rows] for s in scores], targets[:, 3 * r:3 * r + 3]
+
+    n_lab = float((targets[0] >= 0).sum()) / w
+    ours = sum(dcv2_loss(*share(r), crops, n_labelled=n_lab) for r in range(w)) / w
+    swav = sum(dcv2_loss(*share(r), crops) for r in range(w)) / w
+    assert ours.item() == pytest.approx(whole.item(), rel=1e-12)
+    assert abs(swav.item() - whole.item()) > 1e-3
+    # a global batch without any label: 0, not NaN
+    none = torch.full_like(targets, -100)
+    assert dcv2_loss(scores, none, crops, n_labelled=0.0).item() == 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,44 +394,78 @@ def test_dcv2_refuses_more_prototypes_than_images(dcv2_images, tmp_path, capsys)
     assert err.startswith("error: --nmb_prototypes 30 exceeds the 16 rows") and err.count("\n") == 1
 
 
-@pytest.mark.slow
-def test_dcv2_two_processes_resume_mid_epoch_on_one(dcv2_images, tmp_path):
-    """torchrun 2 x batch 4 (gloo), killed inside epoch 1, resumed on 1 process x batch 8.
+def _max_diff(a: dict, b: dict) -> float:
+    """Largest |a - b| over the float tensors of two state dicts, relative to max(1, |b|) per tensor."""
+    return max(float((a[k].double() - v.double()).abs().max()) / max(1.0, float(v.double().abs().max()))
+               for k, v in b.items() if v.is_floating_point())
 
-    What is compared: the global steps (same images and crops for any world size), the
-    epoch's labels carried over the resume, and the bank. The weights of a 2-process run
-    differ from a 1-process run's: BatchNorm normalises each process's 4 images (SyncBatchNorm
-    needs CUDA/NCCL), so they are not compared.
+
+@pytest.mark.slow
+def test_dcv2_two_processes_equal_one_and_resume_on_one(dcv2_images, tmp_path, monkeypatch):
+    """torchrun 2 x batch 3 (gloo) equals 1 process x batch 6, then resumes on 1 process.
+
+    16 images, global batch 6: 2 steps per epoch, and the 4 images left out of each epoch have
+    no label in the next one (-100). Both runs stop inside epoch 1, after its first step.
+    BatchNorm is synchronised on gloo (``--sync_bn pytorch``, swav's default:
+    distributed.AllReduceBatchNorm), the crops are seeded by global position,
+    ``--kmeans_init index`` draws the initial centroids by dataset index, the loss is the
+    global batch's mean over labelled images and DDP averages the gradients: the loss, every
+    head's assignments and the weights are the same up to float rounding (reduction order),
+    which the steps amplify. Measured: weights within 5.4e-5 (relative to max(1, |w|)), bank
+    3.5e-4 (unit vectors), losses 3e-5 relative (1.3e-3 with swav's per-process loss means).
+    The 2-process run then ends on 1 process x batch 6 (resume on another world size).
     """
     import subprocess
 
     import checkpoint
     import fileio
+    import main_deepclusterv2 as m2
     from test_distributed import free_port
 
-    exp = tmp_path / "exp"
-    argv = dcv2_argv(dcv2_images, exp, "--checkpoint_iters", "1", "--kmeans_init", "index")
-    two = [a if a != "8" else "4" for a in argv]  # --batch_size 8 -> 4 per process
-    assert two.count("4") >= 2
+    two, one = tmp_path / "two", tmp_path / "one"
+
+    def argv_of(exp, batch: str) -> list[str]:
+        return dcv2_argv(dcv2_images, exp, "--checkpoint_iters", "1", "--kmeans_init", "index", "--batch_size", batch)
+
+    argv_two = argv_of(two, "3")  # per process (the last --batch_size wins)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "main_deepclusterv2.py", *two]
+           f"--master_port={free_port()}", "main_deepclusterv2.py", *argv_two]
     # hits: epoch 0 steps 1-2, epoch 1 steps 3-4; killed at step 2 of epoch 1 (saved after step 1)
     env = dict(os.environ, OMP_NUM_THREADS="1", DEEPCLUSTER_FAULT="dcv2_train:4")
     res = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode != 0, res.stdout[-2000:]
-    mid = checkpoint.torch_load(exp / "checkpoint.pth.tar")
-    assert (mid["epoch"], mid["iteration"], mid["world_size"]) == (1, 1, 2)
-    assert mid["bank"].shape[1] == 8  # the global step's 8 images, from both processes
-    import main_deepclusterv2 as m2
-
-    assert m2.run(argv) == 0
-    recs = fileio.read_jsonl(exp / "log.jsonl")
-    assert [(r["epoch"], r["world_size"]) for r in recs] == [(0, 2), (1, 1)]
-    labels1 = checkpoint.ClusterLog(exp / "clusters").load(1)
-    np.testing.assert_array_equal(labels1, mid["labels"][0].numpy())
-    end = checkpoint.torch_load(exp / "checkpoint.pth.tar")
-    assert torch.equal(end["bank_index"], torch.arange(16))
+    monkeypatch.setenv("DEEPCLUSTER_FAULT_MODE", "raise")
+    monkeypatch.setenv("DEEPCLUSTER_FAULT", "dcv2_train:4")
+    fileio.FAULT_HITS.clear()
+    with pytest.raises(fileio.FaultInjected):
+        m2.run(argv_of(one, "6"))
+    monkeypatch.delenv("DEEPCLUSTER_FAULT")
+    a, b = (checkpoint.torch_load(e / "checkpoint.pth.tar") for e in (two, one))
+    assert (a["epoch"], a["iteration"], a["world_size"]) == (1, 1, 2)
+    assert (b["epoch"], b["iteration"], b["world_size"]) == (1, 1, 1)
+    assert a["bank"].shape[1] == 6 and torch.equal(a["bank_index"], b["bank_index"])  # the global step's 6 images
+    # every head's assignments of epoch 1 (k-means of the bank trained in epoch 0), and head 0's of epoch 0
+    assert torch.equal(a["labels"], b["labels"]) and ((a["labels"] >= 0).sum(1) == 12).all()
+    clusters = [checkpoint.ClusterLog(e / "clusters") for e in (two, one)]
+    np.testing.assert_array_equal(clusters[0].load(0), clusters[1].load(0))
+    log_a, log_b = (fileio.read_jsonl(e / "log.jsonl") for e in (two, one))
+    assert log_a[0]["nmi_labels_heads"] == log_b[0]["nmi_labels_heads"]
+    assert log_a[0]["loss"] == pytest.approx(log_b[0]["loss"], rel=2e-4)
+    torch.testing.assert_close(a["loss_sum"], b["loss_sum"], rtol=2e-4, atol=0)
+    assert _max_diff(a["state_dict"], b["state_dict"]) < 5e-4
+    assert float((a["bank"] - b["bank"]).abs().max()) < 2e-3  # unit vectors
+    # both end on 1 process x batch 6: the 2-process part resumes inside epoch 1
+    assert m2.run(argv_of(two, "6")) == 0 and m2.run(argv_of(one, "6")) == 0
+    log_a, log_b = (fileio.read_jsonl(e / "log.jsonl") for e in (two, one))
+    assert [(r["epoch"], r["world_size"]) for r in log_a] == [(0, 2), (1, 1)]
+    assert log_a[1]["loss"] == pytest.approx(log_b[1]["loss"], rel=2e-4)
+    np.testing.assert_array_equal(clusters[0].load(1), np.where(a["labels"][0] >= 0, a["labels"][0], -1))
+    np.testing.assert_array_equal(clusters[0].load(1), clusters[1].load(1))
+    a, b = (checkpoint.torch_load(e / "checkpoint.pth.tar") for e in (two, one))
+    assert len(a["bank_index"]) == 12 and torch.equal(a["bank_index"], b["bank_index"])
+    assert _max_diff(a["state_dict"], b["state_dict"]) < 5e-4
+    assert float((a["bank"] - b["bank"]).abs().max()) < 2e-3
 
 
 def _launch_dcv2(tmp_path, **env):
@@ -477,6 +535,53 @@ def test_eval_scripts_load_v2_checkpoints(dcv2_r50_checkpoints):
         assert m.arch == "resnet50" and any(k.startswith(("prototypes", "module.prototypes"))
                                             for k in m.ignored_keys)
         assert torch.allclose(m.eval().forward_features(x), want, atol=1e-5)
+
+
+def test_eval_scripts_load_resnet18_v2_checkpoints(tmp_path):
+    """A ResNet-18 DeepCluster-v2 network (main_deepclusterv2.py --arch resnet18) loads as the
+    registry's ResNet-18 trunk at its training size, with what each evaluation uses: pooled
+    features (eval_knn), probe trunks (eval_linear), the 512 -> 20 head (eval_voc_classif)."""
+    import argparse
+
+    import checkpoint
+    import eval_linear
+    import eval_voc_classif
+    import fileio
+
+    torch.manual_seed(0)
+    net = DeepClusterV2Net("resnet18", hidden_mlp=32, feat_dim=16, nmb_prototypes=[4, 5], input_size=32).eval()
+    path = tmp_path / "ckp-0.pth"  # main_deepclusterv2.py's checkpoints/ckp-E.pth
+    fileio.atomic_torch_save({"epoch": 1, "state_dict": net.state_dict(), "config": net.config(),
+                              "method": "deepclusterv2"}, path)
+    x = torch.randn(2, 3, 32, 32)
+    m = checkpoint.load_model(str(path)).eval()
+    assert (m.arch, m.input_size, m.feature_dim) == ("resnet18", 32, 512)
+    assert {k.split(".")[0] for k in m.ignored_keys} == {"projection_head", "prototypes"}
+    assert torch.allclose(m.forward_features(x), net.forward_features(x), atol=1e-6)
+    assert torch.allclose(m.trunk("layer3")(x), net.trunk("layer3")(x), atol=1e-6)
+    assert eval_linear.build_reglog(m.trunk(6).freeze(), m.arch, 6, 3, 32).linear.in_features == 512
+    params = eval_voc_classif.prepare_model(m, argparse.Namespace(fc6_8=1, train_batchnorm=0))
+    assert [tuple(p.shape) for p in params] == [(20, 512), (20,)]
+    # a bare state dict in swav's layout (module. prefix) is told apart from a ResNet-50 by its keys
+    bare = tmp_path / "r18_swav_layout.pth"
+    torch.save({"module." + k: v for k, v in net.state_dict().items()}, bare)
+    assert checkpoint.load_model(str(bare)).arch == "resnet18"
+
+
+@pytest.mark.slow
+def test_eval_knn_cli_on_resnet18_v2_run(dcv2_reference, tmp_path):
+    """eval_knn.py on the checkpoints main_deepclusterv2.py --arch resnet18 wrote."""
+    import json
+
+    import eval_knn
+
+    knn_data = dcv2_reference.parent / "knn"
+    for model in (dcv2_reference / "checkpoints" / "ckp-1.pth", dcv2_reference / "checkpoint.pth.tar"):
+        exp = tmp_path / model.name
+        assert eval_knn.run(["--data", str(knn_data), "--model", str(model), "--exp", str(exp), "--workers", "0",
+                             "--device", "cpu", "--nb_knn", "3", "--no_progress"]) == 0
+        res = json.loads((exp / "results.json").read_text())
+        assert res["dim"] == 512 and 0 <= res["results"]["3"]["top1"] <= 100  # ResNet-18's pooled features
 
 
 def test_eval_linear_swav_protocol(dcv2_r50_checkpoints, module_tmp):

@@ -50,8 +50,10 @@ def run_torchrun(nproc: int, argv: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_on_one(digits100, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    res = run_torchrun(2, train_argv(digits100, two, 2) + ["--checkpoints", "5"])
+    # --sync_bn on gloo: BatchNorm over the global batch (distributed.AllReduceBatchNorm)
+    res = run_torchrun(2, train_argv(digits100, two, 2) + ["--checkpoints", "5", "--sync_bn"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "BatchNorm synchronised over the 2 processes" in (two / "train.log").read_text()
     recs = fileio.read_jsonl(two / "log.jsonl")
     assert [r["epoch"] for r in recs] == [0, 1] and all(r["world_size"] == 2 for r in recs)
     # written once: a single log line per epoch, one checkpoint
@@ -102,14 +104,25 @@ def _gather_worker(rank: int, world: int, port: int, n: int, out: str) -> None:
     torch.save({"full": got, "full2": got2, "labels": torch.as_tensor(labels), "stats": stats, "stats2": stats2,
                 "bn": bn.running_mean.clone(), "bn_w": bn.weight.detach().clone(),
                 "rng": None if rng is None else [r["torch"] for r in rng]}, f"{out}.{rank}")
+    torch.save(_sync_bn_run(rank, rt), f"{out}.bn.{rank}")  # the same 2 processes (one spawn)
     torch.distributed.destroy_process_group()
 
 
-def test_gather_rows_broadcast_and_rng_states(tmp_path):
-    n, world = 11, 2
-    mp.spawn(_gather_worker, args=(world, free_port(), n, str(tmp_path / "res")), nprocs=world)
-    r0 = torch.load(tmp_path / "res.0", weights_only=False)
-    r1 = torch.load(tmp_path / "res.1", weights_only=False)
+N_GATHER = 11
+
+
+@pytest.fixture(scope="module")
+def two_ranks(module_tmp) -> Path:
+    """Results of 2 gloo processes (:func:`_gather_worker`): ``res.R`` and ``res.bn.R`` of rank R."""
+    out = module_tmp.mktemp("two_ranks")
+    mp.spawn(_gather_worker, args=(2, free_port(), N_GATHER, str(out / "res")), nprocs=2)
+    return out
+
+
+def test_gather_rows_broadcast_and_rng_states(two_ranks):
+    n = N_GATHER
+    r0 = torch.load(two_ranks / "res.0", weights_only=False)
+    r1 = torch.load(two_ranks / "res.1", weights_only=False)
     ref = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
     torch.testing.assert_close(r0["full"], ref)
     torch.testing.assert_close(r0["full2"], ref.bfloat16())
@@ -147,3 +160,88 @@ def test_sampler_shards_draw_each_sample_once():
     for r, s in enumerate(shards):
         rebuilt[r::world] = s
     np.testing.assert_array_equal(rebuilt, full)
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm over the global batch on gloo (distributed.AllReduceBatchNorm)
+# ---------------------------------------------------------------------------------------
+def _bn_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, list[int]]]:
+    """(name, input, weights of the loss, rows of each rank): 1d on (N, C), 1d on (N, C, L),
+    2d on (N, C, H, W) split unevenly. Inputs far from zero mean (float cancellation)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for name, shape, split in (("1d", (8, 5), [4, 4]), ("1d_seq", (6, 3, 7), [3, 3]),
+                               ("2d", (8, 4, 5, 3), [3, 5])):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64).float() * 3 + 2
+        out.append((name, x, torch.randn(*shape, generator=g), split))
+    return out
+
+
+def _bn_module(x: torch.Tensor, momentum) -> torch.nn.Module:
+    cls = torch.nn.BatchNorm2d if x.dim() == 4 else torch.nn.BatchNorm1d
+    bn = cls(x.shape[1], momentum=momentum)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, x.shape[1]))
+        bn.bias.copy_(torch.linspace(-1, 1, x.shape[1]))
+    return bn
+
+
+def _bn_steps(bn: torch.nn.Module, xs: list[torch.Tensor], ws: list[torch.Tensor]) -> dict:
+    """Two training steps (outputs, input gradients, parameter gradients), then an eval pass."""
+    res: dict = {}
+    for step, (x, w) in enumerate(zip(xs, ws)):
+        x = x.clone().requires_grad_(True)
+        bn.zero_grad()
+        y = bn(x)
+        (torch.tanh(y) * w).sum().backward()   # a non-linear loss of the normalised values
+        res[f"y{step}"], res[f"gx{step}"] = y.detach(), x.grad
+        res[f"gw{step}"], res[f"gb{step}"] = bn.weight.grad.clone(), bn.bias.grad.clone()
+    bn.eval()
+    res["eval"] = bn(xs[0]).detach()
+    res.update(mean=bn.running_mean.clone(), var=bn.running_var.clone(), n=int(bn.num_batches_tracked))
+    return res
+
+
+def _sync_bn_run(rank: int, rt: distributed.Runtime) -> dict:
+    """This rank's share of every case through the converted BatchNorm (in :func:`_gather_worker`)."""
+    res = {}
+    for name, x, w, split in _bn_cases():
+        lo, hi = sum(split[:rank]), sum(split[:rank + 1])
+        for momentum in (0.1, None):
+            bn = distributed.sync_batchnorm(_bn_module(x, momentum), True, rt)
+            assert isinstance(bn, distributed.AllReduceBatchNorm)
+            # step 2 on other values (x squared), so the running statistics move twice
+            r = _bn_steps(bn, [x[lo:hi], x[lo:hi] ** 2], [w[lo:hi], w[lo:hi]])
+            for k in [k for k in r if k.startswith(("gw", "gb"))]:  # what DDP sums over the ranks
+                torch.distributed.all_reduce(r[k])
+            res[name, momentum] = r
+    return res
+
+
+def test_allreduce_batchnorm_two_ranks_equal_one_batchnorm(two_ranks):
+    """Each of 2 gloo ranks holds part of the batch: outputs, input gradients, weight and bias
+    gradients (summed over the ranks, as DDP does) and running statistics equal those of
+    torch's BatchNorm on the whole batch in one process; eval mode is BatchNorm's own."""
+    ranks = [torch.load(two_ranks / f"res.bn.{r}", weights_only=False) for r in range(2)]
+    worst = 0.0
+    for name, x, w, split in _bn_cases():
+        for momentum in (0.1, None):
+            ref = _bn_steps(_bn_module(x, momentum), [x, x ** 2], [w, w])
+            got = {k: torch.cat([r[name, momentum][k] for r in ranks]) for k in ("y0", "gx0", "y1", "gx1", "eval")}
+            for k in ("gw0", "gb0", "gw1", "gb1", "mean", "var", "n"):
+                got[k] = ranks[0][name, momentum][k]
+                assert torch.equal(torch.as_tensor(ranks[1][name, momentum][k]), torch.as_tensor(got[k])), k
+            assert got["n"] == ref["n"] == 2
+            for k, v in ref.items():
+                if k != "n":
+                    torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5, msg=f"{name} {momentum} {k}")
+                    worst = max(worst, float((got[k] - v).abs().max()))
+    print(f"max abs difference {worst:.2e}")
+    assert worst < 1e-5
+    # one process, no process group: plain BatchNorm, bitwise
+    x = _bn_cases()[2][1]
+    a, b = _bn_module(x, 0.1), _bn_module(x, 0.1)
+    synced = distributed.convert_allreduce_batchnorm(torch.nn.Sequential(a))
+    assert isinstance(synced[0], distributed.AllReduceBatchNorm) and synced[0].weight is a.weight
+    assert torch.equal(synced(x), b(x)) and torch.equal(synced[0].running_var, b.running_var)
+    assert list(synced.state_dict()) == ["0." + k for k in b.state_dict()]

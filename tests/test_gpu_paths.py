@@ -332,14 +332,10 @@ GLOO2 = distributed.Runtime(0, 2)
 
 @pytest.mark.parametrize("flag,rt,expected", [
     (None, NCCL2, True), (False, NCCL2, False), (True, NCCL2, True),
-    (None, GLOO2, False), (False, GLOO2, False), (True, GLOO2, "error"),
+    (None, GLOO2, False), (False, GLOO2, False), (True, GLOO2, True),
     (None, distributed.Runtime(device=torch.device("cuda", 0)), False), (True, distributed.Runtime(), False)])
 def test_sync_bn_on_by_default_under_nccl_only(flag, rt, expected):
-    if expected == "error":
-        with pytest.raises(distributed.DeviceError, match="--sync_bn needs torchrun on GPUs.*--no-sync_bn"):
-            distributed.resolve_sync_bn(flag, rt)
-    else:
-        assert distributed.resolve_sync_bn(flag, rt) is expected
+    assert distributed.resolve_sync_bn(flag, rt) is expected  # explicit on gloo: AllReduceBatchNorm
     assert main.parse_args(["x"]).sync_bn is None and main.parse_args(["x", "--no-sync_bn"]).sync_bn is False
 
 
@@ -369,6 +365,11 @@ def test_sync_bn_conversion_keeps_parameters_and_checkpoint_keys():
     assert torch.equal(a, ref(x))
     assert distributed.sync_batchnorm(ref, None, GLOO2) is ref  # gloo: unchanged
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in ref.modules())
+    # an explicit --sync_bn on gloo: the all-reduce BatchNorm (tests/test_distributed.py), same keys
+    params = {id(p) for p in ref.parameters()}
+    gloo = distributed.sync_batchnorm(ref, True, GLOO2)
+    assert sum(isinstance(m, distributed.AllReduceBatchNorm) for m in gloo.modules()) == n_bn
+    assert {id(p) for p in gloo.parameters()} == params and list(gloo.state_dict()) == list(fresh.state_dict())
 
 
 def _free_port() -> int:

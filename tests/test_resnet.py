@@ -103,10 +103,11 @@ def test_load_deepcluster_v2_layout(tv, tmp_path, caplog):
 
 
 def test_mismatches_are_refused(tv, tmp_path):
-    r18 = tmp_path / "resnet18.pth"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), r18)
-    with pytest.raises(CheckpointError, match=r"resnet18.pth.*does not fit resnet50.*missing"):
-        checkpoint.load_model(r18)
+    # ResNet-18 loads (the trunk of main_deepclusterv2.py --arch resnet18); another ResNet does not
+    r34 = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), r34)
+    with pytest.raises(CheckpointError, match=r"resnet34.pth.*does not fit resnet50.*missing"):
+        checkpoint.load_model(r34)
     sd = dict(tv.state_dict())
     sd["layer2.0.conv2.weight"] = torch.zeros(64, 128, 3, 3)
     with pytest.raises(models.StateDictError, match="does not fit resnet50"):
@@ -116,7 +117,7 @@ def test_mismatches_are_refused(tv, tmp_path):
     with pytest.raises(models.StateDictError, match="unexpected"):
         models.from_state_dict(sd)
     with pytest.raises(CheckpointError, match="eval_x needs a vgg16 model"):
-        checkpoint.load_model(r18, arch="vgg16", purpose="eval_x")
+        checkpoint.load_model(r34, arch="vgg16", purpose="eval_x")
 
 
 def test_probe_points_and_trunks():
