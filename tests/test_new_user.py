@@ -3,8 +3,10 @@ or the launcher in a subprocess), asserting the one ``error:`` line, the exit co
 was written or lost."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -21,9 +23,11 @@ import eval_knn
 import eval_linear
 import eval_retrieval
 import eval_voc_classif
+import export
 import fileio
 import knn
 import main
+import main_deepclusterv2
 import models
 import util
 from test_resume import small_model
@@ -223,6 +227,37 @@ def test_unwritable_exp_is_refused_first_everywhere(tmp_path, knn_dir, ckpt64, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+def test_refused_runs_leave_no_output_folder(tmp_path, knn_dir, ckpt64, images36, capsys):
+    """Every eval/visu/export script with one bad input found inside main(): exit 2, one error
+    line, and its output folder (EXP, --out) is not created: no empty folder, no empty log."""
+    garbage = tmp_path / "garbage.pth.tar"
+    garbage.write_bytes(b"not a checkpoint")
+    run_dir = tmp_path / "run"  # a finished training run, as export.py and visu/report.py read it
+    checkpoint.ClusterLog(run_dir / "clusters").save(0, torch.arange(36).numpy() % 3, 3)
+    (run_dir / "args.json").write_text(json.dumps({"data": images36}))
+    (run_dir / "log.jsonl").write_text(json.dumps({"epoch": 0, "clustering_loss": 1.0}) + "\n")
+    model, missing, out = str(ckpt64), str(tmp_path / "missing"), tmp_path / "out"
+    common = ["--workers", "0", "--no_progress"]
+    cases = [(eval_knn, ["--data", str(knn_dir), "--model", str(garbage)], "garbage"),
+             (eval_linear, ["--data", missing, "--model", model, "--conv", "2"], "missing"),
+             (eval_linear, ["--data", str(knn_dir), "--model", model, "--conv", "2", "--resume", str(garbage)],
+              "garbage"),
+             (eval_voc_classif, ["--vocdir", missing, "--model", model], "missing"),
+             (eval_voc_classif, ["--vocdir", str(knn_dir), "--model", str(garbage)], "VOC2007"),
+             (eval_retrieval, ["--data", missing, "--model", model], "missing"),
+             (gradient_ascent, ["--model", str(garbage), "--conv", "1"], "garbage"),
+             (ar, ["--model", model, "--conv", "1", "--data", str(knn_dir / "train"), "--batch", "0"], "--batch"),
+             (export, [str(run_dir), "--features", "--model", str(garbage), "--out", str(out)], "garbage"),
+             (report, [str(run_dir), "--epoch", "3", "--out", str(out)], "--epoch 3")]
+    for mod, argv, named in cases:
+        exp = ["--exp", str(out)] if mod not in (export, report) else []
+        extra = [] if mod is report else common[2:] if mod in (eval_retrieval, gradient_ascent) else common
+        assert run(mod, argv + exp + extra) == 2, (mod.__name__, argv)
+        line = error_line(capsys)
+        assert named in line and not out.exists(), (mod.__name__, line)
+    assert not (run_dir / "export").exists() and not (run_dir / "report").exists()
+
+
 def test_launcher_help_creates_no_folder(tmp_path):
     exp = tmp_path / "exp_knn_fc7"
     res = subprocess.run(["bash", str(ROOT / "eval_knn.sh"), "--help"], env={**os.environ, "EXP": str(exp)},
@@ -270,10 +305,24 @@ def test_bad_evaluation_images_are_all_named_first(knn_dir, ckpt64, tmp_path, ca
 # 16: help and wording
 # ---------------------------------------------------------------------------------------
 def test_help_says_required_and_shows_no_empty_defaults():
-    for mod in (main, eval_knn, eval_linear, eval_voc_classif, eval_retrieval, gradient_ascent, ar, report):
-        text = mod.get_args_parser().format_help()
+    """Every script's --help: no "(default: None)" or "(default: )", and a flag whose help states
+    its default or when it is required gets no second "(default: ...)"."""
+    for mod in (main, main_deepclusterv2, export, eval_knn, eval_linear, eval_voc_classif, eval_retrieval,
+                gradient_ascent, ar, report):
+        parser = mod.get_args_parser()
+        text = parser.format_help()
         assert "(default: None)" not in text and "(default: )" not in text, mod.__name__
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.help in (None, argparse.SUPPRESS):
+                continue
+            shown = formatter._expand_help(action)
+            said = re.findall(r"\bdefault\b|\brequired\b", shown, re.I)
+            assert len(said) <= 1, (mod.__name__, action.dest, shown)
     assert "(required)" in eval_knn.get_args_parser().format_help()
+    text = " ".join(export.get_args_parser().format_help().split())
+    assert "(default: EXP/checkpoint.pth.tar)" in text and "(required unless --read)" in text
+    assert "(default: 64)" in text  # a plain default is still shown
 
 
 def test_visu_launchers_take_the_checkpoints_arch():
