@@ -60,7 +60,7 @@ ARGS=("$DIR" --exp "$EXP" "${CROPS[@]}" --crops_for_assign 0 1 --temperature 0.1
       --start_warmup "$START_WARMUP" --arch resnet50 --sync_bn pytorch --workers "$WORKERS" --device "$DEVICE")
 
 if [ "$NGPUS" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
-    exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
+    exec "$PYTHON" launch.py --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
         --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
         main_deepclusterv2.py "${ARGS[@]}" "$@"
 fi
