@@ -16,6 +16,8 @@
 # A SIGTERM or SIGUSR1 (SLURM: #SBATCH --signal=USR1@120) stops every rank at the next step
 # with a checkpoint; the exit code is then 75: relaunch with --resume EXP to continue.
 # --batch (BATCH) is the global mini-batch: each of the NGPUS processes takes BATCH / NGPUS.
+# The processes are started by launch.py (torchrun, its flags, with one error line and the failed
+# worker's exit code: 2 bad input, 75 stopped, 130 Ctrl-C; docs/distributed.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"

@@ -19,6 +19,8 @@
 # swav gives no single-node DeepCluster-v2 recipe; this linear rule is ours (its SwAV
 # batch-256 recipe used 0.6, twice the linear value). Override with BASE_LR/FINAL_LR/START_WARMUP.
 # Several CPU processes (gloo, per-process BatchNorm): DEVICE=cpu NGPUS=2 ./main_deepclusterv2.sh
+# The processes are started by launch.py (torchrun with one error line and the failed worker's
+# exit code; docs/distributed.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"

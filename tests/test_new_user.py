@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -26,11 +27,14 @@ import eval_voc_classif
 import export
 import fileio
 import knn
+import launch
 import main
 import main_deepclusterv2
 import models
+import preempt
 import util
 from test_resume import small_model
+from test_survival import torchrun
 from test_visu import ar
 from visu import gradient_ascent, report
 
@@ -186,6 +190,66 @@ def launcher(script: str, env: dict, *argv: str) -> list[str]:
 def test_main_sh_verbose_only_when_asked():
     assert "--verbose" not in launcher("main.sh", {"DIR": "/data"})
     assert "--verbose" in launcher("main.sh", {"DIR": "/data", "VERBOSE": "1"})
+
+
+# ---------------------------------------------------------------------------------------
+# 10: torchrun (launch.py, as main.sh runs it): one line, rank 0's, the worker's exit code
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_torchrun_error_is_one_line_from_rank_0(images36, tmp_path):
+    exp = tmp_path / "exp"
+    (exp / "checkpoints").mkdir(parents=True)
+    torch.save({"epoch": 1, "iteration": 0}, exp / "checkpoint.pth.tar")  # what --resume EXP would load
+    base = ["--exp", str(exp), "--size", "64", "--workers", "0", "--no_progress"]
+    cases = [  # argv, env, torchrun's monitor interval (s), --max-restarts, the line
+        # a bad flag value: argparse's usage, then its error line, rank 0's only
+        (["--lr", "-1", images36], {}, 0.1, 0, "main.py: error: argument --lr"),
+        # before the process group: rank 1 outlives its 3 s grace (torchrun looks after 10 s), the
+        # counter in torchrun's store keeps it quiet (without the store: a second line, measured)
+        (["--device", "cuda", images36], {"CUDA_VISIBLE_DEVICES": ""}, 10.0, 0, "error: rank 0: --device cuda"),
+        # after it, with a checkpoint to resume from; exit 2 is not restarted
+        ([str(tmp_path / "missing")], {}, 0.1, 1, "error: rank 0: data directory"),
+    ]
+    for argv, env, monitor, restarts, start in cases:
+        res, _ = torchrun(base + argv, restarts=restarts, launch=True, monitor=monitor, **env)
+        lines = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), res.stderr
+        assert not re.search("ChildFailedError|Traceback|elastic|FAILED", res.stderr), res.stderr
+    assert lines[0].endswith(f"--resume {exp} continues from {exp / 'checkpoint.pth.tar'}")
+    assert sorted(p.name for p in exp.iterdir()) == ["checkpoint.pth.tar", "checkpoints"]
+
+
+def test_launcher_exit_code_is_the_reporting_workers(tmp_path, monkeypatch, capsys):
+    """launch.py reads the code a worker left with its report (preempt.record_for_launcher) in
+    torchrun's error file; with none, the first failure's, a signal as 128 + its number."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank: int, code: int, report: int | None = None) -> ProcessFailure:
+        path = tmp_path / f"error_{rank}_{code}.json"
+        if report is not None:
+            monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+            preempt.record_for_launcher(report, f"rank {rank}: it went wrong")
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file=str(path))
+
+    # rank 1 reported a bad input (2); rank 0, stopped by torchrun's SIGTERM, left 75 quietly
+    assert launch.exit_code({0: failure(0, 75), 1: failure(1, 2, report=2)}) == 2
+    assert capsys.readouterr().err == ""
+    assert launch.exit_code({0: failure(0, -9), 1: failure(1, -15)}) == 128 + 9  # no report: it says so
+    assert capsys.readouterr().err.strip() == "error: rank 0 was killed by signal SIGKILL (pid 100)"
+    assert (launch.signal_code(signal.SIGTERM), launch.signal_code(signal.SIGINT)) == (preempt.EXIT_PREEMPTED, 130)
+
+
+def test_torchrun_hint_only_where_a_resume_helps(tmp_path, monkeypatch):
+    """Under torchrun a known error gets the resume hint when a checkpoint exists, not "no
+    checkpoint yet" (bad input is fixed, not rerun as is); a bug gets it either way."""
+    args = argparse.Namespace(exp=str(tmp_path))
+    for hint, known, shown in [("--resume E continues from F", True, True), ("no checkpoint yet: run again", True, False),
+                               ("no checkpoint yet: run again", False, True)]:
+        e = data.DataError("bad input") if known else ValueError("a bug")
+        code, msg = cli._outcome(e, args, None, None, None, lambda a: hint, 2)
+        assert code == (2 if known else 1) and (hint in msg) == shown, msg
+        code, msg = cli._outcome(e, None, None, None, None, lambda a: hint, 2)  # refused while parsing
+        assert hint not in msg
 
 
 # ---------------------------------------------------------------------------------------
