@@ -78,11 +78,13 @@ def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.Argum
             args = _parse(parser, argv)
         main(args)
     except SystemExit as e:
-        if world > 1 and e.code not in (0, None) and preempt.rank() == 0:  # argparse's usage error, said
-            # by rank 0 alone: it takes the report, so that no other rank (stopped by torchrun) says more
-            preempt.leave_quietly_on_signals(2)
-            if preempt.first_report():
+        if world > 1 and e.code not in (0, None):  # argparse's usage error, said by rank 0 alone
+            previous = preempt.leave_quietly_on_signals(2)
+            if preempt.rank() > 0:  # silenced: stays until rank 0 has said it
+                preempt.await_report(2 * preempt.REPORT_GRACE)
+            elif preempt.first_report():  # taken, so that no rank stopped by torchrun says more
                 preempt.record_for_launcher(2, "usage error")
+            preempt.uninstall(previous)
         raise
     except BaseException as e:
         if world > 1:  # torchrun SIGTERMs the others once a rank has exited: no second report
@@ -92,7 +94,9 @@ def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.Argum
             preempt.leave_quietly_on_signals(code)
             lost = code == 1 and preempt.is_lost_peer(e)  # a consequence: the failed rank says why
             wait = 2 * preempt.REPORT_GRACE if lost else preempt.REPORT_GRACE if preempt.rank() > 0 else 0.0
-            if msg is not None and preempt.first_report(wait):
+            if msg is None:  # stopped with the rank that failed: it reports, this one stays until then
+                preempt.await_report(2 * preempt.REPORT_GRACE)
+            elif preempt.first_report(wait):
                 if code == 1 and not lost:  # a bug: its traceback, once
                     traceback.print_exc()
                 line = f"rank {preempt.rank()}: {msg}"

@@ -238,23 +238,41 @@ def first_report(wait: float = 0.0) -> bool:
         time.sleep(wait)
     try:
         store = _report_store()
-        if store is None:
-            return True
-        key = "deepcluster/reports/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", ""),
-                                                 os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        return store.add(key, 1) == 1
+        return True if store is None else store.add(_report_key(), 1) == 1
     except Exception:
         return True
 
 
-def leave_quietly_on_signals(code: int) -> None:
+def await_report(timeout: float) -> None:
+    """Wait (at most ``timeout`` seconds) until a rank has reported: a rank that stops silently
+    because another failed (:class:`PeerFailed`) must not exit first, or torchrun would stop the
+    failed rank before its report."""
+    deadline = time.monotonic() + timeout
+    try:
+        store = _report_store()
+        while store is not None and time.monotonic() < deadline:
+            if store.add(_report_key(), 0) > 0:
+                return
+            time.sleep(0.1)
+    except Exception:
+        pass
+    time.sleep(max(0.0, deadline - time.monotonic()))
+
+
+def _report_key() -> str:
+    """The counter of this launch's reports: one per torchrun run and attempt (restart)."""
+    return "deepcluster/reports/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", ""),
+                                              os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def leave_quietly_on_signals(code: int) -> dict:
     """From now on a stop signal or Ctrl-C ends the process at once with ``code``, silently:
     torchrun SIGTERMs the other workers as soon as one has exited, and a rank on its way out
-    after an error must not report "stopped by SIGTERM" instead."""
+    after an error must not report "stopped by SIGTERM" instead. Returns the previous handlers
+    (for :func:`uninstall`)."""
     if not _main_thread():
-        return
-    for sig in (*STOP_SIGNALS, signal.SIGINT):
-        signal.signal(sig, lambda s, f: os._exit(code))
+        return {}
+    return {sig: signal.signal(sig, lambda s, f: os._exit(code)) for sig in (*STOP_SIGNALS, signal.SIGINT)}
 
 
 def record_for_launcher(code: int, message: str) -> None:
