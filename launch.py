@@ -26,8 +26,12 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import preempt
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
 
@@ -48,7 +52,7 @@ def silence_agent() -> None:
             h.addFilter(drop)
 
 
-def failure_code(failure) -> int:
+def failure_code(failure: ProcessFailure) -> int:
     """A failed worker's exit code: the one it left with its report
     (:func:`preempt.record_for_launcher`), else its process's."""
     msg = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
@@ -56,7 +60,8 @@ def failure_code(failure) -> int:
     return int(info["exitcode"]) if "exitcode" in info else failure.exitcode
 
 
-def reported(failure) -> bool:
+def reported(failure: ProcessFailure) -> bool:
+    """Whether the worker left a report (:func:`preempt.record_for_launcher`) in its error file."""
     msg = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
     return isinstance(msg, dict) and "exitcode" in msg.get("extraInfo", {})
 
@@ -86,7 +91,7 @@ def signal_code(sig: int) -> int:
     return 130 if sig == signal.SIGINT else 128 + sig
 
 
-def exit_code(failures: dict) -> int:
+def exit_code(failures: dict[int, ProcessFailure]) -> int:
     """The launch's exit code after failed workers (global rank -> ProcessFailure); prints the one
     line itself when no worker reported."""
     reports = sorted((f.timestamp, rank) for rank, f in failures.items() if reported(f))
