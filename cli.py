@@ -7,6 +7,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -62,27 +63,45 @@ def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.Argum
     says what ``--resume`` loads; it is also added to errors under torchrun).
 
     Under torchrun (``WORLD_SIZE`` > 1) only rank 0 prints usage errors; a failed rank prints
-    one line naming itself (the first to fail only: the others stay quiet) and leaves at once
+    one line naming itself (the first to fail only: the others stay quiet, rank 0 preferred, also
+    before the process group exists: :func:`preempt.first_report`) and leaves at once
     (``os._exit``, no ``destroy_process_group``, see :mod:`preempt`); torchrun then stops the
     other ranks. A process group left open after a success is closed."""
     world = preempt.world_size()
-    if world > 1 and preempt.rank() > 0:  # one usage message per job, rank 0's
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            args = _parse(parser, argv)
-    else:
-        args = _parse(parser, argv)
+    args = None
     signals = preempt.install()
     try:
+        if world > 1 and preempt.rank() > 0:  # one usage message per job, rank 0's
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                args = _parse(parser, argv)
+        else:
+            args = _parse(parser, argv)
         main(args)
-    except SystemExit:
+    except SystemExit as e:
+        if world > 1 and e.code not in (0, None):  # argparse's usage error, said by rank 0 alone
+            previous = preempt.leave_quietly_on_signals(2)
+            if preempt.rank() > 0:  # silenced: stays until rank 0 has said it
+                preempt.await_report(2 * preempt.REPORT_GRACE)
+            elif preempt.first_report():  # taken, so that no rank stopped by torchrun says more
+                preempt.record_for_launcher(2, "usage error")
+            preempt.uninstall(previous)
         raise
     except BaseException as e:
+        if world > 1:  # torchrun SIGTERMs the others once a rank has exited: no second report
+            preempt.leave_quietly_on_signals(1)
         code, msg = _outcome(e, args, logger, explain, on_interrupt, hint, world)
         if world > 1:
-            if msg is not None and preempt.first_report():
-                if code == 1 and not preempt.is_lost_peer(e):  # a bug: its traceback, once
+            preempt.leave_quietly_on_signals(code)
+            lost = code == 1 and preempt.is_lost_peer(e)  # a consequence: the failed rank says why
+            wait = 2 * preempt.REPORT_GRACE if lost else preempt.REPORT_GRACE if preempt.rank() > 0 else 0.0
+            if msg is None:  # stopped with the rank that failed: it reports, this one stays until then
+                preempt.await_report(2 * preempt.REPORT_GRACE)
+            elif preempt.first_report(wait):
+                if code == 1 and not lost:  # a bug: its traceback, once
                     traceback.print_exc()
-                fail(f"rank {preempt.rank()}: {msg}", code, logger)
+                line = f"rank {preempt.rank()}: {msg}"
+                fail(line, code, logger)
+                preempt.record_for_launcher(code, line)
             preempt.hard_exit(code)
         if code == 1:
             raise
@@ -102,29 +121,39 @@ def _parse(parser, argv):
 
 def _outcome(e: BaseException, args, logger, explain, on_interrupt, hint, world: int) -> tuple[int, str | None]:
     """(exit code, the line to print or None for silence) of the exception ``e``."""
-    def then(msg: str) -> str:
-        more = hint(args) if hint is not None and world > 1 else ""
+    def then(msg: str, known: bool = False) -> str:
+        more = hint(args) if hint is not None and args is not None and world > 1 else ""
+        if known and more.startswith("no checkpoint"):  # bad input: to fix, not to run again as is
+            more = ""
         return f"{msg}; {more}" if more and "--resume" not in msg else msg
+    if preempt.requested() and isinstance(e, RuntimeError) and "DataLoader worker" in str(e):
+        # the stop signal reached the loader workers too (torchrun signals the worker's process
+        # group): a stop, not a crash
+        e = preempt.Preempted(preempt.requested())
     if isinstance(e, preempt.Preempted):
-        where = f": {hint(args)}" if hint is not None else ""
+        where = f": {hint(args)}" if hint is not None and args is not None else ""
         return preempt.EXIT_PREEMPTED, f"stopped by {e.signame}{e.where}{where}"
     if isinstance(e, preempt.PeerFailed):
         return 2, None  # the failed rank reports
     if isinstance(e, known_errors()) or (isinstance(e, RuntimeError) and "DataLoader worker" in str(e)):
         if logger is not None:
             logger.debug("error", exc_info=True)
-        return 2, then(explain(e, args) if explain else one_line(e))
+        return 2, then(explain(e, args) if explain and args is not None else one_line(e), known=True)
     if isinstance(e, KeyboardInterrupt):
-        return 130, on_interrupt(args) if on_interrupt else "interrupted"
+        return 130, on_interrupt(args) if on_interrupt and args is not None else "interrupted"
     if world > 1 and preempt.is_lost_peer(e):
         return 1, f"lost contact with another process (it failed or was stopped first): {one_line(e)}"
     return 1, then(f"{type(e).__name__}: {one_line(e)}")
 
 
 def setup_logging(logger: logging.Logger, exp: str | os.PathLike | None, filename: str,
-                  verbose: bool = False, is_main: bool = True) -> None:
+                  verbose: bool = False, is_main: bool = True, defer: bool = False) -> None:
     """``logger`` to stdout and, on the main process when ``exp`` is given, to ``exp/filename``.
-    Other ranks print warnings only. Handlers from an earlier call are closed first."""
+    Other ranks print warnings only. Handlers from an earlier call are closed first.
+
+    ``defer``: neither ``exp`` nor the file is made yet; the lines are kept until
+    :func:`open_log_file` (called once the inputs are checked), so a refused run leaves no
+    folder or empty log behind and the file still holds every line of the run."""
     logger.setLevel((logging.DEBUG if verbose else logging.INFO) if is_main else logging.WARNING)
     for h in list(logger.handlers):
         logger.removeHandler(h)
@@ -132,14 +161,41 @@ def setup_logging(logger: logging.Logger, exp: str | os.PathLike | None, filenam
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if exp is not None and is_main:
-        Path(exp).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(exp) / filename))
+        if defer:
+            handlers.append(_PendingFile(Path(exp) / filename))
+        else:
+            Path(exp).mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(Path(exp) / filename))
     for h in handlers:
         h.setFormatter(fmt)
         logger.addHandler(h)
     logger.propagate = False
 
 
+class _PendingFile(logging.Handler):
+    """The log file of :func:`setup_logging` (``defer``) before it exists: records held in memory."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path, self.records = path, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def open_log_file(logger: logging.Logger) -> None:
+    """Create the log file :func:`setup_logging` deferred (and its folder), holding the lines
+    logged so far; nothing when it is open already or none was asked for."""
+    for h in list(logger.handlers):
+        if isinstance(h, _PendingFile):
+            h.path.parent.mkdir(parents=True, exist_ok=True)
+            file = logging.FileHandler(h.path)
+            file.setFormatter(h.formatter)
+            file.setLevel(h.level)
+            for record in h.records:
+                file.handle(record)
+            logger.removeHandler(h)
+            logger.addHandler(file)
 
 
 def progress(disable: bool) -> bool | None:
@@ -175,12 +231,16 @@ def check_writable(folder: str | os.PathLike, flag: str = "--exp") -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with every default, "(required)" on required flags, and no "(default: None)"
-    or "(default: )" where a flag has no default value."""
+    """``--help`` with every default, "(required)" on required flags, and no "(default: ...)"
+    where a flag has no default value (None, "") or where its help already states its default
+    or says when it is required ("(default: EXP/export)", "required unless --read")."""
+
+    STATED = re.compile(r"\bdefault\b|\brequired\b", re.I)
 
     def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
         if action.required and action.option_strings:
-            return f"{action.help or ''} (required)"
-        if action.default is None or action.default == "":
-            return action.help or ""
+            return text if self.STATED.search(text) else f"{text} (required)"
+        if action.default in (None, "", argparse.SUPPRESS) or self.STATED.search(text):
+            return text
         return super()._get_help_string(action)

@@ -301,16 +301,21 @@ def checkpoint_state(model: models.DeepClusterNet, reglog: RegLog, opt: torch.op
     }
 
 
-def resume(path: str, reglog: RegLog, opt: torch.optim.Optimizer, args: argparse.Namespace,
-           fingerprint: dict) -> tuple[int, float, list]:
-    """Restore the classifier, its optimizer and the RNG; returns (next epoch, best top-1, history).
-    The checkpoint must come from the same frozen model file (``fingerprint``)."""
+def read_resume(path: str, args: argparse.Namespace, fingerprint: dict) -> dict:
+    """The ``--resume`` checkpoint, checked (before EXP is made): an eval_linear one, from the same
+    frozen model file (``fingerprint``) and the same ``--conv``."""
     ckpt = checkpoint.torch_load(path)
     if "reglog" not in ckpt:
         raise EvalError(f"--resume {path!r} is not an eval_linear checkpoint (no 'reglog')")
     check_same_model(ckpt.get("model"), fingerprint, path)
     if ckpt.get("conv") != args.conv:
         raise EvalError(f"--resume {path!r} was trained on conv{ckpt.get('conv')}, not conv{args.conv}")
+    return ckpt
+
+
+def resume(path: str, ckpt: dict, reglog: RegLog, opt: torch.optim.Optimizer) -> tuple[int, float, list]:
+    """Restore the classifier, its optimizer and the RNG from ``ckpt`` (:func:`read_resume`);
+    returns (next epoch, best top-1, history)."""
     run = {"epoch": 0, "best_prec1": -1.0, "history": "[]"}
     try:
         checkpoint.restart_from_checkpoint(path, run_variables=run, loaded=ckpt, reglog=reglog, optimizer=opt)
@@ -341,9 +346,12 @@ def main(args: argparse.Namespace) -> dict:
     check_args(args)
     cli.check_writable(args.exp)
     exp = Path(args.exp)
-    claim_exp(exp, args.resume, args.overwrite, ["checkpoint.pth.tar", "model_best.pth.tar", "results.json"],
-              also=["tensorboard"])
-    cli.setup_logging(log, exp, "eval_linear.log", args.verbose)
+    outputs = ["checkpoint.pth.tar", "model_best.pth.tar", "results.json"]
+    if not args.overwrite:  # a second run into EXP is refused before any work
+        claim_exp(exp, args.resume, False, outputs)
+    # EXP and its log are made once model, --conv, data and --resume are checked: a refused run
+    # leaves nothing behind (the lines logged until then are kept for the file)
+    cli.setup_logging(log, exp, "eval_linear.log", args.verbose, defer=True)
     distributed.seed_everything(args.seed)
     device = distributed.select_device(args.device)
     model = checkpoint.load_model(args.model, purpose="eval_linear")
@@ -355,6 +363,12 @@ def main(args: argparse.Namespace) -> dict:
         raise EvalError(f"--conv {e}") from None
     body = model.trunk(args.conv).freeze().to(device)
     train_set, val_set, classes = load_splits(args.data, args)
+    fingerprint = model_fingerprint(args.model)
+    resume_from = resume_file(args.resume)
+    resumed = read_resume(resume_from, args, fingerprint) if resume_from else None
+    board = tb.Board(exp / "tensorboard" if args.tensorboard else None)  # no package: stops here
+    claim_exp(exp, args.resume, args.overwrite, outputs, also=["tensorboard"])  # --overwrite deletes them now
+    cli.open_log_file(log)
     data.check_eval_images(train_set.paths + val_set.paths, "--data", workers=args.workers,
                            progress=not args.no_progress, listing=exp / "bad_images.txt",
                            hint="fix or remove them (a linear probe is scored on every image)")
@@ -372,11 +386,8 @@ def main(args: argparse.Namespace) -> dict:
                           weight_decay=10 ** args.weight_decay, nesterov=swav and args.nesterov)
     crit = nn.CrossEntropyLoss()
     start, best, history = 0, -1.0, []
-    fingerprint = model_fingerprint(args.model)
-    resume_from = resume_file(args.resume)
-    if resume_from:
-        start, best, history = resume(resume_from, reglog, opt, args, fingerprint)
-    board = tb.Board(exp / "tensorboard" if args.tensorboard else None)
+    if resumed is not None:
+        start, best, history = resume(resume_from, resumed, reglog, opt)
     board.start(start)
     pin = device.type == "cuda"
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,

@@ -431,12 +431,15 @@ def mean_ap(scores: np.ndarray, gts: list[dict[str, np.ndarray]]) -> tuple[float
 
 def main(args: argparse.Namespace) -> dict:
     """Extract (or load cached) R-MAC features, score, return {protocol: mAP}."""
-    for flag, ok in (("--S", args.S >= 32), ("--L", args.L >= 1), ("--dim", args.dim >= 1)):
+    for flag, ok in (("--S", args.S >= 32), ("--L", args.L >= 1), ("--dim", args.dim >= 1),
+                     ("--whiten_max_images", args.whiten_max_images >= 0)):
         if not ok:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
     cli.check_writable(args.exp)
     exp = Path(args.exp)
-    cli.setup_logging(log, exp, "eval_retrieval.log", args.verbose)
+    # EXP and its log are made once data and model are checked: a refused run leaves nothing
+    # behind (the lines logged until then are kept for the file)
+    cli.setup_logging(log, exp, "eval_retrieval.log", args.verbose, defer=True)
     device = distributed.select_device(args.device)
     rset = load_dataset(args.data, args.gnd)
     wset = load_dataset(args.whiten_data, None) if args.whiten_data else None
@@ -447,6 +450,7 @@ def main(args: argparse.Namespace) -> dict:
     model = checkpoint.load_model(args.model, arch="vgg16", purpose="retrieval (R-MAC on conv5_3)")
     # (1, 3, H, W) -> (1, 512, H/16, W/16): up to conv5_3's ReLU, without the last max-pool
     net = model.trunk("conv13").freeze().to(device)
+    cli.open_log_file(log)
     log.info("%s: %d images, %d queries | vgg16%s conv5_3, S=%d, L=%d, whitening on %s | %s", rset.name,
              len(rset.db_paths), len(rset.queries), " + Sobel" if model.sobel is not None else "", args.S, args.L,
              wset.name if wset else rset.name, device)

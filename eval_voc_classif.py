@@ -339,8 +339,12 @@ def main(args: argparse.Namespace) -> dict:
     check_args(args)
     cli.check_writable(args.exp)
     exp = Path(args.exp)
-    claim_exp(exp, args.resume, args.overwrite, ["checkpoint.pth.tar", "results.json"])
-    cli.setup_logging(log, exp, "eval_voc_classif.log", args.verbose)
+    outputs = ["checkpoint.pth.tar", "results.json"]
+    if not args.overwrite:  # a second run into EXP is refused before any work
+        claim_exp(exp, args.resume, False, outputs)
+    # EXP and its log are made once data, model and --resume are checked: a refused run leaves
+    # nothing behind (the lines logged until then are kept for the file)
+    cli.setup_logging(log, exp, "eval_voc_classif.log", args.verbose, defer=True)
     distributed.seed_everything(args.seed)
     device = distributed.select_device(args.device)
     voc = find_voc2007(args.vocdir)
@@ -353,6 +357,8 @@ def main(args: argparse.Namespace) -> dict:
     fingerprint = model_fingerprint(args.model)
     resume_from = resume_file(args.resume)
     resumed = load_resume(resume_from, model, fingerprint, args) if resume_from else None
+    claim_exp(exp, args.resume, args.overwrite, outputs)  # --overwrite deletes them now
+    cli.open_log_file(log)
     model.to(device)
     log.info("%s%s | %s: %d images, %s: %d images | %s | trainable tensors %d | %s",
              model.arch, " + Sobel" if model.sobel is not None else "", args.split, len(train_set),

@@ -43,7 +43,7 @@ class ExportError(ScriptError):
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export the cluster assignments (per epoch) and fc7 features of a "
                                             "DeepCluster run as CSV, .npy and the original's pickles",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("exp", metavar="EXP", nargs="?", default=None, help="experiment folder of main.py (required "
                    "unless --read)")
     g = p.add_argument_group("what")
@@ -137,11 +137,11 @@ def export_assignments(exp: Path, out: Path, epochs: list[int], paths: list[str]
     return written
 
 
-def export_features(model_path: str, paths: list[str], size: int | None, out: Path, args) -> list[str]:
+def export_features(model, paths: list[str], size: int | None, out: Path, args) -> list[str]:
     """(N, D) fc7 (before its ReLU) of every image, centre crop at the model's input size."""
     import knn
     device = distributed.select_device(args.device)
-    model = checkpoint.load_model(model_path).to(device)
+    model = model.to(device)
     size = size or model.input_size
     net = knn.FeatureNet(model, "fc7", size)
     feats = knn.extract(net, knn.image_batches(paths, size, args.batch, args.workers, "features",
@@ -172,9 +172,13 @@ def main(args: argparse.Namespace) -> list[str]:
         out = Path(args.out or Path(args.read).with_suffix(""))
         if out.suffix != ".csv":
             out = out / (Path(args.read).stem + ".csv")
+        cli.check_writable(out.parent, "--out")
         write_csv(out, pairs)
         print(f"{len(pairs)} (path, cluster) pairs -> {out}")
         return [str(out)]
+    for flag, ok in (("--batch", args.batch >= 1), ("--workers", args.workers >= 0)):
+        if not ok:
+            raise ExportError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
     if args.exp is None:
         raise ExportError("EXP is required (an experiment folder of main.py), or --read PICKLE")
     exp = Path(args.exp)
@@ -188,11 +192,13 @@ def main(args: argparse.Namespace) -> list[str]:
     n_assigned = len(checkpoint.ClusterLog(clog_dir).load(epochs[-1]))
     paths, run_args = run_images(exp, args.data, n_assigned)
     out = Path(args.out) if args.out else exp / "export"
+    cli.check_writable(out, "--out" if args.out else "EXP")
+    # the model is loaded before anything is written: a bad checkpoint leaves no output folder
+    model = checkpoint.load_model(args.model or str(exp / "checkpoint.pth.tar")) if args.features else None
     out.mkdir(parents=True, exist_ok=True)
     written = export_assignments(exp, out, epochs, paths)
-    if args.features:
-        written += export_features(args.model or str(exp / "checkpoint.pth.tar"), paths, run_args.get("size"),
-                                   out, args)
+    if model is not None:
+        written += export_features(model, paths, run_args.get("size"), out, args)
     for w in written:
         print(w)
     return written

@@ -16,6 +16,8 @@
 # A SIGTERM or SIGUSR1 (SLURM: #SBATCH --signal=USR1@120) stops every rank at the next step
 # with a checkpoint; the exit code is then 75: relaunch with --resume EXP to continue.
 # --batch (BATCH) is the global mini-batch: each of the NGPUS processes takes BATCH / NGPUS.
+# The processes are started by launch.py (torchrun, its flags, with one error line and the failed
+# worker's exit code: 2 bad input, 75 stopped, 130 Ctrl-C; docs/distributed.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
@@ -49,17 +51,17 @@ elif [ -n "$EXP" ]; then
 fi
 
 if [ "$NNODES" -gt 1 ] && [ -n "${NODE_RANK:-}" ]; then  # static rendezvous: each node given its NODE_RANK
-    exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
+    exec "$PYTHON" launch.py --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
         --node_rank="$NODE_RANK" --max-restarts="$MAX_RESTARTS" --master_addr="$MASTER_ADDR" \
         --master_port="$MASTER_PORT" main.py "${ARGS[@]}" "$@"
 fi
 if [ "$NNODES" -gt 1 ]; then  # c10d rendezvous: node ranks are assigned, the same command everywhere
-    exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
+    exec "$PYTHON" launch.py --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
         --max-restarts="$MAX_RESTARTS" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
         --rdzv-id="$RDZV_ID" main.py "${ARGS[@]}" "$@"
 fi
 if [ "$NGPUS" -gt 1 ]; then  # one node: c10d rendezvous on a free local port (a restart meets afresh)
-    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPUS" \
+    exec "$PYTHON" launch.py --standalone --nproc_per_node="$NGPUS" \
         --max-restarts="$MAX_RESTARTS" main.py "${ARGS[@]}" "$@"
 fi
 exec "$PYTHON" main.py "${ARGS[@]}" "$@"

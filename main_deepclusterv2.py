@@ -45,7 +45,7 @@ log = logging.getLogger("deepcluster")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="DeepCluster-v2 (unsupervised training, swav's recipe)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("data", metavar="DIR", nargs="?", default=None, help="image folder (class folders optional: "
                    "only used for the NMI with the labels)")
     g = p.add_argument_group("data (swav)")

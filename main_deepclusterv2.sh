@@ -19,6 +19,8 @@
 # swav gives no single-node DeepCluster-v2 recipe; this linear rule is ours (its SwAV
 # batch-256 recipe used 0.6, twice the linear value). Override with BASE_LR/FINAL_LR/START_WARMUP.
 # Several CPU processes (gloo, per-process BatchNorm): DEVICE=cpu NGPUS=2 ./main_deepclusterv2.sh
+# The processes are started by launch.py (torchrun with one error line and the failed worker's
+# exit code; docs/distributed.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
@@ -60,7 +62,7 @@ ARGS=("$DIR" --exp "$EXP" "${CROPS[@]}" --crops_for_assign 0 1 --temperature 0.1
       --start_warmup "$START_WARMUP" --arch resnet50 --sync_bn pytorch --workers "$WORKERS" --device "$DEVICE")
 
 if [ "$NGPUS" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
-    exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
+    exec "$PYTHON" launch.py --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
         --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
         main_deepclusterv2.py "${ARGS[@]}" "$@"
 fi

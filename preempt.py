@@ -18,7 +18,10 @@ checkpoint writes, the per-step agreement of all ranks, and one report per faile
   ``destroy_process_group``, which waits for the others under NCCL). torchrun sees the dead
   worker within its monitor interval (0.1 s) and stops the others (SIGTERM, then SIGKILL 30 s
   later); under gloo their next collective already fails. The first rank to report takes a
-  counter in torchrun's store (:func:`first_report`): the others stay quiet.
+  counter in torchrun's store (:func:`first_report`), the same before and after the process
+  group exists: the others stay quiet, and ranks > 0 give rank 0 a few seconds' start, so an
+  error every rank meets (a missing DIR, a bad flag) is said once, by rank 0. The reporting rank
+  leaves its exit code for the launcher (:func:`record_for_launcher`, read by :mod:`launch`).
 """
 from __future__ import annotations
 
@@ -203,19 +206,88 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def first_report() -> bool:
-    """True for the first rank of this launch to report a failure (a counter in torchrun's
-    store); True as well when the store cannot be reached (better twice than never)."""
+REPORT_GRACE = 3.0  # seconds a rank > 0 waits before claiming the report: rank 0 says a shared error
+
+
+def _report_store():
+    """The store holding the report counter: torchrun's own (the elastic agent's TCPStore at
+    MASTER_ADDR:MASTER_PORT, served from launch to exit: ``TORCHELASTIC_USE_AGENT_STORE``), so
+    an error before the process group exists is counted as one after it; else the process
+    group's store; None when neither exists."""
+    import datetime
+
     import torch.distributed as dist
 
-    if world_size() <= 1 or not (dist.is_available() and dist.is_initialized()):
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+        return dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=10))
+    if dist.is_available() and dist.is_initialized():
+        return dist.distributed_c10d._get_default_store()
+    return None
+
+
+def first_report(wait: float = 0.0) -> bool:
+    """True for the first rank of this launch (of this torchrun attempt) to report a failure,
+    after ``wait`` seconds (ranks > 0 wait :data:`REPORT_GRACE` so that rank 0 reports an error
+    every rank meets). One counter in torchrun's store, before and after the process group
+    exists; True as well when no store can be reached (better twice than never)."""
+    if world_size() <= 1:
         return True
+    if wait > 0:
+        time.sleep(wait)
     try:
-        store = dist.distributed_c10d._get_default_store()
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        return store.add(f"deepcluster/reports/{attempt}", 1) == 1
+        store = _report_store()
+        return True if store is None else store.add(_report_key(), 1) == 1
     except Exception:
         return True
+
+
+def await_report(timeout: float) -> None:
+    """Wait (at most ``timeout`` seconds) until a rank has reported: a rank that stops silently
+    because another failed (:class:`PeerFailed`) must not exit first, or torchrun would stop the
+    failed rank before its report."""
+    deadline = time.monotonic() + timeout
+    try:
+        store = _report_store()
+        while store is not None and time.monotonic() < deadline:
+            if store.add(_report_key(), 0) > 0:
+                return
+            time.sleep(0.1)
+    except Exception:
+        pass
+    time.sleep(max(0.0, deadline - time.monotonic()))
+
+
+def _report_key() -> str:
+    """The counter of this launch's reports: one per torchrun run and attempt (restart)."""
+    return "deepcluster/reports/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", ""),
+                                              os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def leave_quietly_on_signals(code: int) -> dict:
+    """From now on a stop signal or Ctrl-C ends the process at once with ``code``, silently:
+    torchrun SIGTERMs the other workers as soon as one has exited, and a rank on its way out
+    after an error must not report "stopped by SIGTERM" instead. Returns the previous handlers
+    (for :func:`uninstall`)."""
+    if not _main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda s, f: os._exit(code)) for sig in (*STOP_SIGNALS, signal.SIGINT)}
+
+
+def record_for_launcher(code: int, message: str) -> None:
+    """Leave ``message`` where torchrun's agent reads a worker's failure (the
+    ``TORCHELASTIC_ERROR_FILE`` of this worker): the launcher (:mod:`launch`) then knows which
+    rank reported and exits with that rank's ``code``. Nothing outside torchrun."""
+    import json
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    with contextlib.suppress(OSError):
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {
+                "py_callstack": "", "timestamp": str(int(time.time())), "exitcode": code}}}, f)
 
 
 def hard_exit(code: int) -> None:

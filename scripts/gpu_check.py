@@ -128,7 +128,7 @@ def run_main(argv: list[str], timeout: float, torchrun: int = 0) -> subprocess.C
     """main.py as a user runs it (a subprocess, from the repository root)."""
     cmd = [python_exe()]
     if torchrun:
-        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_addr=127.0.0.1",
+        cmd += [str(ROOT / "launch.py"), f"--nproc_per_node={torchrun}", "--master_addr=127.0.0.1",
                 f"--master_port={free_port()}"]
     return run_boxed(cmd + ["main.py", *argv], timeout, cwd=ROOT)
 

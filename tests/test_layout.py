@@ -153,6 +153,8 @@ def shown_commands() -> list[tuple[str, str, list[str], list[str]]]:
                 script = None
                 for i, w in enumerate(words):
                     w = w.removeprefix("./")
+                    if w == "launch.py":  # torchrun's flags, then the script it runs
+                        continue
                     if w.endswith(".py") and not w.startswith("tests/") and (ROOT / w).exists() or w in LAUNCHERS:
                         script, rest = w, words[i + 1:]
                         break

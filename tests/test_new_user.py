@@ -3,8 +3,11 @@ or the launcher in a subprocess), asserting the one ``error:`` line, the exit co
 was written or lost."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -21,12 +24,17 @@ import eval_knn
 import eval_linear
 import eval_retrieval
 import eval_voc_classif
+import export
 import fileio
 import knn
+import launch
 import main
+import main_deepclusterv2
 import models
+import preempt
 import util
 from test_resume import small_model
+from test_survival import torchrun
 from test_visu import ar
 from visu import gradient_ascent, report
 
@@ -185,6 +193,66 @@ def test_main_sh_verbose_only_when_asked():
 
 
 # ---------------------------------------------------------------------------------------
+# 10: torchrun (launch.py, as main.sh runs it): one line, rank 0's, the worker's exit code
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_torchrun_error_is_one_line_from_rank_0(images36, tmp_path):
+    exp = tmp_path / "exp"
+    (exp / "checkpoints").mkdir(parents=True)
+    torch.save({"epoch": 1, "iteration": 0}, exp / "checkpoint.pth.tar")  # what --resume EXP would load
+    base = ["--exp", str(exp), "--size", "64", "--workers", "0", "--no_progress"]
+    cases = [  # argv, env, torchrun's monitor interval (s), --max-restarts, the line
+        # a bad flag value: argparse's usage, then its error line, rank 0's only
+        (["--lr", "-1", images36], {}, 0.1, 0, "main.py: error: argument --lr"),
+        # before the process group: rank 1 outlives its 3 s grace (torchrun looks after 10 s), the
+        # counter in torchrun's store keeps it quiet (without the store: a second line, measured)
+        (["--device", "cuda", images36], {"CUDA_VISIBLE_DEVICES": ""}, 10.0, 0, "error: rank 0: --device cuda"),
+        # after it, with a checkpoint to resume from; exit 2 is not restarted
+        ([str(tmp_path / "missing")], {}, 0.1, 1, "error: rank 0: data directory"),
+    ]
+    for argv, env, monitor, restarts, start in cases:
+        res, _ = torchrun(base + argv, restarts=restarts, launch=True, monitor=monitor, **env)
+        lines = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(start), res.stderr
+        assert not re.search("ChildFailedError|Traceback|elastic|FAILED", res.stderr), res.stderr
+    assert lines[0].endswith(f"--resume {exp} continues from {exp / 'checkpoint.pth.tar'}")
+    assert sorted(p.name for p in exp.iterdir()) == ["checkpoint.pth.tar", "checkpoints"]
+
+
+def test_launcher_exit_code_is_the_reporting_workers(tmp_path, monkeypatch, capsys):
+    """launch.py reads the code a worker left with its report (preempt.record_for_launcher) in
+    torchrun's error file; with none, the first failure's, a signal as 128 + its number."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank: int, code: int, report: int | None = None) -> ProcessFailure:
+        path = tmp_path / f"error_{rank}_{code}.json"
+        if report is not None:
+            monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+            preempt.record_for_launcher(report, f"rank {rank}: it went wrong")
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file=str(path))
+
+    # rank 1 reported a bad input (2); rank 0, stopped by torchrun's SIGTERM, left 75 quietly
+    assert launch.exit_code({0: failure(0, 75), 1: failure(1, 2, report=2)}) == 2
+    assert capsys.readouterr().err == ""
+    assert launch.exit_code({0: failure(0, -9), 1: failure(1, -15)}) == 128 + 9  # no report: it says so
+    assert capsys.readouterr().err.strip() == "error: rank 0 was killed by signal SIGKILL (pid 100)"
+    assert (launch.signal_code(signal.SIGTERM), launch.signal_code(signal.SIGINT)) == (preempt.EXIT_PREEMPTED, 130)
+
+
+def test_torchrun_hint_only_where_a_resume_helps(tmp_path, monkeypatch):
+    """Under torchrun a known error gets the resume hint when a checkpoint exists, not "no
+    checkpoint yet" (bad input is fixed, not rerun as is); a bug gets it either way."""
+    args = argparse.Namespace(exp=str(tmp_path))
+    for hint, known, shown in [("--resume E continues from F", True, True), ("no checkpoint yet: run again", True, False),
+                               ("no checkpoint yet: run again", False, True)]:
+        e = data.DataError("bad input") if known else ValueError("a bug")
+        code, msg = cli._outcome(e, args, None, None, None, lambda a: hint, 2)
+        assert code == (2 if known else 1) and (hint in msg) == shown, msg
+        code, msg = cli._outcome(e, None, None, None, None, lambda a: hint, 2)  # refused while parsing
+        assert hint not in msg
+
+
+# ---------------------------------------------------------------------------------------
 # 5: eval_knn at the checkpoint's size
 # ---------------------------------------------------------------------------------------
 def test_eval_knn_size_defaults_to_the_checkpoints(knn_dir, ckpt64, tmp_path, capsys):
@@ -221,6 +289,37 @@ def test_unwritable_exp_is_refused_first_everywhere(tmp_path, knn_dir, ckpt64, c
         line = error_line(capsys)
         assert f"{bad!r} is not writable" in line, (mod.__name__, line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_refused_runs_leave_no_output_folder(tmp_path, knn_dir, ckpt64, images36, capsys):
+    """Every eval/visu/export script with one bad input found inside main(): exit 2, one error
+    line, and its output folder (EXP, --out) is not created: no empty folder, no empty log."""
+    garbage = tmp_path / "garbage.pth.tar"
+    garbage.write_bytes(b"not a checkpoint")
+    run_dir = tmp_path / "run"  # a finished training run, as export.py and visu/report.py read it
+    checkpoint.ClusterLog(run_dir / "clusters").save(0, torch.arange(36).numpy() % 3, 3)
+    (run_dir / "args.json").write_text(json.dumps({"data": images36}))
+    (run_dir / "log.jsonl").write_text(json.dumps({"epoch": 0, "clustering_loss": 1.0}) + "\n")
+    model, missing, out = str(ckpt64), str(tmp_path / "missing"), tmp_path / "out"
+    common = ["--workers", "0", "--no_progress"]
+    cases = [(eval_knn, ["--data", str(knn_dir), "--model", str(garbage)], "garbage"),
+             (eval_linear, ["--data", missing, "--model", model, "--conv", "2"], "missing"),
+             (eval_linear, ["--data", str(knn_dir), "--model", model, "--conv", "2", "--resume", str(garbage)],
+              "garbage"),
+             (eval_voc_classif, ["--vocdir", missing, "--model", model], "missing"),
+             (eval_voc_classif, ["--vocdir", str(knn_dir), "--model", str(garbage)], "VOC2007"),
+             (eval_retrieval, ["--data", missing, "--model", model], "missing"),
+             (gradient_ascent, ["--model", str(garbage), "--conv", "1"], "garbage"),
+             (ar, ["--model", model, "--conv", "1", "--data", str(knn_dir / "train"), "--batch", "0"], "--batch"),
+             (export, [str(run_dir), "--features", "--model", str(garbage), "--out", str(out)], "garbage"),
+             (report, [str(run_dir), "--epoch", "3", "--out", str(out)], "--epoch 3")]
+    for mod, argv, named in cases:
+        exp = ["--exp", str(out)] if mod not in (export, report) else []
+        extra = [] if mod is report else common[2:] if mod in (eval_retrieval, gradient_ascent) else common
+        assert run(mod, argv + exp + extra) == 2, (mod.__name__, argv)
+        line = error_line(capsys)
+        assert named in line and not out.exists(), (mod.__name__, line)
+    assert not (run_dir / "export").exists() and not (run_dir / "report").exists()
 
 
 def test_launcher_help_creates_no_folder(tmp_path):
@@ -270,10 +369,24 @@ def test_bad_evaluation_images_are_all_named_first(knn_dir, ckpt64, tmp_path, ca
 # 16: help and wording
 # ---------------------------------------------------------------------------------------
 def test_help_says_required_and_shows_no_empty_defaults():
-    for mod in (main, eval_knn, eval_linear, eval_voc_classif, eval_retrieval, gradient_ascent, ar, report):
-        text = mod.get_args_parser().format_help()
+    """Every script's --help: no "(default: None)" or "(default: )", and a flag whose help states
+    its default or when it is required gets no second "(default: ...)"."""
+    for mod in (main, main_deepclusterv2, export, eval_knn, eval_linear, eval_voc_classif, eval_retrieval,
+                gradient_ascent, ar, report):
+        parser = mod.get_args_parser()
+        text = parser.format_help()
         assert "(default: None)" not in text and "(default: )" not in text, mod.__name__
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.help in (None, argparse.SUPPRESS):
+                continue
+            shown = formatter._expand_help(action)
+            said = re.findall(r"\bdefault\b|\brequired\b", shown, re.I)
+            assert len(said) <= 1, (mod.__name__, action.dest, shown)
     assert "(required)" in eval_knn.get_args_parser().format_help()
+    text = " ".join(export.get_args_parser().format_help().split())
+    assert "(default: EXP/checkpoint.pth.tar)" in text and "(required unless --read)" in text
+    assert "(default: 64)" in text  # a plain default is still shown
 
 
 def test_visu_launchers_take_the_checkpoints_arch():

@@ -72,14 +72,16 @@ def argv(data: str, exp: Path, *extra: str) -> list[str]:
             "--workers", "0", "--epochs", "2", "--sobel", "--no_progress", "--checkpoints", "3", *extra]
 
 
-def torchrun(args: list[str], restarts: int = 0, entry: Path | None = None,
-             **env: str) -> tuple[subprocess.CompletedProcess, float]:
-    """main.py (or ``entry``) under 2 gloo processes; (result, seconds)."""
+def torchrun(args: list[str], restarts: int = 0, entry: Path | None = None, launch: bool = False,
+             monitor: float = 0.1, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    """main.py (or ``entry``) under 2 gloo processes, by torchrun (or by launch.py, the launchers'
+    wrapper of it); (result, seconds)."""
     # c10d rendezvous (--standalone: a free port, a fresh run id): a restart meets in a new round,
     # with fresh store keys (under the static rendezvous a restarted gloo group can read the dead
     # attempt's addresses: "connectFullMesh failed ... Connection refused")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--max-restarts={restarts}", "--monitor-interval=0.1", str(entry or "main.py"), *args]
+    runner = ["launch.py"] if launch else ["-m", "torch.distributed.run"]
+    cmd = [sys.executable, *runner, "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}", f"--monitor-interval={monitor}", str(entry or "main.py"), *args]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
     if "DEEPCLUSTER_FAULT" not in env:
         full_env.pop("DEEPCLUSTER_FAULT", None)

@@ -96,6 +96,10 @@ def main(args: argparse.Namespace) -> dict:
     """Find and draw each filter's top images; returns {filter: [(path, score), ...]}."""
     if args.count < 1:
         raise common.VisuError(f"invalid value for --count: {args.count!r} (must be >= 1)")
+    for flag, ok in (("--batch", args.batch >= 1), ("--workers", args.workers >= 0), ("--tile", args.tile >= 8),
+                     ("--size", args.size == 0 or args.size >= 16)):
+        if not ok:
+            raise common.VisuError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
     if not args.data:
         raise common.VisuError("no dataset given: pass --data DIR (an image folder)")
     cli.check_writable(args.exp)  # before the pass over the whole dataset

@@ -194,7 +194,7 @@ def main(args: argparse.Namespace) -> dict:
     """Draw the filters of ``args.conv``; returns the summary written next to the images."""
     for flag, ok in (("--niter", args.niter >= 0), ("--idim", args.idim >= 16), ("--lr", args.lr > 0),
                      ("--step", args.step >= 0), ("--sig", args.sig >= 0), ("--batch", args.batch >= 1),
-                     ("--seed", 0 <= args.seed < 2**32)):
+                     ("--seed", 0 <= args.seed < 2**32), ("--sheet_tile", args.sheet_tile >= 0)):
         if not ok:
             raise common.VisuError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
     cli.check_writable(args.exp)

@@ -54,6 +54,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> list[Path]:
     """Write the report pictures of ``args.exp``; returns their paths."""
+    for flag, ok in (("--n_largest", args.n_largest >= 0), ("--n_random", args.n_random >= 0),
+                     ("--per_cluster", args.per_cluster >= 1), ("--tile", args.tile >= 8), ("--dpi", args.dpi >= 1),
+                     ("--seed", 0 <= args.seed < 2**32)):
+        if not ok:  # before anything is written
+            raise training_report.ReportError(f"invalid value for {flag}: {getattr(args, flag[2:])!r}")
     if args.out or Path(args.exp).is_dir():  # a missing EXP: training_report says what it expects
         cli.check_writable(args.out or Path(args.exp) / "report", "--out" if args.out else "EXP")
     return training_report.draw(args.exp, epoch=args.epoch, n_largest=args.n_largest, n_random=args.n_random,

@@ -229,6 +229,11 @@ def draw(exp: str | Path, *, epoch: int = -1, n_largest: int = 8, n_random: int 
     exp = Path(exp)
     records = read_log(exp)
     train_args = read_args(exp)
+    clog_dir = exp / "clusters"
+    epochs = checkpoint.ClusterLog(clog_dir).epochs() if clog_dir.is_dir() else []
+    epoch = (epochs[-1] if args.epoch < 0 else args.epoch) if epochs else args.epoch
+    if epochs and epoch not in epochs:  # before anything is written
+        raise ReportError(f"--epoch {epoch}: no assignments stored for it (available: {epochs[0]}..{epochs[-1]})")
     out = Path(args.out) if args.out else exp / "report"
     out.mkdir(parents=True, exist_ok=True)
     desc = ", ".join(f"{k} {train_args[k]}" for k in ("arch", "nmb_cluster", "clustering") if k in train_args)
@@ -236,15 +241,9 @@ def draw(exp: str | Path, *, epoch: int = -1, n_largest: int = 8, n_random: int 
     written = [plot_curves(records, out, f"{exp.resolve().name}: {n} epoch{'s' if n != 1 else ''}"
                            + (f" ({desc})" if desc else ""), args.dpi)]
 
-    clog_dir = exp / "clusters"
-    epochs = checkpoint.ClusterLog(clog_dir).epochs() if clog_dir.is_dir() else []
     if not epochs:
         log.warning("report: no cluster assignments under %s, cluster pictures skipped", clog_dir)
     else:
-        epoch = epochs[-1] if args.epoch < 0 else args.epoch
-        if epoch not in epochs:
-            raise ReportError(f"--epoch {epoch}: no assignments stored for it "
-                              f"(available: {epochs[0]}..{epochs[-1]})")
         labels = checkpoint.ClusterLog(clog_dir).load(epoch)
         rec = next((r for r in records if r["epoch"] == epoch), {})
         k = max(int(rec.get("n_clusters") or train_args.get("nmb_cluster") or 0), int(labels.max()) + 1)
