@@ -35,7 +35,7 @@ import torch
 import clustering
 import models
 import preempt
-from fileio import atomic_np_save, atomic_torch_save, atomic_write, atomic_write_text
+from fileio import atomic_np_save, atomic_torch_save, atomic_write, atomic_write_text, fsync_enabled
 
 log = logging.getLogger("deepcluster")
 
@@ -265,7 +265,8 @@ def record_invocation(exp: Path, args, run_id: str, start_epoch: int, iteration:
     with open(Path(exp) / HISTORY, "a") as f:
         f.write(json.dumps(entry, default=str) + "\n")
         f.flush()
-        os.fsync(f.fileno())
+        if fsync_enabled():
+            os.fsync(f.fileno())
 
 
 def launch_id() -> str | None:

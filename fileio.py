@@ -79,6 +79,14 @@ def _umask() -> int:
     return mask
 
 
+def fsync_enabled() -> bool:
+    """Whether writes are flushed to the disk (``os.fsync``) before their rename: always, unless
+    ``DEEPCLUSTER_FSYNC=0``. The test suite sets it: a kill of the process (what the tests
+    inflict) keeps the page cache, and only a power loss needs the flush, which on this VM's
+    disk took 0.3-2 s per 173 MB checkpoint."""
+    return os.environ.get("DEEPCLUSTER_FSYNC", "1") != "0"
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable) -> None:
     """Write ``path`` through ``write_fn(binary file)`` into a temporary file, then rename.
 
@@ -96,7 +104,8 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable) -> None:
             f.flush()
             # tests: die with the temp file written but not renamed
             fault_point("save" if path.endswith(".pth.tar") else "write")
-            os.fsync(f.fileno())
+            if fsync_enabled():
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except FaultInjected:  # a simulated kill leaves its temporary file, as a real one does
         raise
@@ -106,6 +115,8 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable) -> None:
         except OSError:
             pass
         raise
+    if not fsync_enabled():
+        return
     try:  # make the rename durable
         dfd = os.open(d, os.O_RDONLY)
         os.fsync(dfd)

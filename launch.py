@@ -73,11 +73,15 @@ def no_restart_after_bad_input() -> None:
     a signal, 75) still restart."""
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
-    monitor = LocalElasticAgent._monitor_workers
+    # private torch API (present from torch 1.9 to 2.14): where it is missing, restarts stay as torchrun's
+    monitor = getattr(LocalElasticAgent, "_monitor_workers", None)
+    if monitor is None:
+        return
 
     def _monitor_workers(self, worker_group):
         result = monitor(self, worker_group)
-        if result.is_failed() and any(failure_code(f) == 2 for f in result.failures.values()):
+        if result.is_failed() and hasattr(self, "_remaining_restarts") \
+                and any(failure_code(f) == 2 for f in result.failures.values()):
             self._remaining_restarts = 0
         return result
 

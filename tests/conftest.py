@@ -14,6 +14,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Checkpoints are written and renamed as always, without the flush to the disk that only a power
+# loss needs (fileio.fsync_enabled; subprocesses inherit it); test_fsync_by_default checks the default.
+os.environ["DEEPCLUSTER_FSYNC"] = "0"
 
 
 @pytest.fixture(scope="session")

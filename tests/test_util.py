@@ -1,6 +1,7 @@
 """util: balanced sampler, released checkpoint layouts, atomic saves, RNG state, logs."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -271,6 +272,24 @@ def test_load_model_errors(tmp_path, source_models):
 # ---------------------------------------------------------------------------------------
 # atomic saves
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env,flushed", [(None, True), ("1", True), ("0", False)])
+def test_fsync_by_default(tmp_path, monkeypatch, env, flushed):
+    """A write is flushed to the disk (file, then its folder) before the rename, unless
+    DEEPCLUSTER_FSYNC=0 (what the suite sets for its own runs); the invocation history too."""
+    if env is None:
+        monkeypatch.delenv("DEEPCLUSTER_FSYNC", raising=False)
+    else:
+        monkeypatch.setenv("DEEPCLUSTER_FSYNC", env)
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    fileio.atomic_torch_save({"epoch": 1}, tmp_path / "checkpoint.pth.tar")
+    assert len(calls) == (2 if flushed else 0)                     # the file, then the folder
+    checkpoint.record_invocation(tmp_path, argparse.Namespace(a=1), "run", 0)
+    assert len(calls) == (3 if flushed else 0)
+    assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True) == {"epoch": 1}
+
+
 def test_atomic_torch_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth.tar"
     fileio.atomic_torch_save({"epoch": 1, "w": torch.arange(5)}, path)
