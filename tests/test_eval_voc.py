@@ -161,7 +161,7 @@ def test_bad_inputs_exit_cleanly(case, voc, alexnet_files, tmp_path, capsys):
         vocdir = tmp_path / "nowhere"
     elif case == "missing_image":
         vocdir = make_voc(tmp_path / "v", n_per_split=2)
-        next((vocdir / "JPEGImages").glob("*.jpg")).unlink()
+        (vocdir / "JPEGImages" / "000001.jpg").unlink()  # a train (and trainval) image: read by every run
     else:
         extra = ["--size", "96"]
     rc = voc_eval.run(["--vocdir", str(vocdir), "--model", str(alexnet_files["ours"]), "--exp", str(tmp_path / "e"),
