@@ -339,15 +339,16 @@ def _col_edges(d: int) -> list[int]:
     return [round(i * d / nb) for i in range(nb + 1)]
 
 
-def _centre_into(buf: torch.Tensor | None, rows: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """rows (m, D) - mean as float32, written into ``buf`` (a reused (step, D) float32
-    buffer; a new one when None or too small). Reusing it spares a fresh block-sized
-    allocation per block and its page faults (the allocator returns large blocks to the
-    system)."""
+def _centre_into(buf: torch.Tensor | None, rows: torch.Tensor,
+                 mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (m, D) - mean as float32, the buffer holding it): written into ``buf`` (a reused
+    (step, D) float32 buffer; a new one when None or too small, returned for the next block).
+    Reusing it spares a fresh block-sized allocation per block and its page faults (the
+    allocator returns large blocks to the system)."""
     m = rows.shape[0]
     if buf is None or buf.shape[0] < m or buf.device != rows.device:
         buf = torch.empty(max(m, 1), rows.shape[1], dtype=torch.float32, device=rows.device)
-    return torch.sub(rows, mean, out=buf[:m])
+    return torch.sub(rows, mean, out=buf[:m]), buf
 
 
 def scatter_upper_(acc: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, step: int) -> torch.Tensor:
@@ -366,8 +367,7 @@ def scatter_upper_(acc: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, step:
     edges = _col_edges(acc.shape[0])
     buf = None
     for s in range(0, x.shape[0], step):
-        xc = _centre_into(buf, x[s:s + step], mean)                    # (m, D) float32
-        buf = xc if buf is None else buf
+        xc, buf = _centre_into(buf, x[s:s + step], mean)               # (m, D) float32
         for a, b in zip(edges[:-1], edges[1:]):
             acc[a:b, a:].add_(xc[:, a:b].T @ xc[:, a:])                # (b - a, D - a)
     return acc
@@ -477,8 +477,7 @@ def pca_apply(x: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor, l2: bool 
     step = _row_chunk(x.shape[1], PCA_BLOCK)
     buf = None
     for s in range(0, x.shape[0], step):
-        xc = _centre_into(buf, x[s:s + step], mean)                    # (m, D) float32
-        buf = xc if buf is None else buf
+        xc, buf = _centre_into(buf, x[s:s + step], mean)               # (m, D) float32
         y = torch.matmul(xc, proj, out=out[s:s + step])
         if l2:
             y /= y.norm(dim=1, keepdim=True).clamp_min(1e-10)
@@ -961,8 +960,7 @@ def pca_apply_kept(x: torch.Tensor, keep: torch.Tensor | None, mean: torch.Tenso
     out = torch.empty(rows, proj.shape[1], dtype=torch.float32, device=dev)
     o, buf = 0, None
     for blk in _kept_blocks(x, keep, _row_chunk(x.shape[1], PCA_BLOCK), dev):
-        xc = _centre_into(buf, blk, mean)                              # (m, D) float32
-        buf = xc if buf is None else buf
+        xc, buf = _centre_into(buf, blk, mean)                         # (m, D) float32
         y = torch.matmul(xc, proj, out=out[o:o + len(blk)])
         y /= y.norm(dim=1, keepdim=True).clamp_min(1e-10)
         o += len(blk)
