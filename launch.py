@@ -52,18 +52,23 @@ def silence_agent() -> None:
             h.addFilter(drop)
 
 
-def failure_code(failure: ProcessFailure) -> int:
-    """A failed worker's exit code: the one it left with its report
-    (:func:`preempt.record_for_launcher`), else its process's."""
+def _report_info(failure: ProcessFailure) -> dict:
+    """The ``extraInfo`` of the report a worker left in its error file
+    (:func:`preempt.record_for_launcher`); {} without one."""
     msg = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
-    info = msg.get("extraInfo", {}) if isinstance(msg, dict) else {}
+    info = msg.get("extraInfo") if isinstance(msg, dict) else None
+    return info if isinstance(info, dict) else {}
+
+
+def failure_code(failure: ProcessFailure) -> int:
+    """A failed worker's exit code: the one it left with its report, else its process's."""
+    info = _report_info(failure)
     return int(info["exitcode"]) if "exitcode" in info else failure.exitcode
 
 
 def reported(failure: ProcessFailure) -> bool:
     """Whether the worker left a report (:func:`preempt.record_for_launcher`) in its error file."""
-    msg = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
-    return isinstance(msg, dict) and "exitcode" in msg.get("extraInfo", {})
+    return "exitcode" in _report_info(failure)
 
 
 def no_restart_after_bad_input() -> None:
