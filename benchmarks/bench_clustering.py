@@ -59,6 +59,9 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import clustering  # noqa: E402
+import kmeans  # noqa: E402
+from cluster_util import _row_chunk  # noqa: E402
+from pca import COV_BLOCK, COV_COL_BLOCKS  # noqa: E402
 
 METHODS = ("original", "sklearn", "torch", "auto")
 
@@ -503,7 +506,7 @@ def main_grid(args) -> dict:
             # the covariance pass alone (ours, float32 GEMM per block, float64 sum)
             t = time.perf_counter()
             xt = torch.from_numpy(x)
-            clustering.covariance(xt, xt[:1].mean(0), clustering._row_chunk(d, clustering.COV_BLOCK))
+            clustering.covariance(xt, xt[:1].mean(0), _row_chunk(d, COV_BLOCK))
             cov_s = time.perf_counter() - t
             t = time.perf_counter()
             xb_orig = None if args.no_original else original_pca(x, pca)
@@ -534,10 +537,10 @@ def main_grid(args) -> dict:
                 ours_s = time.perf_counter() - t
                 # the exact-PCA result: same k-means (backend, seed) on the exact-PCA matrix
                 t = time.perf_counter()
-                lab_e = clustering._kmeans(xb_ref, k, backend=km.backend, seed=seed, niter=args.niter)["labels"].numpy()
+                lab_e = kmeans._kmeans(xb_ref, k, backend=km.backend, seed=seed, niter=args.niter)["labels"].numpy()
                 exact_km_s = time.perf_counter() - t
                 # k-means' own run-to-run spread: the exact-PCA matrix with the next seed
-                lab_e2 = clustering._kmeans(xb_ref, k, backend=km.backend, seed=seed + 1, niter=args.niter)["labels"].numpy()
+                lab_e2 = kmeans._kmeans(xb_ref, k, backend=km.backend, seed=seed + 1, niter=args.niter)["labels"].numpy()
                 wcss = {name: partition_sse(xb_ref, lab, k) for name, lab in
                         (("original", lab_o), ("ours", km.labels.astype(np.int64)), ("exact", lab_e),
                                           ("exact_seed2", lab_e2)) if lab is not None}
@@ -546,7 +549,7 @@ def main_grid(args) -> dict:
                 seed_pcts, floor_pcts, sse_o, sse_x = [100 * (wcss["ours"] / wcss["exact"] - 1)], [], [wcss["ours"]], [wcss["exact"]]
                 for s2 in range(seed, seed + args.quality_seeds):
                     def labels_of(xb):
-                        return clustering._kmeans(xb, k, backend=km.backend, seed=s2, niter=args.niter)["labels"].numpy()
+                        return kmeans._kmeans(xb, k, backend=km.backend, seed=s2, niter=args.niter)["labels"].numpy()
                     lab_x2 = lab_e if s2 == seed else lab_e2 if s2 == seed + 1 else labels_of(xb_ref)
                     sse_ref = partition_sse(xb_ref, lab_x2, k)
                     floor_pcts.append(100 * (partition_sse(xb_ref, labels_of(xb_noisy), k) / sse_ref - 1))
@@ -584,7 +587,7 @@ def main_grid(args) -> dict:
                       f"(PCA {row['ours_pca_s']:.2f}) = {fmt(row['speedup'], 0)}x, exact-PCA {row['exact_s']:.1f}s; "
                       f"WCSS vs exact-PCA {row['ours_vs_exact_pct']:+.3f}% (original {fmt(row['original_vs_exact_pct'], 0)}%)",
                       flush=True)
-            nb = max(1, min(clustering.COV_COL_BLOCKS, d // 256))
+            nb = max(1, min(COV_COL_BLOCKS, d // 256))
             cov_flops = 2.0 * n * d * d * (nb + 1) / (2 * nb)  # only the upper block triangle is multiplied
             limits.append(f"{spectrum} N={n}: covariance pass {cov_s:.2f}s = {cov_s * 1e6 / n:.0f} s per million rows at D={d} "
                           f"({cov_flops / cov_s / 1e9:.0f} GFLOP/s, {100 * cov_flops / cov_s / 1e9 / peak32:.0f}% of "

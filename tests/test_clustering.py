@@ -9,6 +9,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import clustering
+import pca
 from clustering import ClusteringError
 
 needs_faiss = pytest.mark.skipif(clustering.faiss is None, reason="faiss not installed")
@@ -473,7 +474,7 @@ def test_shifted_subspace_iteration_converges_faster_to_the_same_pairs(power):
     rot = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
     ev = torch.arange(1, d + 1, dtype=torch.float64) ** -power
     cov = (rot * ev) @ rot.T
-    out = {s: clustering._randomized_eigh(cov, k, clustering.EIG_TOL, 40, 0, shift=s) for s in (True, False)}
+    out = {s: pca._randomized_eigh(cov, k, clustering.EIG_TOL, 40, 0, shift=s) for s in (True, False)}
     assert all(o[0] is not None and o[2]["residual"] <= clustering.EIG_TOL for o in out.values())
     assert out[True][2]["iterations"] < out[False][2]["iterations"]   # fewer iterations with the shift
     for evals, evecs, _ in out.values():
@@ -483,7 +484,7 @@ def test_shifted_subspace_iteration_converges_faster_to_the_same_pairs(power):
 
 def test_auto_solver_top_256_of_a_2048_covariance_matches_exact():
     # the size where 'auto' switches to the iterative solver, fc7-like 1/i spectrum
-    d, k = clustering.RANDOMIZED_MIN_DIM, 256
+    d, k = pca.RANDOMIZED_MIN_DIM, 256
     g = torch.Generator().manual_seed(4)
     rot = torch.linalg.qr(torch.randn(d, d, generator=g)).Q.double()
     ev = torch.arange(1, d + 1, dtype=torch.float64) ** -1.0
@@ -512,16 +513,16 @@ def test_randomized_solver_on_a_rank_deficient_matrix():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("row", [0, 299])
 def test_check_features_finds_every_non_finite_value(monkeypatch, store, bad, row):
-    monkeypatch.setattr(clustering, "PCA_BLOCK", 64 * 8)          # 64-row blocks: 5 of them
+    monkeypatch.setattr(pca, "PCA_BLOCK", 64 * 8)          # 64-row blocks: 5 of them
     a = np.ones((300, 8), np.float32)
     a[row, 5] = bad
     conv = {"numpy": lambda v: v, "float32": torch.from_numpy,
             "float16": lambda v: torch.from_numpy(v).half(), "bfloat16": lambda v: torch.from_numpy(v).bfloat16()}
     with pytest.raises(clustering.ClusteringError, match="NaN or inf"):
-        clustering._check_features(conv[store](a))
+        pca._check_features(conv[store](a))
     a[row, 5] = 1.0
     big = {"float16": 6e4, "bfloat16": 3e38}.get(store, 3e38)      # finite values whose sum overflows
-    clustering._check_features(conv[store](np.full((300, 8), big, np.float32)))
+    pca._check_features(conv[store](np.full((300, 8), big, np.float32)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

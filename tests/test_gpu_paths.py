@@ -14,7 +14,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import cluster_util
 import clustering
+import kmeans
+import pca
 import main
 import checkpoint
 import distributed
@@ -46,12 +49,13 @@ def test_feature_store_copies_to_the_store_synchronously():
 def test_clustering_runs_on_the_given_device_not_the_datas(monkeypatch):
     """float16 host features with device cuda go to cuda (block by block), for PCA and k-means."""
     asked = []
-    real = clustering.to_device_blocks
+    real = pca.to_device_blocks
 
     def fake_move(x, device):  # records the request; stays on the CPU of this machine
         asked.append((torch.device(device), x.dtype))
         return real(x, torch.device("cpu"))
-    monkeypatch.setattr(clustering, "to_device_blocks", fake_move)
+    monkeypatch.setattr(pca, "to_device_blocks", fake_move)
+    monkeypatch.setattr(kmeans, "to_device_blocks", fake_move)
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(4, 16, generator=g)[torch.arange(200) % 4] + 0.1 * torch.randn(200, 16, generator=g)).half()
     km = clustering.Kmeans(4, backend="torch", pca=8, device=torch.device("cuda", 0), seed=1)
@@ -62,12 +66,12 @@ def test_clustering_runs_on_the_given_device_not_the_datas(monkeypatch):
 
 
 def test_to_device_blocks_copies_by_blocks(monkeypatch):
-    monkeypatch.setattr(clustering, "PCA_BLOCK", 7 * 5)  # row blocks of 256 rows at least
+    monkeypatch.setattr(pca, "PCA_BLOCK", 7 * 5)  # row blocks of 256 rows at least
     x = np.random.RandomState(0).randn(600, 5).astype(np.float32)
-    out = clustering.to_device_blocks(x, torch.device("cpu"))
+    out = pca.to_device_blocks(x, torch.device("cpu"))
     assert out.dtype == torch.float32 and np.array_equal(out.numpy(), x)
     h = torch.from_numpy(x).bfloat16()
-    assert clustering.to_device_blocks(h, torch.device("cpu")) is h  # already there: no copy
+    assert pca.to_device_blocks(h, torch.device("cpu")) is h  # already there: no copy
 
 
 def _fake_cuda(monkeypatch, n_gpus: int) -> list:
@@ -462,12 +466,12 @@ def test_channels_last_auto_is_on_for_the_cpu_only(flag, device, on):
 
 def test_auto_backend_is_torch_on_cuda_even_with_faiss_gpu(monkeypatch):
     """What --cluster_backend's help and docs/flags.md say: torch on CUDA, faiss on CPU when installed."""
-    monkeypatch.setattr(clustering, "faiss_has_gpu", lambda: True)
-    monkeypatch.setattr(clustering, "faiss", object())  # installed
+    monkeypatch.setattr(cluster_util, "faiss_has_gpu", lambda: True)
+    monkeypatch.setattr(cluster_util, "faiss", object())  # installed
     assert clustering.resolve_backend("auto", torch.device("cuda", 0)) == "torch"
     assert clustering.resolve_backend("auto", torch.device("cpu")) == "faiss"
     assert clustering.resolve_backend("faiss", torch.device("cuda", 0)) == "faiss"
-    monkeypatch.setattr(clustering, "faiss", None)
+    monkeypatch.setattr(cluster_util, "faiss", None)
     assert clustering.resolve_backend("auto", torch.device("cpu")) == "torch"
 
 

@@ -24,6 +24,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score as nmi_score
 
 import clustering
+import pca
 import distributed
 import models
 
@@ -170,7 +171,7 @@ def test_float32_preprocessing_unchanged():
 
 
 def test_finite_check_by_blocks(monkeypatch):
-    monkeypatch.setattr(clustering, "_row_chunk", lambda n_cols, budget=1 << 26: 256)
+    monkeypatch.setattr(pca, "_row_chunk", lambda n_cols, budget=1 << 26: 256)
     x = np.random.RandomState(0).randn(1000, 32).astype(np.float32)
     x[900, 3] = np.nan  # in the 4th block
     with pytest.raises(clustering.ClusteringError, match="NaN"):
@@ -203,14 +204,14 @@ def test_cluster_pca_row_blocks_equivalent(monkeypatch):
     mean, proj = clustering.pca_fit(x, 16)
     assert torch.allclose(mean.double(), x.double().mean(0).float().double(), atol=1e-6)
     ref = clustering.preprocess_features(x, 16, backend="torch")
-    monkeypatch.setattr(clustering, "PCA_BLOCK", 300 * 64)  # 10 blocks instead of one
+    monkeypatch.setattr(pca, "PCA_BLOCK", 300 * 64)  # 10 blocks instead of one
     m2, p2 = clustering.pca_fit(x, 16)
     assert float((m2 - mean).abs().max()) < 1e-6 and float((p2 - proj).abs().max()) < 1e-4 * float(proj.abs().max())
     out = clustering.preprocess_features(x, 16, backend="torch")
     assert float((out - ref).abs().max()) < 1e-5
     k1 = clustering.Kmeans(8, backend="torch", pca=16, seed=1)
     k1.cluster(x)
-    monkeypatch.setattr(clustering, "PCA_BLOCK", 1 << 25)
+    monkeypatch.setattr(pca, "PCA_BLOCK", 1 << 25)
     k2 = clustering.Kmeans(8, backend="torch", pca=16, seed=1)
     k2.cluster(x)
     assert (k1.labels == k2.labels).mean() > 0.99
