@@ -244,3 +244,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, "", argparse.SUPPRESS) or self.STATED.search(text):
             return text
         return super()._get_help_string(action)
+
+
+class Config(argparse.Namespace):
+    """A script's flags read once, with the values it derives from them (an absolute data
+    folder, a lowered --pca...): read-only, so library code cannot rewrite them. ``replace``
+    gives a new config; ``vars(cfg)`` lists every value."""
+
+    def __init__(self, args: argparse.Namespace | None = None, **derived):
+        self.__dict__.update({**(vars(args) if args is not None else {}), **derived})
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"the run's config is read-only ({name}): derive a new one with replace()")
+
+    def replace(self, **changes) -> "Config":
+        return Config(None, **{**vars(self), **changes})

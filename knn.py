@@ -295,12 +295,12 @@ class KnnMonitor:
             if rt.is_main:
                 data.export_digits_split(args.knn_data)
             distributed.barrier(rt)
-        args.knn_data = os.path.abspath(args.knn_data)
-        monitor = cls(args.knn_data, args.knn_train_size, args.knn_val_size, seed=args.seed, size=args.size,
+        root = os.path.abspath(args.knn_data)
+        monitor = cls(root, args.knn_train_size, args.knn_val_size, seed=args.seed, size=args.size,
                       k=args.knn_k, batch=args.batch, workers=args.workers, load=rt.is_main,
                       no_progress=args.no_progress, logger=logger, whiten=args.knn_whiten)
         logger.info("kNN monitor: %d train, %d val images of %s, k=%d", len(monitor.train_paths),
-                    len(monitor.val_paths), args.knn_data, monitor.ks[0])
+                    len(monitor.val_paths), root, monitor.ks[0])
         return monitor if rt.is_main else None
 
     @staticmethod

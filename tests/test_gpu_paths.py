@@ -18,9 +18,12 @@ import cluster_util
 import clustering
 import kmeans
 import pca
+import deepcluster as dc
+import engine
 import main
 import checkpoint
 import distributed
+import preempt
 import util
 
 
@@ -175,22 +178,29 @@ def _train(batches, monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    top = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    args = main.parse_args(["x", "--no_progress"])
     reads = []
     for name in ("item", "__bool__", "__float__", "tolist"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, _r=real, _n=name: (reads.append(_n), _r(self))[1])
+    meter = util.AverageMeter()
+
+    def step(i, batch):
+        x, y, _ = batch
+        lo = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        lo.backward()
+        opt.step()
+        return lo, x.shape[0]
     try:
-        loss = main.train_one_epoch(batches, model, torch.nn.CrossEntropyLoss(), opt, top,
-                                    torch.device("cpu"), 0, args)
+        engine.run_steps(batches, step, start=0, total=len(batches), meter=distributed.DeviceLossMeter(
+            torch.device("cpu"), meter), control=preempt.StepControl(distributed.Runtime()), no_progress=True)
     finally:
         monkeypatch.undo()
-    return loss, reads
+    return meter.avg, reads
 
 
 def test_train_loop_reads_the_loss_every_few_dozen_steps(monkeypatch):
-    monkeypatch.setattr(main, "SYNC_EVERY", 10)
+    monkeypatch.setattr(engine, "SYNC_EVERY", 10)
     steps = 30
     loss, reads = _train(_batches(steps), monkeypatch)
     n_reads = math.ceil(steps / 10)  # syncs: every 10 steps and at the end
@@ -210,7 +220,7 @@ def test_train_loop_reads_the_loss_every_few_dozen_steps(monkeypatch):
 
 
 def test_train_loop_divergence_names_the_iterations(monkeypatch):
-    monkeypatch.setattr(main, "SYNC_EVERY", 10)
+    monkeypatch.setattr(engine, "SYNC_EVERY", 10)
     with pytest.raises(distributed.DivergedError, match="loss is nan at epoch 0, between iterations 10 and 19"):
         _train(_batches(30, nan_at=13), monkeypatch)
 
@@ -233,14 +243,14 @@ class _Net(torch.nn.Module):
 def _mid_epoch(draws: np.ndarray, i: int, args, world: int) -> dict:
     """What a periodic checkpoint of a run on ``world`` processes keeps before step i."""
     net = _Net()
-    plan = main.EpochPlan(np.arange(50) % 3, [[0], [1], [2]], 0.0, draws,
+    plan = dc.EpochPlan(np.arange(50) % 3, [[0], [1], [2]], 0.0, draws,
                           torch.optim.SGD(net.top_layer.parameters(), lr=0.1))
-    return checkpoint.mid_epoch_state(plan, i, util.AverageMeter(), None, args, distributed.Runtime(0, world))
+    return dc.mid_epoch_state(plan, i, util.AverageMeter(), None, args, distributed.Runtime(0, world))
 
 
 def _served(draws, rt: distributed.Runtime, args, start_iter: int) -> list[list[int]]:
     """Per step, the draws rank ``rt.rank`` trains on from step start_iter."""
-    b = main.rank_batch(args, rt)
+    b = dc.rank_batch(args, rt)
     items = [d for d, _ in util.SeededShardSampler(draws, 0, rt.rank, rt.world_size, start=start_iter * b)]
     return [items[s:s + b] for s in range(0, len(items), b)]
 
@@ -251,12 +261,12 @@ def test_mid_epoch_resume_on_another_number_of_processes():
     mid = _mid_epoch(draws, 3, args, world=2)
     assert mid["position"] == 24 and mid["world_size"] == 2
     before = [d for r in range(2) for step in _served(draws, distributed.Runtime(r, 2), args, 0)[:3] for d in step]
-    plan = main.resumed_plan(mid, _Net(), args, distributed.Runtime(0, 1))
+    plan = dc.resumed_plan(mid, _Net(), args, distributed.Runtime(0, 1))
     after = [d for step in _served(plan.draws, distributed.Runtime(0, 1), args, plan.start_iter) for d in step]
     assert sorted(before + after) == draws.tolist()  # every draw once: nothing twice, nothing skipped
     assert plan.start_iter + len(_served(plan.draws, distributed.Runtime(0, 1), args, plan.start_iter)) == 6
     # on 4 processes: 46 is not a multiple of 4, the last 2 draws go so every rank runs as many steps
-    plan4 = main.resumed_plan(mid, _Net(), args, distributed.Runtime(0, 4))
+    plan4 = dc.resumed_plan(mid, _Net(), args, distributed.Runtime(0, 4))
     steps = {len(_served(plan4.draws, distributed.Runtime(r, 4), args, plan4.start_iter)) for r in range(4)}
     assert steps == {3} and len(plan4.draws) == 44
     after4 = [d for r in range(4) for step in _served(plan4.draws, distributed.Runtime(r, 4), args, plan4.start_iter)
@@ -264,7 +274,7 @@ def test_mid_epoch_resume_on_another_number_of_processes():
     assert sorted(before + after4) == draws[:44].tolist()
     # a --batch that cannot reach the checkpoint's position is refused
     with pytest.raises(checkpoint.CheckpointError, match="after 24 draws.*--batch 16"):
-        checkpoint.check_checkpoint({"state_dict": {"top_layer.weight": torch.zeros(3, 4)}, "mid_epoch": mid},
+        dc.check_checkpoint({"state_dict": {"top_layer.weight": torch.zeros(3, 4)}, "mid_epoch": mid},
                                     "c.pth.tar", main.parse_args(["x", "--batch", "16"]), 50)
 
 
@@ -283,8 +293,8 @@ def _saved_run(tmp_path: Path, saved_by: str) -> Path:
     flags = ["x", "--size", "64", "--k", "10"] + ([] if saved_by == "channels_last" else ["--no-channels_last"])
     args = main.parse_args(flags)
     torch.manual_seed(0)
-    model = main.build_model(args, torch.device("cpu"))
-    opt = main.build_optimizer(model, args)
+    model = dc.build_model(args, torch.device("cpu"))
+    opt = dc.build_optimizer(model, args)
     _grads(model, 1)
     opt.step()
     state = {"epoch": 1, "arch": "alexnet", "state_dict": model.state_dict(), "optimizer": opt.state_dict()}
@@ -313,9 +323,9 @@ def test_resume_gives_momentum_the_parameters_layout(tmp_path, saved_by, now, de
     for fused in (True, False):
         args = main.parse_args(["x", "--size", "64", "--k", "10", "--resume", str(path)] + now
                                + ([] if fused else ["--no-fused_sgd"]))
-        model = main.build_model(args, torch.device(device))
-        opt = main.build_optimizer(model, args)
-        checkpoint.resume(args.resume, model, opt, args, n_images=100)  # on CUDA: the fused step used to raise
+        model = dc.build_model(args, torch.device(device))
+        opt = dc.build_optimizer(model, args)
+        dc.restore(args.resume, model, opt, args, 100, distributed.Runtime())  # on CUDA: the fused step used to raise
         layouts += [opt.state[p]["momentum_buffer"].stride() == p.stride() for p in model.body_parameters()]
         assert bool(opt.param_groups[0]["fused"]) == fused
         _grads(model, 2)
@@ -349,8 +359,8 @@ def test_sync_bn_conversion_keeps_parameters_and_checkpoint_keys():
     in one process (no process group) it computes what BatchNorm does, bitwise, on CPU."""
     args = main.parse_args(["x", "--size", "64", "--k", "10", "--sobel"])
     torch.manual_seed(0)
-    plain = main.build_model(args, torch.device("cpu"))
-    ref = main.build_model(args, torch.device("cpu"))
+    plain = dc.build_model(args, torch.device("cpu"))
+    ref = dc.build_model(args, torch.device("cpu"))
     ref.load_state_dict(plain.state_dict())
     params = {id(p) for p in plain.parameters()}
     n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
@@ -359,7 +369,7 @@ def test_sync_bn_conversion_keeps_parameters_and_checkpoint_keys():
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn
     assert {id(p) for p in synced.parameters()} == params
     assert list(synced.state_dict()) == list(ref.state_dict())
-    fresh = main.build_model(args, torch.device("cpu"))
+    fresh = dc.build_model(args, torch.device("cpu"))
     fresh.load_state_dict(synced.state_dict(), strict=True)
     x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     synced.train(), ref.train()
@@ -460,7 +470,7 @@ def test_deterministic_switches(monkeypatch):
 def test_channels_last_auto_is_on_for_the_cpu_only(flag, device, on):
     assert distributed.resolve_channels_last(flag, torch.device(device)) is on
     argv = ["x", "--size", "64", "--k", "10"] + ({True: ["--channels_last"], False: ["--no-channels_last"]}.get(flag, []))
-    model = main.build_model(main.parse_args(argv), torch.device("cpu"))  # cpu: auto is on
+    model = dc.build_model(main.parse_args(argv), torch.device("cpu"))  # cpu: auto is on
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) == (flag is not False)
 
 
@@ -537,7 +547,7 @@ def test_decode_gpu_loader_serves_the_same_batches(photos, tmp_path):
     for mode in ("cpu", "gpu"):
         args = main.parse_args([str(photos), "--size", "64", "--batch", "4", "--workers", "1", "--decode", mode,
                                 "--exp", str(tmp_path)])
-        loader = main.make_train_loader(ds, lists, draws, 0, args, distributed.Runtime())
+        loader = dc.make_train_loader(ds, lists, draws, 0, args, distributed.Runtime())
         batches[mode] = [(data.to_model_input(x, torch.device("cpu")), y, i) for x, y, i in loader]
     assert len(batches["gpu"]) == 2
     for (a, ya, ia), (b, yb, ib) in zip(batches["cpu"], batches["gpu"]):

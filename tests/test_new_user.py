@@ -19,7 +19,9 @@ from conftest import ROOT, make_image_folder, make_split_folder
 import checkpoint
 import cli
 import data
+import deepcluster as dc
 import distributed
+import engine
 import eval_knn
 import eval_linear
 import eval_retrieval
@@ -32,6 +34,7 @@ import main
 import main_deepclusterv2
 import models
 import preempt
+import runfolder
 import util
 from test_resume import small_model
 from test_survival import torchrun
@@ -84,9 +87,9 @@ def parse_error(capsys, argv: list[str]) -> str:
 # 1, 2, 4: --resume EXP continues that run; small data is adapted and warned about; the bar
 # ---------------------------------------------------------------------------------------
 def test_resume_folder_continues_that_run_with_its_flags(images36, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(main, "build_model", small_model)
+    monkeypatch.setattr(dc, "build_model", small_model)
     monkeypatch.setattr(cli, "progress", lambda disable: False)  # bars shown, as on a terminal
-    monkeypatch.setattr(main, "SHOW_EVERY_S", 0.0)
+    monkeypatch.setattr(engine, "SHOW_EVERY_S", 0.0)
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "runs" / "alex"
     first = [images36, "--exp", str(folder), "--size", "64", "--k", "18", "--batch", "8",
@@ -107,7 +110,7 @@ def test_resume_folder_continues_that_run_with_its_flags(images36, tmp_path, mon
     assert torch.load(folder / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
     assert [r["epoch"] for r in fileio.read_jsonl(folder / "log.jsonl")] == [0, 1]
     assert f"flags of the run in {folder}, except --epochs 2 (the run's: 1)" in out
-    last = checkpoint.read_history(folder)[-1]["args"]
+    last = runfolder.read_history(folder)[-1]["args"]
     assert (last["batch"], last["lr"], last["seed"], last["nmb_cluster"], last["pca"], last["sobel"]) == \
         (8, 0.02, 7, 18, 9, False)
     # given explicitly, a flag the checkpoint fixes is still checked against it
@@ -145,7 +148,7 @@ def test_device_loss_meter_peek_reads_without_moving_the_sums():
 
 
 def test_one_class_folder_logs_no_nmi(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(main, "build_model", small_model)
+    monkeypatch.setattr(dc, "build_model", small_model)
     images = make_image_folder(tmp_path / "one", n_classes=1, per_class=16, size=16)
     exp = tmp_path / "exp"
     assert main.run([str(images), "--exp", str(exp), "--size", "64", "--k", "4", "--pca", "4", "--batch", "8",

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 import checkpoint
+import deepcluster as dc
 import main
 import fileio
 import models
-import util
+import runfolder
 from conftest import make_image_folder
 
 RECORD_KEYS = ("epoch", "clustering_loss", "train_loss", "nmi_prev", "nmi_labels", "n_clusters", "n_empty",
@@ -46,7 +47,7 @@ def small_model(args, device):
 
 @pytest.fixture
 def small(monkeypatch):
-    monkeypatch.setattr(main, "build_model", small_model)
+    monkeypatch.setattr(dc, "build_model", small_model)
     monkeypatch.delenv("DEEPCLUSTER_FAULT", raising=False)
     monkeypatch.setenv("DEEPCLUSTER_FAULT_MODE", "raise")
     threads = torch.get_num_threads()
@@ -89,7 +90,7 @@ def outcome(exp: Path) -> tuple[dict, list[dict], list[np.ndarray]]:
     return ck, recs, [clog.load(e) for e in clog.epochs()]
 
 
-APPENDED = {"log.jsonl", "train.log", checkpoint.HISTORY}  # the only files written in place
+APPENDED = {"log.jsonl", "train.log", runfolder.HISTORY}  # the only files written in place
 
 
 def snapshot(exp: Path, dst: Path) -> None:
@@ -175,40 +176,41 @@ def test_fresh_run_in_a_used_folder_and_run_ids(small, images36, tmp_path, capsy
     assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
     old_periodic = exp / "checkpoints" / "checkpoint_1.pth.tar"
     assert old_periodic.exists()
-    stale = old_periodic.read_bytes()
-    # --overwrite retires the old run; its periodic copies can no longer be resumed
+    stale, old_id = old_periodic.read_bytes(), runfolder.current_run_id(exp)
+    # --overwrite retires the old run (every output, its record too); its copies can no longer be resumed
     assert run(argv(images36, exp, "--epochs", "1", "--checkpoints", "100", "--overwrite", "--seed", "5"))
     assert not old_periodic.exists()
     (exp / "checkpoints" / "checkpoint_9.pth.tar").write_bytes(stale)  # a stale copy put back by hand
-    hist = checkpoint.read_history(exp)
-    assert len(hist) == 2 and hist[-1]["args"]["seed"] == 5 and hist[0]["run_id"] != hist[1]["run_id"]
-    assert checkpoint.find_checkpoint(str(exp)) == str(exp / "checkpoint.pth.tar")
+    hist = runfolder.read_history(exp)
+    assert len(hist) == 1 and hist[-1]["args"]["seed"] == 5 and hist[0]["run_id"] != old_id
+    assert checkpoint.find_checkpoint(str(exp), runfolder.current_run_id(exp)) == str(exp / "checkpoint.pth.tar")
     assert "earlier run" in capsys.readouterr().out
     # args history: one line per invocation, each saying where it started
     assert run(argv(images36, exp, "--epochs", "2", "--checkpoints", "100", "--seed", "5", "--resume", str(exp)))
-    hist = checkpoint.read_history(exp)
-    assert [h["start_epoch"] for h in hist] == [0, 0, 1] and hist[2]["args"]["epochs"] == 2
-    assert hist[1]["run_id"] == hist[2]["run_id"]
+    hist = runfolder.read_history(exp)
+    assert [h["start_epoch"] for h in hist] == [0, 1] and hist[1]["args"]["epochs"] == 2
+    assert hist[0]["run_id"] == hist[1]["run_id"]
     assert json.loads((exp / "args.json").read_text())["epochs"] == 1  # the flags the run started with
     # a finished run resumed says so and touches nothing
     log_before = (exp / "log.jsonl").read_bytes()
     assert main.run(argv(images36, exp, "--epochs", "2", "--seed", "5", "--resume", str(exp))) == 0
     assert "the run is finished" in capsys.readouterr().out
-    assert (exp / "log.jsonl").read_bytes() == log_before and len(checkpoint.read_history(exp)) == 3
+    assert (exp / "log.jsonl").read_bytes() == log_before and len(runfolder.read_history(exp)) == 2
 
 
 def test_interrupt_hint_names_what_resume_loads(small, images36, tmp_path, capsys, monkeypatch):
     exp = tmp_path / "exp"
-    real = main.train_one_epoch
+    real = dc.train_step
 
-    def interrupted(loader, model, crit, opt, top_opt, device, epoch, args, on_iteration=None, **kw):
-        on_iteration(0, util.AverageMeter)  # the periodic copy at iteration 0, then Ctrl-C
-        raise KeyboardInterrupt
-    monkeypatch.setattr(main, "train_one_epoch", interrupted)
+    def interrupted(*a, **kw):  # Ctrl-C in the first step, after the periodic copy at iteration 0
+        def step(i, batch):
+            raise KeyboardInterrupt
+        return step
+    monkeypatch.setattr(dc, "train_step", interrupted)
     assert main.run(argv(images36, exp)) == 130
     err = capsys.readouterr().err
     assert f"--resume {exp} continues from {exp / 'checkpoints' / 'checkpoint_0.pth.tar'}" in err
-    monkeypatch.setattr(main, "train_one_epoch", real)
+    monkeypatch.setattr(dc, "train_step", real)
     assert main.run(argv(images36, exp, "--resume", str(exp))) == 0
 
 
@@ -248,7 +250,7 @@ def test_export_clusters_pickle_into_exp(tmp_path):
 def corrupt_later(monkeypatch, epoch: int, draw: int) -> dict:
     """Just before epoch ``epoch``'s training (after its features), make the image of its
     ``draw``-th draw unreadable; returns {"path", "bytes"} of that image as it was."""
-    real, hit = main.make_train_loader, {}
+    real, hit = dc.make_train_loader, {}
 
     def loader(dataset, images_lists, draws, ep, *a, **kw):
         if ep == epoch:
@@ -256,7 +258,7 @@ def corrupt_later(monkeypatch, epoch: int, draw: int) -> dict:
             hit["bytes"] = path.read_bytes()
             path.write_bytes(b"truncated")
         return real(dataset, images_lists, draws, ep, *a, **kw)
-    monkeypatch.setattr(main, "make_train_loader", loader)
+    monkeypatch.setattr(dc, "make_train_loader", loader)
     return hit
 
 
@@ -299,7 +301,7 @@ def test_bad_image_in_training_stops_after_a_resumable_checkpoint(small, images3
     assert stopped["epoch"] == 1 and stopped["iteration"] == 1 and "mid_epoch" in stopped
     hit["path"].write_bytes(hit["bytes"])
     small.undo()
-    small.setattr(main, "build_model", small_model)
+    small.setattr(dc, "build_model", small_model)
     assert run(argv(str(images), exp, "--resume", str(exp)))
     ck, recs, clusters = outcome(exp)
     ref_ck, ref_recs, ref_clusters = outcome(ref)

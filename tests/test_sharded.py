@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import clustering
+import deepcluster as dc
 import distributed
 from test_distributed import digits100, free_port  # noqa: F401 (fixture)
 
@@ -145,7 +146,7 @@ def test_file_list_index_and_resume_check(tmp_path):
     ckpt = {"state_dict": {}, "args": {"file_list_sha256": fl.sha256}}
     same = argparse.Namespace(arch="alexnet", sobel=False, nmb_cluster=10, file_list=str(listing),
                               file_list_sha256=fl.sha256)
-    checkpoint.check_checkpoint(ckpt, "c.pth", same, 3)
+    dc.check_checkpoint(ckpt, "c.pth", same, 3)
     other = argparse.Namespace(**{**vars(same), "file_list_sha256": "0" * 64})
     with pytest.raises(checkpoint.CheckpointError, match="--file_list"):
-        checkpoint.check_checkpoint(ckpt, "c.pth", other, 3)
+        dc.check_checkpoint(ckpt, "c.pth", other, 3)

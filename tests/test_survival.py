@@ -24,6 +24,7 @@ import torch
 import checkpoint
 import fileio
 import preempt
+import runfolder
 from conftest import digits_subset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ def test_killed_worker_restarts_and_ends_equal(reference, digits50, tmp_path):
     exp = tmp_path / "exp"
     res, _ = torchrun(argv(digits50, exp), restarts=len(KILLS), DEEPCLUSTER_FAULT=";".join(KILLS))
     assert res.returncode == 0, out(res)
-    launches = [h.get("launch") for h in checkpoint.read_history(exp)]
+    launches = [h.get("launch") for h in runfolder.read_history(exp)]
     # every kill fired (one recorded invocation per attempt), and each attempt continued the same launch
     assert len(launches) == len(KILLS) + 1 and len(set(launches)) == 1 and launches[0] is not None, launches
     assert_same_run(reference, exp)
@@ -201,7 +202,7 @@ def test_sigterm_to_the_launcher_stops_with_a_checkpoint_then_resumes_equal(refe
         or res.returncode == preempt.EXIT_PREEMPTED, out(res)
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and f"--resume {exp}" in lines[0], out(res)
-    found = checkpoint.find_checkpoint(str(exp), quiet=True)
+    found = checkpoint.find_checkpoint(str(exp), runfolder.current_run_id(exp), quiet=True)
     assert found.endswith("checkpoint_stopped.pth.tar") or found.endswith("checkpoint.pth.tar")
     res, _ = torchrun(argv(digits50, exp, "--resume", str(exp)))
     assert res.returncode == 0, out(res)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import checkpoint
+import deepcluster as dc
 import export
 import fileio
 import main
@@ -44,7 +45,7 @@ def train_argv(images: str, exp: Path, *extra: str) -> list[str]:
 def trained(images36, module_tmp) -> Path:
     exp = module_tmp.mktemp("run") / "exp"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(main, "build_model", small_model)
+        mp.setattr(dc, "build_model", small_model)
         extra = ["--keep_checkpoints", "2", "--keep_epoch_checkpoints"] + (["--tensorboard"] if HAS_TB else [])
         assert main.run(train_argv(images36, exp, *extra)) == 0
     return exp
@@ -181,7 +182,7 @@ def test_tensorboard_scalars_match_the_log(trained):
 
 def test_tensorboard_missing_is_one_error_line(images36, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when not installed
-    monkeypatch.setattr(main, "build_model", small_model)
+    monkeypatch.setattr(dc, "build_model", small_model)
     exp = tmp_path / "exp"
     assert main.run(train_argv(images36, exp, "--tensorboard")) == 2
     err = capsys.readouterr().err
@@ -338,7 +339,7 @@ def test_tensorboard_resume_keeps_one_value_per_epoch(trained, images36, tmp_pat
     shutil.copytree(trained, exp)
     ck = exp / "checkpoints" / "checkpoint_4.pth.tar"
     assert torch.load(ck, weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(main, "build_model", small_model)
+    monkeypatch.setattr(dc, "build_model", small_model)
     assert main.run(train_argv(images36, exp, "--tensorboard", "--resume", str(ck))) == 0
     recs = fileio.read_jsonl(exp / "log.jsonl")
     scalars = tb.read_scalars(exp / "tensorboard")

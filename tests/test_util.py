@@ -1,7 +1,6 @@
 """util: balanced sampler, released checkpoint layouts, atomic saves, RNG state, logs."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
@@ -16,6 +15,7 @@ import checkpoint
 import clustering
 import fileio
 import models
+import runfolder
 import util
 from checkpoint import CheckpointError
 
@@ -285,7 +285,7 @@ def test_fsync_by_default(tmp_path, monkeypatch, env, flushed):
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
     fileio.atomic_torch_save({"epoch": 1}, tmp_path / "checkpoint.pth.tar")
     assert len(calls) == (2 if flushed else 0)                     # the file, then the folder
-    checkpoint.record_invocation(tmp_path, argparse.Namespace(a=1), "run", 0)
+    runfolder.record_invocation(tmp_path, {"a": 1}, "run", "deepcluster", 0)
     assert len(calls) == (3 if flushed else 0)
     assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True) == {"epoch": 1}
 
