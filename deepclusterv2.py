@@ -345,9 +345,12 @@ def end_epoch(run, st: State, epoch: int, time_train: float, core, opt, scaler, 
               iters: int, draws_of, targets, clog, monitor, cfg, rt) -> dict:
     """The epoch's record (log line first: a kill before the checkpoint redoes the epoch), then
     its checkpoint and, every --checkpoint_freq epochs, a copy of the model."""
+    # main.py's keys for the same quantities (head 0's), each head's in *_heads
     record = {"epoch": epoch, "train_loss": st.losses.avg, "lr": float(schedule[(epoch + 1) * iters - 1]),
-              "time_clustering": st.time_clustering, "time_train": time_train, "n_clusters": cfg.nmb_prototypes[0],
-              "n_empty": st.n_empty, "world_size": rt.world_size, **label_scores(st.labels, targets, clog, epoch)}
+              "time_clustering": st.time_clustering, "time_train": time_train,
+              "time_epoch": st.time_clustering + time_train, "iterations": iters,
+              "n_clusters": cfg.nmb_prototypes[0], "n_empty": st.n_empty[0], "n_empty_heads": st.n_empty,
+              "world_size": rt.world_size, **label_scores(st.labels, targets, clog, epoch)}
     if monitor is not None:
         record.update(monitor.evaluate(core, rt.device))
     run.record(record, epoch)
@@ -359,6 +362,6 @@ def end_epoch(run, st: State, epoch: int, time_train: float, core, opt, scaler, 
     nmi = record.get("nmi_labels_heads")
     log.info("epoch %3d | loss %.3f | lr %.4f | NMI labels %s | empty %s | time: cluster %.1fs train %.1fs%s",
              epoch, record["train_loss"], record["lr"], " ".join(f"{x:.3f}" for x in nmi) if nmi else "-",
-             record["n_empty"], st.time_clustering, time_train, KnnMonitor.text(record))
+             record["n_empty_heads"], st.time_clustering, time_train, KnnMonitor.text(record))
     st.labels, st.n_empty, st.it = None, None, 0
     return record

@@ -177,9 +177,10 @@ def configure(args: argparse.Namespace, rt: distributed.Runtime) -> cli.Config:
 
 
 def train(run: engine.Run, plan: dc.EpochPlan, epoch: int, model, opt, prev, dataset, cfg: cli.Config,
-          rt: distributed.Runtime) -> tuple[float, float, int]:
+          rt: distributed.Runtime, clustered: bool) -> tuple[float, float, int]:
     """One pass of SGD on the plan's draws, from its start (the engine's stop protocol and
-    checkpoint policy); returns (mean loss, seconds, iterations of the epoch)."""
+    checkpoint policy; ``clustered``: the plan is new, saved before its first step so that a
+    crash never redoes its clustering); returns (mean loss, seconds, iterations of the epoch)."""
     t0 = distributed.synced_time(rt.device)
     # step i of the epoch covers draws [i * batch, (i + 1) * batch) on any number of processes
     loader = dc.make_train_loader(dataset, plan.images_lists, plan.draws, epoch, cfg, rt,
@@ -194,7 +195,7 @@ def train(run: engine.Run, plan: dc.EpochPlan, epoch: int, model, opt, prev, dat
     model.train()
     step = dc.train_step(distributed.wrap_ddp(model, rt), nn.CrossEntropyLoss(), opt, plan, cfg, rt.device)
     run.train(loader, step, epoch=epoch, start=plan.start_iter, iters=iters, meter=meter, state=state,
-              clustered=plan.start_iter == 0)
+              clustered=clustered)
     return plan.losses.avg, distributed.synced_time(rt.device) - t0, iters
 
 
@@ -217,10 +218,11 @@ def epochs(run: engine.Run, found: str | None, dataset, cfg: cli.Config, rt: dis
         log.info("random network |%s", knn.KnnMonitor.text(init))
     for epoch in range(first, cfg.epochs):
         preempt.raise_if_requested(f" before epoch {epoch}")  # a stop asked for at the end of the last one
-        plan = dc.resumed_plan(mid, model, cfg, rt) if mid is not None else \
-            dc.plan_epoch(feature_loader, model, clusterer, n, cfg, rt)
+        clustered = mid is None
+        plan = dc.plan_epoch(feature_loader, model, clusterer, n, cfg, rt) if clustered else \
+            dc.resumed_plan(mid, model, cfg, rt)
         mid = None
-        loss, time_train, iters = train(run, plan, epoch, model, opt, prev, dataset, cfg, rt)
+        loss, time_train, iters = train(run, plan, epoch, model, opt, prev, dataset, cfg, rt, clustered)
         knn_record = {} if monitor is None else monitor.evaluate(model, rt.device)  # a kill here redoes the epoch
         record = {**dc.epoch_record(epoch, plan, loss, time_train, iters, prev, targets, rt), **knn_record}
         dc.end_epoch(run, epoch, plan, record, model, opt, clog, dataset, cfg, rt)

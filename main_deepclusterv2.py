@@ -152,7 +152,8 @@ def open_data(cfg: cli.Config, rt: distributed.Runtime) -> data.IndexedImageFold
 def train(run: engine.Run, st: v2.State, epoch: int, core, model, opt, scaler, schedule, mc, n: int, iters: int,
           draws_of, cfg: cli.Config, rt: distributed.Runtime) -> float:
     """The epoch's clustering (unless resumed inside it), then its steps from ``st.it``; seconds of training."""
-    if st.labels is None:  # epoch start: cluster the previous epoch's bank
+    clustered = st.labels is None
+    if clustered:  # epoch start: cluster the previous epoch's bank
         t0 = distributed.synced_time(rt.device)
         st.labels, st.n_empty = v2.cluster_memory(core, st.bank, n, epoch, cfg, rt)
         st.time_clustering, st.losses = distributed.synced_time(rt.device) - t0, util.AverageMeter()
@@ -171,7 +172,7 @@ def train(run: engine.Run, st: v2.State, epoch: int, core, model, opt, scaler, s
                          v2.labelled_per_step(st.labels, draws, iters, rt), epoch, iters, cfg, rt)
     model.train()
     run.train(v2.make_loader(mc, draws, v2.aug_seed(cfg.seed, epoch), st.it * cfg.batch_size, cfg, rt), step,
-              epoch=epoch, start=st.it, iters=iters, meter=meter, state=state, clustered=st.it == 0)
+              epoch=epoch, start=st.it, iters=iters, meter=meter, state=state, clustered=clustered)
     return distributed.synced_time(rt.device) - t1
 
 

@@ -68,7 +68,7 @@ class FolderLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -89,9 +89,13 @@ class FolderLock:
         self.fd = fd
 
     def release(self) -> None:
+        """Unlock (for every process sharing the descriptor: forked loader workers too) and close."""
+        import fcntl
+
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, 0)  # an empty lock file: nobody to take over from
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
                 os.close(self.fd)
             self.fd = None
 

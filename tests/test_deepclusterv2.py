@@ -322,6 +322,14 @@ def _final(exp):
     return checkpoint.torch_load(exp / "checkpoint.pth.tar")
 
 
+def _newest(exp):
+    """The checkpoint --resume EXP takes (mid-epoch copies included)."""
+    import checkpoint
+    import runfolder
+
+    return checkpoint.torch_load(checkpoint.find_checkpoint(str(exp), runfolder.current_run_id(exp), quiet=True))
+
+
 @pytest.mark.slow
 def test_dcv2_run_outputs(dcv2_reference):
     import fileio
@@ -330,7 +338,7 @@ def test_dcv2_run_outputs(dcv2_reference):
     assert [r["epoch"] for r in recs] == [-1, 0, 1]  # -1: the random network's kNN
     assert all(0 <= r["knn_top1"] <= 100 for r in recs)
     recs = recs[1:]
-    assert all(np.isfinite(r["loss"]) and len(r["nmi_labels_heads"]) == 2 for r in recs)
+    assert all(np.isfinite(r["train_loss"]) and len(r["nmi_labels_heads"]) == 2 for r in recs)
     assert "nmi_prev" in recs[1]
     # the training report draws a v2 run
     from visu import report
@@ -357,14 +365,14 @@ def test_dcv2_resume_at_epoch_end_and_mid_epoch_equals_uninterrupted(dcv2_images
     import main_deepclusterv2 as m2
 
     exp = tmp_path / "exp"
-    argv = dcv2_argv(dcv2_images, exp, "--checkpoint_iters", "1")
+    argv = dcv2_argv(dcv2_images, exp, "--checkpoint_iters", "1", "--keep_checkpoints", "0")
     monkeypatch.setenv("DEEPCLUSTER_FAULT_MODE", "raise")
     # hits: epoch 0 steps 1-2 (saved after step 1 and at the end), epoch 1 steps 3-4
     monkeypatch.setenv("DEEPCLUSTER_FAULT", "dcv2_train:3")        # killed in epoch 1's first step
     checkpoint.FAULT_HITS.clear()
     with pytest.raises(checkpoint.FaultInjected):
         m2.run(argv)
-    assert (_final(exp)["epoch"], _final(exp)["iteration"]) == (1, 0)
+    assert (_newest(exp)["epoch"], _newest(exp)["iteration"]) == (1, 0) and _final(exp)["epoch"] == 1
     # --freeze_prototypes_niters 2 = all of epoch 0: its prototypes are still the unit centroids
     for h, k in ((0, 4), (1, 5)):
         w = _final(exp)["state_dict"][f"prototypes.prototypes{h}.weight"]
@@ -372,17 +380,17 @@ def test_dcv2_resume_at_epoch_end_and_mid_epoch_equals_uninterrupted(dcv2_images
     monkeypatch.setenv("DEEPCLUSTER_FAULT", "dcv2_train:2")        # resumed: killed in step 2 of epoch 1
     checkpoint.FAULT_HITS.clear()
     with pytest.raises(checkpoint.FaultInjected):
-        m2.run(argv)
-    assert (_final(exp)["epoch"], _final(exp)["iteration"]) == (1, 1)
+        m2.run(argv + ["--resume", str(exp)])
+    assert (_newest(exp)["epoch"], _newest(exp)["iteration"]) == (1, 1)
     monkeypatch.delenv("DEEPCLUSTER_FAULT")
-    assert m2.run(argv) == 0
+    assert m2.run(argv + ["--resume", str(exp)]) == 0
     a, b = _final(exp), _final(dcv2_reference)
     for k, v in b["state_dict"].items():
         assert torch.equal(a["state_dict"][k], v), k
     assert torch.equal(a["bank"], b["bank"]) and torch.equal(a["bank_index"], b["bank_index"])
     la, lb = checkpoint.read_jsonl(exp / "log.jsonl"), checkpoint.read_jsonl(dcv2_reference / "log.jsonl")
     lb = [r for r in lb if r["epoch"] >= 0]
-    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    assert [r["train_loss"] for r in la] == [r["train_loss"] for r in lb]
     assert [r["nmi_labels_heads"] for r in la] == [r["nmi_labels_heads"] for r in lb]
 
 
@@ -441,26 +449,28 @@ def test_dcv2_two_processes_equal_one_and_resume_on_one(dcv2_images, tmp_path, m
     with pytest.raises(fileio.FaultInjected):
         m2.run(argv_of(one, "6"))
     monkeypatch.delenv("DEEPCLUSTER_FAULT")
-    a, b = (checkpoint.torch_load(e / "checkpoint.pth.tar") for e in (two, one))
+    a, b = (_newest(e) for e in (two, one))
     assert (a["epoch"], a["iteration"], a["world_size"]) == (1, 1, 2)
     assert (b["epoch"], b["iteration"], b["world_size"]) == (1, 1, 1)
     assert a["bank"].shape[1] == 6 and torch.equal(a["bank_index"], b["bank_index"])  # the global step's 6 images
     # every head's assignments of epoch 1 (k-means of the bank trained in epoch 0), and head 0's of epoch 0
-    assert torch.equal(a["labels"], b["labels"]) and ((a["labels"] >= 0).sum(1) == 12).all()
+    labels_a, labels_b = a["mid_epoch"]["labels"], b["mid_epoch"]["labels"]
+    assert torch.equal(labels_a, labels_b) and ((labels_a >= 0).sum(1) == 12).all()
     clusters = [checkpoint.ClusterLog(e / "clusters") for e in (two, one)]
     np.testing.assert_array_equal(clusters[0].load(0), clusters[1].load(0))
     log_a, log_b = (fileio.read_jsonl(e / "log.jsonl") for e in (two, one))
     assert log_a[0]["nmi_labels_heads"] == log_b[0]["nmi_labels_heads"]
-    assert log_a[0]["loss"] == pytest.approx(log_b[0]["loss"], rel=2e-4)
-    torch.testing.assert_close(a["loss_sum"], b["loss_sum"], rtol=2e-4, atol=0)
+    assert log_a[0]["train_loss"] == pytest.approx(log_b[0]["train_loss"], rel=2e-4)
+    assert a["mid_epoch"]["loss_sum"] == pytest.approx(b["mid_epoch"]["loss_sum"], rel=2e-4)
     assert _max_diff(a["state_dict"], b["state_dict"]) < 5e-4
     assert float((a["bank"] - b["bank"]).abs().max()) < 2e-3  # unit vectors
     # both end on 1 process x batch 6: the 2-process part resumes inside epoch 1
-    assert m2.run(argv_of(two, "6")) == 0 and m2.run(argv_of(one, "6")) == 0
+    assert m2.run(argv_of(two, "6") + ["--resume", str(two)]) == 0
+    assert m2.run(argv_of(one, "6") + ["--resume", str(one)]) == 0
     log_a, log_b = (fileio.read_jsonl(e / "log.jsonl") for e in (two, one))
     assert [(r["epoch"], r["world_size"]) for r in log_a] == [(0, 2), (1, 1)]
-    assert log_a[1]["loss"] == pytest.approx(log_b[1]["loss"], rel=2e-4)
-    np.testing.assert_array_equal(clusters[0].load(1), np.where(a["labels"][0] >= 0, a["labels"][0], -1))
+    assert log_a[1]["train_loss"] == pytest.approx(log_b[1]["train_loss"], rel=2e-4)
+    np.testing.assert_array_equal(clusters[0].load(1), np.where(labels_a[0] >= 0, labels_a[0], -1))
     np.testing.assert_array_equal(clusters[0].load(1), clusters[1].load(1))
     a, b = (checkpoint.torch_load(e / "checkpoint.pth.tar") for e in (two, one))
     assert len(a["bank_index"]) == 12 and torch.equal(a["bank_index"], b["bank_index"])
