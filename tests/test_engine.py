@@ -47,7 +47,7 @@ def images(module_tmp) -> Path:
 
 
 def v1_argv(images: Path, exp: Path, *extra: str) -> list[str]:
-    return [str(images), "--exp", str(exp), "--size", "64", "--k", "4", "--pca", "8", "--batch", "4",
+    return [str(images), "--exp", str(exp), "--size", "64", "--k", "2", "--pca", "8", "--batch", "4",
             "--workers", "0", "--epochs", "2", "--checkpoints", "3", "--no_progress", "--device", "cpu", *extra]
 
 
@@ -134,7 +134,7 @@ def test_overwrite_leaves_nothing_of_the_old_run(script, images, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hit", [2, 3])  # epoch 0 step 1; epoch 1 step 0 (right after its clustering)
+@pytest.mark.parametrize("hit", [1, 3])  # in step 0 of epoch 0 / of epoch 1 (2 steps an epoch): stops before step 1
 def test_dcv2_sigterm_at_a_step_stops_with_a_checkpoint_and_resumes_equal(hit, images, tmp_path, monkeypatch,
                                                                           capsys):
     ref, exp = tmp_path / "ref", tmp_path / "exp"
@@ -147,9 +147,9 @@ def test_dcv2_sigterm_at_a_step_stops_with_a_checkpoint_and_resumes_equal(hit, i
     fileio.FAULT_HITS.clear()
     assert m2.run(ARGV["main_deepclusterv2"](images, exp)) == preempt.EXIT_PREEMPTED
     err = capsys.readouterr().err
-    assert err.count("error:") == 1 and f"stopped by SIGTERM at step {hit % 2}" in err and f"--resume {exp}" in err
+    assert err.count("error:") == 1 and "stopped by SIGTERM at step 1" in err and f"--resume {exp}" in err
     stopped = checkpoint.torch_load(exp / "checkpoints" / "checkpoint_stopped.pth.tar")
-    assert (stopped["epoch"], stopped["iteration"]) == (hit // 2, hit % 2) and "mid_epoch" in stopped
+    assert (stopped["epoch"], stopped["iteration"]) == (hit // 2, 1) and "mid_epoch" in stopped
     monkeypatch.setattr(fileio, "FAULT_HOOK", None)
     assert m2.run(ARGV["main_deepclusterv2"](images, exp, "--resume", str(exp))) == 0
     a, b = (checkpoint.torch_load(e / "checkpoint.pth.tar") for e in (ref, exp))
@@ -188,3 +188,41 @@ def test_a_folder_of_the_other_method_names_its_script(images, tmp_path, capsys)
     assert main.run([str(images), "--resume", str(v2)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{v2} holds a deepclusterv2 run: continue it with main_deepclusterv2.py" in err
+
+
+V2_SIGTERM_ENTRY = '''
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import fileio, main_deepclusterv2
+def hook(point, n):  # rank 1, first attempt: SIGTERM to the launcher, which forwards it to every worker
+    if point == "dcv2_train" and n == int(os.environ["AT_HIT"]) and os.environ.get("RANK") == "1":
+        os.kill(os.getppid(), signal.SIGTERM)
+fileio.FAULT_HOOK = hook
+sys.exit(main_deepclusterv2.run())
+'''
+
+
+@pytest.mark.slow
+def test_dcv2_two_processes_sigterm_to_the_launcher_then_resume_equal(images, tmp_path):
+    from test_survival import torchrun
+
+    entry = tmp_path / "entry.py"
+    entry.write_text(V2_SIGTERM_ENTRY.format(root=str(ROOT)))
+    ref, exp = tmp_path / "ref", tmp_path / "exp"
+    argv = lambda e, *x: dcv2_argv(images, e, "--batch_size", "4", "--no_progress", *x)  # noqa: E731
+    res, _ = torchrun(argv(ref), launch=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res, _ = torchrun(argv(exp), entry=entry, launch=True, AT_HIT="3")  # epoch 1, step 0, after its clustering
+    assert res.returncode == preempt.EXIT_PREEMPTED, res.stderr[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and f"--resume {exp}" in lines[0], res.stderr
+    stopped = checkpoint.torch_load(exp / "checkpoints" / "checkpoint_stopped.pth.tar")
+    assert stopped["epoch"] == 1 and stopped["world_size"] == 2
+    res, _ = torchrun(argv(exp, "--resume", str(exp)), launch=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (checkpoint.torch_load(e / "checkpoint.pth.tar") for e in (ref, exp))
+    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+    assert torch.equal(a["bank"], b["bank"])
+    la, lb = (fileio.read_jsonl(e / "log.jsonl") for e in (ref, exp))
+    assert [r["train_loss"] for r in la] == [r["train_loss"] for r in lb]
+    assert [r["nmi_labels_heads"] for r in la] == [r["nmi_labels_heads"] for r in lb]
