@@ -203,6 +203,7 @@ def epochs(run: engine.Run, found: str | None, dataset, cfg: cli.Config, rt: dis
     """Set up the model and the run's state, then train epoch by epoch; the last record."""
     monitor = knn.KnnMonitor.for_training(cfg, rt, log, demo=DEMO_KNN_DATA)  # a bad --knn_data stops here
     cfg = cfg.replace(**dc.check_data(dataset, cfg, run.exp, rt))
+    run.flags = {k: v for k, v in vars(cfg).items() if k != "demo"}  # recorded as run: --pca lowered
     n, targets = len(dataset), dc.label_targets(dataset)
     dataset.mark_unreadable = cfg.bad_images == "skip"
     model = distributed.sync_batchnorm(dc.build_model(cfg, rt.device), cfg.sync_bn, rt)

@@ -129,7 +129,7 @@ def build_model(args, channels_last: bool) -> models.DeepClusterNet:
 @torch.no_grad()
 def feature_pass(args, root: str, model, channels_last: bool, draft: bool, amp: bool = False,
                  uint8: bool = False) -> np.ndarray:
-    """(N, 4096) fc7 features of the folder, as main.compute_features (eval transform)."""
+    """(N, 4096) fc7 features of the folder, as deepcluster.compute_features (eval transform)."""
     ds = data.IndexedImageFolder(root, transform=data.eval_transform(args.size, normalize=not uint8),
                                  draft=data.eval_resize(args.size) if draft else None)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, num_workers=args.workers)

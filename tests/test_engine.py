@@ -210,7 +210,8 @@ def test_dcv2_two_processes_sigterm_to_the_launcher_then_resume_equal(images, tm
     entry.write_text(V2_SIGTERM_ENTRY.format(root=str(ROOT)))
     ref, exp = tmp_path / "ref", tmp_path / "exp"
     argv = lambda e, *x: dcv2_argv(images, e, "--batch_size", "4", "--no_progress", *x)  # noqa: E731
-    res, _ = torchrun(argv(ref), launch=True)
+    script = ROOT / "main_deepclusterv2.py"
+    res, _ = torchrun(argv(ref), entry=script, launch=True)
     assert res.returncode == 0, res.stderr[-3000:]
     res, _ = torchrun(argv(exp), entry=entry, launch=True, AT_HIT="3")  # epoch 1, step 0, after its clustering
     assert res.returncode == preempt.EXIT_PREEMPTED, res.stderr[-3000:]
@@ -218,7 +219,7 @@ def test_dcv2_two_processes_sigterm_to_the_launcher_then_resume_equal(images, tm
     assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and f"--resume {exp}" in lines[0], res.stderr
     stopped = checkpoint.torch_load(exp / "checkpoints" / "checkpoint_stopped.pth.tar")
     assert stopped["epoch"] == 1 and stopped["world_size"] == 2
-    res, _ = torchrun(argv(exp, "--resume", str(exp)), launch=True)
+    res, _ = torchrun(argv(exp, "--resume", str(exp)), entry=script, launch=True)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = (checkpoint.torch_load(e / "checkpoint.pth.tar") for e in (ref, exp))
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())

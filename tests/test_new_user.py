@@ -133,7 +133,7 @@ def test_resume_parse_takes_the_run_folder_and_flags(tmp_path):
     assert main.parse_args(["d", "--resume", str(run), "--exp", "other"]).exp == "other"
     plain = tmp_path / "released.pth.tar"
     args = main.parse_args(["d", "--resume", str(plain)])
-    assert (args.exp, args.size, args.nmb_cluster) == ("exp", 224, 10000) and not hasattr(args, "resume_note")
+    assert (args.exp, args.size, args.nmb_cluster) == ("exp", 224, 10000) and args.resume_note is None
 
 
 def test_device_loss_meter_peek_reads_without_moving_the_sums():
