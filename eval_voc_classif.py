@@ -301,8 +301,9 @@ def per_class_ap(scores: np.ndarray, labels: np.ndarray, metric: str = "standard
 
 def format_table(aps: np.ndarray) -> str:
     lines = [f"{'class':<12s} {'AP':>6s}"]
-    lines += [f"{c:<12s} {100 * a:6.2f}" for c, a in zip(VOC_CLASSES, aps)]
-    lines.append(f"{'mAP':<12s} {100 * np.nanmean(aps):6.2f}")
+    lines += [f"{c:<12s} {100 * a:6.2f}" if np.isfinite(a) else f"{c:<12s} {'-':>6s}" for c, a in zip(VOC_CLASSES, aps)]
+    defined = aps[np.isfinite(aps)]  # a class without positives has no AP ("-")
+    lines.append(f"{'mAP':<12s} {100 * defined.mean():6.2f}" if defined.size else f"{'mAP':<12s} {'-':>6s}")
     return "\n".join(lines)
 
 
