@@ -1,8 +1,10 @@
 """Helpers shared by the evaluation scripts (eval_linear, eval_voc_classif, eval_retrieval).
 
 One error type (:class:`EvalError`, a ``errors.ScriptError``: ``cli.run_cli`` prints it as one
-line, exit code 2), a labelled image dataset, folder checks, average precision. Device choice,
-seeding, logging and the CLI wrapper are ``util``'s, shared with ``main.py`` and ``visu/``.
+line, exit code 2), a labelled image dataset, folder checks, average precision, the model
+file's fingerprint, strict-JSON results files (:func:`write_results`: an undefined number is
+``null``), and what eval_linear / eval_voc_classif add to the run engine (:mod:`engine`) for
+their run folder: ``--resume EXP`` without the required flags, the checks made before any work.
 """
 from __future__ import annotations
 
