@@ -96,7 +96,8 @@ def test_disk_check_names_the_folder_and_its_space(tmp_path, case):
 PATH_VARS = {"main.sh": ["DIR", "EXP"], "main_deepclusterv2.sh": ["DIR", "EXP"], "quickstart.sh": ["DIR", "EXP"],
              "eval_linear.sh": ["DATA", "MODEL", "EXP"], "eval_knn.sh": ["DATA", "MODEL", "EXP"],
              "eval_retrieval.sh": ["OXFORD", "PARIS", "MODEL", "EXP"],
-             "eval_voc_classif_all.sh": ["VOC", "MODEL", "EXP"], "eval_voc_classif_fc6_8.sh": ["VOC", "MODEL", "EXP"]}
+             "eval_voc_classif_all.sh": ["VOC", "MODEL", "EXP"], "eval_voc_classif_fc6_8.sh": ["VOC", "MODEL", "EXP"],
+             "visu/gradient_ascent.sh": ["MODEL", "EXP"], "visu/activ-retrieval.sh": ["MODEL", "DATA", "EXP"]}
 
 
 @pytest.mark.parametrize("script", sorted(PATH_VARS))
