@@ -207,12 +207,14 @@ class Run:
     """One run in its folder: claim, records, checkpoints and the stop protocol.
 
     ``flags``: the script's flags as given (recorded in args.json / args_history.jsonl);
-    ``outputs``: what this script writes beyond :data:`runfolder.OUTPUTS`.
+    ``outputs``: what this script writes beyond :data:`runfolder.OUTPUTS`; ``setup_log`` False:
+    the script set up the ``deepcluster`` logger itself (deferred, kept lines logged before the claim).
     """
 
     def __init__(self, exp: str | os.PathLike, rt, method: str, flags: dict, *, resume: str = "",
                  overwrite: bool = False, outputs: tuple[str, ...] = (), verbose: bool = False,
-                 tensorboard: bool = False, no_progress: bool = False):
+                 tensorboard: bool = False, no_progress: bool = False, setup_log: bool = True):
+        self.setup_log = setup_log
         self.exp, self.rt, self.method, self.flags = Path(exp), rt, method, flags
         self.resume, self.overwrite, self.outputs = resume, overwrite, outputs
         self.verbose, self.tensorboard = verbose, tensorboard
@@ -228,7 +230,8 @@ class Run:
         """Lock and check the folder before anything is written there (rank 0 decides, every
         rank gets its answer). Returns the checkpoint to resume from (None: a fresh start, or
         a resumed folder with no checkpoint yet, see :attr:`resuming`)."""
-        cli.setup_logging(log, self.exp, "train.log", self.verbose, self.rt.is_main, defer=True)
+        if self.setup_log:
+            cli.setup_logging(log, self.exp, "train.log", self.verbose, self.rt.is_main, defer=True)
         outcome = on_main(self._claim_main, self.rt)
         if isinstance(outcome, BaseException):
             raise outcome

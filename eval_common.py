@@ -1,15 +1,20 @@
 """Helpers shared by the evaluation scripts (eval_linear, eval_voc_classif, eval_retrieval).
 
 One error type (:class:`EvalError`, a ``errors.ScriptError``: ``cli.run_cli`` prints it as one
-line, exit code 2), a labelled image dataset, folder checks, average precision. Device choice,
-seeding, logging and the CLI wrapper are ``util``'s, shared with ``main.py`` and ``visu/``.
+line, exit code 2), a labelled image dataset, folder checks, average precision, the model
+file's fingerprint, strict-JSON results files (:func:`write_results`: an undefined number is
+``null``), and what eval_linear / eval_voc_classif add to the run engine (:mod:`engine`) for
+their run folder: ``--resume EXP`` without the required flags, the checks made before any work.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
+import io
 import logging
+import math
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,8 +23,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import checkpoint
+import cli
 import data
 import errors
+import fileio
+import runfolder
 
 log = logging.getLogger("deepcluster.eval")
 
@@ -37,8 +46,6 @@ def model_key(path: str) -> str:
     return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
-# ---------------------------------------------------------------------------------------
-# data
 # ---------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------
@@ -155,30 +162,121 @@ def check_same_model(saved: dict | None, current: dict, resume: str) -> None:
                         f"{current['sha256'][:12]}...): pass that model, or a new --exp without --resume")
 
 
-def resume_file(resume: str) -> str | None:
-    """``--resume``: a checkpoint file, or an evaluation folder (its checkpoint.pth.tar; None,
-    i.e. start from the beginning, when the run there stopped before its first checkpoint)."""
+# ---------------------------------------------------------------------------------------
+# the run folder of the evaluations that train (eval_linear, eval_voc_classif): engine.Run
+# ---------------------------------------------------------------------------------------
+def parse_resumable(make_parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None, method: str,
+                    not_inherited: Sequence[str], required: Sequence[str],
+                    defaults=None) -> tuple[argparse.Namespace, str | None]:
+    """:func:`runfolder.parse_resumable`; with ``--resume`` the ``required`` flags (``data``,
+    ``model``...) may be left out: the recorded run's are taken (an error names any still missing)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--resume", default="")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            resuming = bool(pre.parse_known_args(argv)[0].resume)
+    except SystemExit:  # a bare --resume: the full parser says what is wrong
+        resuming = False
+
+    def parser() -> argparse.ArgumentParser:
+        p = make_parser()
+        for action in p._actions:
+            if resuming and action.dest in required:
+                action.required = False
+        return p
+
+    args, note = runfolder.parse_resumable(parser, argv, method, not_inherited, defaults)
+    missing = [f"--{d}" for d in required if getattr(args, d) is None]
+    if missing:
+        raise EvalError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required: --resume "
+                        f"{args.resume} names no run folder that recorded {'it' if len(missing) == 1 else 'them'}")
+    return args, note
+
+
+def refuse_taken(exp: Path, resume: str, overwrite: bool, outputs: Sequence[str]) -> None:
+    """Before any work, creating nothing: a folder locked by a live run is refused (naming its
+    host and PID), a folder holding a run unless ``--resume`` / ``--overwrite``.
+    ``engine.Run.claim`` checks both again under the lock."""
+    if (exp / runfolder.LOCK).exists() and _locked(exp / runfolder.LOCK):
+        lock = runfolder.FolderLock(exp)
+        lock.acquire()  # raises RunFolderError naming the holder (unless it ended meanwhile)
+        lock.release()
+    used = runfolder.used_by(exp, outputs)
+    if used and not resume and not overwrite:
+        raise runfolder.RunFolderError(
+            f"{exp} already holds a run ({used[0]}): continue it with --resume {exp}, use a new --exp, or start "
+            f"over with --overwrite (deletes every output of that run)")
+
+
+def _locked(path: Path) -> bool:
+    """True while another process holds ``flock(path)`` (probed with a shared lock, released at once)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the probe's lock
+
+
+def setup_run_logging(exp: Path, verbose: bool) -> None:
+    """The run's lines, the engine's included, to stdout and ``EXP/train.log``; the file is made
+    by ``engine.Run.claim`` (a refused run leaves nothing) and keeps the lines logged before."""
+    cli.setup_logging(logging.getLogger("deepcluster"), exp, "train.log", verbose, defer=True)
+    for h in list(log.handlers):  # the eval logger passes its lines to the run's handlers
+        log.removeHandler(h)
+        h.close()
+    log.setLevel(logging.NOTSET)
+    log.propagate = True
+
+
+def resume_checkpoint(resume: str) -> str | None:
+    """The checkpoint ``--resume`` loads: a file, or a folder's newest one of its current run
+    (None: the run stopped before its first checkpoint, it starts from the beginning)."""
     if not resume:
         return None
-    p = Path(resume)
-    if p.is_dir():
-        if (p / "checkpoint.pth.tar").is_file():
-            return str(p / "checkpoint.pth.tar")
-        log.warning("no checkpoint in %s yet: starting from the beginning", resume)
+    folder = runfolder.folder_of(resume)
+    try:
+        return checkpoint.find_checkpoint(resume, runfolder.current_run_id(folder) if folder else None)
+    except checkpoint.CheckpointError as e:
+        raise EvalError(f"--resume: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# results files: strict JSON
+# ---------------------------------------------------------------------------------------
+def finite_or_null(obj, where: str = "", undefined: list[str] | None = None):
+    """``obj`` with every NaN/inf float (numpy's too) replaced by None; their places are
+    appended to ``undefined`` (e.g. ``ap.cow``)."""
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v, f"{where}.{k}" if where else str(k), undefined) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v, f"{where}[{i}]", undefined) for i, v in enumerate(obj)]
+    if isinstance(obj, (float, np.floating)):
+        if math.isfinite(obj):
+            return float(obj)
+        if undefined is not None:
+            undefined.append(where)
         return None
-    return resume
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
 
 
-def claim_exp(exp: str | os.PathLike, resume: str, overwrite: bool, outputs: Sequence[str],
-              also: Sequence[str] = ()) -> None:
-    """A folder that holds an evaluation's ``outputs`` is refused unless ``--resume`` (continue
-    it) or ``--overwrite`` (those files, and the ``also`` ones such as tensorboard/, are
-    deleted); nothing is written before this check."""
-    found = [Path(exp) / f for f in outputs if (Path(exp) / f).exists()]
-    if not found or resume:
-        return
-    if not overwrite:
-        raise EvalError(f"{exp} already holds a run ({found[0]}): continue it with --resume {exp}, use a new "
-                        f"--exp, or start over with --overwrite (deletes {', '.join(p.name for p in found)})")
-    for p in found + [Path(exp) / f for f in also]:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+def write_results(path: str | os.PathLike, result: dict) -> dict:
+    """Write ``result`` as strict JSON (``json.dumps`` would write a bare NaN, which JSON does
+    not have): an undefined number becomes ``null``, named in a warning. Returns what was written."""
+    import json
+
+    undefined: list[str] = []
+    clean = finite_or_null(result, "", undefined)
+    for where in undefined:
+        log.warning("%s: %s is undefined (not a number), written as null", Path(path).name, where)
+    fileio.atomic_write_text(path, json.dumps(clean, indent=1, allow_nan=False))
+    return clean

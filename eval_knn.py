@@ -37,7 +37,7 @@ import data
 import distributed
 import fileio
 import knn
-from eval_common import EvalError, check_input_size, log, model_key
+from eval_common import EvalError, check_input_size, log, model_fingerprint, model_key, write_results
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,12 +164,11 @@ def main(args: argparse.Namespace) -> dict:
     acc = knn.knn_accuracy(ranks, torch.from_numpy(splits.val_labels), len(splits.classes))
     log.info("weighted kNN on %s (%d dims%s), %.1fs:\n%s", args.layer, train.shape[1],
              f", PCA-whitened to {train_t.shape[1]}" if args.whiten else "", time.time() - t0, format_table(acc))
-    out = {"model": str(args.model), "data": str(args.data), "layer": args.layer, "dim": int(train.shape[1]),
+    out = {"model": str(args.model), "model_file": model_fingerprint(args.model), "data": str(args.data), "layer": args.layer, "dim": int(train.shape[1]),
            "whiten": int(train_t.shape[1]) if args.whiten else 0,
            "temperature": args.temperature, "n_train": len(splits.train_paths), "n_val": len(splits.val_paths),
            "n_classes": len(splits.classes), "results": {str(k): v for k, v in acc.items()}}
-    fileio.atomic_write_text(exp / "results.json", json.dumps(out, indent=1))
-    return out
+    return write_results(exp / "results.json", out)  # strict JSON: an undefined number is null
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -46,13 +47,12 @@ import checkpoint
 import cli
 import data
 import distributed
-import fileio
+import engine
+import eval_common
 import models
-import util
 import tb
-from eval_common import EvalError, LabeledImages, check_same_model, claim_exp, log, model_fingerprint, require_dir, \
-    resume_file
-
+import util
+from eval_common import EvalError, LabeledImages, check_same_model, log, model_fingerprint, require_dir
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -99,9 +99,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--exp", type=str, default="exp_linear", help="exp folder")
     g.add_argument("--resume", type=str, default="", metavar="PATH",
-                   help="checkpoint to resume from, or the --exp folder of the run (its checkpoint.pth.tar)")
+                   help="checkpoint to resume from, or the --exp folder of the run (its checkpoint.pth.tar): "
+                        "continues in that folder, every flag not given (--data, --model too) as that run's")
     g.add_argument("--overwrite", action="store_true",
-                   help="start anew in an --exp that holds a run (deletes its checkpoints and results)")
+                   help="start anew in an --exp that holds a run (deletes every output of that run first)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
     g.add_argument("--tensorboard", action="store_true",
                    help="TensorBoard events in EXP/tensorboard: each epoch's losses, accuracies and lr")
@@ -114,15 +115,22 @@ def get_args_parser() -> argparse.ArgumentParser:
 SWAV_DEFAULTS = dict(conv="avgpool", epochs=100, batch_size=256, lr=0.3, weight_decay=-6, momentum=0.9)
 
 
+# flags a --resume never takes from the recorded run: where it writes, how it resumes, how it talks
+NOT_INHERITED = ("resume", "exp", "overwrite", "verbose", "no_progress")
+# what a run writes beyond runfolder.OUTPUTS (--overwrite deletes them)
+OUTPUTS = ("model_best.pth.tar", "results.json")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags; with ``--protocol swav`` swav's defaults replace ours where not given."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if args.protocol == "swav":
-        parser.set_defaults(**SWAV_DEFAULTS)
-        args = parser.parse_args(argv)
-        if isinstance(args.conv, str):
-            args.conv = models.probe_arg(args.conv)
+    """Parse flags; with ``--protocol swav`` swav's defaults replace ours where not given; with
+    ``--resume EXP`` the run's recorded flags (``args.resume_note`` says which and what differs)."""
+    def swav(chosen) -> dict:
+        return SWAV_DEFAULTS if chosen("protocol") == "swav" else {}
+    args, note = eval_common.parse_resumable(get_args_parser, argv, "eval_linear", NOT_INHERITED,
+                                             ("data", "model"), swav)
+    if isinstance(args.conv, str):
+        args.conv = models.probe_arg(args.conv)
+    args.resume_note = note
     return args
 
 
@@ -278,8 +286,8 @@ def validate(loader: DataLoader, body: models.Trunk, reglog: RegLog, crit: nn.Mo
     return {"val_loss": losses.avg, "top1": top1.avg, "top5": top5_avg}
 
 
-def checkpoint_state(model: models.DeepClusterNet, reglog: RegLog, opt: torch.optim.Optimizer, epoch: int,
-                     best: float, history: list, args: argparse.Namespace, classes: list[str],
+def checkpoint_state(model: models.DeepClusterNet, conv: int, reglog: RegLog, opt: torch.optim.Optimizer,
+                     epoch: int, best: float, history: list, args: argparse.Namespace, classes: list[str],
                      fingerprint: dict) -> dict:
     """Linear classifier + optimizer + the frozen model's file (``fingerprint``: path, size,
     SHA-256), not its weights again: with that file, enough to evaluate or resume
@@ -289,7 +297,7 @@ def checkpoint_state(model: models.DeepClusterNet, reglog: RegLog, opt: torch.op
         "arch": model.arch,
         "model": fingerprint,
         "model_config": {**model.config(), "k": 0},
-        "conv": args.conv,
+        "conv": conv,
         "reglog": reglog.state_dict(),
         "reglog_pool": repr(reglog.pool),
         "optimizer": opt.state_dict(),
@@ -301,15 +309,18 @@ def checkpoint_state(model: models.DeepClusterNet, reglog: RegLog, opt: torch.op
     }
 
 
-def read_resume(path: str, args: argparse.Namespace, fingerprint: dict) -> dict:
+def read_resume(path: str, conv: int, fingerprint: dict) -> dict:
     """The ``--resume`` checkpoint, checked (before EXP is made): an eval_linear one, from the same
     frozen model file (``fingerprint``) and the same ``--conv``."""
-    ckpt = checkpoint.torch_load(path)
+    try:
+        ckpt = checkpoint.torch_load(path)
+    except checkpoint.CheckpointError as e:
+        raise EvalError(f"--resume: {e}") from None
     if "reglog" not in ckpt:
         raise EvalError(f"--resume {path!r} is not an eval_linear checkpoint (no 'reglog')")
     check_same_model(ckpt.get("model"), fingerprint, path)
-    if ckpt.get("conv") != args.conv:
-        raise EvalError(f"--resume {path!r} was trained on conv{ckpt.get('conv')}, not conv{args.conv}")
+    if ckpt.get("conv") != conv:
+        raise EvalError(f"--resume {path!r} was trained on conv{ckpt.get('conv')}, not conv{conv}")
     return ckpt
 
 
@@ -341,43 +352,63 @@ def check_args(args: argparse.Namespace) -> None:
             raise EvalError(f"invalid value for {flag}: {getattr(args, flag[2:])!r} ({why})")
 
 
-def main(args: argparse.Namespace) -> dict:
-    """Train the linear classifier; returns the last epoch's record plus ``best_top1``."""
-    check_args(args)
-    cli.check_writable(args.exp)
-    exp = Path(args.exp)
-    outputs = ["checkpoint.pth.tar", "model_best.pth.tar", "results.json"]
-    if not args.overwrite:  # a second run into EXP is refused before any work
-        claim_exp(exp, args.resume, False, outputs)
-    # EXP and its log are made once model, --conv, data and --resume are checked: a refused run
-    # leaves nothing behind (the lines logged until then are kept for the file)
-    cli.setup_logging(log, exp, "eval_linear.log", args.verbose, defer=True)
-    distributed.seed_everything(args.seed)
+def prepare(args: argparse.Namespace) -> SimpleNamespace:
+    """Everything checked before EXP is made (a refused run leaves nothing): device, the frozen
+    model and its layer, the data, the --resume checkpoint, TensorBoard's package."""
     device = distributed.select_device(args.device)
     model = checkpoint.load_model(args.model, purpose="eval_linear")
     if args.conv is None:
         raise EvalError(f"--conv is required ({model.arch}: 1..{len(model.probe_points())})")
     try:
-        args.conv = model.probe_index(args.conv)  # a name becomes its 1-based position
+        conv = model.probe_index(args.conv)  # a name becomes its 1-based position
     except models.ProbeError as e:
         raise EvalError(f"--conv {e}") from None
-    body = model.trunk(args.conv).freeze().to(device)
+    body = model.trunk(conv).freeze()
     train_set, val_set, classes = load_splits(args.data, args)
     fingerprint = model_fingerprint(args.model)
-    resume_from = resume_file(args.resume)
-    resumed = read_resume(resume_from, args, fingerprint) if resume_from else None
-    board = tb.Board(exp / "tensorboard" if args.tensorboard else None)  # no package: stops here
-    claim_exp(exp, args.resume, args.overwrite, outputs, also=["tensorboard"])  # --overwrite deletes them now
-    cli.open_log_file(log)
-    data.check_eval_images(train_set.paths + val_set.paths, "--data", workers=args.workers,
+    resume_from = eval_common.resume_checkpoint(args.resume)
+    resumed = read_resume(resume_from, conv, fingerprint) if resume_from else None
+    tb.Board(Path(args.exp) / "tensorboard" if args.tensorboard else None)  # no package: stops here
+    return SimpleNamespace(device=device, model=model, conv=conv, body=body, train_set=train_set, val_set=val_set,
+                           classes=classes, fingerprint=fingerprint, resume_from=resume_from, resumed=resumed)
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train the linear classifier in the run folder EXP (:class:`engine.Run`: locked, refused
+    when used unless --resume / --overwrite); returns results.json's content."""
+    check_args(args)
+    cli.check_writable(args.exp)
+    exp = Path(args.exp)
+    eval_common.refuse_taken(exp, args.resume, args.overwrite, OUTPUTS)  # before any work
+    eval_common.setup_run_logging(exp, args.verbose)
+    if getattr(args, "resume_note", None):
+        log.info("--resume: %s", args.resume_note)
+    distributed.seed_everything(args.seed)
+    s = prepare(args)
+    flags = {k: v for k, v in vars(args).items() if k != "resume_note"}
+    run = engine.Run(exp, distributed.Runtime(device=s.device), "eval_linear", flags, resume=args.resume,
+                     overwrite=args.overwrite, outputs=OUTPUTS, verbose=args.verbose, tensorboard=args.tensorboard,
+                     no_progress=args.no_progress, setup_log=False)
+    run.claim()
+    try:
+        result = train_probe(run, s, args)
+        run.finish()
+        return result
+    finally:
+        run.close()
+
+
+def train_probe(run: engine.Run, s: SimpleNamespace, args: argparse.Namespace) -> dict:
+    """The epochs (from the --resume checkpoint's), a checkpoint after each; results.json."""
+    exp, device = run.exp, s.device
+    data.check_eval_images(s.train_set.paths + s.val_set.paths, "--data", workers=args.workers,
                            progress=not args.no_progress, listing=exp / "bad_images.txt",
                            hint="fix or remove them (a linear probe is scored on every image)")
-    reglog = build_reglog(body.cpu(), model.arch, args.conv, len(classes), args.size).to(device)
-    body.to(device)
+    reglog = build_reglog(s.body, s.model.arch, s.conv, len(s.classes), args.size).to(device)
+    body = s.body.to(device)
     log.info("%s%s %s -> %s -> %d dims -> %d classes | %d train, %d val images | %s",
-             model.arch, " + Sobel" if model.sobel is not None else "", body.name, reglog.pool,
-             reglog.linear.in_features, len(classes), len(train_set), len(val_set), device)
-
+             s.model.arch, " + Sobel" if s.model.sobel is not None else "", body.name, reglog.pool,
+             reglog.linear.in_features, len(s.classes), len(s.train_set), len(s.val_set), device)
     swav = args.protocol == "swav"
     if swav:  # swav's RegLog: weight N(0, 0.01), bias 0
         nn.init.normal_(reglog.linear.weight, 0.0, 0.01)
@@ -385,16 +416,15 @@ def main(args: argparse.Namespace) -> dict:
     opt = torch.optim.SGD(reglog.parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=10 ** args.weight_decay, nesterov=swav and args.nesterov)
     crit = nn.CrossEntropyLoss()
-    start, best, history = 0, -1.0, []
-    if resumed is not None:
-        start, best, history = resume(resume_from, resumed, reglog, opt)
-    board.start(start)
+    start, best, history = resume(s.resume_from, s.resumed, reglog, opt) if s.resumed else (0, -1.0, [])
+    run.begin(start)
+    run.board.start(start)
+    ck = run.checkpoints()
     pin = device.type == "cuda"
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+    train_loader = DataLoader(s.train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                               pin_memory=pin)
     val_bs = max(1, args.batch_size // 10) if args.tencrops else args.batch_size
-    val_loader = DataLoader(val_set, batch_size=val_bs, shuffle=False, num_workers=args.workers, pin_memory=pin)
-
+    val_loader = DataLoader(s.val_set, batch_size=val_bs, shuffle=False, num_workers=args.workers, pin_memory=pin)
     record: dict = {}
     for epoch in range(start, args.epochs):
         t0 = time.time()
@@ -407,26 +437,29 @@ def main(args: argparse.Namespace) -> dict:
         is_best = record["top1"] > best
         best = max(best, record["top1"])
         history.append(record)
-        board.record(record, epoch)
-        state = checkpoint_state(model, reglog, opt, epoch + 1, best, history, args, classes, fingerprint)
-        fileio.atomic_torch_save(state, exp / "checkpoint.pth.tar")
+        run.record(record, epoch)
+        state = checkpoint_state(s.model, s.conv, reglog, opt, epoch + 1, best, history, args, s.classes,
+                                 s.fingerprint)
+        ck.save_epoch(state, epoch + 1)
         if is_best:
-            fileio.atomic_torch_save(state, exp / "model_best.pth.tar")
+            checkpoint.save_checkpoint({**state, "run_id": run.run_id}, exp / "model_best.pth.tar", run.rt)
         log.info("epoch %3d | train loss %.3f | val loss %.3f | top-1 %.2f | top-5 %s | best top-1 %.2f | %.1fs",
                  epoch, record["train_loss"], record["val_loss"], record["top1"],
-                 "-" if record["top5"] is None else f"{record['top5']:.2f}", best,
-                 record["time"])
-    board.close()
+                 "-" if record["top5"] is None else f"{record['top5']:.2f}", best, record["time"])
     if not history:
         log.info("nothing to train (start epoch %d >= --epochs %d)", start, args.epochs)
-    result = {**record, "best_top1": best, "history": history, "dim": reglog.linear.in_features}
-    fileio.atomic_write_text(exp / "results.json", json.dumps({k: v for k, v in result.items()}, indent=1))
     log.info("best top-1: %.2f", best)
-    return result
+    last = {k: record.get(k) for k in ("top1", "top5", "val_loss", "train_loss", "train_top1")}
+    result = {"model": s.fingerprint, "arch": s.model.arch, "layer": body.name, "conv": s.conv,
+              "protocol": args.protocol, "lr": args.lr, "weight_decay": 10 ** args.weight_decay,
+              "epochs": args.epochs, "batch_size": args.batch_size, "size": args.size, "tencrops": args.tencrops,
+              "data": str(Path(args.data).absolute()), **last, "best_top1": best, "dim": reglog.linear.in_features,
+              "history": history}
+    return eval_common.write_results(exp / "results.json", result)
 
 
 def run(argv: list[str] | None = None) -> int:
-    return cli.run_cli(main, parse_args, argv, on_interrupt=lambda args: checkpoint.interrupted_hint(args.exp))
+    return cli.run_cli(main, parse_args, argv, on_interrupt=lambda args: engine.interrupted_hint(args.exp))
 
 
 if __name__ == "__main__":

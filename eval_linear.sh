@@ -7,6 +7,10 @@
 # overridden from the environment (TENCROPS=0 / VERBOSE=0 drop those flags); extra arguments
 # are passed on to eval_linear.py.
 set -euo pipefail
+# paths given relative to the caller's folder (variables and path flags) are made absolute first
+. "$(dirname "$0")/scripts/paths.sh"
+abs_vars DATA MODEL EXP PYTHON
+abs_args "$@"
 cd "$(dirname "$0")"
 DATA="${DATA:-/datasets/imagenet}"
 MODEL="${MODEL:-${HOME}/deepcluster_models/alexnet/checkpoint.pth.tar}"
@@ -25,4 +29,4 @@ flags=()
 [ "${VERBOSE}" = 1 ] && flags+=(--verbose)
 "${PYTHON}" eval_linear.py --data "${DATA}" --model "${MODEL}" --conv "${CONV}" --exp "${EXP}" \
   --epochs "${EPOCHS}" --lr "${LR}" --wd "${WD}" --batch_size "${BATCH}" --workers "${WORKERS}" \
-  ${flags[@]+"${flags[@]}"} "$@"
+  ${flags[@]+"${flags[@]}"} ${ARGV[@]+"${ARGV[@]}"}

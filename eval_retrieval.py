@@ -40,9 +40,8 @@ import checkpoint
 import cli
 import data
 import distributed
-import fileio
 import models
-from eval_common import EvalError, log, model_key, require_dir
+from eval_common import EvalError, log, model_fingerprint, model_key, require_dir, write_results
 
 OVERLAP = 0.4
 STEPS = (2, 3, 4, 5, 6, 7)  # candidate numbers of l=1 regions along the long side (Tolias et al.)
@@ -482,10 +481,10 @@ def main(args: argparse.Namespace) -> dict:
                 log.debug("  %-24s %s AP %.2f", q.name, prot, 100 * a)
     table = " | ".join(f"{k} mAP {v:.2f}" for k, v in results.items())
     log.info("%s (whitening: %s, %d dims): %s", rset.name, wset.name if wset else rset.name, P.shape[0], table)
-    out = {"dataset": rset.name, "whiten": wset.name if wset else rset.name, "S": args.S, "L": args.L,
+    out = {"model": model_fingerprint(args.model), "layer": "conv5_3", "dataset": rset.name, "whiten": wset.name if wset else rset.name, "S": args.S, "L": args.L,
            "dim": int(P.shape[0]), "mAP": results}
-    fileio.atomic_write_text(exp / f"results_{rset.name}.json", json.dumps(out, indent=1))
-    return out
+    # strict JSON: a protocol whose queries have no positive has no mAP, written as null (a warning names it)
+    return write_results(exp / f"results_{rset.name}.json", out)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -22,10 +22,10 @@ continues from it (the same data order, from the next batch).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -38,10 +38,11 @@ import checkpoint
 import cli
 import data
 import distributed
-import fileio
+import engine
+import eval_common
 import models
 from eval_common import EvalError, LabeledImages, average_precision, average_precision_voc07, check_input_size, \
-    check_same_model, claim_exp, log, model_fingerprint, require_dir, resume_file
+    check_same_model, log, model_fingerprint, require_dir
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -93,9 +94,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoints", type=int, default=5000,
                    help="iterations between two saves of EXP/checkpoint.pth.tar (0: only after the last)")
     g.add_argument("--resume", type=str, default="", metavar="PATH",
-                   help="checkpoint to continue from, or the --exp folder of the run (its checkpoint.pth.tar)")
+                   help="checkpoint to continue from, or the --exp folder of the run (its checkpoint.pth.tar): "
+                        "continues in that folder, every flag not given (--vocdir, --model too) as that run's")
     g.add_argument("--overwrite", action="store_true",
-                   help="start anew in an --exp that holds a run (deletes its checkpoint and results)")
+                   help="start anew in an --exp that holds a run (deletes every output of that run first)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--verbose", action="store_true", help="chatty")
@@ -299,8 +301,9 @@ def per_class_ap(scores: np.ndarray, labels: np.ndarray, metric: str = "standard
 
 def format_table(aps: np.ndarray) -> str:
     lines = [f"{'class':<12s} {'AP':>6s}"]
-    lines += [f"{c:<12s} {100 * a:6.2f}" for c, a in zip(VOC_CLASSES, aps)]
-    lines.append(f"{'mAP':<12s} {100 * np.nanmean(aps):6.2f}")
+    lines += [f"{c:<12s} {100 * a:6.2f}" if np.isfinite(a) else f"{c:<12s} {'-':>6s}" for c, a in zip(VOC_CLASSES, aps)]
+    defined = aps[np.isfinite(aps)]  # a class without positives has no AP ("-")
+    lines.append(f"{'mAP':<12s} {100 * defined.mean():6.2f}" if defined.size else f"{'mAP':<12s} {'-':>6s}")
     return "\n".join(lines)
 
 
@@ -320,7 +323,10 @@ RESUME_FLAGS = ("split", "fc6_8", "train_batchnorm", "size", "batch_size", "seed
 def load_resume(path: str, model: models.DeepClusterNet, fingerprint: dict, args: argparse.Namespace) -> dict:
     """A checkpoint of this script for the same --model file and flags; the network's weights are
     restored, the rest (optimizer, schedule, iteration, losses, RNG) is returned for training."""
-    ckpt = checkpoint.torch_load(path)
+    try:
+        ckpt = checkpoint.torch_load(path)
+    except checkpoint.CheckpointError as e:
+        raise EvalError(f"--resume: {e}") from None
     if "scheduler" not in ckpt or "iteration" not in ckpt:
         raise EvalError(f"--resume {path!r} is not an eval_voc_classif checkpoint")
     check_same_model(ckpt.get("model"), fingerprint, path)
@@ -334,18 +340,22 @@ def load_resume(path: str, model: models.DeepClusterNet, fingerprint: dict, args
     return ckpt
 
 
-def main(args: argparse.Namespace) -> dict:
-    """Train on ``--split``, test on the matching split; returns per-class AP and mAP (percent)."""
-    check_args(args)
-    cli.check_writable(args.exp)
-    exp = Path(args.exp)
-    outputs = ["checkpoint.pth.tar", "results.json"]
-    if not args.overwrite:  # a second run into EXP is refused before any work
-        claim_exp(exp, args.resume, False, outputs)
-    # EXP and its log are made once data, model and --resume are checked: a refused run leaves
-    # nothing behind (the lines logged until then are kept for the file)
-    cli.setup_logging(log, exp, "eval_voc_classif.log", args.verbose, defer=True)
-    distributed.seed_everything(args.seed)
+# flags a --resume never takes from the recorded run: where it writes, how it resumes, how it talks
+NOT_INHERITED = ("resume", "exp", "overwrite", "verbose", "no_progress")
+OUTPUTS = ("results.json",)  # what a run writes beyond runfolder.OUTPUTS (--overwrite deletes them)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags; with ``--resume EXP`` the run's recorded flags (``args.resume_note`` says
+    which and what differs)."""
+    args, note = eval_common.parse_resumable(get_args_parser, argv, "eval_voc", NOT_INHERITED, ("vocdir", "model"))
+    args.resume_note = note
+    return args
+
+
+def prepare(args: argparse.Namespace) -> SimpleNamespace:
+    """Everything checked before EXP is made (a refused run leaves nothing): device, data, the
+    model with its new head, the --resume checkpoint (its network restored)."""
     device = distributed.select_device(args.device)
     voc = find_voc2007(args.vocdir)
     test_split = TEST_SPLIT[args.split]
@@ -355,53 +365,100 @@ def main(args: argparse.Namespace) -> dict:
     check_input_size(model, args.size, args.model)
     params = prepare_model(model, args)
     fingerprint = model_fingerprint(args.model)
-    resume_from = resume_file(args.resume)
+    resume_from = eval_common.resume_checkpoint(args.resume)
     resumed = load_resume(resume_from, model, fingerprint, args) if resume_from else None
-    claim_exp(exp, args.resume, args.overwrite, outputs)  # --overwrite deletes them now
-    cli.open_log_file(log)
+    return SimpleNamespace(device=device, test_split=test_split, train_set=train_set, test_set=test_set,
+                           model=model, params=params, fingerprint=fingerprint, resumed=resumed)
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train on ``--split``, test on the matching split, in the run folder EXP (:class:`engine.Run`:
+    locked, refused when used unless --resume / --overwrite); returns results.json's content
+    (per-class AP and mAP in percent; null: a class without positives)."""
+    check_args(args)
+    cli.check_writable(args.exp)
+    exp = Path(args.exp)
+    eval_common.refuse_taken(exp, args.resume, args.overwrite, OUTPUTS)  # before any work
+    eval_common.setup_run_logging(exp, args.verbose)
+    if getattr(args, "resume_note", None):
+        log.info("--resume: %s", args.resume_note)
+    distributed.seed_everything(args.seed)
+    s = prepare(args)
+    flags = {k: v for k, v in vars(args).items() if k != "resume_note"}
+    run = engine.Run(exp, distributed.Runtime(device=s.device), "eval_voc", flags, resume=args.resume,
+                     overwrite=args.overwrite, outputs=OUTPUTS, verbose=args.verbose, no_progress=args.no_progress,
+                     setup_log=False)
+    run.claim()
+    try:
+        result = fit_and_test(run, s, args)
+        run.finish()
+        return result
+    finally:
+        run.close()
+
+
+def fit_and_test(run: engine.Run, s: SimpleNamespace, args: argparse.Namespace) -> dict:
+    """``--nit`` iterations (from the --resume checkpoint's), EXP/checkpoint.pth.tar every
+    ``--checkpoints``; the test; results.json."""
+    exp, device, model = run.exp, s.device, s.model
     model.to(device)
     log.info("%s%s | %s: %d images, %s: %d images | %s | trainable tensors %d | %s",
-             model.arch, " + Sobel" if model.sobel is not None else "", args.split, len(train_set),
-             test_split, len(test_set), "fc6-8 only" + (" + BN" if args.train_batchnorm else "")
-             if args.fc6_8 else "all layers", len(params), device)
+             model.arch, " + Sobel" if model.sobel is not None else "", args.split, len(s.train_set),
+             s.test_split, len(s.test_set), "fc6-8 only" + (" + BN" if args.train_batchnorm else "")
+             if args.fc6_8 else "all layers", len(s.params), device)
     pin = device.type == "cuda"
     # as the original: the images are shuffled once (seeded) and every pass visits them in that
     # same order, the last batch of a pass possibly smaller (BN is in eval mode, so any size works)
-    order = np.random.permutation(len(train_set)).tolist()
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=order, num_workers=args.workers,
+    order = np.random.permutation(len(s.train_set)).tolist()
+    train_loader = DataLoader(s.train_set, batch_size=args.batch_size, sampler=order, num_workers=args.workers,
                               pin_memory=pin)
     rest_of_pass = None
-    if resumed is not None:  # the interrupted pass goes on from the batch after the saved iteration
-        checkpoint.set_rng_state(resumed["rng"])
-        done = int(resumed["iteration"]) % len(train_loader) * args.batch_size
-        rest_of_pass = DataLoader(train_set, batch_size=args.batch_size, sampler=order[done:],
+    if s.resumed is not None:  # the interrupted pass goes on from the batch after the saved iteration
+        checkpoint.set_rng_state(s.resumed["rng"])
+        done = int(s.resumed["iteration"]) % len(train_loader) * args.batch_size
+        rest_of_pass = DataLoader(s.train_set, batch_size=args.batch_size, sampler=order[done:],
                                   num_workers=args.workers, pin_memory=pin)
+    run.begin(0, int(s.resumed["iteration"]) if s.resumed is not None else 0)
 
     def save(it: int, opt: torch.optim.Optimizer, sched, losses: list[float]) -> None:
-        fileio.atomic_torch_save({
+        checkpoint.save_checkpoint({
             "iteration": it, "arch": model.arch, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "losses": torch.tensor(losses, dtype=torch.float64),
-            "rng": checkpoint.get_rng_state(), "model": fingerprint,
-            "args": {k: getattr(args, k) for k in RESUME_FLAGS}}, exp / "checkpoint.pth.tar")
-    test_loader = DataLoader(test_set, batch_size=max(1, args.batch_size // 4), shuffle=False,
+            "rng": checkpoint.get_rng_state(), "model": s.fingerprint, "run_id": run.run_id,
+            "args": {k: getattr(args, k) for k in RESUME_FLAGS}}, exp / "checkpoint.pth.tar", run.rt)
+    test_loader = DataLoader(s.test_set, batch_size=max(1, args.batch_size // 4), shuffle=False,
                              num_workers=args.workers, pin_memory=pin)
     t0 = time.time()
-    losses = train(model, params, train_loader, device, args, resumed, rest_of_pass, save)
+    losses = train(model, s.params, train_loader, device, args, s.resumed, rest_of_pass, save)
     t1 = time.time()
     scores, labels = predict(model, test_loader, device, args)
     aps = per_class_ap(scores, labels, args.ap)
-    mAP = float(np.nanmean(aps)) * 100
-    log.info("%s AP on %s after %d iterations (%.0fs train, %.0fs test):\n%s", args.ap, test_split, args.nit,
+    log.info("%s AP on %s after %d iterations (%.0fs train, %.0fs test):\n%s", args.ap, s.test_split, args.nit,
              t1 - t0, time.time() - t1, format_table(aps))
-    result = {"mAP": mAP, "ap": {c: float(a) * 100 for c, a in zip(VOC_CLASSES, aps)},
-              "final_loss": float(np.mean(losses[-50:])) if losses else None, "split": args.split,
-              "test_split": test_split, "fc6_8": args.fc6_8, "train_batchnorm": args.train_batchnorm}
-    fileio.atomic_write_text(exp / "results.json", json.dumps(result, indent=1))
-    return result
+    return eval_common.write_results(exp / "results.json", results(aps, losses, s, args))
+
+
+def results(aps: np.ndarray, losses: list[float], s: SimpleNamespace, args: argparse.Namespace) -> dict:
+    """results.json: the model file, what was trained and how, per-class AP (None: a class with
+    no positive test image, named in a warning) and their mean over the other classes."""
+    undefined = [c for c, a in zip(VOC_CLASSES, aps) if not np.isfinite(a)]
+    for c in undefined:
+        log.warning("class %s has no positive image in the %s split: its AP is undefined, written as null and "
+                    "left out of the mAP", c, s.test_split)
+    mAP = float(np.nanmean(aps)) * 100 if len(undefined) < len(aps) else None
+    return {"model": s.fingerprint, "arch": s.model.arch,
+            "layer": ("fc6-8" + (" + conv BN" if args.train_batchnorm else "")) if args.fc6_8 else "all",
+            "protocol": f"VOC2007 classification, train {args.split}, test {s.test_split}, {args.ap} AP",
+            "lr": args.lr, "iterations": args.nit, "epochs": args.nit * args.batch_size / len(s.train_set),
+            "batch_size": args.batch_size, "stepsize": args.stepsize, "wd": args.wd,
+            "mAP": mAP, "ap": {c: (float(a) * 100 if np.isfinite(a) else None) for c, a in zip(VOC_CLASSES, aps)},
+            "undefined_ap": undefined, "final_loss": float(np.mean(losses[-50:])) if losses else None,
+            "split": args.split, "test_split": s.test_split, "fc6_8": args.fc6_8,
+            "train_batchnorm": args.train_batchnorm}
 
 
 def run(argv: list[str] | None = None) -> int:
-    return cli.run_cli(main, get_args_parser(), argv, on_interrupt=lambda args: checkpoint.interrupted_hint(args.exp))
+    return cli.run_cli(main, parse_args, argv, on_interrupt=lambda args: engine.interrupted_hint(args.exp))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@
 # (whose data augmentation is the PyTorch script's, not Caffe's). Every value can be overridden
 # from the environment; extra arguments are passed on to eval_voc_classif.py.
 set -euo pipefail
+# paths given relative to the caller's folder (variables and path flags) are made absolute first
+. "$(dirname "$0")/scripts/paths.sh"
+abs_vars VOC MODEL EXP PYTHON
+abs_args "$@"
 cd "$(dirname "$0")"
 VOC="${VOC:-/datasets/VOCdevkit/VOC2007}"
 MODEL="${MODEL:-${HOME}/deepcluster_models/alexnet/checkpoint.pth.tar}"
@@ -20,4 +24,4 @@ WORKERS="${WORKERS:-4}"
 PYTHON="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 "${PYTHON}" eval_voc_classif.py --vocdir "${VOC}" --model "${MODEL}" --split "${SPLIT}" --exp "${EXP}" \
   --fc6_8 0 --train_batchnorm 0 --nit "${NIT}" --lr "${LR}" --stepsize "${STEPSIZE}" --batch_size "${BATCH}" \
-  --wd "${WD}" --min_scale 0.1 --max_scale 0.5 --eval_random_crops 1 --workers "${WORKERS}" "$@"
+  --wd "${WD}" --min_scale 0.1 --max_scale 0.5 --eval_random_crops 1 --workers "${WORKERS}" ${ARGV[@]+"${ARGV[@]}"}

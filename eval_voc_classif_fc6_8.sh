@@ -7,6 +7,10 @@
 # halved every 5,000, batch 16, wd 1e-6). TRAIN_BN="1" (or "0") runs one of them; every other
 # value can be overridden from the environment; extra arguments go to eval_voc_classif.py.
 set -euo pipefail
+# paths given relative to the caller's folder (variables and path flags) are made absolute first
+. "$(dirname "$0")/scripts/paths.sh"
+abs_vars VOC MODEL EXP PYTHON
+abs_args "$@"
 cd "$(dirname "$0")"
 VOC="${VOC:-/datasets/VOCdevkit/VOC2007}"
 MODEL="${MODEL:-${HOME}/deepcluster_models/alexnet/checkpoint.pth.tar}"
@@ -24,5 +28,5 @@ for bn in ${TRAIN_BN}; do
   "${PYTHON}" eval_voc_classif.py --vocdir "${VOC}" --model "${MODEL}" --split "${SPLIT}" \
     --exp "${EXP}_train_bn${bn}" --fc6_8 1 --train_batchnorm "${bn}" --nit "${NIT}" --lr "${LR}" \
     --stepsize "${STEPSIZE}" --batch_size "${BATCH}" --wd "${WD}" --min_scale 0.1 --max_scale 0.5 \
-    --eval_random_crops 1 --workers "${WORKERS}" "$@"
+    --eval_random_crops 1 --workers "${WORKERS}" ${ARGV[@]+"${ARGV[@]}"}
 done

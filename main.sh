@@ -19,6 +19,10 @@
 # The processes are started by launch.py (torchrun, its flags, with one error line and the failed
 # worker's exit code: 2 bad input, 75 stopped, 130 Ctrl-C; docs/distributed.md).
 set -euo pipefail
+# paths given relative to the caller's folder (variables and path flags) are made absolute first
+. "$(dirname "$0")/scripts/paths.sh"
+abs_vars DIR EXP PYTHON
+abs_args "$@"
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 
@@ -53,15 +57,15 @@ fi
 if [ "$NNODES" -gt 1 ] && [ -n "${NODE_RANK:-}" ]; then  # static rendezvous: each node given its NODE_RANK
     exec "$PYTHON" launch.py --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
         --node_rank="$NODE_RANK" --max-restarts="$MAX_RESTARTS" --master_addr="$MASTER_ADDR" \
-        --master_port="$MASTER_PORT" main.py "${ARGS[@]}" "$@"
+        --master_port="$MASTER_PORT" main.py "${ARGS[@]}" ${ARGV[@]+"${ARGV[@]}"}
 fi
 if [ "$NNODES" -gt 1 ]; then  # c10d rendezvous: node ranks are assigned, the same command everywhere
     exec "$PYTHON" launch.py --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
         --max-restarts="$MAX_RESTARTS" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
-        --rdzv-id="$RDZV_ID" main.py "${ARGS[@]}" "$@"
+        --rdzv-id="$RDZV_ID" main.py "${ARGS[@]}" ${ARGV[@]+"${ARGV[@]}"}
 fi
 if [ "$NGPUS" -gt 1 ]; then  # one node: c10d rendezvous on a free local port (a restart meets afresh)
     exec "$PYTHON" launch.py --standalone --nproc_per_node="$NGPUS" \
-        --max-restarts="$MAX_RESTARTS" main.py "${ARGS[@]}" "$@"
+        --max-restarts="$MAX_RESTARTS" main.py "${ARGS[@]}" ${ARGV[@]+"${ARGV[@]}"}
 fi
-exec "$PYTHON" main.py "${ARGS[@]}" "$@"
+exec "$PYTHON" main.py "${ARGS[@]}" ${ARGV[@]+"${ARGV[@]}"}

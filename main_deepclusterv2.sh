@@ -22,6 +22,10 @@
 # The processes are started by launch.py (torchrun with one error line and the failed worker's
 # exit code; docs/distributed.md).
 set -euo pipefail
+# paths given relative to the caller's folder (variables and path flags) are made absolute first
+. "$(dirname "$0")/scripts/paths.sh"
+abs_vars DIR EXP PYTHON
+abs_args "$@"
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 
@@ -64,6 +68,6 @@ ARGS=("$DIR" --exp "$EXP" "${CROPS[@]}" --crops_for_assign 0 1 --temperature 0.1
 if [ "$NGPUS" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
     exec "$PYTHON" launch.py --nproc_per_node="$NGPUS" --nnodes="$NNODES" \
         --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
-        main_deepclusterv2.py "${ARGS[@]}" "$@"
+        main_deepclusterv2.py "${ARGS[@]}" ${ARGV[@]+"${ARGV[@]}"}
 fi
-exec "$PYTHON" main_deepclusterv2.py "${ARGS[@]}" "$@"
+exec "$PYTHON" main_deepclusterv2.py "${ARGS[@]}" ${ARGV[@]+"${ARGV[@]}"}

@@ -1,7 +1,9 @@
 """eval_voc_classif.py: devkit parsing, masked loss, frozen layers, end-to-end, bad inputs."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +100,8 @@ def test_end_to_end_fc6_8_original_checkpoint(voc, alexnet_files, tmp_path, monk
     assert res["test_split"] == "test" and len(res["ap"]) == 20
     _, test_labels = voc_eval.read_split(voc, "test")
     for c, cls in enumerate(VOC_CLASSES):  # AP is defined exactly for the classes with positives
-        assert (0 <= res["ap"][cls] <= 100) if (test_labels[:, c] == 1).any() else np.isnan(res["ap"][cls])
-    assert np.isclose(res["mAP"], np.nanmean(list(res["ap"].values())))
+        assert (0 <= res["ap"][cls] <= 100) if (test_labels[:, c] == 1).any() else res["ap"][cls] is None
+    assert np.isclose(res["mAP"], np.mean([a for a in res["ap"].values() if a is not None]))
     m, before = seen["model"], seen["before"]
     assert m.top_layer.out_features == 20
     # conv layers (and BN, train_batchnorm 0) frozen; fc layers trained
@@ -108,8 +110,18 @@ def test_end_to_end_fc6_8_original_checkpoint(voc, alexnet_files, tmp_path, monk
     assert not torch.equal(m.classifier[1].weight.cpu(), before["classifier.1.weight"])
     out = capsys.readouterr().out
     assert "mAP" in out and "tvmonitor" in out
-    saved = json.loads((tmp_path / "exp" / "results.json").read_text())
+    # strict JSON: a class without positives (cow: none in this data) is null, named in a warning
+    text = (tmp_path / "exp" / "results.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds a bare {c}"))
     assert saved["mAP"] == pytest.approx(res["mAP"])
+    assert saved["ap"]["cow"] is None and "cow" in saved["undefined_ap"]
+    assert "class cow has no positive image in the test split" in out
+    # what was evaluated and how: the model file (hash, size), the layers trained, the protocol
+    model = alexnet_files["original"]
+    assert saved["model"] == {"path": os.path.abspath(model), "size": model.stat().st_size,
+                              "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+    assert (saved["layer"], saved["lr"], saved["iterations"], saved["epochs"]) == ("fc6-8", 0.003, 4, 4 * 4 / 16)
+    assert "trainval" in saved["protocol"] and "standard AP" in saved["protocol"]
 
 
 def test_end_to_end_all_layers_tencrop(voc, alexnet_files, tmp_path, monkeypatch):

@@ -90,3 +90,36 @@ def test_disk_check_names_the_folder_and_its_space(tmp_path, case):
         assert "999999 GB" in first and " MB." in first and "HINT" in r.stderr
     else:
         assert "does not exist" in first and not folder.exists()
+
+
+# every launcher with the variables that name paths (set relative to the caller's folder)
+PATH_VARS = {"main.sh": ["DIR", "EXP"], "main_deepclusterv2.sh": ["DIR", "EXP"], "quickstart.sh": ["DIR", "EXP"],
+             "eval_linear.sh": ["DATA", "MODEL", "EXP"], "eval_knn.sh": ["DATA", "MODEL", "EXP"],
+             "eval_retrieval.sh": ["OXFORD", "PARIS", "MODEL", "EXP"],
+             "eval_voc_classif_all.sh": ["VOC", "MODEL", "EXP"], "eval_voc_classif_fc6_8.sh": ["VOC", "MODEL", "EXP"],
+             "visu/gradient_ascent.sh": ["MODEL", "EXP"], "visu/activ-retrieval.sh": ["MODEL", "DATA", "EXP"]}
+
+
+@pytest.mark.parametrize("script", sorted(PATH_VARS))
+def test_launchers_resolve_relative_paths_against_the_callers_folder(script, tmp_path):
+    """Run from another folder with relative paths (variables, path flags, PYTHON itself): the
+    script is given them absolute, against the caller's folder, though the launcher cd's away."""
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    log = tmp_path / "calls.txt"
+    (caller / "stub.sh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> "{log}"\necho "@@END" >> "{log}"\n')
+    (caller / "stub.sh").chmod(0o755)
+    env = {**os.environ, "PYTHON": "./stub.sh", "NGPUS": "1", **{v: f"rel_{v}" for v in PATH_VARS[script]}}
+    extra = ["--resume", "rel_resume", "--file_list=rel_list", "--lr", "0.1"]
+    r = subprocess.run(["bash", str(ROOT / script), *extra], env=env, cwd=caller, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    calls = [block.splitlines() for block in log.read_text().split("@@END\n")[:-1]]
+    assert calls
+    for argv in calls:
+        rel = [a for a in argv if "rel_" in a]
+        assert all(a.split("=")[-1].startswith(f"{caller}/rel_") for a in rel), argv
+        shown = "\n".join(argv)
+        for name in [*PATH_VARS[script], "resume", "list"]:  # every one reached the script, absolute
+            assert f"{caller}/rel_{name}" in shown, (name, argv)
+        assert argv[-2:] == ["--lr", "0.1"]  # other arguments passed on unchanged

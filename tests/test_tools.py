@@ -318,8 +318,9 @@ def test_eval_voc_classif_checkpoints_and_resume(voc, alexnet64, tmp_path, capsy
     assert "already holds a run" in capsys.readouterr().err
     assert ev.run(voc_argv(voc, alexnet64, exp, "--nit", "5", "--resume", str(exp), "--fc6_8", "1")) == 2
     assert "was trained with --fc6_8 0, not 1" in capsys.readouterr().err
-    assert ev.run(voc_argv(voc, alexnet64, exp, "--nit", "5", "--checkpoints", "3", "--stepsize", "2",
-                           "--resume", str(exp))) == 0
+    monkeypatch.chdir(tmp_path)  # --resume EXP alone: EXP's flags (--vocdir, --model, --nit...), in EXP
+    assert ev.run(["--resume", str(exp)]) == 0
+    assert not (tmp_path / "exp_voc").exists()
     ck = torch.load(exp / "checkpoint.pth.tar", weights_only=True)
     assert ck["iteration"] == 5 and ck["losses"][:3].tolist() == first_losses and len(ck["losses"]) == 5
     # 6 train images, batch 4: passes of 4 + 2; iteration 4 is the second batch of pass 2
