@@ -369,6 +369,7 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
 
     control = control or preempt.StepControl(distributed.Runtime(device=device))
     batches = iter(bar)
+    audit = distributed.SyncAudit(device)  # DEEPCLUSTER_SYNC_DEBUG: host syncs outside audit.allowed() warn/raise
     try:
         for i in itertools.count(start_iter):
             try:
@@ -380,11 +381,13 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
                 failure = e if isinstance(e, data.BadImageError) else LoaderError(
                     f"loading the training batch of epoch {epoch}, step {i} failed: {cli.one_line(e)}")
             control.check(i, failure)  # every rank together, before anything else of step i
+            audit.step()
             on_device.step = i
-            if on_iteration is not None:
-                on_iteration(i, flush)
-            if i - on_device.first >= SYNC_EVERY:
-                flush()
+            with audit.allowed():  # the documented syncs: checkpoints, the loss read every SYNC_EVERY steps
+                if on_iteration is not None:
+                    on_iteration(i, flush)
+                if i - on_device.first >= SYNC_EVERY:
+                    flush()
             fileio.fault_point("train")
             # host -> device copies from pinned memory: ordered before the kernels that use them
             imgs, target = data.to_model_input(imgs, device, args.channels_last), target.to(device, non_blocking=True)
@@ -398,11 +401,14 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
             on_device.add(loss, imgs.shape[0])
             on_device.step = i + 1
             if not bar.disable and time.monotonic() - shown >= SHOW_EVERY_S:  # a shown bar: one read a second
-                bar.set_postfix(loss=f"{on_device.peek():.3f}", refresh=False)
+                with audit.allowed():
+                    bar.set_postfix(loss=f"{on_device.peek():.3f}", refresh=False)
                 shown = time.monotonic()
     except preempt.StopTraining:  # the steps done so far count in the meter (a collective: all ranks are here)
+        audit.close()
         flush()
         raise
+    audit.close()
     flush()
     return losses.avg
 
