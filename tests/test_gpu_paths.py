@@ -45,6 +45,12 @@ def test_feature_store_copies_to_the_store_synchronously():
     store.write([4, 1], batch)
     assert CopySpy.calls and not any(CopySpy.calls)
     assert store.tensor[4].tolist() == [0, 1, 2] and store.tensor[1].tolist() == [3, 4, 5]
+    # the row indices go to the store's device without a blocking copy (a host wait per batch
+    # with --features_on device): non_blocking, ordered before index_copy_ on the stream
+    CopySpy.calls = []
+    store.write(torch.tensor([0, 2]).as_subclass(CopySpy), torch.ones(2, 3))
+    store.flush()
+    assert CopySpy.calls == [True] and store.tensor[2].tolist() == [1, 1, 1]
 
 
 def test_clustering_runs_on_the_given_device_not_the_datas(monkeypatch):
