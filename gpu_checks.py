@@ -571,7 +571,7 @@ def check_loader(work: Path, dry: bool):
     import clustering
     import data
 
-    n = 48 if (dry or CPU) else 768
+    n = 16 if dry else 48 if CPU else 768
     root = photo_folder(work, n, (375, 500))  # ImageNet-like 500x375 JPEGs
     ds, workers = data.IndexedImageFolder(root), max(1, os.cpu_count() or 1)
     out = {}
@@ -581,7 +581,7 @@ def check_loader(work: Path, dry: bool):
     for name, (tf, collate) in tfs.items():
         src = data.EncodedImages(ds) if name == "bytes" else ds  # the training set of main.py, one cluster
         loader = torch.utils.data.DataLoader(clustering.cluster_assign([list(range(n))], src, tf),
-                                             batch_size=16 if n < 100 else 64, num_workers=workers, collate_fn=collate)
+                                             batch_size=8 if n < 100 else 64, num_workers=workers, collate_fn=collate)
         t = time.perf_counter()
         seen = 0
         for i, batch in enumerate(loader):

@@ -408,7 +408,8 @@ def train_one_epoch(loader: DataLoader, model: nn.Module, crit: nn.Module,
         audit.close()
         flush()
         raise
-    audit.close()
+    finally:  # also when the audit itself raised: what follows (error report, checkpoint) may sync
+        audit.close()
     flush()
     return losses.avg
 

@@ -83,10 +83,10 @@ def test_group_of_one_equals_one_process_on_gloo(tmp_path, monkeypatch):
     all-reduce and the RNG gather all run (collectives counted) and the run equals the plain
     one: the same train loss and clusters, bitwise (the CPU is deterministic)."""
     monkeypatch.setattr(gc, "DEV", "cpu")
-    monkeypatch.setattr(gc, "sizes", lambda dev="cpu": dict(gc.SIZES["cpu"], n=32))
+    monkeypatch.setattr(gc, "sizes", lambda dev="cpu": dict(gc.SIZES["cpu"], n=16))
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", distributed.FORCE_DISTRIBUTED_ENV):
         monkeypatch.delenv(k, raising=False)
-    gc.photo_folder(tmp_path, 32)
+    gc.photo_folder(tmp_path, 16)
     cmds = gc.command_lines(tmp_path, "cpu")
     _run(cmds["v1_plain"].argv + ["--workers", "0"])
     calls = []
