@@ -477,10 +477,12 @@ def _rate(fn, batch: int, n: int) -> float:
     return n * batch / (time.perf_counter() - t)
 
 
-def _convnet_row(arch: str, batch: int, size: int, cl: bool, amp: bool) -> dict:
-    """Extraction and training img/s and peak memory of one convnet at ``batch``."""
+def _convnet_row(arch: str, batch: int, size: int, cl: bool, amp: bool, rt=None) -> dict:
+    """Extraction and training img/s and peak memory of one convnet at ``batch`` (``rt``: its
+    BatchNorm layers synchronised over that process group, distributed.AllReduceBatchNorm)."""
     import torch
 
+    import distributed
     import models
 
     dev = torch.device(DEV)
@@ -491,6 +493,8 @@ def _convnet_row(arch: str, batch: int, size: int, cl: bool, amp: bool) -> dict:
     y = torch.randint(0, out, (batch,), device=dev)
     if cl:
         model, x = models.to_channels_last(model), x.contiguous(memory_format=torch.channels_last)
+    if rt is not None:
+        model = distributed.sync_batchnorm(model, True, rt)
     opt = torch.optim.SGD(model.body_parameters() + list(model.top_layer.parameters()), lr=0.01, momentum=0.9,
                           fused=True)
     if DEV == "cuda":
@@ -513,7 +517,8 @@ def _convnet_row(arch: str, batch: int, size: int, cl: bool, amp: bool) -> dict:
     model.train()
     tr = _rate(train, batch, 1 if CPU else 8)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if DEV == "cuda" else float("nan")
-    return {"config": f"{arch}{' channels-last' if cl else ''}{' amp bf16' if amp else ''}", "batch": batch,
+    name = f"{arch}{' channels-last' if cl else ''}{' amp bf16' if amp else ''}{' synced BN' if rt else ''}"
+    return {"config": name, "batch": batch,
             "extract_img_s": ext, "train_img_s": tr, "peak_gib": peak}
 
 
@@ -554,15 +559,22 @@ def _v2_row(batch: int) -> dict:
 def check_memory(work: Path, dry: bool):
     import torch
 
+    import distributed
+
     torch.backends.cudnn.benchmark = True
     batch, size = (4, 64) if CPU else (256, 224)
     rows = [_convnet_row("alexnet", batch, size, cl, False) for cl in (False, True)]
     rows += [_convnet_row(arch, batch, size, False, False) for arch in ("vgg16", "resnet50")]  # the paper's batch
     rows += [_convnet_row("resnet50", batch, size, True, True), _v2_row(2 if CPU else 64)]
+    # the all-reduce BatchNorm (its float64 two-pass statistics) against cuDNN's, in a group of one
+    os.environ["DEEPCLUSTER_FORCE_DISTRIBUTED"] = "1"
+    rows.append(_convnet_row("resnet50", batch, size, False, False, rt=distributed.init_runtime(DEV)))
     cl_gain = rows[1]["train_img_s"] / rows[0]["train_img_s"]
+    bn_cost = rows[3]["train_img_s"] / rows[-1]["train_img_s"]
     text = "; ".join(f"{r['config']} {r['train_img_s']:.0f} img/s {r['peak_gib']:.1f} GiB" for r in rows)
     return "PASS", (f"training at batch {batch} ({size} px), peak memory: {text}; channels-last AlexNet "
-                    f"{cl_gain:.2f}x of NCHW"), {"rows": rows, "channels_last_train_speedup": cl_gain}
+                    f"{cl_gain:.2f}x of NCHW; ResNet-50 with the synced BatchNorm {bn_cost:.2f}x slower"), \
+        {"rows": rows, "channels_last_train_speedup": cl_gain, "synced_bn_slowdown": bn_cost}
 
 
 def check_loader(work: Path, dry: bool):

@@ -96,8 +96,8 @@ def run_checks(names: list[str], work: str, args, budget: float, start: float) -
             t = time.time()
             try:
                 p = gc.run_boxed([gc.python_exe(), str(Path(__file__).resolve()), "--one", name, "--work", work]
-                              + (["--dry-run"] if args.dry_run else []), min(limit, left), cwd=ROOT,
-                              env=gc.child_env(Path(work)))
+                                 + (["--dry-run"] if args.dry_run else []), min(limit, left), cwd=ROOT,
+                                 env=gc.child_env(Path(work)))
                 out = p.stdout.strip().splitlines()
                 res = json.loads(out[-1]) if out and out[-1].startswith("{") else \
                     {"status": "FAIL", "detail": f"exit {p.returncode}: {gc.error_line(p.stderr)}"}
