@@ -394,13 +394,14 @@ def check_v2_cuda(work: Path, dry: bool):
         return "FAIL", why, {}
     recs.update(more)
     la, lb, lr = (recs[k]["loss"] for k in ("v2_fp32", "v2_amp", "v2_resume"))
-    # AMP rounds the forward to float16 and cuDNN's kernels are not deterministic: the same
-    # recipe, not the same bits; the resumed run must land with the uninterrupted one
-    ok = all(x == x and abs(x) < 1e3 for x in (la, lb, lr)) and rel(lb, la) < 0.05 and rel(lb, lr) < 0.05
+    # AMP rounds the forward to float16 and GradScaler skips the first steps while its scale
+    # falls to the gradients' range; cuDNN's kernels are not deterministic: the same recipe, not
+    # the same bits (10% between fp32 and --amp); the resumed run lands with the uninterrupted one (5%)
+    ok = all(x == x and abs(x) < 1e3 for x in (la, lb, lr)) and rel(lb, la) < 0.1 and rel(lb, lr) < 0.05
     amp = "--amp" if DEV == "cuda" else "fp32 (no --amp on the CPU)"
     return ("PASS" if ok else "FAIL"), (
         f"ResNet-{'50' if DEV == 'cuda' else '18'} multi-crop: loss fp32 {la:.4f}, {amp} {lb:.4f}, killed at step 3 "
-        f"and resumed from the step-2 checkpoint {lr:.4f} (tolerance 5%)"), recs
+        f"and resumed from the step-2 checkpoint {lr:.4f} (tolerances: 10% fp32 vs --amp, 5% resumed)"), recs
 
 
 def check_v2_nccl_one(work: Path, dry: bool):
@@ -583,7 +584,7 @@ def check_loader(work: Path, dry: bool):
     import clustering
     import data
 
-    n = 16 if dry else 48 if CPU else 768
+    n = 16 if dry else 48 if CPU else 2048
     root = photo_folder(work, n, (375, 500))  # ImageNet-like 500x375 JPEGs
     ds, workers = data.IndexedImageFolder(root), max(1, os.cpu_count() or 1)
     out = {}
