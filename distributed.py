@@ -527,22 +527,24 @@ class AllReduceBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     In training under an initialised process group (a group of one included, see
     ``DEEPCLUSTER_FORCE_DISTRIBUTED``) it computes the per-channel statistics of the union of
-    the ranks' batches in two passes (float64 sums, all-reduced with autograd): the mean from
-    the sums and the count, then the biased variance from the sums of squared deviations from
-    that mean. The input is normalised with them, the running statistics are updated as
+    the ranks' batches: each rank's variance and mean in one fused pass (``torch.var_mean``,
+    Welford's algorithm), turned into float64 sums and sums of squares, all-reduced with the
+    count in one collective (with autograd), combined as Chan et al.'s parallel variance (the
+    local variances carry no cancellation; the combination loses only float64 digits). The
+    input is normalised with them in one pass (``x * scale + shift``), the running statistics are updated as
     BatchNorm does (momentum, or a cumulative mean with ``momentum=None``; unbiased variance
     with the global count; ``num_batches_tracked``), and the backward pass all-reduces the
     gradients of the two sums, so a rank's input gradient is that of the loss summed over the
-    ranks. Results equal one BatchNorm on the whole batch up to float rounding (tested).
+    ranks. Results equal one BatchNorm on the whole batch up to float rounding (tested: a few
+    float32 ulps).
 
     No value goes to the host: the global count is all-reduced with the sums and stays a device
     tensor (built by a fill kernel, not copied from the host), as does the cumulative-average
     factor. Hence, as torch's SyncBatchNorm, only a rank's own batch is checked for the "more
     than 1 value per channel" rule in one process; with several ranks holding one value in all,
-    the running variance becomes inf. float64 sums on the GPU: the statistics are two reductions
-    over the activations, bound by the memory reads (H100: 67 TFLOP/s float64 against 3.35 TB/s;
-    even a 1/64-rate consumer GPU does float64 adds faster than it reads the float32 values), and
-    they keep the two-pass variance exact to float32 rounding whatever the batch. float16 and
+    the running variance becomes inf. float64 only for the (C,) per-channel numbers: the pass over
+    the activations is float32 Welford (as cuDNN's statistics), and the cross-rank combination in
+    float64 keeps the variance exact to float32 rounding whatever the ranks' means. float16 and
     bfloat16 inputs (autocast) are normalised in float32 and returned in their dtype (as cuDNN's
     BatchNorm does).
 
@@ -570,17 +572,24 @@ class AllReduceBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected more than 1 value per channel when training, got {n_local}")
         work = torch.promote_types(x.dtype, torch.float32)  # float16/bfloat16 -> float32
         xw = x.to(work)
-        # pass 1: (C + 1,) float64 [per-channel sums, count], summed over the ranks
+        # this rank's per-channel variance and mean in one fused pass (Welford: no cancellation),
+        # turned into the sum and the sum of squares, float64; one all-reduce of (2C + 1,)
+        # [sums, sums of squares, count], with autograd (one all-reduce of their gradients)
+        v_r, m_r = torch.var_mean(xw, dims, correction=0)                        # (C,), (C,)
+        m_r, v_r = m_r.double(), v_r.double()
         count = x.new_full((1,), float(n_local), dtype=torch.float64)  # fill kernel: no host->device copy
-        packed = _AllReduceSum.apply(torch.cat([xw.sum(dims, dtype=torch.float64), count]))
-        n = packed[c:].detach()                                                  # (1,) values per channel
+        packed = _AllReduceSum.apply(torch.cat([m_r * n_local, (v_r + m_r * m_r) * n_local, count]))
+        n = packed[2 * c:].detach()                                              # (1,) values per channel
         mean = packed[:c] / n                                                    # (C,) float64
-        # pass 2: per-channel sums of squared deviations from the global mean
-        dev = xw - mean.to(work).view(shape)
-        var = _AllReduceSum.apply((dev * dev).sum(dims, dtype=torch.float64)) / n   # (C,) biased
-        y = dev * torch.rsqrt(var + self.eps).to(work).view(shape)
+        # Chan's combination: the local variances are exact, so sum / n - mean^2 loses only
+        # float64 digits (relative 1e-16 x mean^2 / var)
+        var = (packed[c:2 * c] / n - mean * mean).clamp_min(0)                   # (C,) biased
+        scale = torch.rsqrt(var + self.eps)                                      # (C,) float64
         if self.affine:
-            y = y * self.weight.view(shape).to(work) + self.bias.view(shape).to(work)
+            scale = scale * self.weight
+        shift = (self.bias if self.affine else 0) - mean * scale
+        # y = x * scale + shift: one pass over the activations
+        y = torch.addcmul(shift.to(work).view(shape), xw, scale.to(work).view(shape))
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

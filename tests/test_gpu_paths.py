@@ -442,9 +442,11 @@ def test_allreduce_batchnorm_never_reads_a_value_on_the_host(group_of_one, momen
                 (y * torch.arange(4.0).view(1, 4, 1, 1)).pow(2).sum().backward()
         outs.append((y.detach(), xi.grad, mod.running_mean.clone(), mod.running_var.clone()))
     assert spy.seen == []
-    assert sum("allreduce" in op for op in spy.ops) == 2 * 2 * 2  # 2 steps x (2 forward + 2 backward)
+    assert sum("allreduce" in op for op in spy.ops) == 2 * 2  # 2 steps x (1 forward + 1 backward)
+    # float32 rounding: the input gradient (values ~1) is g * scale (terms ~20) minus its projections
+    # on the mean and variance, so a few ulps of the terms (2e-6 each) show in it
     for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=3e-5)
     # the spy sees what the former version did: float() of the all-reduced count
     with spy:
         float(torch.ones(()) + 1)
