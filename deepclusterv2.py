@@ -30,6 +30,7 @@ import checkpoint
 import clustering
 import data
 import distributed
+import engine
 import fileio
 import util
 from errors import ScriptError
@@ -200,7 +201,8 @@ def train_step(model, core: DeepClusterV2Net, opt, scaler, schedule: np.ndarray,
         if iteration < cfg.freeze_prototypes_niters:
             for p in protos:  # swav: grad None, so neither momentum nor weight decay moves them
                 p.grad = None
-        scaler.step(opt)  # --amp: GradScaler reads its inf flag on the host here (one sync per step)
+        with engine.allowed_sync():  # --amp: GradScaler reads its inf flag on the host (one sync per step)
+            scaler.step(opt)
         scaler.update()
         bank.write(it * idx.shape[0], idx, emb.detach(), cfg.crops_for_assign)
         fileio.fault_point("dcv2_train")

@@ -2,9 +2,14 @@
 every rank calls in the same order, DDP wrapping, and the run's (N, D) feature matrix.
 
 Single process unless started by torchrun (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on CPUs.
+``DEEPCLUSTER_FORCE_DISTRIBUTED=1`` makes a single process a process group of one (every
+collective of the trainers then runs, on the run's device): scripts/gpu_check.py uses it to
+exercise NCCL on a box with one GPU. ``DEEPCLUSTER_SYNC_DEBUG=warn|error`` audits the training
+steps for host synchronisations (:class:`SyncAudit`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -27,13 +32,14 @@ class Runtime:
     """Rank, world size and device of this process (single process unless under torchrun)."""
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, forced: bool = False):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device = device or torch.device("cpu")
+        self.forced = forced  # a process group of one (FORCE_DISTRIBUTED_ENV): the distributed code paths
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.forced
 
     @property
     def is_main(self) -> bool:
@@ -105,6 +111,14 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+FORCE_DISTRIBUTED_ENV = "DEEPCLUSTER_FORCE_DISTRIBUTED"
+
+
+def forced_distributed() -> bool:
+    """True when ``DEEPCLUSTER_FORCE_DISTRIBUTED=1`` asks a single process to run as a process group of one."""
+    return os.environ.get(FORCE_DISTRIBUTED_ENV, "0") == "1"
+
+
 def init_runtime(device: str = "auto", timeout_min: float = 60.0) -> Runtime:
     """Decide device and distributed state.
 
@@ -112,7 +126,12 @@ def init_runtime(device: str = "auto", timeout_min: float = 60.0) -> Runtime:
     with NCCL on GPU and gloo on CPU, and each process takes GPU ``LOCAL_RANK``; a
     ``LOCAL_RANK`` beyond the visible GPUs is refused (two processes would share one GPU).
     ``timeout_min`` bounds how long a collective waits (rank 0 clusters while the other
-    ranks wait in the next collective). A plain ``python main.py`` stays single-process.
+    ranks wait in the next collective). A plain ``python main.py`` stays single-process,
+    unless ``DEEPCLUSTER_FORCE_DISTRIBUTED=1``: then a process group of one is created (NCCL on
+    a GPU, gloo on the CPU; an in-memory store, no address or port) and ``rt.distributed`` is
+    true, so DDP, the sharded k-means, the synchronised BatchNorm and every other collective
+    run exactly as under torchrun, each over one rank (the same results as the plain run up to
+    float summation order: tests/test_gpu_check.py).
     """
     import datetime
 
@@ -134,8 +153,12 @@ def init_runtime(device: str = "auto", timeout_min: float = 60.0) -> Runtime:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    forced = world_size == 1 and forced_distributed()
+    timeout = datetime.timedelta(minutes=timeout_min)
+    if forced and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=0, world_size=1, timeout=timeout,
+                                device_id=dev if use_cuda else None, store=dist.HashStore())
     if world_size > 1 and not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=timeout_min)
         store = None
         if "TORCHELASTIC_RESTART_COUNT" in os.environ:  # keys of this attempt only: torchrun keeps its store
             # across restarts, where a restarted group would read the dead attempt's addresses
@@ -144,7 +167,7 @@ def init_runtime(device: str = "auto", timeout_min: float = 60.0) -> Runtime:
             store = dist.PrefixStore(f"deepcluster/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                                 timeout=timeout, device_id=dev if use_cuda else None, store=store)
-    return Runtime(rank, world_size, local_rank, dev)
+    return Runtime(rank, world_size, local_rank, dev, forced=forced)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -228,7 +251,11 @@ class FeatureStore:
         self._pending = None
         if event is not None:
             event.synchronize()  # the non-blocking copy has landed in host memory
-        self._tensor.index_copy_(0, idx.to(self.device), rows)
+        # (B,) row indices onto a GPU store (--features_on device): non_blocking is safe, since a
+        # pageable source is staged before the call returns and a pinned one (the loader's) is kept
+        # by the caching host allocator until the copy has run; the copy is ordered before
+        # index_copy_ on the stream, and the host does not wait for it (a blocking copy would)
+        self._tensor.index_copy_(0, idx.to(self.device, non_blocking=True), rows)
         self.filled += int(idx.numel())
 
     def numpy(self) -> np.ndarray:
@@ -460,23 +487,21 @@ def resolve_sync_bn(flag: bool | None, rt: Runtime) -> bool:
 
     With W processes each BatchNorm normalises over its rank's batch / W images; synced, over
     the global batch, as one GPU training on --batch would. An explicit ``--sync_bn`` also
-    works under gloo (CPU): :class:`AllReduceBatchNorm` there, torch's SyncBatchNorm on CUDA
-    (which refuses CPU tensors). In one process there is nothing to sync (plain BatchNorm)."""
+    works under gloo (CPU). In one process there is nothing to sync (plain BatchNorm)."""
     nccl = rt.distributed and rt.device.type == "cuda"
     return nccl if flag is None else bool(flag) and rt.distributed
 
 
 def sync_batchnorm(model: torch.nn.Module, flag: bool | None, rt: Runtime) -> torch.nn.Module:
     """The network with its BatchNorm layers synchronised over the processes when
-    :func:`resolve_sync_bn` says so (the same module object otherwise): torch's SyncBatchNorm
-    on CUDA, :class:`AllReduceBatchNorm` on the CPU (gloo). The parameters are the same
-    objects and the state_dict keys do not change, so checkpoints load into the unsynced
-    network and back."""
+    :func:`resolve_sync_bn` says so (the same module object otherwise): :class:`AllReduceBatchNorm`
+    on every backend. Not torch's SyncBatchNorm: its forward reads the ranks' counts on the host
+    (a masked index, one GPU->host synchronisation per layer and step: 53 per ResNet-50 step)
+    and it refuses CPU tensors. The parameters are the same objects and the state_dict keys do
+    not change, so checkpoints load into the unsynced network and back."""
     if not resolve_sync_bn(flag, rt):
         return model
     log.info("BatchNorm synchronised over the %d processes (--sync_bn)", rt.world_size)
-    if rt.device.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return convert_allreduce_batchnorm(model)
 
 
@@ -497,21 +522,35 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class AllReduceBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over the global batch of all processes, on any backend (gloo on CPU too).
+    """BatchNorm over the global batch of all processes, on any backend (NCCL and gloo), with
+    no host synchronisation.
 
-    torch's SyncBatchNorm only runs on CUDA. This one computes, in training under an
-    initialised process group of several ranks, the per-channel statistics of the union of
-    the ranks' batches in two passes (float64 sums, all-reduced with autograd): the mean from
-    the sums and counts, then the biased variance from the sums of squared deviations from
-    that mean. The input is normalised with them, the running statistics are updated as
+    In training under an initialised process group (a group of one included, see
+    ``DEEPCLUSTER_FORCE_DISTRIBUTED``) it computes the per-channel statistics of the union of
+    the ranks' batches: each rank's variance and mean in one fused pass (``torch.var_mean``,
+    Welford's algorithm), turned into float64 sums and sums of squares, all-reduced with the
+    count in one collective (with autograd), combined as Chan et al.'s parallel variance (the
+    local variances carry no cancellation; the combination loses only float64 digits). The
+    input is normalised with them in one pass (``x * scale + shift``), the running statistics are updated as
     BatchNorm does (momentum, or a cumulative mean with ``momentum=None``; unbiased variance
     with the global count; ``num_batches_tracked``), and the backward pass all-reduces the
     gradients of the two sums, so a rank's input gradient is that of the loss summed over the
-    ranks. Results equal one BatchNorm on the whole batch up to float rounding (tested).
+    ranks. Results equal one BatchNorm on the whole batch up to float rounding (tested: a few
+    float32 ulps).
+
+    No value goes to the host: the global count is all-reduced with the sums and stays a device
+    tensor (built by a fill kernel, not copied from the host), as does the cumulative-average
+    factor. Hence, as torch's SyncBatchNorm, only a rank's own batch is checked for the "more
+    than 1 value per channel" rule in one process; with several ranks holding one value in all,
+    the running variance becomes inf. float64 only for the (C,) per-channel numbers: the pass over
+    the activations is float32 Welford (as cuDNN's statistics), and the cross-rank combination in
+    float64 keeps the variance exact to float32 rounding whatever the ranks' means. float16 and
+    bfloat16 inputs (autocast) are normalised in float32 and returned in their dtype (as cuDNN's
+    BatchNorm does).
 
     Every rank must call the all-reduces in the same order: it does when every rank runs the
     same forward and backward (the same layers, each rank with its share of the batch, possibly
-    empty). Evaluation mode, one process and no process group: exactly ``nn.BatchNorm``.
+    empty). Evaluation mode and no process group: exactly ``nn.BatchNorm``.
     Parameters and buffers are BatchNorm's, so state_dict keys and checkpoints are unchanged.
     Input: (N, C) or (N, C, *) like BatchNorm1d/2d/3d.
     """
@@ -522,35 +561,48 @@ class AllReduceBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dist = torch.distributed
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
         self._check_input_dim(x)
         c = x.shape[1]
         dims = [0] + list(range(2, x.dim()))    # every axis but the channels
         shape = [1, c] + [1] * (x.dim() - 2)    # (C,) -> broadcastable to x
         n_local = x.numel() // max(c, 1)        # values per channel on this rank
-        # pass 1: (C + 1,) float64 [per-channel sums, count], summed over the ranks
-        packed = torch.cat([x.sum(dims, dtype=torch.float64),
-                            torch.tensor([float(n_local)], dtype=torch.float64, device=x.device)])
-        packed = _AllReduceSum.apply(packed)
-        n = float(packed[c].detach())
-        if n <= 1:
-            raise ValueError(f"expected more than 1 value per channel when training, got {int(n)} over all ranks")
-        mean = packed[:c] / n                                                   # (C,) float64
-        # pass 2: per-channel sums of squared deviations from the global mean
-        dev = x - mean.to(x.dtype).view(shape)
-        var = _AllReduceSum.apply((dev * dev).sum(dims, dtype=torch.float64)) / n   # (C,) biased
-        y = dev * torch.rsqrt(var + self.eps).to(x.dtype).view(shape)
+        if n_local <= 1 and dist.get_world_size() == 1:
+            raise ValueError(f"expected more than 1 value per channel when training, got {n_local}")
+        work = torch.promote_types(x.dtype, torch.float32)  # float16/bfloat16 -> float32
+        xw = x.to(work)
+        # this rank's per-channel variance and mean in one fused pass (Welford: no cancellation),
+        # turned into the sum and the sum of squares, float64; one all-reduce of (2C + 1,)
+        # [sums, sums of squares, count], with autograd (one all-reduce of their gradients)
+        v_r, m_r = torch.var_mean(xw, dims, correction=0)                        # (C,), (C,)
+        m_r, v_r = m_r.double(), v_r.double()
+        count = x.new_full((1,), float(n_local), dtype=torch.float64)  # fill kernel: no host->device copy
+        packed = _AllReduceSum.apply(torch.cat([m_r * n_local, (v_r + m_r * m_r) * n_local, count]))
+        n = packed[2 * c:].detach()                                              # (1,) values per channel
+        mean = packed[:c] / n                                                    # (C,) float64
+        # Chan's combination: the local variances are exact, so sum / n - mean^2 loses only
+        # float64 digits (relative 1e-16 x mean^2 / var)
+        var = (packed[c:2 * c] / n - mean * mean).clamp_min(0)                   # (C,) biased
+        scale = torch.rsqrt(var + self.eps)                                      # (C,) float64
         if self.affine:
-            y = y * self.weight.view(shape).to(x.dtype) + self.bias.view(shape).to(x.dtype)
+            scale = scale * self.weight
+        shift = (self.bias if self.affine else 0) - mean * scale
+        # y = x * scale + shift: one pass over the activations
+        y = torch.addcmul(shift.to(work).view(shape), xw, scale.to(work).view(shape))
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 rm, rv = self.running_mean, self.running_var
-                rm.mul_(1 - f).add_(mean.to(rm.dtype), alpha=f)
-                rv.mul_(1 - f).add_((var * (n / (n - 1))).to(rv.dtype), alpha=f)
-        return y
+                unbiased = var * (n / (n - 1))
+                if self.momentum is None:  # cumulative mean: 1 / batches, a device scalar (no read)
+                    f = 1.0 / self.num_batches_tracked.to(rm.dtype)
+                    rm.mul_(1 - f).add_(mean.to(rm.dtype) * f)
+                    rv.mul_(1 - f).add_(unbiased.to(rv.dtype) * f)
+                else:
+                    rm.mul_(1 - self.momentum).add_(mean.to(rm.dtype), alpha=self.momentum)
+                    rv.mul_(1 - self.momentum).add_(unbiased.to(rv.dtype), alpha=self.momentum)
+        return y.to(x.dtype)
 
 
 def convert_allreduce_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
@@ -593,3 +645,69 @@ def broadcast_array(arr: np.ndarray | None, rt: Runtime, dtype=torch.int64) -> n
          else torch.empty(int(n.item()), dtype=dtype, device=rt.device))
     dist.broadcast(t, src=0)
     return t.cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------
+# auditing the training steps for host synchronisations
+# ---------------------------------------------------------------------------------------
+SYNC_DEBUG_ENV = "DEEPCLUSTER_SYNC_DEBUG"
+
+
+class SyncAudit:
+    """``torch.cuda.set_sync_debug_mode`` over a training loop, outside its documented syncs.
+
+    Active only when ``DEEPCLUSTER_SYNC_DEBUG`` is ``warn`` or ``error`` and ``device`` is
+    CUDA (a no-op otherwise: nothing to pay on the CPU or in a normal run). :meth:`step`, called
+    at the top of every step, turns the mode on from the ``warmup``-th call on: the first steps
+    allocate (the caching allocator, cuDNN autotuning) and DDP rebuilds its gradient buckets at
+    its second forward (a one-off broadcast through the host). From then on, every CUDA call that
+    synchronises the host with the device (``.item()``, ``float(t)``, a blocking copy either way,
+    a masked index, ``nonzero``...) warns or raises, except inside :meth:`allowed`, which marks
+    the documented syncs (docs/distributed.md: the loss read every 50 steps, checkpoints, a shown
+    progress bar, GradScaler under ``--amp``). :meth:`close` (or leaving the ``with`` block)
+    turns it off, so feature extraction and clustering are not audited. Usage::
+
+        with distributed.SyncAudit(device) as audit:
+            for batch in loader:
+                audit.step()
+                ...
+                with audit.allowed():
+                    meter.read()
+    """
+
+    def __init__(self, device: torch.device | str, warmup: int = 2, mode: str | None = None):
+        mode = os.environ.get(SYNC_DEBUG_ENV, "") if mode is None else mode
+        if mode not in ("", "0", "warn", "error"):
+            raise ValueError(f"{SYNC_DEBUG_ENV} must be warn or error, got {mode!r}")
+        self.mode = mode if mode in ("warn", "error") and torch.device(device).type == "cuda" else None
+        self.warmup, self.steps, self.on = int(warmup), 0, False
+
+    def _set(self, on: bool) -> None:
+        if self.mode is not None and on != self.on:
+            torch.cuda.set_sync_debug_mode(self.mode if on else "default")
+            self.on = on
+
+    def step(self) -> None:
+        """Top of a training step: the audit starts at the ``warmup``-th step after the first."""
+        self.steps += 1
+        if self.steps > self.warmup:
+            self._set(True)
+
+    @contextlib.contextmanager
+    def allowed(self):
+        """A documented synchronisation: the audit is off inside, back on after."""
+        was = self.on
+        self._set(False)
+        try:
+            yield
+        finally:
+            self._set(was)
+
+    def close(self) -> None:
+        self._set(False)
+
+    def __enter__(self) -> "SyncAudit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

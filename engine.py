@@ -17,6 +17,7 @@ decides when and where checkpoints are written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import math
@@ -166,10 +167,15 @@ def run_steps(batches: Iterable, step: Callable[[int, object], tuple[torch.Tenso
     added to ``meter`` on the device. Before step i the ranks agree (``control``): a failed
     batch on any rank or a stop signal raises :class:`preempt.StopTraining` on every rank;
     then ``before_step(i)`` (checkpoints). The meter is read every :data:`SYNC_EVERY` steps
-    (raising :class:`distributed.DivergedError` on a NaN/inf loss)."""
+    (raising :class:`distributed.DivergedError` on a NaN/inf loss). With DEEPCLUSTER_SYNC_DEBUG
+    set on CUDA, every host sync from the third step on raises or warns except the documented
+    ones: the checkpoints, the loss reads, a shown bar (:class:`distributed.SyncAudit`); the step
+    function marks its own (GradScaler under ``--amp``) with :func:`allowed_sync`."""
     bar = tqdm(batches, desc=desc, leave=False, disable=cli.progress(no_progress), initial=start, total=total)
     bar.set_postfix(loss="-")
     it, shown = iter(bar), time.monotonic()
+    audit = distributed.SyncAudit(meter.sum.device)
+    _AUDIT.append(audit)
     try:
         for i in itertools.count(start):
             try:
@@ -181,23 +187,38 @@ def run_steps(batches: Iterable, step: Callable[[int, object], tuple[torch.Tenso
                 failure = e if isinstance(e, data.BadImageError) else LoaderError(
                     f"loading the batch of {desc}, step {i} failed: {cli.one_line(e)}")
             control.check(i, failure)  # every rank together, before anything else of step i
+            audit.step()
             meter.step = i
-            if before_step is not None:
-                before_step(i)
-            if i - meter.first >= SYNC_EVERY:
-                meter.read()
+            with audit.allowed():  # the documented syncs: checkpoints, the loss read every SYNC_EVERY steps
+                if before_step is not None:
+                    before_step(i)
+                if i - meter.first >= SYNC_EVERY:
+                    meter.read()
             loss, n = step(i, batch)
             meter.add(loss, n)
             meter.step = i + 1
             if not bar.disable and time.monotonic() - shown >= SHOW_EVERY_S:  # a shown bar: one read a second
-                bar.set_postfix(loss=f"{meter.peek():.3f}", refresh=False)
+                with audit.allowed():
+                    bar.set_postfix(loss=f"{meter.peek():.3f}", refresh=False)
                 shown = time.monotonic()
     except preempt.StopTraining:  # the steps done so far count in the meter (a collective: all ranks are here)
+        audit.close()
         meter.read()
         raise
     finally:
+        audit.close()
+        _AUDIT.remove(audit)
         bar.close()
     meter.read()
+
+
+_AUDIT: list = []  # the audit of the step loop running (at most one)
+
+
+def allowed_sync():
+    """A documented host sync inside a step function (GradScaler's inf check under --amp): the
+    running step loop's audit is off inside it."""
+    return _AUDIT[-1].allowed() if _AUDIT else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------

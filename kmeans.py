@@ -304,7 +304,8 @@ def cluster_peak_bytes(n: int, n_local: int, d: int, k: int, pca: int, element_s
     YFCC100M, n = 95.9 M, W = 64, k = 10^5     25.4 GiB  13.9 GiB  1.60 / 0.80 TB
     ========================================  ========  =========  ===================
 
-    The shard is 2.44 / 1.22 GiB (ImageNet) and 22.9 / 11.4 GiB (YFCC100M) of these; at
+    The shard is 2.44 / 1.22 GiB (ImageNet) and 22.9 / 11.4 GiB (YFCC100M) of these, in host
+    RAM unless ``--features_on device`` (the GPU then holds 0.18 / 2.51 GiB: the rest); at
     YFCC100M scale the label exchange (12 n = 1.07 GiB) outweighs the k terms (12 k p = 0.29
     GiB at k = 10^5), so both k give the same peak: every rank fits a GPU of 80 GB with room
     for the network, the gather does not fit any.

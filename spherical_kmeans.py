@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cluster_util import ClusteringError, _all_reduce, _broadcast, _distributed
+from cluster_util import ClusteringError, _all_reduce, _broadcast, _distributed, _row_chunk
 from kmeans import cluster_sums, split_empty_clusters
 
 
@@ -60,6 +60,24 @@ def sample_centroids(x: torch.Tensor, k: int, seed: int, index: torch.Tensor | N
     return _all_reduce(c, rt)
 
 
+def assign_nearest(x: torch.Tensor, centroids: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """(n,) int64 index of the centroid of largest dot product for each row of ``x`` (n, d),
+    ``centroids`` (k, d), computed by blocks of ``block`` rows (default: a (block, k) float32
+    score block of about 256 MiB, at least 256 rows), so the (n, k) score matrix never exists.
+
+    Each row's scores are the same dot products as in the whole ``x @ centroids.T`` (the
+    k-loop of a row does not depend on the rows around it on the CPU: bitwise equal, tested;
+    cuBLAS may choose another reduction split for another block height, which can move a score
+    by an ulp and flip an exact tie)."""
+    n = x.shape[0]
+    out = torch.empty(n, dtype=torch.long, device=x.device)
+    step = block or _row_chunk(centroids.shape[0])
+    ct = centroids.t()
+    for s in range(0, n, step):
+        torch.argmax(x[s:s + step] @ ct, dim=1, out=out[s:s + step])
+    return out
+
+
 def spherical_kmeans(x: torch.Tensor, k: int, niter: int = 10, centroids: torch.Tensor | None = None,
                      seed: int = 0, index: torch.Tensor | None = None,
                      reassign_empty: bool = False, rt=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +98,7 @@ def spherical_kmeans(x: torch.Tensor, k: int, niter: int = 10, centroids: torch.
     rng = np.random.RandomState(int(seed) % (2 ** 32))
     n_total = int(_all_reduce(torch.tensor([x.shape[0]], dtype=torch.long, device=x.device), rt).item())
     for it in range(niter + 1):
-        assign = (x @ centroids.t()).argmax(dim=1) if x.shape[0] else torch.zeros(0, dtype=torch.long,
-                                                                                 device=x.device)
+        assign = assign_nearest(x, centroids)                                         # (n_local,)
         if it == niter:
             break
         sums, counts = cluster_sums(x, assign, k, rt)                                 # (k, d) f64, (k,)

@@ -235,9 +235,10 @@ def test_allreduce_batchnorm_two_ranks_equal_one_batchnorm(two_ranks):
             for k, v in ref.items():
                 if k != "n":
                     torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5, msg=f"{name} {momentum} {k}")
-                    worst = max(worst, float((got[k] - v).abs().max()))
-    print(f"max abs difference {worst:.2e}")
-    assert worst < 1e-5
+                    # relative to the magnitude (running variances reach 300, where a float32 ulp is 3e-5)
+                    worst = max(worst, float(((got[k] - v).abs() / v.abs().clamp_min(1)).max()))
+    print(f"max difference {worst:.2e} (relative to max(1, |value|))")
+    assert worst < 1e-6  # a few float32 ulps
     # one process, no process group: plain BatchNorm, bitwise
     x = _bn_cases()[2][1]
     a, b = _bn_module(x, 0.1), _bn_module(x, 0.1)

@@ -2,6 +2,7 @@
 (what is copied how, which device is asked for, what init_process_group receives)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -47,6 +48,12 @@ def test_feature_store_copies_to_the_store_synchronously():
     store.write([4, 1], batch)
     assert CopySpy.calls and not any(CopySpy.calls)
     assert store.tensor[4].tolist() == [0, 1, 2] and store.tensor[1].tolist() == [3, 4, 5]
+    # the row indices go to the store's device without a blocking copy (a host wait per batch
+    # with --features_on device): non_blocking, ordered before index_copy_ on the stream
+    CopySpy.calls = []
+    store.write(torch.tensor([0, 2]).as_subclass(CopySpy), torch.ones(2, 3))
+    store.flush()
+    assert CopySpy.calls == [True] and store.tensor[2].tolist() == [1, 1, 1]
 
 
 def test_clustering_runs_on_the_given_device_not_the_datas(monkeypatch):
@@ -315,7 +322,7 @@ NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
                                                  ("channels_last", ["--no-channels_last"], "cpu"),
                                                  pytest.param("nchw", ["--channels_last"], "cuda", marks=NEEDS_CUDA)])
 def test_resume_gives_momentum_the_parameters_layout(tmp_path, saved_by, now, device):
-    """A user's resume (main.build_model/build_optimizer, checkpoint.resume) of a checkpoint
+    """A user's resume (deepcluster.build_model/build_optimizer/restore) of a checkpoint
     of either layout: the fused step equals the per-tensor step within 1e-6 in every tensor.
     Without the layout fix the fused step moves conv1 by ~10% (NCHW state, channels-last)."""
     path = _saved_run(tmp_path, saved_by)
@@ -354,9 +361,10 @@ def test_sync_bn_on_by_default_under_nccl_only(flag, rt, expected):
 
 
 def test_sync_bn_conversion_keeps_parameters_and_checkpoint_keys():
-    """Every BatchNorm becomes a SyncBatchNorm with the same parameter objects (an optimizer built
-    before still updates them) and the same state_dict, which the unsynced network loads strictly;
-    in one process (no process group) it computes what BatchNorm does, bitwise, on CPU."""
+    """Every BatchNorm becomes an AllReduceBatchNorm (NCCL and gloo alike) with the same parameter
+    objects (an optimizer built before still updates them) and the same state_dict, which the
+    unsynced network loads strictly; without a process group it computes what BatchNorm does,
+    bitwise, on CPU."""
     args = main.parse_args(["x", "--size", "64", "--k", "10", "--sobel"])
     torch.manual_seed(0)
     plain = dc.build_model(args, torch.device("cpu"))
@@ -366,7 +374,8 @@ def test_sync_bn_conversion_keeps_parameters_and_checkpoint_keys():
     n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
     synced = distributed.sync_batchnorm(plain, None, NCCL2)
     assert synced is plain and n_bn == 5  # one after each conv (AlexNet has none in its classifier)
-    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn
+    assert sum(isinstance(m, distributed.AllReduceBatchNorm) for m in synced.modules()) == n_bn
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())  # it syncs the host
     assert {id(p) for p in synced.parameters()} == params
     assert list(synced.state_dict()) == list(ref.state_dict())
     fresh = dc.build_model(args, torch.device("cpu"))
@@ -377,13 +386,81 @@ def test_sync_bn_conversion_keeps_parameters_and_checkpoint_keys():
     a = synced(x)
     torch.manual_seed(1)
     assert torch.equal(a, ref(x))
-    assert distributed.sync_batchnorm(ref, None, GLOO2) is ref  # gloo: unchanged
-    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in ref.modules())
-    # an explicit --sync_bn on gloo: the all-reduce BatchNorm (tests/test_distributed.py), same keys
+    assert distributed.sync_batchnorm(ref, None, GLOO2) is ref  # gloo: unchanged by default
+    assert not any(isinstance(m, distributed.AllReduceBatchNorm) for m in ref.modules())
     params = {id(p) for p in ref.parameters()}
     gloo = distributed.sync_batchnorm(ref, True, GLOO2)
     assert sum(isinstance(m, distributed.AllReduceBatchNorm) for m in gloo.modules()) == n_bn
     assert {id(p) for p in gloo.parameters()} == params and list(gloo.state_dict()) == list(fresh.state_dict())
+
+
+# ops that make the host wait for a CUDA device: a scalar read, a data-dependent output size, a copy
+# between devices (on the CPU they run without a sync; recorded here by their aten name)
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "unique_", "repeat_interleave",
+            "is_nonzero", "equal")
+
+
+class SyncOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op that would synchronise the host with a CUDA device."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+        self.ops: list[str] = []  # every op
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__ if hasattr(func, "__name__") else str(func)
+        self.ops.append(name)
+        bool_index = name.startswith("index.") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else []) or [])
+        if bool_index or any(op in name for op in SYNC_OPS):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def group_of_one(monkeypatch):
+    """A gloo process group of one in this process (DEEPCLUSTER_FORCE_DISTRIBUTED=1)."""
+    monkeypatch.setenv(distributed.FORCE_DISTRIBUTED_ENV, "1")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    rt = distributed.init_runtime("cpu")
+    try:
+        yield rt
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_allreduce_batchnorm_never_reads_a_value_on_the_host(group_of_one, momentum):
+    """Forward and backward of the synchronised BatchNorm in a process group of one: no op that
+    would sync a CUDA host (torch's SyncBatchNorm does a masked index on the counts), and the
+    result is one BatchNorm's on that batch (float64 statistics: within float32 rounding)."""
+    assert group_of_one.distributed and group_of_one.forced and group_of_one.world_size == 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, 5, 5, generator=g) * 3 + 2
+    ref = torch.nn.BatchNorm2d(4, momentum=momentum)
+    bn = distributed.sync_batchnorm(torch.nn.BatchNorm2d(4, momentum=momentum), True, group_of_one)
+    assert isinstance(bn, distributed.AllReduceBatchNorm)
+    spy = SyncOps()
+    outs = []
+    for mod, mode in ((bn, spy), (ref, contextlib.nullcontext())):
+        xi = x.clone().requires_grad_(True)
+        with mode:
+            for _ in range(2):
+                y = mod(xi)
+                (y * torch.arange(4.0).view(1, 4, 1, 1)).pow(2).sum().backward()
+        outs.append((y.detach(), xi.grad, mod.running_mean.clone(), mod.running_var.clone()))
+    assert spy.seen == []
+    assert sum("allreduce" in op for op in spy.ops) == 2 * 2  # 2 steps x (1 forward + 1 backward)
+    # float32 rounding: the input gradient (values ~1) is g * scale (terms ~20) minus its projections
+    # on the mean and variance, so a few ulps of the terms (2e-6 each) show in it
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=3e-5)
+    # the spy sees what the former version did: float() of the all-reduced count
+    with spy:
+        float(torch.ones(()) + 1)
+    assert spy.seen == ["_local_scalar_dense.default"]
 
 
 def _free_port() -> int:
@@ -536,7 +613,7 @@ def test_decode_gpu_twin_draws_the_pil_boxes_and_pixels(photos):
 
 
 def test_decode_gpu_loader_serves_the_same_batches(photos, tmp_path):
-    """main.make_train_loader with --decode gpu (a worker process) and data.to_model_input on
+    """deepcluster.make_train_loader with --decode gpu (a worker process) and data.to_model_input on
     the CPU: the same images, labels and order as --decode cpu, pixels within 1 level."""
     import data
 
@@ -573,3 +650,72 @@ def test_decode_gpu_names_a_broken_jpeg(tmp_path):
     batch = data.EncodedBatch([crop(enc.load(names.index(n))) for n in ("ok.jpg", "cut.jpg")], 32)
     with pytest.raises(data.BadImageError, match="cut.jpg"):
         batch.decode(torch.device("cpu"))
+
+
+def test_spherical_kmeans_assigns_by_row_blocks_bitwise(monkeypatch):
+    """The (n, k) score matrix is computed by row blocks: every block height (dividing n or not,
+    one row, more than n) gives the assignment of the whole matrix bitwise, and the k-means run
+    with small blocks equals the one computed on whole score matrices."""
+    import spherical_kmeans as sk
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(1000, 24, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(37, 24, generator=g), dim=1)
+    whole = (x @ c.t()).argmax(dim=1)
+    for block in (1, 7, 256, 999, 1000, 4096, None):
+        assert torch.equal(sk.assign_nearest(x, c, block), whole), block
+    assert sk.assign_nearest(x[:0], c).shape == (0,)
+    ref = sk.spherical_kmeans(x, 37, niter=5, seed=3)
+    monkeypatch.setattr(sk, "_row_chunk", lambda n_cols: 13)  # blocks of 13 rows
+    seen = []
+    real = sk.assign_nearest
+    monkeypatch.setattr(sk, "assign_nearest", lambda x, c, block=None: (seen.append(1), real(x, c, block))[1])
+    got = sk.spherical_kmeans(x, 37, niter=5, seed=3)
+    assert len(seen) == 6 and torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    # the former whole-matrix assignment, for the reference run
+    monkeypatch.setattr(sk, "assign_nearest", lambda x, c, block=None: (x @ c.t()).argmax(dim=1))
+    old = sk.spherical_kmeans(x, 37, niter=5, seed=3)
+    assert torch.equal(old[0], ref[0]) and torch.equal(old[1], ref[1])
+
+
+def test_sync_audit_is_off_exactly_around_the_documented_reads(monkeypatch):
+    """DEEPCLUSTER_SYNC_DEBUG=error: the audit turns on at the third step (after the warm-up and
+    DDP's bucket rebuild), every host read of engine.run_steps (the loss every SYNC_EVERY steps,
+    the checkpoint hook, the end of the epoch) happens while it is off, and it is off after."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: modes.append(m))
+    monkeypatch.setenv(distributed.SYNC_DEBUG_ENV, "error")
+    real_init = distributed.SyncAudit.__init__
+
+    def on_cpu_too(self, device, warmup=2, mode=None):  # the audit only acts on CUDA: pretend
+        real_init(self, "cuda", warmup, mode)
+    monkeypatch.setattr(distributed.SyncAudit, "__init__", on_cpu_too)
+    monkeypatch.setattr(engine, "SYNC_EVERY", 10)
+    state_at_reads = []
+    real_read = distributed.DeviceLossMeter.read
+    monkeypatch.setattr(distributed.DeviceLossMeter, "read",
+                        lambda self: (state_at_reads.append(modes[-1] if modes else "default"), real_read(self))[1])
+    hooks = []
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step(i, batch):
+        x, y, _ = batch
+        lo = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        lo.backward()
+        opt.step()
+        return lo, x.shape[0]
+    engine.run_steps(_batches(25), step, start=0, total=25, control=preempt.StepControl(distributed.Runtime()),
+                     meter=distributed.DeviceLossMeter(torch.device("cpu"), util.AverageMeter()), no_progress=True,
+                     before_step=lambda i: hooks.append(modes[-1] if modes else "default"))
+    assert modes[0] == "error" and modes[-1] == "default"
+    assert len(hooks) == 25 and set(hooks) == {"default"}  # off inside the checkpoint hook
+    assert len(state_at_reads) == 3 and set(state_at_reads) == {"default"}  # steps 10, 20 and the end
+    on = [m for m in modes if m == "error"]
+    assert len(on) >= 3  # back on after each allowed section
+    monkeypatch.setattr(distributed.SyncAudit, "__init__", real_init)
+    with pytest.raises(ValueError, match="DEEPCLUSTER_SYNC_DEBUG must be warn or error"):
+        distributed.SyncAudit("cuda", mode="loud")
+    assert distributed.SyncAudit("cpu", mode="error").mode is None  # nothing to audit on the CPU
