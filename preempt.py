@@ -63,6 +63,7 @@ class _State:
     requested: str | None = None  # name of the stop signal received, if any
     training = False              # inside the training loop: requests wait for the next step
     defer = 0                     # inside a checkpoint write
+    orphaned: int | None = None   # pid of the torchrun launcher that died (die_with_launcher)
 
 
 _state = _State()
@@ -76,7 +77,7 @@ def _on_stop_signal(signum, frame) -> None:
     if _state.requested is not None:  # a stop already under way (torchrun and SLURM signal twice): it goes on
         return
     name = signal.Signals(signum).name
-    _state.requested = f"{name} (its launcher {_launcher_pid()} died)" if launcher_gone() else name
+    _state.requested = f"{name} (its launcher, pid {_state.orphaned}, died)" if _state.orphaned else name
     if not _state.training and _state.defer == 0:
         raise Preempted(_state.requested)
 
@@ -179,16 +180,21 @@ def _sigterm_from_parent_only(parent: int) -> None:
 LAUNCHER_ENV = "DEEPCLUSTER_LAUNCHER_PID"  # set by launch.py for its workers: the process they must outlive
 ORPHAN_GRACE = 30.0  # seconds an orphaned worker has to stop by itself (torchrun's own SIGTERM -> SIGKILL wait)
 _PARENT_AT_START = os.getppid()
+_launcher: int | None = None
 _watching = False
 
 
 def _launcher_pid() -> int:
-    """The pid of this torchrun worker's launcher: launch.py's (it says), else the parent seen
-    when this module was first imported."""
-    try:
-        return int(os.environ[LAUNCHER_ENV])
-    except (KeyError, ValueError):
-        return _PARENT_AT_START
+    """The pid of this torchrun worker's launcher: launch.py's (it says so in the environment of
+    its workers, who take it out of theirs: their own children have another parent), else the
+    parent seen when this module was first imported."""
+    global _launcher
+    if _launcher is None:
+        try:
+            _launcher = int(os.environ.pop(LAUNCHER_ENV))
+        except (KeyError, ValueError):
+            _launcher = _PARENT_AT_START
+    return _launcher
 
 
 def under_torchrun() -> bool:
@@ -198,36 +204,34 @@ def under_torchrun() -> bool:
 
 def launcher_gone() -> bool:
     """A torchrun worker whose launcher died (it was re-parented)."""
-    return under_torchrun() and os.getppid() != _launcher_pid()
+    return _state.orphaned is not None or (under_torchrun() and os.getppid() != _launcher_pid())
 
 
 def die_with_launcher() -> None:
-    """A torchrun worker stops when its launcher dies (SIGKILL, OOM killer): the workers run in
-    their own sessions, so nothing else would stop them, and a resume started by hand would
-    train beside them. The worker gets SIGTERM, as from torchrun or SLURM, and stops like a
-    preemption (at the next step, with ``checkpoint_stopped``; 75): what it trained since the
-    last checkpoint is kept. Linux asks the kernel (``prctl(PR_SET_PDEATHSIG)``, at once); a
-    watcher thread covers the launcher already gone before that and other systems (within
-    1 s), and ends a worker that has not stopped :data:`ORPHAN_GRACE` seconds later (a
-    collective waiting for a rank that is gone). Nothing outside torchrun; once per process."""
+    """A torchrun worker stops when its launcher dies (SIGKILL, the OOM killer): the workers run
+    in their own sessions, so nothing else would stop them, and a resume started by hand would
+    train beside them. A watcher thread sees the launcher gone (its parent changed, within
+    0.5 s) and sends the worker SIGTERM, as torchrun or SLURM would: it stops like a
+    preemption (at the next step, with ``checkpoint_stopped``, exit 75), so what it trained
+    since the last checkpoint is kept; one that has not stopped :data:`ORPHAN_GRACE` seconds
+    later (a collective waiting for a rank that is gone) is ended, as torchrun would end it.
+    Not ``prctl(PR_SET_PDEATHSIG)``: the kernel sends that signal when the parent *thread*
+    exits, and a SIGKILLed launcher's threads die one by one (here the signal came while the
+    launcher was still the parent), so a launcher that lives on could stop its workers.
+    Nothing outside torchrun; once per process."""
     global _watching
     if _watching or not under_torchrun():
         return
     _watching = True
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            PR_SET_PDEATHSIG = 1
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    threading.Thread(target=_watch_launcher, name="die-with-launcher", daemon=True).start()
+    threading.Thread(target=_watch_launcher, args=(_launcher_pid(),), name="die-with-launcher",
+                     daemon=True).start()
 
 
-def _watch_launcher() -> None:
-    while not launcher_gone():
-        time.sleep(1.0)
-    if _state.requested is None:  # no PR_SET_PDEATHSIG here, or the launcher died before it was set
-        os.kill(os.getpid(), signal.SIGTERM)
+def _watch_launcher(launcher: int) -> None:
+    while os.getppid() == launcher:
+        time.sleep(0.5)
+    _state.orphaned = launcher
+    os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(ORPHAN_GRACE)
     os.write(2, f"error: rank {rank()}: its launcher died and it did not stop within {ORPHAN_GRACE:.0f} s: "
                 f"killed\n".encode())
