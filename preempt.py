@@ -6,7 +6,12 @@ checkpoint writes, the per-step agreement of all ranks, and one report per faile
   together and a mid-epoch checkpoint is written; elsewhere (feature pass, clustering) it raises
   :class:`Preempted` at once: the last checkpoint is where the next launch resumes. The process
   then exits with :data:`EXIT_PREEMPTED`. SIGINT and these signals wait for the end of a
-  checkpoint write (:func:`deferred_signals`): a write is never torn by Ctrl-C.
+  checkpoint write (:func:`deferred_signals`): a write is never torn by Ctrl-C. A second stop
+  signal (torchrun and SLURM both send one) is ignored while the first is acted on.
+* **The other processes.** The DataLoader workers leave stop signals and Ctrl-C to their main
+  process (:func:`loader_worker_init`): torchrun and SLURM signal them too, and a dead worker
+  would end the step outside the agreement below. A torchrun worker stops like a preemption
+  when its launcher dies (:func:`die_with_launcher`).
 * **One decision per step** (:class:`StepControl`). Before each training step the ranks
   all-reduce a few integers on the host (a gloo group; under NCCL a side group, so the GPU
   stream is not synchronised): which ranks failed to load their batch (an unreadable image, a
@@ -74,7 +79,7 @@ def _main_thread() -> bool:
 
 
 def _on_stop_signal(signum, frame) -> None:
-    if _state.requested is not None:  # a stop already under way (torchrun and SLURM signal twice): it goes on
+    if _state.requested is not None:  # a stop under way (torchrun and SLURM both signal): it goes on
         return
     name = signal.Signals(signum).name
     _state.requested = f"{name} (its launcher, pid {_state.orphaned}, died)" if _state.orphaned else name

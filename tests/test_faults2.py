@@ -173,20 +173,23 @@ def test_full_disk_in_a_checkpoint_write_is_one_line(small, images36, tmp_path, 
 
 def test_write_errors_name_their_file(tmp_path):
     """Below torch's zip writer: the OSError of the failed write, naming the file (not
-    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``)."""
-    code = f"""
-import resource, signal, sys
-sys.path.insert(0, {str(Path(fileio.__file__).parent)!r})
-import fileio, torch
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
-try:
-    fileio.atomic_torch_save({{"w": torch.zeros(1 << 16)}}, {str(tmp_path / 'c.pth.tar')!r})
-except OSError as e:
-    print(e.errno, e.filename)
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.stdout.split() == ["27", str(tmp_path / "c.pth.tar")], res.stderr  # EFBIG
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``), and the temporary
+    file removed; the same for any file written through fileio.atomic_write."""
+    limits, sigxfsz = resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, limits[1]))
+    try:
+        with pytest.raises(OSError) as big:
+            fileio.atomic_torch_save({"w": torch.zeros(1 << 16)}, tmp_path / "c.pth.tar")
+        with pytest.raises(OSError) as text:
+            fileio.atomic_write_text(tmp_path / "t.txt", "x" * (1 << 17))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, sigxfsz)
+    import errno
+
+    assert (big.value.errno, big.value.filename) == (errno.EFBIG, str(tmp_path / "c.pth.tar"))
+    assert (text.value.errno, text.value.filename) == (errno.EFBIG, str(tmp_path / "t.txt"))
     assert not list(tmp_path.iterdir())
 
 
@@ -268,3 +271,21 @@ def test_exit_code_names_the_rank_that_died_first(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(launch, "_ROOT_PIDS", set())  # not known: a SIGKILL before a SIGTERM
     assert launch.exit_code({0: failure(0, -15), 1: failure(1, -9)}) == 128 + 9
     assert launch.signal_code(signal.SIGUSR1) == preempt.EXIT_PREEMPTED
+
+
+def test_a_full_disk_anywhere_is_bad_input_not_a_bug():
+    """A full disk met by any write (a cluster file, the log): exit 2 and one line naming the
+    file, so that --max-restarts does not rerun into it; a bug stays a bug."""
+    import argparse
+    import errno
+
+    import cli
+
+    args = argparse.Namespace(exp="E")
+    hint = lambda a: "--resume E continues from F"  # noqa: E731
+    e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "E/clusters/epoch_00001.npy")
+    assert cli._outcome(e, args, None, None, None, hint, 1) == (
+        2, "cannot write 'E/clusters/epoch_00001.npy': No space left on device")
+    code, msg = cli._outcome(OSError(errno.EDQUOT, "Disk quota exceeded"), args, None, None, None, hint, 2)
+    assert (code, msg) == (2, "cannot write: Disk quota exceeded; --resume E continues from F")
+    assert cli._outcome(OSError(errno.EACCES, "Permission denied"), args, None, None, None, hint, 1)[0] == 1
