@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import clustering
+import fileio
 import models
 import preempt
 from fileio import atomic_np_save, atomic_torch_save, atomic_write
@@ -48,7 +49,10 @@ def torch_load(path: str | os.PathLike, mmap: bool = False) -> dict:
 
     Falls back to latin1 decoding for checkpoints pickled by Python 2 (the released ones).
     ``mmap``: map the tensors instead of reading them (fast when only the small entries such
-    as the epoch are needed); files of the legacy format are then read normally.
+    as the epoch are needed); files of the legacy format are then read normally. A full load
+    verifies the checksum saved with the checkpoint (:func:`fileio.payload_digest`, none in
+    older files); a mapped one does not (the caller verifies what it picks, see
+    :func:`find_checkpoint`).
     """
     path = str(path)
     if not os.path.exists(path):
@@ -76,6 +80,10 @@ def torch_load(path: str | os.PathLike, mmap: bool = False) -> dict:
         raise CheckpointError(f"{path!r} is not a checkpoint (corrupt, truncated, or another kind of file)")
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path!r} is not a checkpoint: it holds a {type(ckpt).__name__}, expected a dict")
+    if not mmap and not fileio.is_verified(path):
+        if fileio.checksum_mismatch(ckpt):
+            raise CheckpointError(f"checkpoint {path!r} is corrupt: {fileio.CHECKSUM_MISMATCH}")
+        fileio.mark_verified(path)
     return ckpt
 
 
@@ -180,10 +188,12 @@ def save_checkpoint(state: dict, path: Path, rt) -> None:
     """Write a checkpoint atomically (temporary file + rename), on rank 0 only.
 
     A failed write (full disk, read-only folder) leaves the previous file intact and is
-    reported as a CheckpointError naming the path.
+    reported as a CheckpointError naming the path. The file carries the checksum of its
+    payload (``"checksum"``, :func:`fileio.with_checksum`).
     """
     if not rt.is_main:
         return
+    state = fileio.with_checksum(state)  # verified by every full load (torch_load)
     try:
         with preempt.deferred_signals():  # Ctrl-C or SIGTERM mid-write acts after the rename
             atomic_torch_save(state, path)
@@ -211,7 +221,7 @@ def find_checkpoint(path: str, run_id: str | None = None, quiet: bool = False) -
     if not candidates:
         warn("no checkpoint in %s yet: starting from the beginning", path)
         return None
-    best, best_key = None, None
+    ranked = []
     for c in candidates:
         try:
             ck = torch_load(c, mmap=True)  # only the position and run id are read here
@@ -222,12 +232,14 @@ def find_checkpoint(path: str, run_id: str | None = None, quiet: bool = False) -
             warn("skipping %s: it belongs to an earlier run in this folder", c)
             continue
         # a periodic copy at iteration 0 of epoch e already holds epoch e's clustering
-        key = (int(ck.get("epoch", 0)), int(ck.get("iteration", 0)), "mid_epoch" in ck)
-        if best_key is None or key > best_key:
-            best, best_key = c, key
-    if best is None:
-        raise CheckpointError(f"no valid checkpoint in experiment folder {path!r}")
-    return str(best)
+        ranked.append(((int(ck.get("epoch", 0)), int(ck.get("iteration", 0)), "mid_epoch" in ck), str(c)))
+    # the newest whose checksum matches (its tensors read through the map, not loaded)
+    for _, c in sorted(ranked, key=lambda kc: kc[0], reverse=True):
+        if fileio.is_verified(c) or not fileio.checksum_mismatch(torch_load(c, mmap=True)):
+            fileio.mark_verified(c)
+            return c
+        warn("skipping %s: it is corrupt: %s", c, fileio.CHECKSUM_MISMATCH)
+    raise CheckpointError(f"no valid checkpoint in experiment folder {path!r}")
 
 
 def prune_periodic(folder: Path, keep: int, run_id: str, rt, protect: Path | None = None) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -21,6 +22,10 @@ import preempt
 from errors import ScriptError
 
 log = logging.getLogger("deepcluster")
+
+
+# OSErrors of a write that no rerun fixes by itself: full disk, quota, file size limit, read-only file system
+DISK_FULL = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS") if hasattr(errno, n))
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
@@ -45,9 +50,13 @@ def fail(msg: str, code: int = 2, logger: logging.Logger | None = None) -> int:
     print(f"error: {msg}", file=sys.stderr)
     if logger is not None:
         record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, msg, None, None)
-        for h in logger.handlers:
-            if isinstance(h, logging.FileHandler):
-                h.handle(record)
+        quiet, logging.raiseExceptions = logging.raiseExceptions, False  # a full disk: the line above is enough
+        try:
+            for h in logger.handlers:
+                if isinstance(h, logging.FileHandler):
+                    h.handle(record)
+        finally:
+            logging.raiseExceptions = quiet
     return code
 
 
@@ -139,6 +148,9 @@ def _outcome(e: BaseException, args, logger, explain, on_interrupt, hint, world:
         if logger is not None:
             logger.debug("error", exc_info=True)
         return 2, then(explain(e, args) if explain and args is not None else one_line(e), known=True)
+    if isinstance(e, OSError) and e.errno in DISK_FULL:  # a full disk mid-run: a rerun meets it again (no restart)
+        where = f" {e.filename!r}" if e.filename else ""
+        return 2, then(f"cannot write{where}: {e.strerror or e}", known=True)
     if isinstance(e, KeyboardInterrupt):
         return 130, on_interrupt(args) if on_interrupt and args is not None else "interrupted"
     if world > 1 and preempt.is_lost_peer(e):

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 import fileio
+import preempt
 
 _log = logging.getLogger("deepcluster")
 
@@ -563,11 +564,12 @@ def make_loader(dataset, batch: int, workers: int, device: torch.device, sampler
                 seed: int = 0, collate_fn=None) -> torch.utils.data.DataLoader:
     """Unshuffled loader (order from ``sampler``) with its own seeded generator: creating the
     iterator draws nothing from the global RNG, so a resumed run's dropout masks stay in step
-    with an uninterrupted one."""
+    with an uninterrupted one. Its workers leave stop signals and Ctrl-C to the main process
+    (:func:`preempt.loader_worker_init`)."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, sampler=sampler,
                                        num_workers=workers, pin_memory=device.type == "cuda",
                                        persistent_workers=False, generator=torch.Generator().manual_seed(seed),
-                                       collate_fn=collate_fn)
+                                       collate_fn=collate_fn, worker_init_fn=preempt.loader_worker_init)
 
 
 def open_folder(args, rt) -> "IndexedImageFolder":

@@ -7,6 +7,8 @@ tests kill the process.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -109,11 +111,13 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable) -> None:
         os.replace(tmp, path)
     except FaultInjected:  # a simulated kill leaves its temporary file, as a real one does
         raise
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: say which
+            e.filename = path
         raise
     if not fsync_enabled():
         return
@@ -125,9 +129,37 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable) -> None:
         pass
 
 
+class _KeepWriteError:
+    """A binary file that keeps the OSError of a failed write: torch's zip writer turns it into
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, which says nothing
+    of a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``. A write
+    that fails (full disk, quota, file size limit) raises its OSError, naming ``path``."""
+    def write(f):
+        out = _KeepWriteError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -136,6 +168,101 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_np_save(path: str | os.PathLike, arr: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, arr))
+
+
+# ---------------------------------------------------------------------------------------
+# checksums of checkpoints
+# ---------------------------------------------------------------------------------------
+CHECKSUM_KEY = "checksum"  # in a checkpoint dict: payload_digest of every other key
+CHECKSUM_MISMATCH = "its contents do not match the checksum saved with it (damaged on disk or in a copy)"
+_CHUNK = 1 << 24  # tensor bytes are hashed in 16 MiB chunks, in threads (hashlib releases the GIL)
+
+
+def payload_digest(obj: Any) -> str:
+    """``"sha256:<hex>"`` of a checkpoint's payload: its structure and plain values (type and
+    ``repr``, dict keys in their order) and every tensor's dtype, shape and bytes (row-major,
+    whatever its strides or device). A tensor's bytes enter as the sha256 of each 16 MiB chunk,
+    hashed in parallel: ~0.05-0.1 s for a 173 MB AlexNet checkpoint on 2 cores."""
+    items: list = []  # bytes (structure, values) and memoryviews (chunks of tensor data), in order
+    _flatten(obj, items)
+    chunks = [it for it in items if isinstance(it, memoryview)]
+    workers = min(8, os.cpu_count() or 1, len(chunks))
+    if workers > 1 and sum(len(c) for c in chunks) >= 4 * _CHUNK:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            digests = iter(list(pool.map(_sha256, chunks)))
+    else:
+        digests = map(_sha256, chunks)
+    h = hashlib.sha256()
+    for it in items:
+        h.update(next(digests) if isinstance(it, memoryview) else it)
+    return "sha256:" + h.hexdigest()
+
+
+def _sha256(data) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _flatten(x: Any, out: list) -> None:
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x.detach()
+        t = t.cpu().contiguous()  # no copy for a dense CPU tensor
+        out.append(f"T{t.dtype}{list(t.shape)}".encode())
+        if t.numel():
+            data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            out.extend(data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK))
+    elif isinstance(x, dict):
+        out.append(b"{%d" % len(x))
+        for k, v in x.items():
+            _flatten(k, out)
+            _flatten(v, out)
+    elif isinstance(x, (list, tuple)):
+        out.append(b"%s%d" % (b"(" if isinstance(x, tuple) else b"[", len(x)))
+        for v in x:
+            _flatten(v, out)
+    else:  # str, int, float, bool, None, bytes, torch.dtype...
+        r = repr(x).encode()
+        out.append(b"%s:%d:%s" % (type(x).__name__.encode(), len(r), r))
+
+
+def with_checksum(state: dict) -> dict:
+    """``state`` with :data:`CHECKSUM_KEY` (last): the digest of everything else in it."""
+    payload = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+    return {**payload, CHECKSUM_KEY: payload_digest(payload)}
+
+
+def checksum_mismatch(ckpt: dict) -> bool:
+    """True when ``ckpt`` carries a checksum that its contents do not match (damaged on disk or
+    in a copy); False when it matches or there is none (checkpoints older than the checksum)."""
+    saved = ckpt.get(CHECKSUM_KEY)
+    if saved is None:
+        return False
+    return payload_digest({k: v for k, v in ckpt.items() if k != CHECKSUM_KEY}) != saved
+
+
+_VERIFIED: dict[str, tuple] = {}  # path -> identity of the file whose checksum matched
+
+
+def _identity(path: str | os.PathLike) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def mark_verified(path: str | os.PathLike) -> None:
+    """The checksum of the file now at ``path`` matched (:func:`is_verified` until it changes)."""
+    with contextlib.suppress(OSError):
+        _VERIFIED[os.path.abspath(path)] = _identity(path)
+
+
+def is_verified(path: str | os.PathLike) -> bool:
+    """Whether this process verified the file now at ``path`` (same inode, size and mtime: a
+    checkpoint is replaced by a rename, never rewritten in place), so a second full load of it
+    skips the digest."""
+    try:
+        return _VERIFIED.get(os.path.abspath(path)) == _identity(path)
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,7 +6,12 @@ checkpoint writes, the per-step agreement of all ranks, and one report per faile
   together and a mid-epoch checkpoint is written; elsewhere (feature pass, clustering) it raises
   :class:`Preempted` at once: the last checkpoint is where the next launch resumes. The process
   then exits with :data:`EXIT_PREEMPTED`. SIGINT and these signals wait for the end of a
-  checkpoint write (:func:`deferred_signals`): a write is never torn by Ctrl-C.
+  checkpoint write (:func:`deferred_signals`): a write is never torn by Ctrl-C. A second stop
+  signal (torchrun and SLURM both send one) is ignored while the first is acted on.
+* **The other processes.** The DataLoader workers leave stop signals and Ctrl-C to their main
+  process (:func:`loader_worker_init`): torchrun and SLURM signal them too, and a dead worker
+  would end the step outside the agreement below. A torchrun worker stops like a preemption
+  when its launcher dies (:func:`die_with_launcher`).
 * **One decision per step** (:class:`StepControl`). Before each training step the ranks
   all-reduce a few integers on the host (a gloo group; under NCCL a side group, so the GPU
   stream is not synchronised): which ranks failed to load their batch (an unreadable image, a
@@ -63,6 +68,7 @@ class _State:
     requested: str | None = None  # name of the stop signal received, if any
     training = False              # inside the training loop: requests wait for the next step
     defer = 0                     # inside a checkpoint write
+    orphaned: int | None = None   # pid of the torchrun launcher that died (die_with_launcher)
 
 
 _state = _State()
@@ -73,7 +79,10 @@ def _main_thread() -> bool:
 
 
 def _on_stop_signal(signum, frame) -> None:
-    _state.requested = signal.Signals(signum).name
+    if _state.requested is not None:  # a stop under way (torchrun and SLURM both signal): it goes on
+        return
+    name = signal.Signals(signum).name
+    _state.requested = f"{name} (its launcher, pid {_state.orphaned}, died)" if _state.orphaned else name
     if not _state.training and _state.defer == 0:
         raise Preempted(_state.requested)
 
@@ -84,7 +93,9 @@ def install() -> dict:
     if not _main_thread():
         return {}
     _state.requested, _state.training, _state.defer = None, False, 0
-    return {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
+    die_with_launcher()
+    return previous
 
 
 def uninstall(previous: dict) -> None:
@@ -138,6 +149,98 @@ def deferred_signals():
         raise KeyboardInterrupt
     if _state.requested and before is None and not _state.training and _state.defer == 0:
         raise Preempted(_state.requested)
+
+
+# ---------------------------------------------------------------------------------------
+# the other processes of a run: DataLoader workers, torchrun workers
+# ---------------------------------------------------------------------------------------
+def loader_worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of every DataLoader: a stop signal or Ctrl-C is for the main process.
+
+    torchrun stops a worker with ``killpg`` and SLURM signals every process of the job step, so
+    the loader workers receive the SIGTERM too; PyTorch's own handler in them exits, the main
+    process's SIGCHLD handler then raises "DataLoader worker ... exited unexpectedly" wherever
+    it is, outside the per-step agreement, and no stop checkpoint is written. Here SIGUSR1 and
+    SIGINT are ignored, and SIGTERM ends the worker only when its main process sends it (the
+    loader's shutdown and multiprocessing's exit terminate their workers so; PyTorch's handler
+    makes the same distinction): the main process stops at the next step as asked. A worker
+    still ends with its main process: PyTorch's watchdog in each worker sees its parent gone
+    within 5 s (``MP_STATUS_CHECK_INTERVAL``)."""
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # not on macOS: there SIGTERM keeps PyTorch's handling
+        # blocked in this thread and every thread started after it; the waiter below takes it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_sigterm_from_parent_only, args=(os.getppid(),), daemon=True,
+                         name="loader-sigterm").start()
+
+
+def _sigterm_from_parent_only(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
+
+
+LAUNCHER_ENV = "DEEPCLUSTER_LAUNCHER_PID"  # set by launch.py for its workers: the process they must outlive
+ORPHAN_GRACE = 30.0  # seconds an orphaned worker has to stop by itself (torchrun's own SIGTERM -> SIGKILL wait)
+_PARENT_AT_START = os.getppid()
+_launcher: int | None = None
+_watching = False
+
+
+def _launcher_pid() -> int:
+    """The pid of this torchrun worker's launcher: launch.py's (it says so in the environment of
+    its workers, who take it out of theirs: their own children have another parent), else the
+    parent seen when this module was first imported."""
+    global _launcher
+    if _launcher is None:
+        try:
+            _launcher = int(os.environ.pop(LAUNCHER_ENV))
+        except (KeyError, ValueError):
+            _launcher = _PARENT_AT_START
+    return _launcher
+
+
+def under_torchrun() -> bool:
+    """Whether this process is a worker of torchrun's elastic agent (launch.py included)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def launcher_gone() -> bool:
+    """A torchrun worker whose launcher died (it was re-parented)."""
+    return _state.orphaned is not None or (under_torchrun() and os.getppid() != _launcher_pid())
+
+
+def die_with_launcher() -> None:
+    """A torchrun worker stops when its launcher dies (SIGKILL, the OOM killer): the workers run
+    in their own sessions, so nothing else would stop them, and a resume started by hand would
+    train beside them. A watcher thread sees the launcher gone (its parent changed, within
+    0.5 s) and sends the worker SIGTERM, as torchrun or SLURM would: it stops like a
+    preemption (at the next step, with ``checkpoint_stopped``, exit 75), so what it trained
+    since the last checkpoint is kept; one that has not stopped :data:`ORPHAN_GRACE` seconds
+    later (a collective waiting for a rank that is gone) is ended, as torchrun would end it.
+    Not ``prctl(PR_SET_PDEATHSIG)``: the kernel sends that signal when the parent *thread*
+    exits, and a SIGKILLed launcher's threads die one by one (here the signal came while the
+    launcher was still the parent), so a launcher that lives on could stop its workers.
+    Nothing outside torchrun; once per process."""
+    global _watching
+    if _watching or not under_torchrun():
+        return
+    _watching = True
+    threading.Thread(target=_watch_launcher, args=(_launcher_pid(),), name="die-with-launcher",
+                     daemon=True).start()
+
+
+def _watch_launcher(launcher: int) -> None:
+    while os.getppid() == launcher:
+        time.sleep(0.5)
+    _state.orphaned = launcher
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(ORPHAN_GRACE)
+    os.write(2, f"error: rank {rank()}: its launcher died and it did not stop within {ORPHAN_GRACE:.0f} s: "
+                f"killed\n".encode())
+    os._exit(128 + signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,6 +337,8 @@ def first_report(wait: float = 0.0) -> bool:
     exists; True as well when no store can be reached (better twice than never)."""
     if world_size() <= 1:
         return True
+    if launcher_gone():  # its store went with it: local rank 0 speaks for the ranks of this node
+        return int(os.environ.get("LOCAL_RANK", "0")) == 0
     if wait > 0:
         time.sleep(wait)
     try:
@@ -247,6 +352,8 @@ def await_report(timeout: float) -> None:
     """Wait (at most ``timeout`` seconds) until a rank has reported: a rank that stops silently
     because another failed (:class:`PeerFailed`) must not exit first, or torchrun would stop the
     failed rank before its report."""
+    if launcher_gone():
+        return
     deadline = time.monotonic() + timeout
     try:
         store = _report_store()
@@ -259,10 +366,24 @@ def await_report(timeout: float) -> None:
     time.sleep(max(0.0, deadline - time.monotonic()))
 
 
-def _report_key() -> str:
+def _report_key(run_id: str | None = None, attempt: int | None = None) -> str:
     """The counter of this launch's reports: one per torchrun run and attempt (restart)."""
-    return "deepcluster/reports/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", ""),
-                                              os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return "deepcluster/reports/{}/{}".format(
+        os.environ.get("TORCHELASTIC_RUN_ID", "") if run_id is None else run_id,
+        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if attempt is None else attempt)
+
+
+def claim_report(addr: str, port: int, run_id: str, attempt: int) -> None:
+    """Take the report counter of a torchrun attempt (for the launcher, before it stops the
+    other workers of a failed one): the workers it stops stay quiet, the launcher says what
+    failed. The store is torchrun's own (:func:`_report_store`); nothing when it is unreachable."""
+    import datetime
+
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):
+        dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=5)).add(
+            _report_key(run_id, attempt), 1)
 
 
 def leave_quietly_on_signals(code: int) -> dict:

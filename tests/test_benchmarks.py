@@ -219,3 +219,16 @@ def test_bench_epoch_refuses_zero_rounds(capsys):
     with pytest.raises(SystemExit):
         mod.check(args, parser)
     assert "argument --rounds: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_bench_checksum_smallest(tmp_path):
+    out = tmp_path / "checksum.json"
+    load("bench_checksum").main(["--scale", "0.002", "--reps", "1", "--dir", str(tmp_path), "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "checksum" and [r["payload"] for r in res["rows"]] == ["alexnet64", "alexnet224",
+                                                                                       "v2bank"]
+    for r in res["rows"]:
+        for key in ("size_mb", "save_s", "digest_s", "digest_1thread_s", "load_s", "verify_s", "header_s",
+                    "verify_mapped_s"):
+            assert positive(r[key]), (r["payload"], key, r[key])
+    assert not [p for p in tmp_path.iterdir() if p.name != "checksum.json"]  # its files removed

@@ -238,7 +238,7 @@ def test_launcher_exit_code_is_the_reporting_workers(tmp_path, monkeypatch, caps
     assert launch.exit_code({0: failure(0, 75), 1: failure(1, 2, report=2)}) == 2
     assert capsys.readouterr().err == ""
     assert launch.exit_code({0: failure(0, -9), 1: failure(1, -15)}) == 128 + 9  # no report: it says so
-    assert capsys.readouterr().err.strip() == "error: rank 0 was killed by signal SIGKILL (pid 100)"
+    assert capsys.readouterr().err.strip() == "error: rank 0: killed by SIGKILL (pid 100)"
     assert (launch.signal_code(signal.SIGTERM), launch.signal_code(signal.SIGINT)) == (preempt.EXIT_PREEMPTED, 130)
 
 

@@ -32,11 +32,12 @@ RECORD_KEYS = ("epoch", "clustering_loss", "train_loss", "nmi_prev", "nmi_labels
 HANG = 240  # seconds: far below --dist_timeout (60 minutes), far above a run (20 s)
 
 ENTRY = '''
-import os, signal, sys
+import os, resource, signal, subprocess, sys, time
 sys.path.insert(0, {root!r})
 import data, fileio, main
 mode, _, hit = os.environ.get("SURVIVAL_HOOK", ":").partition(":")
-if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and mode:
+rank, first = os.environ.get("RANK", "0"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+if mode in ("badimage", "sigterm") and rank == "1" and first:
     real = data.load_rgb
     armed = []
     def load_rgb(path, *a, **kw):  # the first image rank 1 reads once armed goes bad under its feet
@@ -58,6 +59,26 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT"
             elif mode == "sigterm":
                 os.kill(os.getppid(), signal.SIGTERM)  # the launcher: it forwards SIGTERM to every worker
     data.load_rgb, fileio.FAULT_HOOK = load_rgb, hook
+elif mode and rank == "0" and first:
+    def hook(point, n):
+        if point != "train" or n != int(hit):
+            return
+        test = int(os.environ["SURVIVAL_TEST_PGID"])
+        if mode == "pgterm":  # SIGTERM to every process group of the run, loader workers included, as SLURM
+            # does, sent by another process (a loader worker obeys its parent's SIGTERM only)
+            groups = {{os.getpgrp()}} | ({{os.getpgid(os.getppid())}} if "LOCAL_RANK" in os.environ else set())
+            assert all(g > 1 and g != test for g in groups), groups
+            subprocess.run([sys.executable, "-c", "import os, sys; [os.killpg(int(g), 15) for g in sys.argv[1:]]",
+                            *map(str, groups)], check=True, start_new_session=True)
+        elif mode == "killlauncher":
+            assert os.getppid() > 1 and os.getpgid(os.getppid()) != test
+            with open(os.environ["SURVIVAL_OUT"], "w") as f:
+                f.write(repr(time.time()))
+            os.kill(os.getppid(), signal.SIGKILL)
+        elif mode == "fsize":  # files above 1 MiB cannot grow (EFBIG, the path of ENOSPC): the next checkpoint fails
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    fileio.FAULT_HOOK = hook
 sys.exit(main.run())
 '''
 
@@ -83,11 +104,13 @@ def torchrun(args: list[str], restarts: int = 0, entry: Path | None = None, laun
     runner = ["launch.py"] if launch else ["-m", "torch.distributed.run"]
     cmd = [sys.executable, *runner, "--standalone", "--nproc_per_node=2",
            f"--max-restarts={restarts}", f"--monitor-interval={monitor}", str(entry or "main.py"), *args]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", SURVIVAL_TEST_PGID=str(os.getpgrp()), **env)
     if "DEEPCLUSTER_FAULT" not in env:
         full_env.pop("DEEPCLUSTER_FAULT", None)
     t = time.monotonic()
-    res = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=HANG)
+    # its own session: the signals of the tests go to the run's process groups, never to pytest's
+    res = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=HANG,
+                         start_new_session=True)
     return res, time.monotonic() - t
 
 
@@ -143,8 +166,14 @@ KILLS = (
 @pytest.mark.slow
 def test_killed_worker_restarts_and_ends_equal(reference, digits50, tmp_path):
     exp = tmp_path / "exp"
-    res, _ = torchrun(argv(digits50, exp), restarts=len(KILLS), DEEPCLUSTER_FAULT=";".join(KILLS))
+    res, _ = torchrun(argv(digits50, exp), restarts=len(KILLS), launch=True, DEEPCLUSTER_FAULT=";".join(KILLS))
     assert res.returncode == 0, out(res)
+    # a run that the restarts complete prints no error (the ranks torchrun stopped stay quiet): one
+    # line per restart, naming the rank killed and its signal
+    assert "error:" not in res.stderr, out(res)
+    notes = [ln for ln in res.stderr.splitlines() if ln.startswith("launch.py: ")]
+    assert len(notes) == len(KILLS) and all("killed by SIGKILL" in n for n in notes), out(res)
+    assert [n.split(":")[1].strip() for n in notes] == [f"rank {k[-1]}" for k in KILLS], notes
     launches = [h.get("launch") for h in runfolder.read_history(exp)]
     # every kill fired (one recorded invocation per attempt), and each attempt continued the same launch
     assert len(launches) == len(KILLS) + 1 and len(set(launches)) == 1 and launches[0] is not None, launches
@@ -194,19 +223,90 @@ def test_image_gone_bad_on_one_rank_is_skipped(digits50, entry, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_stops_with_a_checkpoint_then_resumes_equal(reference, digits50, entry, tmp_path):
+def test_sigterm_to_every_process_group_stops_with_a_checkpoint_then_resumes_equal(reference, digits50, entry,
+                                                                                   tmp_path):
+    """SIGTERM to the launcher's and rank 0's process groups (loader workers included: SLURM
+    signals every process; torchrun passes it on to each worker's group) in epoch 1's step 0:
+    every rank stops before step 1 with checkpoint_stopped, exit 75; the resume ends equal."""
     exp = tmp_path / "exp"
-    res, _ = torchrun(argv(digits50, exp), entry=entry, SURVIVAL_HOOK="sigterm:6")  # epoch 1, step 0
-    assert res.returncode != 0
-    assert f"exitcode  : {preempt.EXIT_PREEMPTED}" in res.stderr or "SignalException" in res.stderr \
-        or res.returncode == preempt.EXIT_PREEMPTED, out(res)
+    res, _ = torchrun(argv(digits50, exp, "--workers", "2"), entry=entry, launch=True, SURVIVAL_HOOK="pgterm:6")
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and f"--resume {exp}" in lines[0], out(res)
-    found = checkpoint.find_checkpoint(str(exp), runfolder.current_run_id(exp), quiet=True)
-    assert found.endswith("checkpoint_stopped.pth.tar") or found.endswith("checkpoint.pth.tar")
-    res, _ = torchrun(argv(digits50, exp, "--resume", str(exp)))
+    assert res.returncode == preempt.EXIT_PREEMPTED and len(lines) == 1, out(res)
+    stopped = exp / "checkpoints" / "checkpoint_stopped.pth.tar"
+    assert lines[0].startswith("error: rank 0: stopped by SIGTERM at step 1") and lines[0].endswith(
+        f"--resume {exp} continues from {stopped}"), out(res)
+    assert "DataLoader" not in res.stderr and "Traceback" not in res.stderr, out(res)
+    ck = torch.load(stopped, weights_only=True)
+    assert (ck["epoch"], ck["iteration"]) == (1, 1)
+    res, _ = torchrun(argv(digits50, exp, "--workers", "2", "--resume", str(exp)), launch=True)
     assert res.returncode == 0, out(res)
     assert_same_run(reference, exp)
+
+
+@pytest.mark.slow
+def test_killed_rank_is_reported_by_its_signal_not_as_a_stop(digits50, tmp_path):
+    """Rank 1 SIGKILLed in training (the OOM killer): exit 128 + 9 and one line naming it, not
+    rank 0's "stopped by SIGTERM" (torchrun's SIGTERM after the crash) with 75, which a
+    requeue-on-75 script would requeue forever."""
+    res, _ = torchrun(argv(digits50, tmp_path / "exp"), launch=True, DEEPCLUSTER_FAULT="train:2@1")
+    lines = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+    assert res.returncode == 128 + signal.SIGKILL, out(res)
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1: killed by SIGKILL (pid "), out(res)
+
+
+def _holders(tag: str) -> list[int]:
+    """The pids of the processes whose environment holds ``tag``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if tag.encode() in (d / "environ").read_bytes().split(b"\0"):
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG, /proc")
+def test_sigkill_of_the_launcher_leaves_no_worker(digits50, entry, tmp_path):
+    """launch.py SIGKILLed in epoch 0's step 1: its workers (own sessions) and their loader
+    workers are gone within seconds, after a stop like a preemption (checkpoint_stopped)."""
+    exp, spy, tag = tmp_path / "exp", tmp_path / "killed_at", f"SURVIVAL_TAG={os.getpid()}-{time.time()}"
+    try:
+        res, _ = torchrun(argv(digits50, exp, "--workers", "2"), entry=entry, launch=True,
+                          SURVIVAL_HOOK="killlauncher:2", SURVIVAL_OUT=str(spy), SURVIVAL_TAG=tag.split("=", 1)[1])
+        # the run returns when every process holding its stderr (workers, loader workers) has closed it
+        gone_after = time.time() - float(spy.read_text())
+        left = _holders(tag)
+    finally:
+        for pid in _holders(tag):  # never leave a worker behind, whatever failed
+            os.kill(pid, signal.SIGKILL)
+    assert res.returncode == -signal.SIGKILL and not left, (left, out(res))
+    assert gone_after < 20, gone_after  # a step, a checkpoint, the loader workers' 5 s watchdog
+    lines = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "rank 0: stopped by SIGTERM (its launcher, pid " in lines[0], out(res)
+    ck = torch.load(exp / "checkpoints" / "checkpoint_stopped.pth.tar", weights_only=True)
+    assert (ck["epoch"], ck["iteration"]) == (0, 2) and not (exp / "checkpoint.pth.tar").exists()
+
+
+@pytest.mark.slow
+def test_full_disk_in_a_checkpoint_write_is_one_line_and_not_restarted(digits50, entry, tmp_path):
+    """Rank 0's files cannot grow past 1 MiB from epoch 0's step 1 (EFBIG, through the same
+    write path as ENOSPC): step 2's checkpoint_latest (--checkpoint_minutes: one before every
+    step) fails. One line naming the file and the OS error, exit 2, no restart (one invocation
+    in args_history), the previous checkpoint_latest intact, no temporary file."""
+    exp = tmp_path / "exp"
+    res, _ = torchrun(argv(digits50, exp, "--checkpoint_minutes", "1e-9"), restarts=1, entry=entry, launch=True,
+                      SURVIVAL_HOOK="fsize:2")
+    latest = exp / "checkpoints" / "checkpoint_latest.pth.tar"
+    lines = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+    assert res.returncode == 2 and len(lines) == 1, out(res)
+    assert lines[0].startswith(f"error: rank 0: cannot write checkpoint {str(latest)!r}: File too large; "
+                               f"the previous checkpoint there is intact"), out(res)
+    assert "Traceback" not in res.stderr and "inline_container" not in res.stderr, out(res)
+    assert len(runfolder.read_history(exp)) == 1 and not list(exp.rglob(".tmp-*"))
+    assert checkpoint.torch_load(latest)["iteration"] == 1
 
 
 # ---------------------------------------------------------------------------------------
