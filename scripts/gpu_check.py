@@ -13,6 +13,14 @@ Everything goes to ``benchmarks/results/gpu_check.json`` (``gpu_check_dryrun.jso
 run, ``gpu_check_cpu.json`` with GPU_CHECK_DEVICE=cpu). Exit status 1 when a check failed. The
 data is made here (synthetic JPEG photos, synthetic features) in a temporary folder.
 
+The checks, in this order (the budget cuts the tail): environment (versions, GPU, cores);
+nccl_one (main.py in an NCCL process group of one against one process); sync_audit (32 steps
+under DEEPCLUSTER_SYNC_DEBUG=error); v2_cuda (DeepCluster-v2 fp32, --amp, killed and resumed);
+v2_nccl_one; pca (randomized against exact eigensolver, D=4096, N>D); decode_train (--decode gpu
+against cpu); memory (peak memory and img/s: AlexNet, VGG-16, ResNet-50 at 256, synced BN, v2's
+recipe); loader (img/s on 500x375 JPEGs); decode_gpu; kmeans; torchrun2 (2 GPUs); cuda_tests;
+decode_cpu_twin.
+
 The checks themselves are in the library module ``gpu_checks`` (one ``check_NAME`` function
 each). Every command line a check launches (main.py, main_deepclusterv2.py, launch.py) is built
 by ``gpu_checks.command_lines`` and parsed by that script's own parser before anything runs (the
