@@ -158,7 +158,7 @@ def cluster_memory(core: DeepClusterV2Net, bank: Bank, n: int, epoch: int, cfg, 
 def build_model(cfg, rt) -> tuple[DeepClusterV2Net, nn.Module]:
     core = DeepClusterV2Net(cfg.arch, hidden_mlp=cfg.hidden_mlp, feat_dim=cfg.feat_dim,
                             nmb_prototypes=cfg.nmb_prototypes, input_size=cfg.size_crops[0])
-    # swav's --sync_bn pytorch: torch's SyncBatchNorm on CUDA, the all-reduce BatchNorm on gloo
+    # swav's --sync_bn pytorch: BatchNorm over the global batch (distributed.AllReduceBatchNorm, any backend)
     core = distributed.sync_batchnorm(core, cfg.sync_bn == "pytorch", rt)
     core = core.to(rt.device)
     if cfg.channels_last:

@@ -93,9 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="GPU: deterministic algorithms, no cuDNN autotuning, TF32 off (bitwise resume on the same "
                         "GPU and software, slower); the CPU is deterministic without it")
     g.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="under torchrun, BatchNorm statistics over the global batch (default: on with NCCL/GPUs, "
-                        "torch's SyncBatchNorm; off on CPU/gloo, where --sync_bn all-reduces the statistics); "
-                        "off: per-process statistics, as the original's DataParallel")
+                   help="under torchrun, BatchNorm statistics over the global batch (distributed.AllReduceBatchNorm: "
+                        "no host sync; default: on with NCCL/GPUs, off on CPU/gloo); off: per-process statistics, "
+                        "as the original's DataParallel")
     return p
 
 

@@ -81,8 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--arch", choices=sorted(TRUNK_DIM), default="resnet50", help="trunk")
     g.add_argument("--hidden_mlp", type=int, default=2048, help="hidden width of the projection head (0: linear)")
     g.add_argument("--sync_bn", choices=["pytorch", "none"], default="pytorch",
-                   help="under torchrun, BatchNorm over the global batch (torch's SyncBatchNorm on CUDA, "
-                        "distributed.AllReduceBatchNorm on CPU/gloo); none: per-process statistics")
+                   help="under torchrun, BatchNorm over the global batch (distributed.AllReduceBatchNorm, NCCL and "
+                        "gloo: no host sync); none: per-process statistics")
     g = knn_lib.add_monitor_args(p, "the pooled trunk features")
     g.add_argument("--knn_size", type=int, default=0, help="kNN image size (0: the first --size_crops)")
     g = engine.add_run_args(p, exp="exp_dcv2", workers=10, exp_aliases=("--dump_path",))
