@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoint
@@ -34,10 +34,13 @@ import clustering
 import data
 import distributed
 import fileio
+import gpu_decode
+import input_cache
 import knn
 import models
 import preempt
 import tb
+import train_crops
 import util
 
 log = logging.getLogger("deepcluster")
@@ -101,10 +104,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "off: the original's per-tensor update)")
     g.add_argument("--jpeg_draft", action=argparse.BooleanOptionalAction, default=True,
                    help="feature pass: decode JPEGs at least twice the resize target at reduced size")
-    g.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
-                   help="training images: cpu: PIL in the loader workers (the original); gpu: the workers read "
-                        "JPEG bytes and the run's device decodes (nvJPEG on CUDA), crops, resizes and flips them, "
-                        "same crop and flip law (other formats stay on the workers)")
+    g.add_argument("--decode", choices=["cpu", "cpu_draft", "gpu"], default="cpu",
+                   help="training images: cpu: PIL in the loader workers (the original's pixels); cpu_draft: the "
+                        "same, a JPEG decoded at 1/2, 1/4 or 1/8 scale when its crop is at least 2, 4 or 8 times "
+                        "--size on both sides (changes those crops' pixels; none of a 500x375 image's at 224); "
+                        "gpu: the workers read JPEG bytes and the run's device decodes (nvJPEG on CUDA), crops, "
+                        "resizes and flips them, same crop and flip law (other formats stay on the workers)")
     g.add_argument("--features_dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage of the (N, D) feature matrix (float16 halves it)")
     g.add_argument("--features_on", choices=["host", "device"], default="host",
@@ -115,8 +120,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "0: batch / W as in training")
     knn.add_monitor_args(p)
     g = p.add_argument_group("run")
-    g.add_argument("--workers", type=int, default=4, help="number of data loading workers")
+    g.add_argument("--workers", type=int, default=data.default_workers(),
+                   help="data loading workers per process (default: the cores this process may use, "
+                        "os.sched_getaffinity, divided by the torchrun processes of the node, LOCAL_WORLD_SIZE, "
+                        "less one, at least 1: here %(default)s)")
     g.add_argument("--exp", type=str, default="exp", help="path to exp folder")
+    input_cache.add_args(g)
     g.add_argument("--resume", default="", type=str, metavar="PATH",
                    help="checkpoint, or an experiment folder (its newest valid checkpoint, mid-epoch copies too); "
                         "a run's folder: --exp and every flag not given default to that run's")
@@ -239,14 +248,15 @@ def rank_batch(args: argparse.Namespace, rt: distributed.Runtime) -> int:
 # the stages of one epoch
 # ---------------------------------------------------------------------------------------
 def make_feature_loader(dataset: data.IndexedImageFolder, args: argparse.Namespace,
-                        rt: distributed.Runtime) -> DataLoader:
-    """Fixed-order loader; under torchrun rank r reads images r, r + W, r + 2W, ..."""
-    part = dataset if not rt.distributed else Subset(dataset, range(rt.rank, len(dataset), rt.world_size))
-    return data.make_loader(part, args.extract_batch or rank_batch(args, rt), args.workers, rt.device)
+                        rt: distributed.Runtime) -> input_cache.FeatureLoader:
+    """Fixed-order loader; under torchrun rank r reads images r, r + W, r + 2W, ... (decoded once,
+    then from the --input_cache, see input_cache.py)."""
+    return input_cache.feature_loader(dataset, args.extract_batch or rank_batch(args, rt), args.workers, rt.device,
+                                      args.size, rt.rank, rt.world_size, input_cache.resolve(args.input_cache, args.exp))
 
 
 @torch.no_grad()
-def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, rt: distributed.Runtime,
+def compute_features(loader: input_cache.FeatureLoader, model: models.DeepClusterNet, N: int, rt: distributed.Runtime,
                      args: argparse.Namespace):
     """Features in --features_dtype: D = 4096 pre-ReLU fc7 (AlexNet, VGG-16), 2048 average-pooled
     (ResNet-50). Kmeans: this rank's rows and their dataset indices (a distributed.FeatureShard; one
@@ -313,11 +323,13 @@ def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[
     ``start``-th one on (mid-epoch resume); every draw carries its own augmentation seed.
     """
     order = "index" if args.sampler == "uniform" else "cluster"
-    transform = data.train_transform(args.size, args.crop_min_scale, normalize=False)  # see data.to_model_input
-    collate = None
+    # PIL crops collated into one uint8 batch, normalised by data.to_model_input
+    transform, collate = train_crops.train_crops(args.size, args.crop_min_scale), train_crops.CollateCrops()
+    if args.decode == "cpu_draft":  # the header first: the crop decides the JPEG's decoding scale
+        dataset, transform = gpu_decode.EncodedImages(dataset), train_crops.DraftCrop(args.size, args.crop_min_scale)
     if args.decode == "gpu":  # workers read bytes and draw the crops; data.to_model_input decodes on the device
-        dataset, transform = data.EncodedImages(dataset), data.EncodedCrop(args.size, args.crop_min_scale)
-        collate = data.CollateEncoded(args.size)
+        dataset, transform = gpu_decode.EncodedImages(dataset), gpu_decode.EncodedCrop(args.size, args.crop_min_scale)
+        collate = gpu_decode.CollateEncoded(args.size)
     if args.bad_images == "skip":
         dataset = data.StandIns(dataset, images_lists, args.exp)
     train_set = clustering.cluster_assign(images_lists, dataset, transform, order=order)
