@@ -143,8 +143,10 @@ class EncodedBatch:
             imgs = decode_jpegs(raws, device, [self.paths[k] for k in self.jpeg])
             for k, img, box in zip(self.jpeg, imgs, self.boxes):
                 out[k] = crop_resize_flip(img, box, self.size)
-        if self.other:  # from pinned memory: ordered before the kernels that read it
-            out[torch.tensor(self.other, device=device)] = self.crops.to(device, non_blocking=True)
+        if self.other:  # from pinned memory: ordered before the kernels that read it, no host sync
+            crops = self.crops.to(device, non_blocking=True)
+            for n, k in enumerate(self.other):  # Python indices: no index tensor to copy to the device
+                out[k] = crops[n]
         return out
 
 

@@ -141,18 +141,20 @@ def describe_transform(dataset) -> str:
             f"libjpeg={features.version('jpg')} torchvision={torchvision.__version__}")
 
 
-def list_hash(dataset, positions: np.ndarray) -> str:
+def list_hash(dataset, positions: range) -> str:
     """sha256 of the file names of the images at ``positions`` (a FileList: of the list's bytes,
     its root and the entries kept, without a Python string per image)."""
     paths = dataset.paths
     h = hashlib.sha256()
     if isinstance(paths, list):
-        for i in positions.tolist():
+        for i in positions:
             h.update(paths[i].encode("utf-8", "surrogateescape") + b"\n")
     else:  # file_list.FileList
         h.update(f"{paths.sha256}\n{paths.root}\n".encode("utf-8", "surrogateescape"))
-        h.update(np.ascontiguousarray(paths.starts[positions]).tobytes())
-        h.update(np.ascontiguousarray(paths.ends[positions]).tobytes())
+        for lo in range(0, len(positions), 1 << 20):  # in blocks: memory O(1 M), not O(N / W)
+            block = np.asarray(positions[lo:lo + (1 << 20)], dtype=np.int64)
+            h.update(np.ascontiguousarray(paths.starts[block]).tobytes())
+            h.update(np.ascontiguousarray(paths.ends[block]).tobytes())
     return h.hexdigest()
 
 
@@ -232,11 +234,10 @@ class ShardBatches(Dataset):
     instead. Returns ``(imgs, idx, problems)``, problems a list of ``(position, why)``.
     """
 
-    def __init__(self, dataset, positions: np.ndarray, batch: int, shape: tuple[int, ...], shard: Path | None = None):
+    def __init__(self, dataset, positions: range, batch: int, shape: tuple[int, ...], shard: Path | None = None):
         self.dataset, self.positions, self.batch, self.shape = dataset, positions, int(batch), tuple(shape)
         self.shard = None if shard is None else str(shard)
         self.layout = Layout(len(positions), int(np.prod(shape)))
-        self._fd: tuple[int, int] | None = None  # (pid, fd): a worker opens its own
 
     def __len__(self) -> int:
         return math.ceil(len(self.positions) / self.batch)
@@ -248,17 +249,16 @@ class ShardBatches(Dataset):
     def _write_item(self, lo: int, hi: int):
         out = data.batch_buffer((hi - lo, *self.shape))
         idx, sizes, mtimes = (torch.empty(hi - lo, dtype=torch.long) for _ in range(3))
-        for k, i in enumerate(self.positions[lo:hi].tolist()):
+        for k, i in enumerate(self.positions[lo:hi]):
             sizes[k], mtimes[k] = _stat(self.dataset.paths[i])
             out[k], idx[k] = self.dataset[i]
         crcs = torch.tensor([zlib.crc32(out[k].numpy()) for k in range(hi - lo)], dtype=torch.long)
         return out, idx, sizes, mtimes, crcs
 
-    def _pread(self, offset: int, nbytes: int, into: np.ndarray | None = None) -> np.ndarray:
-        if self._fd is None or self._fd[0] != os.getpid():
-            self._fd = (os.getpid(), os.open(self.shard, os.O_RDONLY))
+    @staticmethod
+    def _pread(fd: int, offset: int, nbytes: int, into: np.ndarray | None = None) -> np.ndarray:
         buf = np.empty(nbytes, dtype=np.uint8) if into is None else into.reshape(-1)
-        got = os.preadv(self._fd[1], [buf], offset)
+        got = os.preadv(fd, [buf], offset)
         if got != nbytes:
             raise OSError(f"short read: {got} of {nbytes} bytes at {offset}")
         return buf
@@ -268,11 +268,15 @@ class ShardBatches(Dataset):
         out = data.batch_buffer((n, *self.shape))
         pos = self.positions[lo:hi]
         try:
-            self._pread(lo * lay.nbytes, n * lay.nbytes, out.numpy())
-            idx = self._pread(lay.idx + 8 * lo, 8 * n).view(np.int64)
-            sizes = self._pread(lay.size + 8 * lo, 8 * n).view(np.int64)
-            mtimes = self._pread(lay.mtime + 8 * lo, 8 * n).view(np.int64)
-            crcs = self._pread(lay.crc + 4 * lo, 4 * n).view(np.uint32)
+            fd = os.open(self.shard, os.O_RDONLY)  # per batch: ~10 us against ~n x 3 S^2 bytes read
+            try:
+                self._pread(fd, lo * lay.nbytes, n * lay.nbytes, out.numpy())
+                idx = self._pread(fd, lay.idx + 8 * lo, 8 * n).view(np.int64)
+                sizes = self._pread(fd, lay.size + 8 * lo, 8 * n).view(np.int64)
+                mtimes = self._pread(fd, lay.mtime + 8 * lo, 8 * n).view(np.int64)
+                crcs = self._pread(fd, lay.crc + 4 * lo, 4 * n).view(np.uint32)
+            finally:
+                os.close(fd)
             why = [self._check(out[k], int(idx[k]), int(pos[k]), int(sizes[k]), int(mtimes[k]), int(crcs[k]))
                    for k in range(n)]
         except OSError as e:
@@ -302,8 +306,6 @@ class ShardBatches(Dataset):
             return f"{self.dataset.paths[pos]} changed since the cache was written (size, mtime)"
         return None
 
-    def __getstate__(self):
-        return {**self.__dict__, "_fd": None}
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,9 +329,9 @@ class FeatureLoader:
     def __init__(self, dataset, batch: int, workers: int, device: torch.device, size: int, rank: int = 0,
                  world_size: int = 1, cache: Path | None = None, what: str = "features"):
         self.source, self.batch, self.workers, self.device = dataset, int(batch), int(workers), torch.device(device)
-        self.positions = np.arange(rank, len(dataset), world_size, dtype=np.int64)
+        self.positions = range(rank, len(dataset), world_size)  # a range: O(1) memory for any N
         # what today's loader iterates (and what mark_unreadable reads the paths of)
-        self.dataset = dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
+        self.dataset = dataset if world_size == 1 else Subset(dataset, self.positions)
         self.shape = (3, int(size), int(size))
         self.rank, self.world = int(rank), int(world_size)
         self.folder = None if cache is None else Path(cache) / folder_name(what, getattr(dataset, "root", what))
@@ -443,10 +445,7 @@ class FeatureLoader:
             _drop(tmp)
             raise
         finally:
-            try:
-                os.close(fd)
-            except OSError:  # closed by _finish
-                pass
+            os.close(fd)
 
     def _write_batch(self, fd: int, tmp: str, lay: Layout, lo: int, imgs, idx, sizes, mtimes, crcs) -> bool:
         n = len(idx)

@@ -238,3 +238,31 @@ def test_device_decoder_never_writes_memory_queued_kernels_still_read(photos):
         bad += sum(float(s) != float(k + 1) * 3 * 200 * 200 for k, s in enumerate(sums))
         assert all(torch.equal(a, b) for a, b in zip(imgs, calm)), it
     assert bad == 0
+
+
+def test_bench_loader_quick(tmp_path):
+    """benchmarks/bench_loader.py at its smallest: every number present, positive and finite (speed
+    itself is never asserted), the cached and the new training batches checked equal inside."""
+    import json
+    import math
+
+    from test_benchmarks import load
+    mod = load("bench_loader")
+    parser = mod.get_args_parser()
+    args = parser.parse_args(["--quick", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "l.json")])
+    mod.check(args, parser)
+    mod.main(args)
+    res = json.loads((tmp_path / "l.json").read_text())
+
+    def positive(v):
+        return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+    for part, keys in (("features", ("decode_img_s", "write_img_s", "cached_img_s", "cache_x")),
+                       ("training", ("today_img_s", "ours_img_s", "train_x")),
+                       ("ipc", ("train_batch_ms", "gpu_per_image_ms", "gpu_packed_ms"))):
+        assert all(positive(res[part][k]) for k in keys), (part, res[part])
+    assert res["features"]["bytes_per_image"] > 3 * 64 * 64 and all(positive(v) for v in res["stages"]["us_per_image"].values())
+    assert set(res["draft"]) == {"imagenet_like", "large"} and res["draft"]["large"]["reduced_pct"] > 0
+    assert positive(res["epoch"]["epoch_x"]) and res["epoch"]["images"] == 8
+    rows = res["projection"]
+    assert [(r["gpus"], r["loaders"]) for r in rows] == [(1, "today"), (1, "ours"), (8, "today"), (8, "ours")]
+    assert all(r["epoch_min"] >= r["gpu_only_min"] > 0 for r in rows)
