@@ -18,6 +18,7 @@ from torch.utils.data import Subset
 import data
 import fileio
 import input_cache
+from test_resume import images36, small  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -280,6 +281,24 @@ def test_knn_monitor_reads_the_cache_and_gives_the_same_values(tmp_path):
         assert (got["knn_top1"], got["knn_top5"]) == (want["knn_top1"], want["knn_top5"])
         assert monitor.loader.last_mode == mode
     assert [p.name for p in (tmp_path / "cache").iterdir()][0].startswith("knn-knn-")
+
+
+def test_main_with_and_without_the_cache_and_a_resume_are_bitwise_equal(small, images36, tmp_path):
+    """main.py, one process: 2 epochs with the cache (the second reads it) and with --input_cache
+    off, then both resumed for a third: the same weights, clusters and log, bitwise."""
+    from test_resume import argv, outcome, run
+
+    cached, plain = tmp_path / "cached", tmp_path / "plain"
+    for exp, extra in ((cached, ()), (plain, ("--input_cache", "off"))):
+        assert run(argv(images36, exp, *extra))
+        assert run(argv(images36, exp, "--epochs", "3", "--resume", str(exp)))
+    assert [p.name for p in (cached / "input_cache").rglob("*.bin")] == ["w1-r0.bin"]
+    assert not (plain / "input_cache").exists()
+    (ca, ra, la), (cb, rb, lb) = outcome(cached), outcome(plain)
+    assert ca["epoch"] == cb["epoch"] == 3 and ra == rb and len(la) == len(lb) == 3
+    assert all(torch.equal(v, cb["state_dict"][k]) for k, v in ca["state_dict"].items())
+    assert all(np.array_equal(x, y) for x, y in zip(la, lb))
+    assert (cached / "train.log").read_text().count("input cache: writing") == 1  # the resumed run read it
 
 
 # ---------------------------------------------------------------------------------------
