@@ -6,6 +6,7 @@ Datasets return the dataset index with each sample, so that features are written
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from functools import partial
@@ -95,94 +96,12 @@ def _walk_images(folder: Path) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# --file_list: datasets too big to list by walking the folder
-# ---------------------------------------------------------------------------------------
-class FileList:
-    """The images of a ``--file_list``: one path per line, optionally ``PATH<TAB>LABEL``.
-
-    Held in numpy buffers, not Python objects: ``blob`` (uint8) is the file itself and
-    ``starts`` / ``ends`` (int64, (N,)) delimit each path in it. A DataLoader worker
-    (a fork) reads them without writing to them: a Python list of N str has a reference
-    count in every object, which each access writes, so every page of the list is
-    gradually copied into every worker (the known copy-on-access growth: 10 M paths ~ 1 GB
-    per worker); these buffers stay shared. Item i is ``os.path.join(root, path_i)`` (an
-    absolute path stays as is). ``labels``: (N,) int64 class ids of the labels in sorted
-    order (``classes``), or None when no line has one. ``sha256``: of the file's bytes.
-    """
-
-    def __init__(self, path: str | os.PathLike, root: str | os.PathLike | None = None):
-        import hashlib
-
-        path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise DataError(f"--file_list {str(path)!r} cannot be read: {e}") from e
-        self.sha256 = hashlib.sha256(raw).hexdigest()
-        self.root = str(root if root is not None else path.resolve().parent)
-        blob = np.frombuffer(raw, dtype=np.uint8)
-        ends = np.flatnonzero(blob == 10)                        # newline positions
-        if len(blob) and blob[-1] != 10:
-            ends = np.append(ends, len(blob))                    # no newline at the end
-        starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
-        ends = ends.astype(np.int64)
-        cr = (ends > starts) & (blob[np.maximum(ends - 1, 0)] == 13)  # CRLF
-        ends = ends - cr
-        keep = ends > starts                                     # blank lines carry no image
-        starts, ends = starts[keep], ends[keep]
-        if not len(starts):
-            raise DataError(f"--file_list {str(path)!r} lists no image")
-        # optional label after the last tab of a line
-        tabs = np.flatnonzero(blob == 9)
-        last_tab = np.searchsorted(tabs, ends) - 1               # index of the last tab before each line end
-        has = last_tab >= 0
-        has[has] = tabs[last_tab[has]] >= starts[has]
-        self.labels, self.classes = None, []
-        if has.any():
-            if not has.all():
-                first = int(np.flatnonzero(~has)[0])
-                raise DataError(f"--file_list {str(path)!r}: entry {first + 1} (blank lines not counted) has no "
-                                f"label (TAB LABEL) but "
-                                f"others do: give every line a label or none")
-            t = tabs[last_tab]
-            # the labels as one (N, widest) byte matrix viewed as fixed-width strings: no Python object per line
-            width = ends - t - 1
-            w = max(1, int(width.max()))
-            cols = np.arange(w)
-            names = blob[np.minimum(t[:, None] + 1 + cols, len(blob) - 1)] * (cols < width[:, None])
-            classes, inverse = np.unique(np.ascontiguousarray(names).view(f"S{w}")[:, 0], return_inverse=True)
-            self.labels = inverse.astype(np.int64).reshape(-1)
-            self.classes = [c.decode("utf-8", "replace") for c in classes]
-            ends = t
-        self.blob, self.starts, self.ends = blob, starts, ends
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> str:
-        p = bytes(self.blob[self.starts[i]:self.ends[i]]).decode("utf-8", "surrogateescape")
-        return os.path.join(self.root, p)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    def select(self, keep: np.ndarray | list[int]) -> "FileList":
-        """The entries ``keep`` (dataset indices), sharing the blob."""
-        out = object.__new__(FileList)
-        out.__dict__.update(self.__dict__)
-        keep = np.asarray(keep, dtype=np.int64)
-        out.starts, out.ends = self.starts[keep], self.ends[keep]
-        out.labels = None if self.labels is None else self.labels[keep]
-        return out
-
-
 # Images over this many pixels are refused (PIL's own bomb threshold, ~89 Mpx): a
 # decompression bomb would otherwise exhaust memory in a DataLoader worker.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
-def load_rgb(path: str, draft: int | None = None) -> Image.Image:
+def load_rgb(path: str, draft: int | tuple[int, int] | None = None) -> Image.Image:
     """Open an image as RGB, or raise :class:`BadImageError` naming the file.
 
     Grayscale, palette, CMYK, 16-bit and alpha images are converted to RGB (alpha is
@@ -193,7 +112,8 @@ def load_rgb(path: str, draft: int | None = None) -> Image.Image:
     on both sides is then decoded at 1/2, 1/4 or 1/8 scale by libjpeg (DCT-domain scaling,
     the decoder's own reduced-size mode), the smallest scale still >= ``draft`` on both
     sides: a 4000x3000 photo for Resize(256) decodes as 500x375, 64x fewer pixels.
-    Other formats and smaller JPEGs decode in full.
+    Other formats and smaller JPEGs decode in full. A pair ``(w, h)``: the same for a target of
+    w x h (the scale then is the largest of 1/8, 1/4, 1/2 with both sides still >= the target's).
     """
     try:
         with warnings.catch_warnings():
@@ -204,11 +124,11 @@ def load_rgb(path: str, draft: int | None = None) -> Image.Image:
                     raise ValueError(f"{img.width}x{img.height} pixels exceeds the {MAX_PIXELS} limit "
                                      f"(decompression bomb?)")
                 if draft and img.format == "JPEG":
-                    img.draft("RGB", (int(draft), int(draft)))  # no-op below 2x the target
+                    img.draft("RGB", (int(draft), int(draft)) if isinstance(draft, int) else tuple(draft))
                 img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             img = img.point(lambda v: v / 256).convert("L")  # 16-bit gray -> 8-bit
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")  # convert("RGB") of RGB is a copy
     except Exception as e:  # PIL raises many kinds; all mean the same thing here
         msg = str(e) or type(e).__name__
         raise BadImageError(f"cannot read image file {path!r}: {type(e).__name__}: {msg}") from None
@@ -283,6 +203,8 @@ class IndexedImageFolder(Dataset):
                        transform: Callable | None = None, draft: int | None = None) -> "IndexedImageFolder":
         """The images of a :class:`FileList` (the folder is never walked); ``targets`` is then
         an (N,) int64 array (the lines' labels) or None."""
+        from file_list import FileList
+
         self = cls.__new__(cls)
         listing = FileList(file_list, root)
         self.root, self.paths = str(file_list), listing
@@ -290,10 +212,18 @@ class IndexedImageFolder(Dataset):
         self.transform, self.draft, self.mark_unreadable = transform, draft, False
         return self
 
+    @classmethod
+    def from_paths(cls, paths: list[str], root: str, transform: Callable | None = None) -> "IndexedImageFolder":
+        """The images ``paths`` (already listed, e.g. a kNN subset), no targets; ``root`` names them."""
+        self = cls.__new__(cls)
+        self.root, self.paths, self.targets, self.classes = str(root), list(paths), None, []
+        self.transform, self.draft, self.mark_unreadable = transform, None, False
+        return self
+
     def drop(self, indices: set[int]) -> None:
         """Remove images (e.g. the ones a check refused) from the dataset."""
         keep = [i for i in range(len(self.paths)) if i not in indices]
-        if isinstance(self.paths, FileList):
+        if not isinstance(self.paths, list):  # a file_list.FileList
             self.paths = self.paths.select(keep)
             self.targets = self.paths.labels
             return
@@ -434,13 +364,14 @@ def to_model_input(imgs: torch.Tensor, device: torch.device, channels_last: bool
     correctly rounded), so the result is bitwise equal to the per-image transforms. The 255 is
     a tensor on the device, not a Python number: CUDA divides by a Python scalar through its
     reciprocal, which can differ in the last bit. A float batch (already normalised) is only
-    moved. ``channels_last`` converts the uint8 batch before the float ops, which keep the layout.
+    moved. The uint8 batch is laid out channels-last (``channels_last``) or contiguous before the
+    float ops, which keep the layout: the network sees the layout it asked for, whatever the loader's.
     """
-    if isinstance(imgs, EncodedBatch):  # --decode gpu: JPEG bytes decoded and cropped on the device
-        imgs = imgs.decode(device)
+    if not isinstance(imgs, torch.Tensor):  # --decode gpu: JPEG bytes decoded and cropped on the device
+        imgs = imgs.decode(device)  # gpu_decode.EncodedBatch
     imgs = imgs.to(device, non_blocking=True)  # host -> device from pinned memory: ordered, safe
-    if channels_last and imgs.dim() == 4:
-        imgs = imgs.contiguous(memory_format=torch.channels_last)
+    if imgs.dim() == 4:  # training batches arrive channels-last (train_crops.CollateCrops): same values
+        imgs = imgs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if imgs.dtype != torch.uint8:
         return imgs
     key = str(device)
@@ -560,193 +491,39 @@ def check_folder(dataset: "IndexedImageFolder", mode: str, on_bad: str, listing:
     dataset.drop(set(bad))
 
 
-def make_loader(dataset, batch: int, workers: int, device: torch.device, sampler=None,
+def make_loader(dataset, batch: int | None, workers: int, device: torch.device, sampler=None,
                 seed: int = 0, collate_fn=None) -> torch.utils.data.DataLoader:
     """Unshuffled loader (order from ``sampler``) with its own seeded generator: creating the
     iterator draws nothing from the global RNG, so a resumed run's dropout masks stay in step
-    with an uninterrupted one. Its workers leave stop signals and Ctrl-C to the main process
-    (:func:`preempt.loader_worker_init`)."""
+    with an uninterrupted one. ``batch`` None: each item of ``dataset`` is a whole batch. Its
+    workers leave stop signals and Ctrl-C to the main process (:func:`preempt.loader_worker_init`)."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False, sampler=sampler,
                                        num_workers=workers, pin_memory=device.type == "cuda",
                                        persistent_workers=False, generator=torch.Generator().manual_seed(seed),
                                        collate_fn=collate_fn, worker_init_fn=preempt.loader_worker_init)
 
 
-def open_folder(args, rt) -> "IndexedImageFolder":
-    """The training images: DIR, or with no DIR (the demo) scikit-learn's digits exported once
-    to data/digits. ``args.data`` becomes absolute (args.json then points at it from anywhere)."""
-    if args.demo:
-        args.data = export_digits(Path("data") / "digits") if rt.is_main else str(Path("data") / "digits")
-        if rt.distributed:
-            torch.distributed.barrier()
-        _log.info("demo: no DIR given, training on scikit-learn's digits exported to %s", args.data)
-    if getattr(args, "file_list", None):
-        # DIR (when given) is the root of the list's relative paths; the list's hash is kept in args (so in
-        # every checkpoint's args), and a resume refuses another list (checkpoint.check_checkpoint)
-        root = os.path.abspath(args.data) if args.data else None
-        ds = IndexedImageFolder.from_file_list(args.file_list, root, transform=eval_transform(args.size, normalize=False),
-                                               draft=eval_resize(args.size) if args.jpeg_draft else None)
-        args.file_list = os.path.abspath(args.file_list)
-        args.file_list_sha256 = ds.paths.sha256
-        args.data = ds.paths.root  # absolute: DIR, or the list's folder
-        return ds
-    args.data = os.path.abspath(args.data)
-    # uint8 items, normalised per batch by to_model_input
-    return IndexedImageFolder(args.data, transform=eval_transform(args.size, normalize=False),
-                              draft=eval_resize(args.size) if args.jpeg_draft else None)
+def default_workers() -> int:
+    """Loader workers per process when --workers is not given: the cores this process may run on
+    (``os.sched_getaffinity``: a job scheduler's CPU set, not the machine's) divided among the
+    torchrun processes of this node (``LOCAL_WORLD_SIZE``), less one for the process itself,
+    at least 1 (16 cores: 15 for one process, 3 each for 4, 1 each for 8)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, cores // local - 1)
 
 
-# ---------------------------------------------------------------------------------------
-# --decode gpu: the workers read bytes, the run's device decodes, crops, resizes and flips
-# ---------------------------------------------------------------------------------------
-# JPEGs that go to the device decoder: baseline (nvJPEG's batched GPU decode) in grey or RGB.
-# Everything else (PNG, CMYK, progressive, 16-bit...) is decoded in the worker by the PIL path.
-DEVICE_JPEG_MODES = ("L", "RGB")
-
-
-class EncodedImage:
-    """An image not decoded yet: its header opened (size, mode, format) and its path."""
-
-    def __init__(self, path: str, header: Image.Image):
-        self.path, self.header = path, header
-
-    @property
-    def on_device(self) -> bool:
-        h = self.header
-        return h.format == "JPEG" and h.mode in DEVICE_JPEG_MODES and not h.info.get("progressive")
-
-
-class EncodedImages(Dataset):
-    """``dataset`` whose :meth:`load` opens the header only (bad headers raise
-    :class:`BadImageError` as :func:`load_rgb` does); the pixels are decoded later, on the
-    run's device for JPEGs (:class:`EncodedBatch`) or in the worker for the other formats."""
-
-    def __init__(self, dataset: IndexedImageFolder):
-        self.dataset = dataset
-
-    @property
-    def paths(self) -> list[str]:
-        return self.dataset.paths
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def load(self, idx: int) -> EncodedImage:
-        path = self.dataset.paths[idx]
-        try:
-            header = Image.open(path)  # lazy: reads the header only; the file stays closed afterwards
-            header.close()
-            if header.width * header.height > MAX_PIXELS:
-                raise ValueError(f"{header.width}x{header.height} pixels exceeds the {MAX_PIXELS} limit")
-        except Exception as e:
-            raise BadImageError(f"cannot read image file {path!r}: {type(e).__name__}: {e}") from None
-        return EncodedImage(path, header)
-
-
-class EncodedSample:
-    """What a worker sends for one training image: the JPEG's bytes and its crop box and flip
-    (``data`` (n_bytes,) uint8, ``box`` (i, j, h, w, flip)), or for a non-JPEG the finished
-    (3, size, size) uint8 crop (``box`` None)."""
-
-    def __init__(self, path: str, data: torch.Tensor, box: tuple[int, int, int, int, int] | None):
-        self.path, self.data, self.box = path, data, box
-
-
-class EncodedCrop:
-    """The training transform of ``--decode gpu``, run in the worker on an :class:`EncodedImage`.
-
-    Draws RandomResizedCrop's box and RandomHorizontalFlip's coin from the (seeded) torch RNG
-    with torchvision's own code, in the order :func:`train_transform` draws them, from the
-    image's header size: for a given seed the box and the flip are those the PIL path draws.
-    """
-
-    def __init__(self, size: int = 224, min_scale: float = 0.08):
-        self.size, self.scale, self.ratio = int(size), (float(min_scale), 1.0), (3.0 / 4.0, 4.0 / 3.0)
-
-    def __call__(self, img: EncodedImage) -> EncodedSample:
-        i, j, h, w = transforms.RandomResizedCrop.get_params(img.header, list(self.scale), list(self.ratio))
-        flip = int(torch.rand(1) < 0.5)  # RandomHorizontalFlip(p=0.5)
-        if img.on_device:
-            with open(img.path, "rb") as f:
-                raw = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-            return EncodedSample(img.path, raw, (i, j, h, w, flip))
-        pil = load_rgb(img.path)  # other formats: the PIL path, same box and flip
-        out = transforms.functional.resized_crop(pil, i, j, h, w, [self.size, self.size],
-                                                 transforms.InterpolationMode.BILINEAR, antialias=True)
-        if flip:
-            out = transforms.functional.hflip(out)
-        return EncodedSample(img.path, transforms.functional.pil_to_tensor(out), None)
-
-
-class EncodedBatch:
-    """A batch of :class:`EncodedSample`; :meth:`decode` makes the (B, 3, size, size) uint8 batch
-    on a device. ``pin_memory`` is a no-op (the decoder reads host bytes)."""
-
-    def __init__(self, samples: list[EncodedSample], size: int):
-        self.samples, self.size = samples, size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def pin_memory(self, device=None) -> "EncodedBatch":
-        return self
-
-    def decode(self, device: torch.device) -> torch.Tensor:
-        """(B, 3, size, size) uint8 on ``device``: JPEGs decoded in one batched call
-        (``torchvision.io.decode_jpeg``: nvJPEG on CUDA, libjpeg-turbo on CPU), then per image
-        the crop (a view), an antialiased bilinear resize (torchvision's, PIL's filter) and the flip."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        device = torch.device(device)
-        jpeg = [k for k, s in enumerate(self.samples) if s.box is not None]
-        out = torch.empty(len(self.samples), 3, self.size, self.size, dtype=torch.uint8, device=device)
-        if jpeg:
-            raws = [self.samples[k].data for k in jpeg]
-            try:
-                imgs = decode_jpeg(raws, mode=ImageReadMode.RGB, device=device)
-            except RuntimeError:
-                imgs = [self._decode_one(self.samples[k], device) for k in jpeg]  # names the bad file
-            for k, img in zip(jpeg, imgs):
-                out[k] = crop_resize_flip(img, self.samples[k].box, self.size)
-        for k, s in enumerate(self.samples):
-            if s.box is None:
-                out[k] = s.data.to(device, non_blocking=True)
-        return out
-
-    @staticmethod
-    def _decode_one(sample: EncodedSample, device: torch.device) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_jpeg
-        try:
-            return decode_jpeg(sample.data, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError as e:
-            raise BadImageError(f"cannot read image file {sample.path!r}: {one_line_error(e)}") from None
-
-
-def one_line_error(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def crop_resize_flip(img: torch.Tensor, box: tuple[int, int, int, int, int], size: int) -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, size, size) uint8 on the same device: crop rows i..i+h, columns
-    j..j+w, bilinear resize with antialiasing (PIL's filter, as RandomResizedCrop on a PIL
-    image), then a horizontal flip when ``box[4]``."""
-    i, j, h, w, flip = box
-    out = transforms.functional.resize(img[:, i:i + h, j:j + w], [size, size],
-                                       transforms.InterpolationMode.BILINEAR, antialias=True)
-    return out.flip(-1) if flip else out
-
-
-class CollateEncoded:
-    """Collate ``(EncodedSample, pseudo_label, index)`` items of a training set into
-    ``(EncodedBatch, (B,) labels, (B,) indices)``."""
-
-    def __init__(self, size: int):
-        self.size = int(size)
-
-    def __call__(self, batch) -> tuple[EncodedBatch, torch.Tensor, torch.Tensor]:
-        samples, targets, idx = zip(*batch)
-        return (EncodedBatch(list(samples), self.size), torch.as_tensor(targets, dtype=torch.long),
-                torch.as_tensor(idx, dtype=torch.long))
+def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialised tensor to assemble a batch in: in a DataLoader worker it is allocated in
+    shared memory, so sending it to the main process copies nothing (what the default collate
+    does for the tensors it stacks); elsewhere ordinary memory."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    return proto.new(proto._typed_storage()._new_shared(math.prod(shape), device="cpu")).view(shape)
 
 
 def check_eval_images(paths: list[str], flag: str, skip: bool = False, mode: str = "auto", workers: int = 0,
@@ -856,3 +633,17 @@ class MultiCropDataset(Dataset):
 
         idx, seed = _split_item(item)
         return idx, _apply(self.multicrop, _load(self.dataset, idx), seed)
+
+
+# names that moved to their own modules, which import this one: still resolved here on first use
+# (scripts/gpu_check.py and the benchmarks use data.EncodedBatch & co., data.FileList)
+_MOVED = {**dict.fromkeys(("EncodedImage", "EncodedImages", "EncodedSample", "EncodedCrop", "EncodedBatch",
+                           "CollateEncoded", "crop_resize_flip", "DEVICE_JPEG_MODES", "one_line_error"), "gpu_decode"),
+          "FileList": "file_list"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")

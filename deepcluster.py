@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoint
@@ -27,7 +27,10 @@ import clustering
 import data
 import distributed
 import fileio
+import gpu_decode
+import input_cache
 import models
+import train_crops
 import util
 from knn import KnnMonitor
 
@@ -131,14 +134,15 @@ def rank_batch(cfg, rt) -> int:
 # ---------------------------------------------------------------------------------------
 # features and clustering
 # ---------------------------------------------------------------------------------------
-def make_feature_loader(dataset: data.IndexedImageFolder, cfg, rt) -> DataLoader:
-    """Fixed-order loader; under torchrun rank r reads images r, r + W, r + 2W, ..."""
-    part = dataset if not rt.distributed else Subset(dataset, range(rt.rank, len(dataset), rt.world_size))
-    return data.make_loader(part, cfg.extract_batch or rank_batch(cfg, rt), cfg.workers, rt.device)
+def make_feature_loader(dataset: data.IndexedImageFolder, cfg, rt) -> input_cache.FeatureLoader:
+    """Fixed-order loader; under torchrun rank r reads images r, r + W, r + 2W, ... (decoded once,
+    then from the --input_cache, see input_cache.py)."""
+    return input_cache.feature_loader(dataset, cfg.extract_batch or rank_batch(cfg, rt), cfg.workers, rt.device,
+                                      cfg.size, rt.rank, rt.world_size, input_cache.resolve(cfg.input_cache, cfg.exp))
 
 
 @torch.no_grad()
-def compute_features(loader: DataLoader, model: models.DeepClusterNet, N: int, rt, cfg):
+def compute_features(loader: input_cache.FeatureLoader, model: models.DeepClusterNet, N: int, rt, cfg):
     """Features in --features_dtype: D = 4096 pre-ReLU fc7 (AlexNet, VGG-16), 2048 average-pooled
     (ResNet-50). Kmeans: this rank's rows and their dataset indices (a distributed.FeatureShard; one
     process: the (N, D) matrix, row i = image i); PIC: the (N, D) matrix gathered on rank 0, None elsewhere."""
@@ -203,11 +207,13 @@ def make_train_loader(dataset: data.IndexedImageFolder, images_lists: list[list[
     ``start``-th one on (mid-epoch resume); every draw carries its own augmentation seed.
     """
     order = "index" if cfg.sampler == "uniform" else "cluster"
-    transform = data.train_transform(cfg.size, cfg.crop_min_scale, normalize=False)  # see data.to_model_input
-    collate = None
+    # PIL crops collated into one uint8 batch, normalised by data.to_model_input
+    transform, collate = train_crops.train_crops(cfg.size, cfg.crop_min_scale), train_crops.CollateCrops()
+    if cfg.decode == "cpu_draft":  # the header first: the crop decides the JPEG's decoding scale
+        dataset, transform = gpu_decode.EncodedImages(dataset), train_crops.DraftCrop(cfg.size, cfg.crop_min_scale)
     if cfg.decode == "gpu":  # workers read bytes and draw the crops; data.to_model_input decodes on the device
-        dataset, transform = data.EncodedImages(dataset), data.EncodedCrop(cfg.size, cfg.crop_min_scale)
-        collate = data.CollateEncoded(cfg.size)
+        dataset, transform = gpu_decode.EncodedImages(dataset), gpu_decode.EncodedCrop(cfg.size, cfg.crop_min_scale)
+        collate = gpu_decode.CollateEncoded(cfg.size)
     if cfg.bad_images == "skip":
         dataset = data.StandIns(dataset, images_lists, cfg.exp)
     train_set = clustering.cluster_assign(images_lists, dataset, transform, order=order)

@@ -63,11 +63,16 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "without them (listed in EXP/bad_images.txt)")
 
 
-def add_run_args(p: argparse.ArgumentParser, exp: str, workers: int, seed: int = 31,
+def add_run_args(p: argparse.ArgumentParser, exp: str, workers: int | None = None, seed: int = 31,
                  exp_aliases: tuple[str, ...] = ()):
-    """The run group: folder, resume, checkpoint policy, records, device. Returns the group."""
+    """The run group: folder, resume, checkpoint policy, records, device (``workers`` None: from
+    the cores, :func:`data.default_workers`). Returns the group."""
     g = p.add_argument_group("run")
-    g.add_argument("--workers", type=int, default=workers, help="number of data loading workers")
+    g.add_argument("--workers", type=int, default=data.default_workers() if workers is None else workers,
+                   help="data loading workers per process" + (
+                       " (default: the cores this process may use, os.sched_getaffinity, divided by the torchrun "
+                       "processes of the node, LOCAL_WORLD_SIZE, less one, at least 1: here %(default)s)"
+                       if workers is None else ""))
     g.add_argument("--exp", *exp_aliases, dest="exp", type=str, default=exp,
                    help="path to exp folder" + "".join(f" ({a})" for a in exp_aliases))
     g.add_argument("--resume", default="", type=str, metavar="PATH",

@@ -256,16 +256,19 @@ def monitor_arg_rules(args: argparse.Namespace) -> list[tuple[str, bool, object,
 class KnnMonitor:
     """kNN top-1/top-5 of fc7 on a fixed subset of ``root``'s train/ and val/ splits.
 
-    The subset is drawn once by its own seeded generator; images are decoded once and kept in
-    memory when they fit in ``cache_mb``. :meth:`evaluate` draws nothing from any global RNG
-    and leaves the model's train/eval mode as it found it, so enabling the monitor does not
-    change training, and the same weights always give the same values.
+    The subset is drawn once by its own seeded generator. Its images are the uint8 centre crops
+    (``data.eval_transform(size, normalize=False)``, normalised per batch by
+    ``data.to_model_input``: bitwise the per-image Normalize), decoded once and kept in memory
+    when they fit in ``cache_mb``, else read from the input cache under ``input_cache`` (see
+    input_cache.py; None: decoded at every evaluation). :meth:`evaluate` draws nothing from any
+    global RNG and leaves the model's train/eval mode as it found it, so enabling the monitor
+    does not change training, and the same weights always give the same values.
     """
 
     def __init__(self, root: str, train_size: int, val_size: int, seed: int = 0, size: int = 224,
                  k: int = DEFAULT_K, T: float = DEFAULT_T, batch: int = 256, workers: int = 0,
                  load: bool = True, cache_mb: float = 512, no_progress: bool = True, flag: str = "--knn_data",
-                 logger: logging.Logger = log, whiten: int = 0):
+                 logger: logging.Logger = log, whiten: int = 0, input_cache: Path | None = None):
         splits = load_knn_splits(root, flag)
         rng = np.random.RandomState(seed)
         self.train_paths, self.train_labels = subset(splits.train_paths, splits.train_labels, train_size, rng)
@@ -278,11 +281,15 @@ class KnnMonitor:
                                hint=f"fix or remove them, or train without {flag}")
         self.whiten = whiten
         self.T, self.size, self.batch, self.workers, self.no_progress = T, size, batch, workers, no_progress
-        self.images: list[torch.Tensor] | None = None
-        n = len(self.train_paths) + len(self.val_paths)
-        if load and n * 3 * size * size * 4 <= cache_mb * 2 ** 20:
-            self.images = list(image_batches(self.train_paths + self.val_paths, size, batch, workers,
-                                             "kNN images", no_progress))
+        import input_cache as cache_lib
+        dataset = data.IndexedImageFolder.from_paths(self.train_paths + self.val_paths, root,
+                                                     data.eval_transform(size, normalize=False))
+        in_memory = load and len(dataset) * 3 * size * size <= cache_mb * 2 ** 20
+        self.loader = cache_lib.feature_loader(dataset, batch, workers, torch.device("cpu"), size,
+                                               cache=None if in_memory else input_cache, what="knn")
+        self.images: list[torch.Tensor] | None = None  # (B, 3, S, S) uint8 batches kept in memory
+        if in_memory:
+            self.images = [imgs for imgs, _ in self._progress(self.loader, "kNN images")]
 
     @classmethod
     def for_training(cls, args, rt, logger: logging.Logger = log, demo: str = "") -> "KnnMonitor | None":
@@ -296,9 +303,11 @@ class KnnMonitor:
                 data.export_digits_split(args.knn_data)
             distributed.barrier(rt)
         root = os.path.abspath(args.knn_data)
+        import input_cache
         monitor = cls(root, args.knn_train_size, args.knn_val_size, seed=args.seed, size=args.size,
                       k=args.knn_k, batch=args.batch, workers=args.workers, load=rt.is_main,
-                      no_progress=args.no_progress, logger=logger, whiten=args.knn_whiten)
+                      no_progress=args.no_progress, logger=logger, whiten=args.knn_whiten,
+                      input_cache=input_cache.resolve(getattr(args, "input_cache", "off"), args.exp))
         logger.info("kNN monitor: %d train, %d val images of %s, k=%d", len(monitor.train_paths),
                     len(monitor.val_paths), root, monitor.ks[0])
         return monitor if rt.is_main else None
@@ -309,18 +318,20 @@ class KnnMonitor:
         top5 = "-" if r.get("knn_top5") is None else f"{r['knn_top5']:.2f}"
         return f" knn {r['time_knn']:.1f}s | kNN top-1 {r['knn_top1']:.2f} top-5 {top5}" if "knn_top1" in r else ""
 
-    def _batches(self) -> Iterator[torch.Tensor]:
-        if self.images is not None:
-            yield from self.images
-        else:
-            yield from image_batches(self.train_paths + self.val_paths, self.size, self.batch, self.workers,
-                                     "kNN features", self.no_progress)
+    def _progress(self, loader, desc: str):
+        return tqdm(loader, desc=desc, leave=False, disable=cli.progress(self.no_progress))
+
+    def _batches(self, device: torch.device) -> Iterator[torch.Tensor]:
+        """The normalised float32 batches on ``device``."""
+        batches = self.images if self.images is not None else (x for x, _ in self._progress(self.loader, "kNN features"))
+        for imgs in batches:
+            yield data.to_model_input(imgs, device)
 
     def evaluate(self, model: models.DeepClusterNet, device: torch.device) -> dict:
         """``{"knn_top1", "knn_top5", "time_knn"}`` of the model's pre-ReLU fc7 features
         (PCA-whitened to ``whiten`` dims first when > 0)."""
         t0 = time.time()
-        feats = extract(FeatureNet(model, "fc7"), self._batches(), device).to(device)  # (N_tr + N_val, 4096)
+        feats = extract(FeatureNet(model, "fc7"), self._batches(device), device).to(device)  # (N_tr + N_val, 4096)
         n = len(self.train_paths)
         train, val = pca_whiten(feats[:n], feats[n:], self.whiten) if self.whiten else (feats[:n], feats[n:])
         ranks = knn_classify(train, torch.from_numpy(self.train_labels), val, self.ks, self.T,

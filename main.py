@@ -24,9 +24,11 @@ from torch import nn
 
 import checkpoint
 import cli
+import data
 import deepcluster as dc
 import distributed
 import engine
+import input_cache
 import knn
 import models
 import preempt
@@ -86,7 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--start_epoch", type=int, default=0, help="manual epoch number (useful on restarts)")
     add_speed_args(g)
     knn.add_monitor_args(p)
-    g = engine.add_run_args(p, exp="exp", workers=4)
+    g = engine.add_run_args(p, exp="exp")
+    input_cache.add_args(g)
     g.add_argument("--change_k", action="store_true", help="with --resume: allow a --k other than the checkpoint's")
     g.add_argument("--checkpoints", type=int, default=25000, help="how many iterations between two checkpoints")
     g.add_argument("--deterministic", action="store_true",
@@ -110,10 +113,12 @@ def add_speed_args(g) -> None:
                         "off: the original's per-tensor update)")
     g.add_argument("--jpeg_draft", action=argparse.BooleanOptionalAction, default=True,
                    help="feature pass: decode JPEGs at least twice the resize target at reduced size")
-    g.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
-                   help="training images: cpu: PIL in the loader workers (the original); gpu: the workers read "
-                        "JPEG bytes and the run's device decodes (nvJPEG on CUDA), crops, resizes and flips them, "
-                        "same crop and flip law (other formats stay on the workers)")
+    g.add_argument("--decode", choices=["cpu", "cpu_draft", "gpu"], default="cpu",
+                   help="training images: cpu: PIL in the loader workers (the original's pixels); cpu_draft: the "
+                        "same, a JPEG decoded at 1/2, 1/4 or 1/8 scale when its crop is at least 2, 4 or 8 times "
+                        "--size on both sides (changes those crops' pixels; none of a 500x375 image's at 224); "
+                        "gpu: the workers read JPEG bytes and the run's device decodes (nvJPEG on CUDA), crops, "
+                        "resizes and flips them, same crop and flip law (other formats stay on the workers)")
     g.add_argument("--features_dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage of the (N, D) feature matrix (float16 halves it)")
     g.add_argument("--features_on", choices=["host", "device"], default="host",
@@ -256,7 +261,7 @@ def main(args: argparse.Namespace) -> dict:
 def explain_error(e: BaseException, args: argparse.Namespace) -> str:
     """The one error line; an unreadable image met mid-run also says how to go on."""
     msg = cli.one_line(e)
-    if isinstance(e, dc.data.BadImageError):
+    if isinstance(e, data.BadImageError):
         msg += (f" (fix or remove it and continue with --resume {args.exp}, or go on without it "
                 f"with --bad_images skip)")
     return msg

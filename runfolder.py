@@ -40,7 +40,7 @@ SCRIPTS = {"deepcluster": "main.py", "deepclusterv2": "main_deepclusterv2.py",
            "eval_linear": "eval_linear.py", "eval_voc": "eval_voc_classif.py"}
 # what a run writes (deleted by --overwrite); a script adds its own (results.json, ...)
 OUTPUTS = ("checkpoint.pth.tar", "checkpoints", "clusters", "log.jsonl", "args.json", HISTORY, "train.log",
-           "tensorboard", "report", "export", "bad_images.txt")
+           "tensorboard", "report", "export", "bad_images.txt", "input_cache")
 
 
 class RunFolderError(ScriptError):

@@ -24,6 +24,7 @@ import engine
 import main
 import checkpoint
 import distributed
+import gpu_decode
 import preempt
 import util
 
@@ -591,8 +592,8 @@ def test_decode_gpu_twin_draws_the_pil_boxes_and_pixels(photos):
     from torchvision import transforms as T
 
     ds = data.IndexedImageFolder(photos)
-    enc = data.EncodedImages(ds)
-    pil_tf, crop = data.train_transform(40, 0.08, normalize=False), data.EncodedCrop(40, 0.08)
+    enc = gpu_decode.EncodedImages(ds)
+    pil_tf, crop = data.train_transform(40, 0.08, normalize=False), gpu_decode.EncodedCrop(40, 0.08)
     flips, kinds = set(), []
     for idx in range(len(ds)):
         kinds.append(enc.load(idx).on_device)
@@ -603,7 +604,7 @@ def test_decode_gpu_twin_draws_the_pil_boxes_and_pixels(photos):
                 flip = int(torch.rand(1) < 0.5)
             ref = clustering._apply(pil_tf, ds.load(idx), seed)
             sample = clustering._apply(crop, enc.load(idx), seed)
-            got = data.EncodedBatch([sample], 40).decode(torch.device("cpu"))[0]
+            got = gpu_decode.EncodedBatch([sample], 40).decode(torch.device("cpu"))[0]
             if sample.box is not None:
                 assert sample.box == (*box, flip)
             diff = (ref.int() - got.int()).abs()
@@ -643,11 +644,11 @@ def test_decode_gpu_names_a_broken_jpeg(tmp_path):
     raw = (root / "ok.jpg").read_bytes()
     (root / "cut.jpg").write_bytes(raw[: len(raw) // 3])
     (root / "junk.jpg").write_bytes(b"not an image")
-    enc, crop = data.EncodedImages(data.IndexedImageFolder(tmp_path / "images")), data.EncodedCrop(32)
+    enc, crop = gpu_decode.EncodedImages(data.IndexedImageFolder(tmp_path / "images")), gpu_decode.EncodedCrop(32)
     names = [Path(p).name for p in enc.paths]
     with pytest.raises(data.BadImageError, match="junk.jpg"):
         enc.load(names.index("junk.jpg"))
-    batch = data.EncodedBatch([crop(enc.load(names.index(n))) for n in ("ok.jpg", "cut.jpg")], 32)
+    batch = gpu_decode.EncodedBatch([crop(enc.load(names.index(n))) for n in ("ok.jpg", "cut.jpg")], 32)
     with pytest.raises(data.BadImageError, match="cut.jpg"):
         batch.decode(torch.device("cpu"))
 

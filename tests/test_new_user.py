@@ -125,10 +125,10 @@ def test_resume_parse_takes_the_run_folder_and_flags(tmp_path):
     recorded = vars(main.parse_args(["data_dir", "--sobel", "--size", "96", "--k", "50", "--batch", "32"]))
     (run / "args.json").write_text(json.dumps({**recorded, "exp": "elsewhere"}))
     for target in (run, run / "checkpoint.pth.tar", run / "checkpoints" / "checkpoint_3.pth.tar"):
-        args = main.parse_args(["--resume", str(target), "--workers", "1"])
+        args = main.parse_args(["--resume", str(target), "--workers", "99"])
         assert (args.exp, args.data, args.sobel, args.size, args.nmb_cluster, args.batch, args.workers) == \
-            (str(run), "data_dir", True, 96, 50, 32, 1)
-        assert not args.demo and "--workers 1 (the run's: 4)" in args.resume_note
+            (str(run), "data_dir", True, 96, 50, 32, 99)
+        assert not args.demo and f"--workers 99 (the run's: {recorded['workers']})" in args.resume_note
     # an explicit --exp wins; a checkpoint outside any run folder keeps the defaults
     assert main.parse_args(["d", "--resume", str(run), "--exp", "other"]).exp == "other"
     plain = tmp_path / "released.pth.tar"
