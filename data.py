@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 import fileio
+from errors import DataError
 import preempt
 
 _log = logging.getLogger("deepcluster")
@@ -27,10 +28,6 @@ _log = logging.getLogger("deepcluster")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-class DataError(ValueError):
-    """The data directory cannot be used (missing, empty, unreadable...)."""
 
 
 class BadImageError(RuntimeError):
@@ -633,17 +630,3 @@ class MultiCropDataset(Dataset):
 
         idx, seed = _split_item(item)
         return idx, _apply(self.multicrop, _load(self.dataset, idx), seed)
-
-
-# names that moved to their own modules, which import this one: still resolved here on first use
-# (scripts/gpu_check.py and the benchmarks use data.EncodedBatch & co., data.FileList)
-_MOVED = {**dict.fromkeys(("EncodedImage", "EncodedImages", "EncodedSample", "EncodedCrop", "EncodedBatch",
-                           "CollateEncoded", "crop_resize_flip", "DEVICE_JPEG_MODES", "one_line_error"), "gpu_decode"),
-          "FileList": "file_list"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'data' has no attribute {name!r}")

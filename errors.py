@@ -6,3 +6,7 @@ class ScriptError(RuntimeError):
     """Bad input or a run that cannot go on; the message names the file, flag or value.
 
     The scripts' own error types derive from it; :func:`run_cli` prints it as one line."""
+
+
+class DataError(ValueError):
+    """The data directory cannot be used (missing, empty, unreadable...); ``data.DataError``."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-import data
+from errors import DataError
 
 
 class FileList:
@@ -30,7 +30,7 @@ class FileList:
         try:
             raw = path.read_bytes()
         except OSError as e:
-            raise data.DataError(f"--file_list {str(path)!r} cannot be read: {e}") from e
+            raise DataError(f"--file_list {str(path)!r} cannot be read: {e}") from e
         self.sha256 = hashlib.sha256(raw).hexdigest()
         self.root = str(root if root is not None else path.resolve().parent)
         blob = np.frombuffer(raw, dtype=np.uint8)
@@ -44,7 +44,7 @@ class FileList:
         keep = ends > starts                                     # blank lines carry no image
         starts, ends = starts[keep], ends[keep]
         if not len(starts):
-            raise data.DataError(f"--file_list {str(path)!r} lists no image")
+            raise DataError(f"--file_list {str(path)!r} lists no image")
         # optional label after the last tab of a line
         tabs = np.flatnonzero(blob == 9)
         last_tab = np.searchsorted(tabs, ends) - 1               # index of the last tab before each line end
@@ -54,7 +54,7 @@ class FileList:
         if has.any():
             if not has.all():
                 first = int(np.flatnonzero(~has)[0])
-                raise data.DataError(f"--file_list {str(path)!r}: entry {first + 1} (blank lines not counted) has no "
+                raise DataError(f"--file_list {str(path)!r}: entry {first + 1} (blank lines not counted) has no "
                                 f"label (TAB LABEL) but "
                                 f"others do: give every line a label or none")
             t = tabs[last_tab]

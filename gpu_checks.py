@@ -584,6 +584,7 @@ def check_loader(work: Path, dry: bool):
 
     import clustering
     import data
+    import gpu_decode
 
     n = 16 if dry else 48 if CPU else 2048
     root = photo_folder(work, n, (375, 500))  # ImageNet-like 500x375 JPEGs
@@ -591,9 +592,9 @@ def check_loader(work: Path, dry: bool):
     out = {}
     tfs = {"pil": (data.train_transform(224, normalize=False), None)}
     if hasattr(data, "EncodedImages") and hasattr(data, "CollateEncoded"):  # --decode gpu: the workers' part
-        tfs["bytes"] = (data.EncodedCrop(224), data.CollateEncoded(224))
+        tfs["bytes"] = (gpu_decode.EncodedCrop(224), gpu_decode.CollateEncoded(224))
     for name, (tf, collate) in tfs.items():
-        src = data.EncodedImages(ds) if name == "bytes" else ds  # the training set of main.py, one cluster
+        src = gpu_decode.EncodedImages(ds) if name == "bytes" else ds  # the training set of main.py, one cluster
         loader = torch.utils.data.DataLoader(clustering.cluster_assign([list(range(n))], src, tf),
                                              batch_size=8 if n < 100 else 64, num_workers=workers, collate_fn=collate)
         t = time.perf_counter()
@@ -616,16 +617,17 @@ def _pil_and_twin(n_images: int, size: int, work: Path, device):
 
     import clustering
     import data
+    import gpu_decode
 
     ds = data.IndexedImageFolder(photo_folder(work, n_images, (375, 500)))
-    enc = data.EncodedImages(ds)
-    pil_tf, crop = data.train_transform(size, normalize=False), data.EncodedCrop(size)
+    enc = gpu_decode.EncodedImages(ds)
+    pil_tf, crop = data.train_transform(size, normalize=False), gpu_decode.EncodedCrop(size)
     ref, samples = [], []
     for idx in range(len(ds)):
         seed = 1000 + idx
         ref.append(clustering._apply(pil_tf, ds.load(idx), seed))
         samples.append(clustering._apply(crop, enc.load(idx), seed))
-    got = data.EncodedBatch(samples, size).decode(torch.device(device)).cpu()
+    got = gpu_decode.EncodedBatch(samples, size).decode(torch.device(device)).cpu()
     diff = (torch.stack(ref).int() - got.int()).abs()
     return int(diff.max()), float(diff.float().mean()), len(ds)
 
@@ -641,14 +643,15 @@ def check_decode_gpu(work: Path, dry: bool):
     import torch
 
     import data
+    import gpu_decode
 
     mx, mean, n = _pil_and_twin(32, 224, work, DEV)
     # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by about a level per
     # pixel; the crop box, the flip and the resize arithmetic are the same
     ok = mean < 2.0
     ds = data.IndexedImageFolder(photo_folder(work, 32, (375, 500)))
-    enc, crop = data.EncodedImages(ds), data.EncodedCrop(224)
-    batch = data.EncodedBatch([crop(enc.load(i % len(ds))) for i in range(256 if not CPU else 32)], 224)
+    enc, crop = gpu_decode.EncodedImages(ds), gpu_decode.EncodedCrop(224)
+    batch = gpu_decode.EncodedBatch([crop(enc.load(i % len(ds))) for i in range(256 if not CPU else 32)], 224)
     rate = _rate(lambda: batch.decode(torch.device(DEV)), len(batch), 1 if CPU else 3)
     return ("PASS" if ok else "FAIL"), (f"nvJPEG vs PIL on {n} JPEGs: max {mx}, mean {mean:.3f} levels; "
                                         f"{rate:.0f} img/s decoded, cropped and resized on the device"), \

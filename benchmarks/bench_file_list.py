@@ -1,4 +1,4 @@
-"""Memory and build time of a ``--file_list`` index (data.FileList) against a Python list of paths.
+"""Memory and build time of a ``--file_list`` index (file_list.FileList) against a Python list of paths.
 
 Usage:
     python benchmarks/bench_file_list.py                          # 10,000,000 generated lines
@@ -10,7 +10,7 @@ adds to the parent, and, for each of ``--workers`` forked processes that read ev
 share (as DataLoader workers do, images r, r + W, ...), the private memory the worker gains
 (Private_Clean + Private_Dirty of /proc/self/smaps_rollup: the pages copied from the parent).
 A Python list of N str is touched by every access (reference counts), so its pages are copied
-into each worker; the numpy buffers of data.FileList are only read, so they stay shared.
+into each worker; the numpy buffers of file_list.FileList are only read, so they stay shared.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, environment, print_table, write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
+
+import file_list  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -104,7 +105,7 @@ def main(args: argparse.Namespace) -> dict:
         generate(path, args.lines)
         print(f"generated {args.lines:,} lines ({path.stat().st_size / 2**20:.0f} MiB) in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
-        for name, build in (("numpy (data.FileList)", lambda: data.FileList(path)),
+        for name, build in (("numpy (file_list.FileList)", lambda: file_list.FileList(path)),
                             ("python list of str", lambda: python_list(path))):
             gc.collect()
             base = rss_bytes()

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import clustering
 import deepcluster as dc
 import distributed
+import file_list
 from test_distributed import digits100, free_port  # noqa: F401 (fixture)
 
 N, D, K, PCA = 600, 64, 8, 16  # N >= D: the covariance path, no rank ever holds (N, D)
@@ -134,14 +135,14 @@ def test_file_list_index_and_resume_check(tmp_path):
 
     listing = tmp_path / "list.txt"
     listing.write_text("a/x 1.jpg\tcat\r\n/abs/y.jpg\tdog\n\nb/z.jpg\tcat")  # CRLF, a blank line, no final newline
-    fl = data.FileList(listing)
+    fl = file_list.FileList(listing)
     assert list(fl) == [str(tmp_path / "a/x 1.jpg"), "/abs/y.jpg", str(tmp_path / "b/z.jpg")]
     assert fl.labels.tolist() == [0, 1, 0] and fl.classes == ["cat", "dog"]
     assert isinstance(fl.blob, np.ndarray) and fl.select([2])[0] == str(tmp_path / "b/z.jpg")
-    assert list(data.FileList(listing, root="/data"))[0] == "/data/a/x 1.jpg"  # DIR is the root when given
+    assert list(file_list.FileList(listing, root="/data"))[0] == "/data/a/x 1.jpg"  # DIR is the root when given
     (tmp_path / "half.txt").write_text("a.jpg\tq\nb.jpg\n")
     with pytest.raises(data.DataError, match="entry 2"):
-        data.FileList(tmp_path / "half.txt")
+        file_list.FileList(tmp_path / "half.txt")
     # a checkpoint trained on one list refuses another list (or a folder)
     ckpt = {"state_dict": {}, "args": {"file_list_sha256": fl.sha256}}
     same = argparse.Namespace(arch="alexnet", sobel=False, nmb_cluster=10, file_list=str(listing),
