@@ -96,32 +96,6 @@ def test_sigkill_with_a_temporary_file_left_then_resume_equals_uninterrupted(ref
     assert_same_run(reference, exp)
 
 
-@pytest.mark.slow
-def test_sigterm_to_the_process_group_with_loader_workers_then_resume_equals_uninterrupted(reference, digits80,
-                                                                                          tmp_path):
-    """SIGTERM to the run's process group (as SLURM or a terminal's job control sends it: the
-    loader workers of --workers 2 get it too) in epoch 1's step 1: the run stops before step 2
-    with checkpoint_stopped, exit 75, one line; the resume ends bitwise equal."""
-    from test_survival import ENTRY
-
-    entry, exp = tmp_path / "entry.py", tmp_path / "exp"
-    entry.write_text(ENTRY.format(root=str(ROOT)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", SURVIVAL_HOOK="pgterm:7", SURVIVAL_TEST_PGID=str(os.getpgrp()))
-    env.pop("DEEPCLUSTER_FAULT", None)
-    res = subprocess.run([sys.executable, str(entry), *argv(digits80, exp, "--workers", "2")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600, start_new_session=True)
-    stopped = exp / "checkpoints" / "checkpoint_stopped.pth.tar"
-    lines = [ln for ln in res.stderr.splitlines() if "error:" in ln]
-    assert res.returncode == 75 and lines == [f"error: stopped by SIGTERM at step 2: --resume {exp} continues from "
-                                              f"{stopped}"], res.stderr[-3000:]
-    ck = torch.load(stopped, weights_only=True)
-    assert (ck["epoch"], ck["iteration"]) == (1, 2)
-    res = run_main(argv(digits80, exp, "--workers", "2", "--resume", str(exp)))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert_nothing_corrupt(exp)
-    assert_same_run(reference, exp)
-
-
 def test_resume_folder_skips_corrupt_newest(reference, tmp_path, caplog):
     exp = tmp_path / "exp"
     shutil.copytree(reference, exp)

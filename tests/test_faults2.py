@@ -29,6 +29,8 @@ import preempt
 import runfolder
 from test_resume import argv, images36, outcome, run, small  # noqa: F401 (fixtures)
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 class Rank0:
     is_main, rank, world_size, distributed = True, 0, 1, False
@@ -229,6 +231,44 @@ def test_loader_workers_leave_stop_signals_to_their_main_process():
         w.join(timeout=10)
     assert [w.exitcode for w in workers] == [0, 0]
     del it
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_then_resume_equals_uninterrupted(small, images36,
+                                                                                          tmp_path):
+    """SIGTERM to a one-process run's process group (as SLURM or a terminal's job control sends
+    it: the loader workers of --workers 2 get it too) in epoch 1's step 1: the run stops before
+    step 2 with checkpoint_stopped, exit 75, one line; the resume ends bitwise equal (the small
+    network of test_resume.py, in a subprocess of its own session)."""
+    from test_survival import ENTRY
+
+    ref, exp, entry = tmp_path / "ref", tmp_path / "exp", tmp_path / "entry.py"
+    assert run(argv(images36, ref))
+    entry.write_text(ENTRY.format(root=str(ROOT)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", SURVIVAL_SMALL="1", SURVIVAL_TEST_PGID=str(os.getpgrp()))
+    env.pop("DEEPCLUSTER_FAULT", None)
+    env.pop("DEEPCLUSTER_FAULT_MODE", None)
+
+    def main_py(*extra: str, hook: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(entry), *argv(images36, exp, "--workers", "2", *extra)],
+                              cwd=ROOT, env=dict(env, SURVIVAL_HOOK=hook), capture_output=True, text=True,
+                              timeout=300, start_new_session=True)
+    res = main_py(hook="pgterm:7")
+    stopped = exp / "checkpoints" / "checkpoint_stopped.pth.tar"
+    lines = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+    assert res.returncode == 75 and lines == [f"error: stopped by SIGTERM at step 2: --resume {exp} continues from "
+                                              f"{stopped}"], res.stderr[-3000:]
+    ck = torch.load(stopped, weights_only=True)
+    assert (ck["epoch"], ck["iteration"]) == (1, 2)
+    res = main_py("--resume", str(exp))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref_ck, ref_recs, ref_clusters = outcome(ref)
+    ck, recs, clusters = outcome(exp)
+    for k, v in ref_ck["state_dict"].items():
+        assert torch.equal(v, ck["state_dict"][k]), k
+    assert recs == ref_recs and len(clusters) == len(ref_clusters) == 2
+    for a, b in zip(ref_clusters, clusters):
+        np.testing.assert_array_equal(a, b)
+    assert not list(exp.rglob(".tmp-*"))
 
 
 def test_a_second_stop_signal_never_raises():

@@ -37,6 +37,10 @@ sys.path.insert(0, {root!r})
 import data, fileio, main
 mode, _, hit = os.environ.get("SURVIVAL_HOOK", ":").partition(":")
 rank, first = os.environ.get("RANK", "0"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+if os.environ.get("SURVIVAL_SMALL"):  # test_resume.py's small network instead of AlexNet
+    sys.path.insert(0, os.path.join({root!r}, "tests"))
+    from test_resume import small_model
+    main.build_model = small_model
 if mode in ("badimage", "sigterm") and rank == "1" and first:
     real = data.load_rgb
     armed = []
@@ -70,6 +74,8 @@ elif mode and rank == "0" and first:
             assert all(g > 1 and g != test for g in groups), groups
             subprocess.run([sys.executable, "-c", "import os, sys; [os.killpg(int(g), 15) for g in sys.argv[1:]]",
                             *map(str, groups)], check=True, start_new_session=True)
+            time.sleep(1)  # the signal reaches every process before this step goes on (a loader worker killed
+            # by it is seen by PyTorch's SIGCHLD handler here, whether or not its batches were all loaded)
         elif mode == "killlauncher":
             assert os.getppid() > 1 and os.getpgid(os.getppid()) != test
             with open(os.environ["SURVIVAL_OUT"], "w") as f:
