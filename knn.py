@@ -23,6 +23,7 @@ from tqdm import tqdm
 import cli
 import data
 import distributed
+import input_cache as cache_lib
 import models
 from eval_common import EvalError, LabeledImages, log
 
@@ -281,7 +282,6 @@ class KnnMonitor:
                                hint=f"fix or remove them, or train without {flag}")
         self.whiten = whiten
         self.T, self.size, self.batch, self.workers, self.no_progress = T, size, batch, workers, no_progress
-        import input_cache as cache_lib
         dataset = data.IndexedImageFolder.from_paths(self.train_paths + self.val_paths, root,
                                                      data.eval_transform(size, normalize=False))
         in_memory = load and len(dataset) * 3 * size * size <= cache_mb * 2 ** 20
@@ -303,11 +303,10 @@ class KnnMonitor:
                 data.export_digits_split(args.knn_data)
             distributed.barrier(rt)
         root = os.path.abspath(args.knn_data)
-        import input_cache
         monitor = cls(root, args.knn_train_size, args.knn_val_size, seed=args.seed, size=args.size,
                       k=args.knn_k, batch=args.batch, workers=args.workers, load=rt.is_main,
                       no_progress=args.no_progress, logger=logger, whiten=args.knn_whiten,
-                      input_cache=input_cache.resolve(getattr(args, "input_cache", "off"), args.exp))
+                      input_cache=cache_lib.resolve(getattr(args, "input_cache", "off"), args.exp))
         logger.info("kNN monitor: %d train, %d val images of %s, k=%d", len(monitor.train_paths),
                     len(monitor.val_paths), root, monitor.ks[0])
         return monitor if rt.is_main else None
