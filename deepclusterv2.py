@@ -357,7 +357,7 @@ def end_epoch(run, st: State, epoch: int, time_train: float, core, opt, scaler, 
         record.update(monitor.evaluate(core, rt.device))
     run.record(record, epoch)
     run.ckpt.save_epoch(state(core, opt, scaler, epoch + 1, 0, st.bank, iters * cfg.batch_size, draws_of(epoch),
-                                 epoch, n, cfg, rt), epoch + 1)
+                              epoch, n, cfg, rt), epoch + 1)
     if rt.is_main and (epoch % cfg.checkpoint_freq == 0 or epoch == cfg.epochs - 1):
         fileio.atomic_torch_save({"epoch": epoch + 1, "state_dict": core.state_dict(), "config": core.config(),
                                   "method": "deepclusterv2"}, run.exp / "checkpoints" / f"ckp-{epoch}.pth")
