@@ -182,7 +182,8 @@ def payload_digest(obj: Any) -> str:
     """``"sha256:<hex>"`` of a checkpoint's payload: its structure and plain values (type and
     ``repr``, dict keys in their order) and every tensor's dtype, shape and bytes (row-major,
     whatever its strides or device). A tensor's bytes enter as the sha256 of each 16 MiB chunk,
-    hashed in parallel: ~0.05-0.1 s for a 173 MB AlexNet checkpoint on 2 cores."""
+    hashed in threads (hashlib releases the GIL): 0.16 s for a 173 MB AlexNet checkpoint on one
+    core of our 2-core VM (benchmarks/bench_checksum.py)."""
     items: list = []  # bytes (structure, values) and memoryviews (chunks of tensor data), in order
     _flatten(obj, items)
     chunks = [it for it in items if isinstance(it, memoryview)]
