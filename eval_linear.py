@@ -50,6 +50,7 @@ import distributed
 import engine
 import eval_common
 import models
+import preempt
 import tb
 import util
 from eval_common import EvalError, LabeledImages, check_same_model, log, model_fingerprint, require_dir
@@ -422,9 +423,10 @@ def train_probe(run: engine.Run, s: SimpleNamespace, args: argparse.Namespace) -
     ck = run.checkpoints()
     pin = device.type == "cuda"
     train_loader = DataLoader(s.train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                              pin_memory=pin)
+                              pin_memory=pin, worker_init_fn=preempt.loader_worker_init)
     val_bs = max(1, args.batch_size // 10) if args.tencrops else args.batch_size
-    val_loader = DataLoader(s.val_set, batch_size=val_bs, shuffle=False, num_workers=args.workers, pin_memory=pin)
+    val_loader = DataLoader(s.val_set, batch_size=val_bs, shuffle=False, num_workers=args.workers, pin_memory=pin,
+                            worker_init_fn=preempt.loader_worker_init)
     record: dict = {}
     for epoch in range(start, args.epochs):
         t0 = time.time()

@@ -41,6 +41,7 @@ import distributed
 import engine
 import eval_common
 import models
+import preempt
 from eval_common import EvalError, LabeledImages, average_precision, average_precision_voc07, check_input_size, \
     check_same_model, log, model_fingerprint, require_dir
 
@@ -411,13 +412,13 @@ def fit_and_test(run: engine.Run, s: SimpleNamespace, args: argparse.Namespace) 
     # same order, the last batch of a pass possibly smaller (BN is in eval mode, so any size works)
     order = np.random.permutation(len(s.train_set)).tolist()
     train_loader = DataLoader(s.train_set, batch_size=args.batch_size, sampler=order, num_workers=args.workers,
-                              pin_memory=pin)
+                              pin_memory=pin, worker_init_fn=preempt.loader_worker_init)
     rest_of_pass = None
     if s.resumed is not None:  # the interrupted pass goes on from the batch after the saved iteration
         checkpoint.set_rng_state(s.resumed["rng"])
         done = int(s.resumed["iteration"]) % len(train_loader) * args.batch_size
         rest_of_pass = DataLoader(s.train_set, batch_size=args.batch_size, sampler=order[done:],
-                                  num_workers=args.workers, pin_memory=pin)
+                                  num_workers=args.workers, pin_memory=pin, worker_init_fn=preempt.loader_worker_init)
     run.begin(0, int(s.resumed["iteration"]) if s.resumed is not None else 0)
 
     def save(it: int, opt: torch.optim.Optimizer, sched, losses: list[float]) -> None:
@@ -427,7 +428,7 @@ def fit_and_test(run: engine.Run, s: SimpleNamespace, args: argparse.Namespace) 
             "rng": checkpoint.get_rng_state(), "model": s.fingerprint, "run_id": run.run_id,
             "args": {k: getattr(args, k) for k in RESUME_FLAGS}}, exp / "checkpoint.pth.tar", run.rt)
     test_loader = DataLoader(s.test_set, batch_size=max(1, args.batch_size // 4), shuffle=False,
-                             num_workers=args.workers, pin_memory=pin)
+                             num_workers=args.workers, pin_memory=pin, worker_init_fn=preempt.loader_worker_init)
     t0 = time.time()
     losses = train(model, s.params, train_loader, device, args, s.resumed, rest_of_pass, save)
     t1 = time.time()

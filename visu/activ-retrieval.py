@@ -35,6 +35,7 @@ from visu import common  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402  (on sys.path once visu.common is imported)
 import distributed  # noqa: E402
+import preempt  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -123,7 +124,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.count > len(dataset):
         raise common.VisuError(f"--count {args.count} is larger than the dataset ({len(dataset)} images)")
     loader = DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
-                        collate_fn=data.default_collate_indexed, pin_memory=device.type == "cuda")
+                        collate_fn=data.default_collate_indexed, pin_memory=device.type == "cuda",
+                        worker_init_fn=preempt.loader_worker_init)
     batches = tqdm(loader, desc=f"conv{args.conv} activations", disable=cli.progress(args.no_progress))
     scores, indices = top_images(trunk, batches, args.count, device)
 
