@@ -230,7 +230,8 @@ def state(core, opt, scaler, epoch: int, iteration: int, bank: Bank, m: int, dra
     out = {
         "method": "deepclusterv2", "epoch": epoch, "iteration": iteration,
         "state_dict": core.state_dict(), "config": core.config(), "optimizer": opt.state_dict(),
-        "scaler": scaler.state_dict(), "bank_index": held, "bank": torch.stack([r[held.to(r.device)].cpu() for r in rows]),
+        "scaler": scaler.state_dict(), "bank_index": held,
+        "bank": torch.stack([r[held.to(r.device)].cpu() for r in rows]),
         "bank_epoch": bank_epoch, "n_images": n_images, "global_batch": cfg.batch_size * rt.world_size,
         "world_size": rt.world_size, "nmb_prototypes": list(cfg.nmb_prototypes),
         "crops_for_assign": list(cfg.crops_for_assign), "rng_ranks": rng,

@@ -177,7 +177,8 @@ def configure(args: argparse.Namespace, rt: distributed.Runtime) -> cli.Config:
     """The run's read-only config: the flags, the demo switch, channels-last resolved, one set of
     progress bars (rank 0's)."""
     flags = {k: v for k, v in vars(args).items() if k != "resume_note"}
-    return cli.Config(None, **{**flags, "channels_last": distributed.resolve_channels_last(args.channels_last, rt.device),
+    channels_last = distributed.resolve_channels_last(args.channels_last, rt.device)
+    return cli.Config(None, **{**flags, "channels_last": channels_last,
                                "no_progress": args.no_progress or not rt.is_main, "file_list_sha256": None})
 
 

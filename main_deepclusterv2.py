@@ -104,7 +104,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse values that make no sense, naming the flag."""
     n, wd = len(args.nmb_crops), args.wd
     rules = [
-        ("DIR", args.data is not None or args.data_path is not None, None, "no image folder: give DIR (or --data_path)"),
+        ("DIR", args.data is not None or args.data_path is not None, None,
+         "no image folder: give DIR (or --data_path)"),
         ("--size_crops", len(args.size_crops) == n, args.size_crops, f"needs {n} values, one per --nmb_crops"),
         ("--min_scale_crops", len(args.min_scale_crops) == n, args.min_scale_crops, f"needs {n} values"),
         ("--max_scale_crops", len(args.max_scale_crops) == n, args.max_scale_crops, f"needs {n} values"),
