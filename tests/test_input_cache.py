@@ -306,9 +306,9 @@ def test_main_with_and_without_the_cache_and_a_resume_are_bitwise_equal(small, i
 # ---------------------------------------------------------------------------------------
 SPY = """import sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-import main
+import deepcluster, main
 from test_resume import small_model
-main.build_model = small_model  # a small network: the test is about the data path
+deepcluster.build_model = small_model  # a small network: the test is about the data path
 sys.exit(main.run(sys.argv[1:]))
 """
 

@@ -34,13 +34,13 @@ HANG = 240  # seconds: far below --dist_timeout (60 minutes), far above a run (2
 ENTRY = '''
 import os, resource, signal, subprocess, sys, time
 sys.path.insert(0, {root!r})
-import data, fileio, main
+import data, deepcluster, fileio, main
 mode, _, hit = os.environ.get("SURVIVAL_HOOK", ":").partition(":")
 rank, first = os.environ.get("RANK", "0"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 if os.environ.get("SURVIVAL_SMALL"):  # test_resume.py's small network instead of AlexNet
     sys.path.insert(0, os.path.join({root!r}, "tests"))
     from test_resume import small_model
-    main.build_model = small_model
+    deepcluster.build_model = small_model
 if mode in ("badimage", "sigterm") and rank == "1" and first:
     real = data.load_rgb
     armed = []
