@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -83,7 +84,7 @@ class FolderLock:
             log.info("taking over the lock of %s: PID %s on %s is gone", self.path.parent, stale["pid"],
                      stale.get("host"))
         info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "command": " ".join(os.sys.argv)[:300]}
+                "command": " ".join(sys.argv)[:300]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self.fd = fd
