@@ -274,7 +274,7 @@ def _holders(tag: str) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG, /proc")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the leftover workers in /proc (Linux only)")
 def test_sigkill_of_the_launcher_leaves_no_worker(digits50, entry, tmp_path):
     """launch.py SIGKILLed in epoch 0's step 1: its workers (own sessions) and their loader
     workers are gone within seconds, after a stop like a preemption (checkpoint_stopped)."""
